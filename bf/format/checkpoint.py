@@ -1,0 +1,267 @@
+"""The packed checkpoint (``.bfq``): one safetensors file, layout in docs/FORMAT.md.
+
+Only this module reads or writes ``.bfq`` files. Loading validates the format name
+and version, every tensor's SHA-256 and every shape, and reports any problem as a
+one-line :class:`~bf.errors.FormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bf.atomic import atomic_path
+from bf.errors import BfError, FormatError
+from bf.format.grid import Grid
+from bf.format.packing import Packing, pack_codes, unpack_codes
+from bf.format.unet_layers import is_time_layer
+
+FORMAT_NAME = "bf.bfq"
+FORMAT_VERSION = 1
+HEADER_KEY = "bf"  # safetensors metadata key holding the JSON header
+
+_LAYER_PREFIX = "layer/"
+_UNET_PREFIX = "unet/"
+_BUNDLE_PREFIX = "bundle/"
+_BUNDLE_FILE_PREFIX = "bundle_file/"
+BUNDLE_COMPONENTS = ("text_encoder", "vae")
+
+
+@dataclass
+class QuantizedLayer:
+    """One quantized weight: packed codes and a float32 scale per output channel."""
+
+    name: str
+    shape: tuple[int, ...]
+    grid: Grid
+    codes: np.ndarray  # uint8, packed as Packing.for_grid(grid)
+    scale: np.ndarray  # float32, (shape[0],)
+
+    @property
+    def packing(self) -> Packing:
+        return Packing.for_grid(self.grid)
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def stored_bytes(self) -> int:
+        return int(self.codes.nbytes + self.scale.nbytes)
+
+    @classmethod
+    def from_levels(cls, name: str, levels: np.ndarray, scale: np.ndarray, grid: Grid) -> QuantizedLayer:
+        """Pack integer levels (qmin..qmax) of a weight with its per-channel scales."""
+        levels = np.asarray(levels)
+        if levels.size and (levels.min() < grid.qmin or levels.max() > grid.qmax):
+            raise ValueError(f"{name}: levels outside [{grid.qmin}, {grid.qmax}]")
+        scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+        if scale.shape != (levels.shape[0],):
+            raise ValueError(f"{name}: {scale.size} scales for {levels.shape[0]} output channels")
+        codes = pack_codes((levels.astype(np.int32) - grid.qmin), Packing.for_grid(grid))
+        return cls(name=name, shape=tuple(int(d) for d in levels.shape), grid=grid, codes=codes, scale=scale)
+
+    def levels(self) -> np.ndarray:
+        return unpack_codes(self.codes, self.shape, self.packing).astype(np.int16) + np.int16(self.grid.qmin)
+
+    def dequantize(self) -> np.ndarray:
+        """The weight the model computes with: ``scale[o] * level`` in float32."""
+        bshape = (-1,) + (1,) * (len(self.shape) - 1)
+        return self.levels().astype(np.float32) * self.scale.reshape(bshape)
+
+
+@dataclass
+class Bundle:
+    """Text encoder and VAE weights (fp16) plus the base model's small files."""
+
+    files: dict[str, bytes]  # relative path in a diffusers directory -> content
+    tensors: dict[str, dict[str, np.ndarray]]  # component -> parameter name -> fp16 array
+
+
+@dataclass
+class Checkpoint:
+    """A quantized UNet and everything needed to rebuild and deploy it."""
+
+    unet_config: dict
+    layers: dict[str, QuantizedLayer]
+    tensors: dict[str, np.ndarray]  # every unquantized UNet tensor, by parameter name
+    base_model: dict  # {"path": str, "hash": str}
+    recipe: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    bundle: Bundle | None = None
+
+    def time_layer_names(self) -> list[str]:
+        return [k for k in self.tensors if is_time_layer(k)]
+
+    def unet_state_dict(self) -> dict[str, np.ndarray]:
+        """Full UNet state dict in float32 with dequantized weights."""
+        out = {f"{name}.weight": layer.dequantize() for name, layer in self.layers.items()}
+        out.update({k: v.astype(np.float32) for k, v in self.tensors.items()})
+        return out
+
+    # -- writing -----------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: the target is either the old file or the complete new one."""
+        arrays: dict[str, np.ndarray] = {}
+        layer_records = []
+        for name, layer in self.layers.items():
+            arrays[f"{_LAYER_PREFIX}{name}/codes"] = np.ascontiguousarray(layer.codes, dtype=np.uint8)
+            arrays[f"{_LAYER_PREFIX}{name}/scale"] = np.ascontiguousarray(layer.scale, dtype=np.float32)
+            layer_records.append(
+                {
+                    "name": name,
+                    "shape": list(layer.shape),
+                    "grid": layer.grid.to_json(),
+                    "packing": layer.packing.to_json(),
+                }
+            )
+        for k, v in self.tensors.items():
+            arrays[_UNET_PREFIX + k] = np.ascontiguousarray(v)
+        bundle_meta = None
+        if self.bundle is not None:
+            for comp, params in self.bundle.tensors.items():
+                for k, v in params.items():
+                    arrays[f"{_BUNDLE_PREFIX}{comp}/{k}"] = np.ascontiguousarray(v)
+            for rel, content in self.bundle.files.items():
+                arrays[_BUNDLE_FILE_PREFIX + rel] = np.frombuffer(content, dtype=np.uint8).copy()
+            bundle_meta = {"components": sorted(self.bundle.tensors), "files": sorted(self.bundle.files)}
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "unet_config": self.unet_config,
+            "layers": layer_records,
+            "unet_tensors": list(self.tensors),
+            "base_model": self.base_model,
+            "recipe": self.recipe,
+            "provenance": self.provenance,
+            "bundle": bundle_meta,
+            "checksums": {k: _sha256(v) for k, v in arrays.items()},
+        }
+        from safetensors.numpy import save_file
+
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp), metadata={HEADER_KEY: json.dumps(header), "format": FORMAT_NAME})
+
+    # -- reading -----------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+        """Read and validate a ``.bfq``; any problem is a FormatError naming the file."""
+        path = Path(path)
+        header, arrays = _read_safetensors(path)
+        try:
+            return _from_parts(path, header, arrays, verify)
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: malformed header ({type(e).__name__}: {e}); re-create the file") from None
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a .bfq (format and version checked) without reading tensors."""
+    header, _ = _read_safetensors(Path(path), with_tensors=False)
+    return header
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise BfError(f"{path}: no such file; create one with 'bf quantize ... --out {path.name}'")
+    if not path.is_file():
+        raise BfError(f"{path}: is not a file")
+
+
+def _unreadable(path: Path, e: Exception) -> FormatError:
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return FormatError(f"{path}: not a readable .bfq file (truncated or corrupt: {detail}); re-create it with 'bf quantize'")
+
+
+def _parse_header(path: Path, meta: dict) -> dict:
+    if meta.get("format") != FORMAT_NAME or HEADER_KEY not in meta:
+        raise FormatError(f"{path}: not a bf checkpoint (no '{FORMAT_NAME}' header); pass a file written by 'bf quantize'")
+    try:
+        header = json.loads(meta[HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: corrupt header ({e.msg} at byte {e.pos}); re-create the file") from None
+    version = header.get("format_version")
+    if not isinstance(version, int):
+        raise FormatError(f"{path}: header has no format version; re-create the file")
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: written in .bfq format {version} by a newer bf; this bf reads format {FORMAT_VERSION}: upgrade bf")
+    if version < FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: .bfq format {version} is no longer read (this bf reads format {FORMAT_VERSION}); re-create it with 'bf quantize'"
+        )
+    return header
+
+
+def _read_safetensors(path: Path, with_tensors: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    _check_file(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            header = _parse_header(path, meta)
+            arrays = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118 (safe_open is no dict)
+    except BfError:
+        raise
+    except Exception as e:  # safetensors' own error type (truncated buffer, bad offsets)
+        raise _unreadable(path, e) from None
+    return header, arrays
+
+
+def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify: bool) -> Checkpoint:
+    checksums = header["checksums"]
+    if set(checksums) != set(arrays):
+        missing = sorted(set(checksums) - set(arrays))
+        extra = sorted(set(arrays) - set(checksums))
+        raise FormatError(f"{path}: tensors do not match the header (missing {missing[:3]}, unexpected {extra[:3]})")
+    if verify:
+        for k, v in arrays.items():
+            if _sha256(v) != checksums[k]:
+                raise FormatError(f"{path}: checksum mismatch in tensor '{k}' (file corrupted); re-create or re-copy it")
+    layers = {}
+    for rec in header["layers"]:
+        name, shape = rec["name"], tuple(int(d) for d in rec["shape"])
+        grid = Grid.from_json(rec["grid"])
+        packing = Packing.from_json(rec["packing"])
+        if packing != Packing.for_grid(grid):
+            raise FormatError(f"{path}: layer '{name}' uses packing {packing.name}, which format {FORMAT_VERSION} does not define")
+        codes = arrays[f"{_LAYER_PREFIX}{name}/codes"]
+        scale = arrays[f"{_LAYER_PREFIX}{name}/scale"]
+        if codes.dtype != np.uint8 or codes.shape != (packing.nbytes(shape),):
+            expected = f"uint8[{packing.nbytes(shape)}] for shape {list(shape)}"
+            raise FormatError(f"{path}: layer '{name}' codes are {codes.dtype}{list(codes.shape)}, expected {expected}")
+        if scale.dtype != np.float32 or scale.shape != (shape[0],):
+            raise FormatError(f"{path}: layer '{name}' scale is {scale.dtype}{list(scale.shape)}, expected float32[{shape[0]}]")
+        layers[name] = QuantizedLayer(name=name, shape=shape, grid=grid, codes=codes, scale=scale)
+    tensors = {k: arrays[_UNET_PREFIX + k] for k in header["unet_tensors"]}
+    bundle = None
+    if header.get("bundle"):
+        meta = header["bundle"]
+        tensors_by_comp: dict[str, dict[str, np.ndarray]] = {c: {} for c in meta["components"]}
+        for k, v in arrays.items():
+            if k.startswith(_BUNDLE_PREFIX):
+                comp, _, pname = k[len(_BUNDLE_PREFIX) :].partition("/")
+                tensors_by_comp[comp][pname] = v
+        files = {rel: arrays[_BUNDLE_FILE_PREFIX + rel].tobytes() for rel in meta["files"]}
+        bundle = Bundle(files=files, tensors=tensors_by_comp)
+    return Checkpoint(
+        unet_config=header["unet_config"],
+        layers=layers,
+        tensors=tensors,
+        base_model=header["base_model"],
+        recipe=header.get("recipe") or {},
+        provenance=header.get("provenance") or {},
+        bundle=bundle,
+    )
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).hexdigest()

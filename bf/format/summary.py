@@ -1,0 +1,90 @@
+"""Size and bit accounting of a checkpoint (what ``bf inspect`` prints).
+
+Two counts are reported side by side:
+- the paper's: a layer with L levels counts log2(L) bits per weight, plus 16 bits per
+  cached time feature, over all conv/linear weights of the original UNet;
+- the real one: bytes of packed codes (and scales) as stored on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from bf.format.checkpoint import FORMAT_VERSION, Checkpoint
+from bf.format.grid import Grid
+from bf.format.unet_layers import is_time_layer
+
+TIME_TABLE_STEPS = 50  # the paper caches features for 50 sampling steps
+FP16_BYTES = 2
+
+
+def time_features_per_step(ckpt: Checkpoint) -> int:
+    """Sum of every ResBlock's time-projection width: one table row per step."""
+    return sum(v.shape[0] for k, v in ckpt.tensors.items() if k.endswith(".time_emb_proj.weight"))
+
+
+def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
+    layers = []
+    by_width: dict[tuple[int, str], list] = defaultdict(lambda: [0, 0, 0])  # layers, params, code bytes
+    for layer in ckpt.layers.values():
+        layers.append(
+            {
+                "name": layer.name,
+                "shape": list(layer.shape),
+                "params": layer.params,
+                "bits": layer.grid.bits,
+                "grid": layer.grid.kind,
+                "levels": layer.grid.levels,
+                "packing": layer.packing.name,
+                "stored_bytes": layer.stored_bytes,
+                "code_bits_per_weight": 8 * layer.codes.nbytes / layer.params,
+            }
+        )
+        acc = by_width[(layer.grid.bits, layer.grid.kind)]
+        acc[0] += 1
+        acc[1] += layer.params
+        acc[2] += layer.codes.nbytes
+
+    quantized_params = sum(rec["params"] for rec in layers)
+    quantized_bytes = sum(rec["stored_bytes"] for rec in layers)
+    time_tensors = {k: v for k, v in ckpt.tensors.items() if is_time_layer(k)}
+    other_tensors = {k: v for k, v in ckpt.tensors.items() if not is_time_layer(k)}
+    time_weight_params = sum(v.size for k, v in time_tensors.items() if k.endswith(".weight") and v.ndim in (2, 4))
+    n_tf = TIME_TABLE_STEPS * time_features_per_step(ckpt)
+    n_w = quantized_params + time_weight_params
+    paper_bits = sum(rec["params"] * math.log2(rec["levels"]) for rec in layers) + 16 * n_tf
+    unet_bytes = quantized_bytes + sum(v.nbytes for v in other_tensors.values())
+    all_params = quantized_params + sum(v.size for v in ckpt.tensors.values())
+    fp16_bytes = FP16_BYTES * all_params
+
+    widths = [
+        {
+            "bits": bits,
+            "grid": kind,
+            "layers": n,
+            "params": params,
+            "paper_bits_per_weight": Grid(bits, kind).paper_bits,
+            "code_bits_per_weight": 8 * nbytes / params,
+        }
+        for (bits, kind), (n, params, nbytes) in sorted(by_width.items())
+    ]
+    return {
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "by_width": widths,
+        "quantized_layers": len(layers),
+        "quantized_params": quantized_params,
+        "avg_bits": paper_bits / n_w if n_w else float("nan"),
+        "avg_bits_time_table_steps": TIME_TABLE_STEPS,
+        "stored_bits_per_weight": 8 * quantized_bytes / quantized_params if quantized_params else float("nan"),
+        "unet_bytes": unet_bytes,
+        "time_layers_bytes": sum(v.nbytes for v in time_tensors.values()),
+        "time_table_bytes": FP16_BYTES * n_tf,
+        "fp16_bytes": fp16_bytes,
+        "ratio_vs_fp16": fp16_bytes / unet_bytes if unet_bytes else float("nan"),
+        "unet_params": all_params,
+        "file_bytes": file_bytes,
+        "bundled": ckpt.bundle is not None,
+        "base_model": ckpt.base_model,
+    }

@@ -1,0 +1,1 @@
+"""Model directories (diffusers layout) and the architectures bf can create."""

@@ -1,0 +1,126 @@
+"""Architectures ``bf random-model`` can create, as diffusers/transformers configs.
+
+``sd15`` is Stable Diffusion v1.5 exactly (UNet 859.52M parameters); ``sd15-tiny``
+keeps every block type (cross-attention down/up blocks, a plain down and up block,
+the cross-attention mid block, ResBlocks with time projections, a KL autoencoder
+with 8x downsampling) at a width that builds and runs in a second on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD15_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+SD15_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+TINY_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": 2,
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 8,
+}
+
+TINY_TEXT_ENCODER = {
+    **SD15_TEXT_ENCODER,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+}
+
+TINY_VAE = {
+    **SD15_VAE,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    unet: dict
+    text_encoder: dict
+    vae: dict
+    scheduler: dict
+    description: str
+
+
+ARCHITECTURES = {
+    "sd15": Architecture(
+        "sd15", SD15_UNET, SD15_TEXT_ENCODER, SD15_VAE, SD15_SCHEDULER, "Stable Diffusion v1.5, exact (UNet 859.52M parameters)"
+    ),
+    "sd15-tiny": Architecture(
+        "sd15-tiny", TINY_UNET, TINY_TEXT_ENCODER, TINY_VAE, SD15_SCHEDULER, "SD-v1.5 block types at tiny width, for tests"
+    ),
+}

@@ -1,0 +1,130 @@
+"""A local diffusers-format Stable Diffusion directory: validation, configs, weights, hash.
+
+Weights are read only from safetensors files (never unpickled). Nothing here imports
+torch unless torch tensors are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bf.errors import BfError
+from bf.format import Bundle
+
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+BASE_COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")  # what a .bfq refers back to
+_CONFIG = {"unet": "config.json", "text_encoder": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+_WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
+_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    root: Path
+
+    @classmethod
+    def open(cls, path: str | Path, components: tuple[str, ...] = COMPONENTS) -> ModelDir:
+        """Validate the directory; one error lists everything that is missing."""
+        root = Path(path)
+        if not root.is_dir():
+            raise BfError(
+                f"{root}: no such model directory; pass a local diffusers Stable Diffusion directory or make one with 'bf random-model'"
+            )
+        problems = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+        for comp in components:
+            problems += _component_problems(root, comp)
+        if problems:
+            raise BfError(f"{root} is not a complete diffusers Stable Diffusion directory: missing {', '.join(problems)}")
+        return cls(root)
+
+    def config(self, component: str) -> dict:
+        path = self.root / component / _CONFIG[component]
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BfError(f"{path}: unreadable config ({e})") from None
+
+    def weight_files(self, component: str) -> list[Path]:
+        files = _weight_files(self.root / component, _WEIGHT_STEM[component])
+        if files is None:
+            raise BfError(f"{self.root / component}: no safetensors weights")
+        return files
+
+    def read_weights(self, component: str, framework: str = "numpy") -> dict:
+        """Parameter name -> tensor ("numpy" arrays or "pt" torch tensors)."""
+        from safetensors import safe_open
+
+        out = {}
+        for f in self.weight_files(component):
+            try:
+                with safe_open(str(f), framework=framework) as st:
+                    for k in st.keys():  # noqa: SIM118 (safe_open is no dict)
+                        out[k] = st.get_tensor(k)
+            except Exception as e:  # safetensors' own error type for a damaged file
+                raise BfError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]}); re-download or re-convert it") from None
+        return out
+
+    def component_files(self, component: str) -> list[Path]:
+        return sorted(p for p in (self.root / component).rglob("*") if p.is_file())
+
+    def content_hash(self, components: tuple[str, ...] = BASE_COMPONENTS) -> str:
+        """SHA-256 over model_index.json and every file of the components (path and bytes)."""
+        h = hashlib.sha256()
+        files = [self.root / "model_index.json"] + [f for c in components for f in self.component_files(c)]
+        for f in files:
+            h.update(str(f.relative_to(self.root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+
+def _weight_files(comp_dir: Path, stem: str) -> list[Path] | None:
+    for variant in ("", ".fp16"):
+        single = comp_dir / f"{stem}{variant}.safetensors"
+        if single.is_file():
+            return [single]
+        index = comp_dir / f"{stem}{variant}.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise BfError(f"{index}: unreadable shard index ({e})") from None
+            return [comp_dir / s for s in shards]
+    return None
+
+
+def _component_problems(root: Path, comp: str) -> list[str]:
+    d = root / comp
+    if not d.is_dir():
+        return [f"{comp}/"]
+    if comp == "tokenizer":
+        return [f"{comp}/{f}" for f in _TOKENIZER_FILES if not (d / f).is_file()]
+    problems = [] if (d / _CONFIG[comp]).is_file() else [f"{comp}/{_CONFIG[comp]}"]
+    if comp in _WEIGHT_STEM:
+        files = _weight_files(d, _WEIGHT_STEM[comp])
+        if files is None:
+            pickled = [p.name for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+            hint = f" (found {pickled[0]}: pickle weights are never loaded; convert to safetensors)" if pickled else ""
+            problems.append(f"{comp}/{_WEIGHT_STEM[comp]}.safetensors{hint}")
+        else:
+            problems += [str(f.relative_to(root)) for f in files if not f.is_file()]
+    return problems
+
+
+def bundle_from_model_dir(model: ModelDir) -> Bundle:
+    """Text encoder and VAE weights in fp16 and every small file a deployment needs."""
+    tensors = {comp: {k: np.asarray(v).astype(np.float16) for k, v in model.read_weights(comp).items()} for comp in ("text_encoder", "vae")}
+    files = {"model_index.json": (model.root / "model_index.json").read_bytes()}
+    for comp in ("text_encoder", "vae", "tokenizer", "scheduler"):
+        for f in model.component_files(comp):
+            is_config = f.suffix == ".json" and not f.name.endswith(".index.json")
+            if comp == "tokenizer" or is_config:
+                files[str(f.relative_to(model.root))] = f.read_bytes()
+    return Bundle(files=files, tensors=tensors)

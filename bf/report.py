@@ -1,0 +1,38 @@
+"""Human-readable tables for the CLI (JSON output is the summary dict itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def format_summary(s: dict, path: Path, show_layers: bool = False) -> str:
+    lines = [f"{path}  (format {s['format_version']}{', bundled' if s['bundled'] else ''})"]
+    if show_layers:
+        lines.append(f"{'layer':<58} {'shape':<20} {'bits':>4} {'lvls':>4} {'bytes':>10} {'bits/w':>7}")
+        for r in s["layers"]:
+            shape = "x".join(map(str, r["shape"]))
+            lines.append(
+                f"{r['name']:<58} {shape:<20} {r['bits']:>4} {r['levels']:>4} {r['stored_bytes']:>10,} {r['code_bits_per_weight']:>7.3f}"
+            )
+        lines.append("")
+    lines.append(f"{'bits':>4} {'grid':<9} {'layers':>6} {'params':>14} {'paper b/w':>9} {'stored b/w':>10}")
+    for w in s["by_width"]:
+        lines.append(
+            f"{w['bits']:>4} {w['grid']:<9} {w['layers']:>6} {w['params']:>14,} "
+            f"{w['paper_bits_per_weight']:>9.3f} {w['code_bits_per_weight']:>10.4f}"
+        )
+    lines += [
+        "",
+        f"quantized params      {s['quantized_params']:,} of {s['unet_params']:,} UNet params",
+        f"avg bits (paper)      {s['avg_bits']:.3f}   (incl. a {s['avg_bits_time_table_steps']}-step time table)",
+        f"stored bits/weight    {s['stored_bits_per_weight']:.4f}   (codes and scales)",
+        f"UNet packed           {_mb(s['unet_bytes'])}   (FP16: {_mb(s['fp16_bytes'])}, {s['ratio_vs_fp16']:.2f}x smaller)",
+        f"time layers (FP32)    {_mb(s['time_layers_bytes'])}   (replaced by a {_mb(s['time_table_bytes'])} table at export)",
+    ]
+    if s.get("file_bytes") is not None:
+        lines.append(f"file                  {_mb(s['file_bytes'])}")
+    return "\n".join(lines)

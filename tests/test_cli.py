@@ -1,0 +1,191 @@
+"""The CLI end to end, as a user runs it: random-model -> quantize -> inspect."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bf.format import Checkpoint
+from bf.models.directory import ModelDir
+from tests.conftest import run_bf
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny-2bit.bfq"
+    r = run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_inspect_json_fields(quantized, tiny_model):
+    r = run_bf("inspect", quantized, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    for key in (
+        "format_version",
+        "layers",
+        "quantized_params",
+        "avg_bits",
+        "stored_bits_per_weight",
+        "unet_bytes",
+        "fp16_bytes",
+        "ratio_vs_fp16",
+    ):
+        assert key in s
+    for layer in s["layers"]:
+        assert set(layer) >= {"name", "shape", "params", "bits", "levels", "stored_bytes"}
+        assert layer["params"] == int(np.prod(layer["shape"]))
+    by_name = {layer["name"]: layer for layer in s["layers"]}
+    assert by_name["conv_in"]["bits"] == 8 and by_name["conv_out"]["bits"] == 8
+    assert {layer["bits"] for n, layer in by_name.items() if n not in ("conv_in", "conv_out")} == {2}
+    assert all(layer["levels"] == 5 for n, layer in by_name.items() if n not in ("conv_in", "conv_out"))
+    assert not any("time_emb" in n for n in by_name)
+    assert s["quantized_params"] == sum(layer["params"] for layer in s["layers"])
+    assert s["ratio_vs_fp16"] == pytest.approx(s["fp16_bytes"] / s["unet_bytes"])
+    weights = ModelDir.open(tiny_model).read_weights("unet")
+    assert s["unet_params"] == sum(v.size for v in weights.values())
+    assert s["fp16_bytes"] == 2 * s["unet_params"]
+    assert s["base_model"]["hash"] == ModelDir.open(tiny_model).content_hash()
+
+
+def test_inspect_human_output(quantized):
+    r = run_bf("inspect", quantized, "--layers")
+    assert r.returncode == 0
+    assert "down_blocks.0.resnets.0.conv1" in r.stdout and "avg bits (paper)" in r.stdout
+
+
+def test_checkpoint_reproduces_the_unet(quantized, tiny_model):
+    """Unquantized tensors are kept (fp16, time layers fp32) and weights are s * level."""
+    ckpt = Checkpoint.load(quantized)
+    fp = ModelDir.open(tiny_model).read_weights("unet")
+    sd = ckpt.unet_state_dict()
+    assert set(sd) == set(fp)
+    for k, v in ckpt.tensors.items():
+        expect = fp[k].astype(np.float32 if ("time_emb" in k or k.startswith("time_embedding")) else np.float16)
+        np.testing.assert_array_equal(v, expect)
+    w, q = fp["conv_in.weight"], sd["conv_in.weight"]
+    assert np.abs(w - q).max() <= ckpt.layers["conv_in"].scale.max() / 2 + 1e-7  # 8-bit: within half a step
+    assert ckpt.recipe["init"] == "alt" and ckpt.provenance["command"].startswith("bf quantize")
+
+
+def _unet_output_error(tiny_model, ckpt_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        sd = {k: torch.from_numpy(v) for k, v in Checkpoint.load(ckpt_path).unet_state_dict().items()}
+        unet.load_state_dict(sd)
+        out = unet(x, t, ctx).sample
+    return float(((out - ref) ** 2).mean() / (ref**2).mean())
+
+
+def test_more_bits_give_a_closer_unet(tiny_model, quantized, tmp_path):
+    errs = {2: _unet_output_error(tiny_model, quantized)}
+    for bits in (4, 8):
+        out = tmp_path / f"{bits}.bfq"
+        assert run_bf("quantize", "--model", tiny_model, "--bits", str(bits), "--out", out).returncode == 0
+        errs[bits] = _unet_output_error(tiny_model, out)
+    assert errs[8] < 1e-3, errs
+    assert errs[8] < errs[4] < errs[2], errs
+
+
+def test_alternating_init_beats_minmax_on_the_unet(tiny_model, quantized, tmp_path):
+    out = tmp_path / "minmax.bfq"
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--init", "minmax", "--out", out).returncode == 0
+    assert _unet_output_error(tiny_model, quantized) < _unet_output_error(tiny_model, out)
+
+
+def test_plain_grid_and_recipe(tiny_model, tmp_path):
+    from bf.trainer.recipe import make_recipe
+
+    plain = tmp_path / "plain.bfq"
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--grid", "plain", "--init", "minmax", "--out", plain).returncode == 0
+    s = json.loads(run_bf("inspect", plain, "--json").stdout)
+    assert {w["grid"] for w in s["by_width"]} == {"plain"}
+    assert next(w for w in s["by_width"] if w["bits"] == 2)["code_bits_per_weight"] == pytest.approx(2.0, abs=0.02)
+
+    layers = [layer["name"] for layer in s["layers"] if layer["name"] not in ("conv_in", "conv_out")]
+    recipe = make_recipe("balanced", {name: 1 + i % 4 for i, name in enumerate(layers)})
+    rpath = tmp_path / "recipe.json"
+    rpath.write_text(json.dumps(recipe))
+    mixed = tmp_path / "mixed.bfq"
+    r = run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", mixed)
+    assert r.returncode == 0, r.stderr
+    got = {layer["name"]: layer["bits"] for layer in json.loads(run_bf("inspect", mixed, "--json").stdout)["layers"]}
+    assert all(got[name] == bits for name, bits in recipe["layers"].items())
+    assert got["conv_in"] == 8
+
+
+def test_bundle_embeds_text_encoder_and_vae(tiny_model, tmp_path):
+    out = tmp_path / "b.bfq"
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "3", "--bundle", "--out", out).returncode == 0
+    ckpt = Checkpoint.load(out)
+    te = ModelDir.open(tiny_model).read_weights("text_encoder")
+    assert set(ckpt.bundle.tensors["text_encoder"]) == set(te)
+    assert all(v.dtype == np.float16 for v in ckpt.bundle.tensors["vae"].values())
+    assert {
+        "model_index.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "vae/config.json",
+    } <= set(ckpt.bundle.files)
+    assert ckpt.bundle.files["tokenizer/vocab.json"] == (tiny_model / "tokenizer" / "vocab.json").read_bytes()
+
+
+# ---- bad input: one line on stderr, exit 1, no traceback, nothing written -------------
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_cli_bad_checkpoints(quantized, tmp_path):
+    _one_line_error(run_bf("inspect", tmp_path / "missing.bfq"), "no such file")
+    trunc = tmp_path / "trunc.bfq"
+    trunc.write_bytes(quantized.read_bytes()[: quantized.stat().st_size // 2])
+    _one_line_error(run_bf("inspect", trunc), "trunc.bfq", "truncated or corrupt")
+    bad = tmp_path / "bad.bfq"
+    raw = bytearray(quantized.read_bytes())
+    raw[-10] ^= 0x55
+    bad.write_bytes(bytes(raw))
+    _one_line_error(run_bf("inspect", bad), "bad.bfq", "checksum mismatch")
+    text = tmp_path / "notes.bfq"
+    text.write_text("hello")
+    _one_line_error(run_bf("inspect", text), "notes.bfq")
+
+
+def test_cli_bad_model_and_options(tiny_model, tmp_path):
+    out = tmp_path / "x.bfq"
+    _one_line_error(run_bf("quantize", "--model", tmp_path / "nope", "--bits", "2", "--out", out), "no such model directory")
+    _one_line_error(run_bf("quantize", "--model", tiny_model, "--out", out), "exactly one of --bits")
+    rpath = tmp_path / "r.json"
+    rpath.write_text('{"format": "bf.recipe", "version": 1, "grid": "balanced", "layers": {"not_a_layer": 2}}')
+    _one_line_error(run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", out), "not in this UNet")
+    rpath.write_text("{broken")
+    _one_line_error(run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", out), "not a readable recipe")
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp files left behind
+    r = run_bf("quantize", "--model", tiny_model, "--bits", "9", "--out", out)
+    assert r.returncode == 2 and "9 is not in the range 1<=x<=8" in r.stderr
+
+
+def test_random_model_refuses_to_overwrite(tiny_model):
+    _one_line_error(run_bf("random-model", "--out", tiny_model), "already exists", "--force")
+
+
+def test_help_explains_every_command():
+    r = run_bf("--help")
+    for cmd in ("random-model", "quantize", "inspect"):
+        assert cmd in r.stdout
+    assert "--bundle" in run_bf("quantize", "--help").stdout

@@ -1,0 +1,119 @@
+import json
+import shutil
+
+import pytest
+
+from bf.errors import BfError
+from bf.models.directory import ModelDir
+
+
+def test_random_model_is_a_diffusers_pipeline(tiny_model):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True, safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert pipe.scheduler.config.skip_prk_steps and pipe.scheduler.config.steps_offset == 1
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_tokenizer_is_clip_bpe(tiny_model):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    assert len(tok) == 49408
+    # ids of CLIP's vocabulary (openai/clip-vit-large-patch14)
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("x", padding="max_length")["input_ids"].__len__() == 77
+
+
+def test_random_model_is_deterministic(tiny_model, tmp_path):
+    from bf.models.architectures import ARCHITECTURES
+    from bf.models.random_model import write_random_model
+
+    again = tmp_path / "again"
+    write_random_model(ARCHITECTURES["sd15-tiny"], again, seed=0, log=lambda m: None)
+    a = ModelDir.open(tiny_model).read_weights("unet")
+    b = ModelDir.open(again).read_weights("unet")
+    assert all((a[k] == b[k]).all() for k in a)
+    other = tmp_path / "other"
+    write_random_model(ARCHITECTURES["sd15-tiny"], other, seed=1, log=lambda m: None)
+    c = ModelDir.open(other).read_weights("unet")
+    assert not (a["conv_in.weight"] == c["conv_in.weight"]).all()
+
+
+def test_sd15_architecture_is_exact():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from bf.models.architectures import SD15_UNET
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    time_params = sum(p.numel() for n, p in unet.named_parameters() if n.startswith("time_embedding.") or ".time_emb_proj." in n)
+    assert round(time_params / 1e6, 1) == 27.9  # RECIPE section 4
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_incomplete_directory_lists_everything_missing(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    shutil.rmtree(d / "vae")
+    (d / "unet" / "config.json").unlink()
+    (d / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(BfError) as e:
+        ModelDir.open(d)
+    msg = str(e.value)
+    assert "not a complete diffusers" in msg
+    for piece in ("unet/config.json", "tokenizer/merges.txt", "vae/"):
+        assert piece in msg
+    assert "\n" not in msg
+
+
+def test_pickle_weights_are_refused_with_a_hint(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    w = d / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(d / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(BfError, match="pickle weights are never loaded"):
+        ModelDir.open(d)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(BfError, match="no such model directory"):
+        ModelDir.open(tmp_path / "missing")
+
+
+def test_sharded_and_fp16_variant_weights_are_found(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    unet = d / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    md = ModelDir.open(d)
+    assert md.weight_files("unet")[0].name == "diffusion_pytorch_model.fp16.safetensors"
+    (unet / "diffusion_pytorch_model.fp16.safetensors").rename(unet / "shard-1.safetensors")
+    keys = list(ModelDir.open(tiny_model).read_weights("unet"))
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "shard-1.safetensors" for k in keys}})
+    )
+    assert len(ModelDir.open(d).read_weights("unet")) == len(keys)
+
+
+def test_corrupt_weights_file(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    f = d / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(BfError, match="not a readable safetensors file"):
+        ModelDir.open(d).read_weights("unet")
+
+
+def test_content_hash_changes_with_base_files(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    h = ModelDir.open(d).content_hash()
+    assert h == ModelDir.open(tiny_model).content_hash() and h.startswith("sha256:")
+    cfg = d / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace("0.012", "0.013"))
+    assert ModelDir.open(d).content_hash() != h

@@ -1,0 +1,49 @@
+"""Post-training quantization of a UNet state dict into a packed checkpoint (no training)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bf.format import Grid, QuantizedLayer, is_time_layer
+from bf.trainer.quantizer import DEFAULT_ALT_ITERS, init_scale, quantize_levels
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    init: str = "alt"
+    iters: int = DEFAULT_ALT_ITERS
+
+
+def quantize_weight(name: str, w: torch.Tensor, grid: Grid, cfg: PTQConfig) -> QuantizedLayer:
+    w = w.float()
+    s = init_scale(w, grid, cfg.init, cfg.iters)
+    q = quantize_levels(w, s, grid)
+    return QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), grid)
+
+
+def quantize_state_dict(
+    state: dict[str, torch.Tensor],
+    plan: dict[str, Grid],
+    cfg: PTQConfig,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> tuple[dict[str, QuantizedLayer], dict[str, np.ndarray]]:
+    """Quantize every planned layer; keep the rest.
+
+    Kept tensors: time layers in float32 (they build the time-feature table later),
+    everything else (biases, norms) in float16, the precision it is deployed in.
+    """
+    layers = {}
+    for name in progress(list(plan)):
+        layers[name] = quantize_weight(name, state[f"{name}.weight"], plan[name], cfg)
+    quantized = {f"{name}.weight" for name in plan}
+    tensors = {}
+    for k, v in state.items():
+        if k in quantized:
+            continue
+        dtype = torch.float32 if is_time_layer(k) else torch.float16
+        tensors[k] = v.to(dtype).numpy()
+    return layers, tensors
