@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def main() -> None:
         out.unlink()
     result = {
         "what": "bf quantize --bits B on SD-v1.5's architecture (random weights), bf inspect --json",
-        "machine": f"{platform.machine()} {platform.processor() or ''} CPU, {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
