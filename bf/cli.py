@@ -26,6 +26,10 @@ class _Group(click.Group):
                 click.echo(f"error: this command needs {e.name}: pip install 'bf[{_EXTRAS[e.name.split('.')[0]]}]'", err=True)
                 sys.exit(1)
             raise
+        except OSError as e:  # disk full, permission denied, a directory where a file goes
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

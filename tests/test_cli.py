@@ -189,3 +189,22 @@ def test_help_explains_every_command():
     for cmd in ("random-model", "quantize", "inspect"):
         assert cmd in r.stdout
     assert "--bundle" in run_bf("quantize", "--help").stdout
+
+
+def test_cli_unwritable_output_and_damaged_weights(tiny_model, tmp_path):
+    (tmp_path / "adir.bfq").mkdir()
+    _one_line_error(run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp_path / "adir.bfq"), "adir.bfq")
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    f = d / "unet" / "diffusion_pytorch_model.safetensors"
+    w = ModelDir.open(d).read_weights("unet")
+    w["down_blocks.0.resnets.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    save_file(w, str(f))
+    _one_line_error(
+        run_bf("quantize", "--model", d, "--bits", "2", "--out", tmp_path / "x.bfq"), "down_blocks.0.resnets.0.conv1.weight", "NaN"
+    )
+    assert not (tmp_path / "x.bfq").exists()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bf.errors import BfError
 from bf.format import Grid, QuantizedLayer, is_time_layer
 from bf.trainer.quantizer import DEFAULT_ALT_ITERS, init_scale, quantize_levels
 
@@ -20,6 +21,8 @@ class PTQConfig:
 
 def quantize_weight(name: str, w: torch.Tensor, grid: Grid, cfg: PTQConfig) -> QuantizedLayer:
     w = w.float()
+    if not torch.isfinite(w).all():
+        raise BfError(f"UNet weight {name}.weight has NaN or infinite values; the model is damaged")
     s = init_scale(w, grid, cfg.init, cfg.iters)
     q = quantize_levels(w, s, grid)
     return QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), grid)
