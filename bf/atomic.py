@@ -10,12 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    # The umask can only be read by setting it; 0o077 meanwhile only makes other threads' new files stricter.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
 
     The temporary lives in the same directory so the rename is atomic on POSIX. On
-    any exception it is removed and ``final`` is left as it was.
+    any exception it is removed and ``final`` is left as it was. The file gets the
+    permissions of any new file (0o666 less the umask), not mkstemp's 0600.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +32,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # after writing: a writer may have replaced the file with its own temporary
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -34,19 +43,32 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; move it into place on success."""
+    """Yield a temporary directory beside ``final``; move it into place on success.
+
+    The directory gets 0o777 less the umask, not mkdtemp's 0700. With ``overwrite``,
+    the old directory is first renamed to a fresh unique name, and only that name is
+    deleted: a fixed name such as ``.name.old`` could belong to someone else.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            try:
+                os.replace(final, old)  # rename(2) may replace an empty directory
+            except BaseException:
+                old.rmdir()
+                raise
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # put the old directory back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

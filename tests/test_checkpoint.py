@@ -1,13 +1,20 @@
+import hashlib
 import json
+import os
+import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bf.atomic import atomic_dir
 from bf.errors import BfError, FormatError
 from bf.format import Bundle, Checkpoint, Grid, QuantizedLayer, read_header
 from bf.format.checkpoint import FORMAT_VERSION, HEADER_KEY
+from tests.conftest import REPO
 
 
 def make_checkpoint(bundle: bool = False) -> Checkpoint:
@@ -63,7 +70,11 @@ def test_round_trip_is_exact(tmp_path, bundle):
         np.testing.assert_array_equal(back.tensors[k], v)
     if bundle:
         assert back.bundle.files == ckpt.bundle.files
-        np.testing.assert_array_equal(back.bundle.tensors["text_encoder"]["emb.weight"], ckpt.bundle.tensors["text_encoder"]["emb.weight"])
+        assert {c: set(p) for c, p in back.bundle.tensors.items()} == {c: set(p) for c, p in ckpt.bundle.tensors.items()}
+        for comp in ("text_encoder", "vae"):
+            for k, v in ckpt.bundle.tensors[comp].items():
+                assert back.bundle.tensors[comp][k].dtype == v.dtype
+                np.testing.assert_array_equal(back.bundle.tensors[comp][k], v)
     else:
         assert back.bundle is None
     assert read_header(path)["format_version"] == FORMAT_VERSION
@@ -81,6 +92,45 @@ def test_dequantize_is_scale_times_level():
 def test_levels_out_of_range_are_refused():
     with pytest.raises(ValueError, match="outside"):
         QuantizedLayer.from_levels("x", np.array([[3, 0]]), np.ones(1), Grid(1))
+
+
+def test_fractional_levels_are_refused_not_truncated():
+    with pytest.raises(ValueError, match="integers"):
+        QuantizedLayer.from_levels("x", np.array([[0.5, -1.0]]), np.ones(1), Grid(1))
+    with pytest.raises(ValueError, match="integers"):
+        QuantizedLayer.from_levels("x", np.array([[np.nan, 0.0]]), np.ones(1), Grid(1))
+    integral = np.array([[1.0, -1.0, 0.0]], dtype=np.float32)  # what round() gives: accepted
+    np.testing.assert_array_equal(QuantizedLayer.from_levels("x", integral, np.ones(1), Grid(1)).levels(), [[1, -1, 0]])
+    ints = np.array([[2, -2]], dtype=np.int8)
+    np.testing.assert_array_equal(QuantizedLayer.from_levels("x", ints, np.ones(1), Grid(2)).levels(), ints)
+
+
+def test_saved_file_has_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_checkpoint().save(tmp_path / "m.bfq")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.bfq").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_atomic_dir_permissions_and_old_directory(tmp_path):
+    final = tmp_path / "model"
+    bystander = tmp_path / ".model.old"  # a fixed name for the old copy would delete this
+    bystander.mkdir()
+    (bystander / "keep").write_text("mine")
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(final) as tmp:
+            (tmp / "a").write_text("1")
+        with atomic_dir(final, overwrite=True) as tmp:
+            (tmp / "b").write_text("2")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert [p.name for p in final.iterdir()] == ["b"]
+    assert (bystander / "keep").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", "model"]
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -118,19 +168,37 @@ def saved(tmp_path):
     return path
 
 
-def _rewrite_header(path, edit=None, raw_text=None):
-    """Re-encode the safetensors header after ``edit(bf_header_dict)``, keeping the data."""
+def header_sha256(bf_header: dict) -> str:
+    """docs/FORMAT.md section 2: SHA-256 of the canonical JSON of the header without its own key."""
+    rest = {k: v for k, v in bf_header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _rewrite_st_header(path, edit):
+    """Re-encode the safetensors header after ``edit(st_header_dict)``, keeping the data."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     st_header = json.loads(raw[8 : 8 + n])
-    if raw_text is None:
-        bf_header = json.loads(st_header["__metadata__"][HEADER_KEY])
-        edit(bf_header)
-        raw_text = json.dumps(bf_header)
-    st_header["__metadata__"][HEADER_KEY] = raw_text
+    edit(st_header)
     new = json.dumps(st_header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def _rewrite_header(path, edit=None, raw_text=None, reseal=True):
+    """Edit the bf header; ``reseal`` recomputes its checksum, as a crafted (not a damaged) file would."""
+
+    def edit_st(st_header):
+        text = raw_text
+        if text is None:
+            bf_header = json.loads(st_header["__metadata__"][HEADER_KEY])
+            edit(bf_header)
+            if reseal:
+                bf_header["header_sha256"] = header_sha256(bf_header)
+            text = json.dumps(bf_header)
+        st_header["__metadata__"][HEADER_KEY] = text
+
+    _rewrite_st_header(path, edit_st)
 
 
 def test_missing_file(tmp_path):
@@ -185,6 +253,59 @@ def test_unknown_packing(saved):
     _rewrite_header(saved, edit)
     with pytest.raises(FormatError, match="does not define"):
         Checkpoint.load(saved)
+
+
+def test_header_checksum_is_documented_and_checked(saved):
+    header = read_header(saved)
+    assert header["header_sha256"] == header_sha256(header)
+    _rewrite_header(saved, lambda h: h["unet_config"].__setitem__("block_out_channels", [9]), reseal=False)
+    with pytest.raises(FormatError, match=r"m\.bfq: header checksum mismatch \(file corrupted\)"):
+        Checkpoint.load(saved)
+    assert Checkpoint.load(saved, verify=False).unet_config == {"block_out_channels": [9]}
+
+
+def test_bit_flip_in_a_layer_shape_is_caught(saved):
+    """(5, 7) -> (5, 6) is one flipped bit and needs the same code bytes: only the header checksum sees it."""
+    raw = bytearray(saved.read_bytes())
+    assert raw.count(b"[5, 7]") == 1
+    at = raw.index(b"[5, 7]") + 4
+    raw[at] ^= 0x01  # "7" -> "6"
+    saved.write_bytes(bytes(raw))
+    assert Checkpoint.load(saved, verify=False).layers["down.ff"].shape == (5, 6)
+    with pytest.raises(FormatError, match="header checksum mismatch"):
+        Checkpoint.load(saved)
+
+
+def test_tensor_dtype_edit_is_caught(saved):
+    """F16 -> I16 keeps every byte of the data; the tensor checksum covers the dtype."""
+    _rewrite_st_header(saved, lambda st: st["unet/conv_in.bias"].__setitem__("dtype", "I16"))
+    assert Checkpoint.load(saved, verify=False).tensors["conv_in.bias"].dtype == np.int16
+    with pytest.raises(FormatError, match=r"checksum mismatch in tensor 'unet/conv_in\.bias'"):
+        Checkpoint.load(saved)
+
+
+def test_tensor_shape_edit_is_caught(saved):
+    _rewrite_st_header(saved, lambda st: st["unet/time_embedding.linear_1.weight"].__setitem__("shape", [8, 16]))
+    with pytest.raises(FormatError, match=r"checksum mismatch in tensor 'unet/time_embedding\.linear_1\.weight'"):
+        Checkpoint.load(saved)
+
+
+def test_infinite_shape_is_a_format_error(saved):
+    _rewrite_header(saved, lambda h: h["layers"][0].__setitem__("shape", [float("inf"), 4, 3, 3]))
+    with pytest.raises(FormatError, match=r"malformed header.*OverflowError"):
+        Checkpoint.load(saved)
+
+
+def test_huge_per_field_fails_fast(saved):
+    """A crafted packing record must be refused before anything computes levels**per_field."""
+    _rewrite_header(saved, lambda h: h["layers"][1]["packing"].__setitem__("per_field", 1_000_000_000))
+    code = (
+        "import sys\nfrom bf.format import Checkpoint\nfrom bf.errors import FormatError\n"
+        f"try:\n    Checkpoint.load({str(saved)!r})\nexcept FormatError as e:\n    print(e)\n    sys.exit(0)\nsys.exit(1)\n"
+    )
+    # A subprocess: a hang in C code cannot be interrupted from inside this one.
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and "does not define" in r.stdout, r.stdout + r.stderr
 
 
 def test_corrupt_header_json(saved):

@@ -64,8 +64,9 @@ def test_checkpoint_reproduces_the_unet(quantized, tiny_model):
     for k, v in ckpt.tensors.items():
         expect = fp[k].astype(np.float32 if ("time_emb" in k or k.startswith("time_embedding")) else np.float16)
         np.testing.assert_array_equal(v, expect)
-    w, q = fp["conv_in.weight"], sd["conv_in.weight"]
-    assert np.abs(w - q).max() <= ckpt.layers["conv_in"].scale.max() / 2 + 1e-7  # 8-bit: within half a step
+    w, q, scale = fp["conv_in.weight"], sd["conv_in.weight"], ckpt.layers["conv_in"].scale
+    row_err = np.abs(w - q).reshape(len(scale), -1).max(1)
+    assert np.all(row_err <= scale / 2 + 1e-7), row_err / scale  # 8-bit: every row within half of its own step
     assert ckpt.recipe["init"] == "alt" and ckpt.provenance["command"].startswith("bf quantize")
 
 
@@ -178,6 +179,35 @@ def test_cli_bad_model_and_options(tiny_model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp files left behind
     r = run_bf("quantize", "--model", tiny_model, "--bits", "9", "--out", out)
     assert r.returncode == 2 and "9 is not in the range 1<=x<=8" in r.stderr
+
+
+def test_binary_recipe_is_a_one_line_error(tmp_path):
+    from bf.errors import BfError
+    from bf.trainer.recipe import load_recipe
+
+    rpath = tmp_path / "r.json"
+    rpath.write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(BfError, match="not a readable recipe JSON") as e:
+        load_recipe(rpath)
+    assert "\n" not in str(e.value)
+
+
+def test_broken_unet_config_fails_before_quantizing(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    import bf.trainer.pipeline as pipeline
+    from bf.errors import BfError
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    (d / "unet" / "config.json").write_bytes(b"\xff\xfe not json")
+
+    def too_late(*a, **k):
+        raise AssertionError("quantized before reading the UNet config")
+
+    monkeypatch.setattr(pipeline, "quantize_state_dict", too_late)
+    with pytest.raises(BfError, match=r"unet/config\.json: unreadable config"):
+        pipeline.quantize_model(ModelDir.open(d), pipeline.QuantizeRequest(bits=2))
 
 
 def test_random_model_refuses_to_overwrite(tiny_model):

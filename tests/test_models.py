@@ -1,3 +1,4 @@
+import hashlib
 import json
 import shutil
 
@@ -117,3 +118,56 @@ def test_content_hash_changes_with_base_files(tiny_model, tmp_path):
     cfg = d / "scheduler" / "scheduler_config.json"
     cfg.write_text(cfg.read_text().replace("0.012", "0.013"))
     assert ModelDir.open(d).content_hash() != h
+
+
+def test_content_hash_follows_the_format_doc(tiny_model):
+    """docs/FORMAT.md section 2: model_index.json and the four components, in order of relative path."""
+    root = tiny_model
+    files = [root / "model_index.json"] + [p for c in ("text_encoder", "tokenizer", "vae", "scheduler") for p in (root / c).rglob("*")]
+    h = hashlib.sha256()
+    for rel in sorted(p.relative_to(root).as_posix() for p in files if p.is_file()):
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    assert ModelDir.open(root).content_hash() == "sha256:" + h.hexdigest()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"{broken", b"[1, 2]"], ids=["binary", "bad-json", "list"])
+def test_unreadable_config_is_one_line(tiny_model, tmp_path, content):
+    d = _copy(tiny_model, tmp_path / "m")
+    (d / "unet" / "config.json").write_bytes(content)
+    with pytest.raises(BfError, match=r"unet/config\.json: unreadable config") as e:
+        ModelDir.open(d).config("unet")
+    assert "\n" not in str(e.value)
+
+
+def _sharded(tiny_model, tmp_path):
+    d = _copy(tiny_model, tmp_path / "m")
+    unet = d / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "shard-1.safetensors")
+    return d, unet / "diffusion_pytorch_model.safetensors.index.json"
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        b"\xff\xfe\x00binary",
+        b"[1, 2]",
+        b'{"weight_map": [1]}',
+        b'{"weight_map": {"w": 3}}',
+        b'{"metadata": {}}',
+    ],
+    ids=["binary", "list", "map-is-list", "shard-not-str", "no-map"],
+)
+def test_malformed_shard_index_is_one_line(tiny_model, tmp_path, index):
+    d, path = _sharded(tiny_model, tmp_path)
+    path.write_bytes(index)
+    with pytest.raises(BfError, match="unreadable shard index") as e:
+        ModelDir.open(d)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
+def test_shard_names_stay_inside_the_component(tiny_model, tmp_path, shard):
+    d, path = _sharded(tiny_model, tmp_path)
+    path.write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors", "b": shard}}))
+    with pytest.raises(BfError, match="not a file name inside unet/"):
+        ModelDir.open(d).read_weights("unet")

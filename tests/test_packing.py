@@ -1,4 +1,5 @@
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 
 from bf.errors import FormatError
 from bf.format import Grid, Packing, candidate_layers, pack_codes, unpack_codes
+from bf.format import packing as packing_module
 from bf.format.packing import BALANCED_FIELDS
 
 GRIDS = [Grid(b, k) for b in range(1, 9) for k in ("balanced", "plain")]
@@ -81,14 +83,44 @@ def test_rows_start_on_byte_boundaries():
     np.testing.assert_array_equal(buf[0:2], pack_codes(a[:1], p)[:2])
 
 
-def test_tail_padding_allows_two_aligned_word_loads():
-    for grid in GRIDS:
-        p = Packing.for_grid(grid)
-        for shape in [(1, 1), (3, 5), (17, 33)]:
-            n = p.nbytes(shape)
-            assert n % 4 == 0
-            last_bit = shape[0] * p.row_bytes(math.prod(shape[1:])) * 8 - 1
-            assert (last_bit // 32 + 2) * 4 <= n
+def word_decode(buf: bytes, shape, levels: int, per_field: int, field_bits: int) -> np.ndarray:
+    """Decode as docs/FORMAT.md section 4 "Buffer" allows: each field from its two aligned 32-bit words.
+
+    Returns every code of every field, the padding codes of each row's last field included.
+    """
+    rows, n = shape[0], math.prod(shape[1:])
+    nfields = -(-n // per_field)
+    stride = -(-nfields * field_bits // 8)
+    out = np.zeros((rows, nfields * per_field), dtype=np.int64)
+    for r in range(rows):
+        for j in range(nfields):
+            b = 8 * r * stride + j * field_bits
+            lo, hi = struct.unpack_from("<II", buf, 4 * (b // 32))  # raises if the tail padding is short
+            v = (((hi << 32) | lo) >> (b % 32)) & ((1 << field_bits) - 1)
+            for t in range(per_field):
+                out[r, j * per_field + t] = v % levels
+                v //= levels
+    return out
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g.kind}{g.bits}")
+def test_tail_padding_is_zero_and_allows_two_aligned_word_loads(grid):
+    p = Packing.for_grid(grid)
+    rng = np.random.default_rng(grid.bits)
+    for shape in [(1, 1), (3, 5), (17, 33), (4, 2, 3, 3)]:
+        rows, n = shape[0], math.prod(shape[1:])
+        # all codes at L-1 set as many bits as possible; a random row as well
+        for codes in (np.full(shape, grid.levels - 1), rng.integers(0, grid.levels, size=shape)):
+            buf = pack_codes(codes, p)
+            stride = p.row_bytes(n)
+            assert buf.size % 4 == 0 and buf.size - rows * stride >= 4
+            assert not buf[rows * stride :].any(), "bytes after the last row must be 0"
+            used = p.fields_per_row(n) * p.field_bits - 8 * (stride - 1)  # bits of each row's last byte in use
+            last = buf[: rows * stride].reshape(rows, stride)[:, -1]
+            assert not (last >> used).any(), "unused high bits of a row's last byte must be 0"
+            decoded = word_decode(buf.tobytes(), shape, p.levels, p.per_field, p.field_bits)
+            np.testing.assert_array_equal(decoded[:, :n].reshape(shape), codes)
+            assert not decoded[:, n:].any(), "the last field is completed with codes 0"
 
 
 def test_bits_per_code_of_the_format_table():
@@ -138,3 +170,43 @@ def test_unpack_rejects_wrong_size_and_corrupt_fields():
 def test_pack_rejects_out_of_range_codes():
     with pytest.raises(ValueError, match="codes must lie"):
         pack_codes(np.array([[0, 5]]), Packing.for_grid(Grid(2)))
+
+
+def test_pack_rejects_float_codes():
+    with pytest.raises(ValueError, match="integer dtype"):
+        pack_codes(np.array([[0.0, 1.7]]), Packing.for_grid(Grid(2)))
+
+
+@pytest.mark.parametrize("levels,per_field,field_bits", [(65537, 1, 32), (2, 33, 32), (1, 1, 8), (3, 0, 8), (3, 1, 33)])
+def test_packing_bounds_are_checked_first(levels, per_field, field_bits):
+    # Checked before L**K: a crafted K of 10**9 would compute for hours (test_checkpoint runs that case in a subprocess).
+    with pytest.raises(ValueError, match="invalid packing"):
+        Packing(levels, per_field, field_bits)
+
+
+@pytest.mark.parametrize("grid", [Grid(1), Grid(2), Grid(4), Grid(8), Grid(3, "plain")], ids=str)
+def test_row_blocks_do_not_change_the_bytes(grid, monkeypatch):
+    """Rows go through in blocks; a row count that is no multiple of the block must still round-trip."""
+    p = Packing.for_grid(grid)
+    codes = np.random.default_rng(grid.bits).integers(0, grid.levels, size=(23, 3, 5))
+    whole = pack_codes(codes, p)
+    monkeypatch.setattr(packing_module, "BLOCK_FIELDS", 3 * p.fields_per_row(15))  # blocks of 3 rows, the last one of 2
+    assert len(packing_module._row_blocks(23, p.fields_per_row(15))) == 8
+    np.testing.assert_array_equal(pack_codes(codes, p), whole)
+    np.testing.assert_array_equal(unpack_codes(whole, codes.shape, p), codes)
+    np.testing.assert_array_equal(reference_decode(whole.tobytes(), codes.shape, p.levels, p.per_field, p.field_bits), codes)
+
+
+def test_large_layer_round_trip():
+    """A 1280x2560x3x3-sized 8-bit layer, several blocks of rows with a partial last one."""
+    grid = Grid(8)
+    p = Packing.for_grid(grid)
+    codes = np.random.default_rng(0).integers(0, grid.levels, size=(4096, 2560 * 9), dtype=np.uint16)
+    assert codes.shape[0] % (packing_module.BLOCK_FIELDS // p.fields_per_row(codes.shape[1])) != 0
+    buf = pack_codes(codes, p)
+    assert buf.size == p.nbytes(codes.shape)
+    np.testing.assert_array_equal(unpack_codes(buf, codes.shape, p), codes)
+    row = 4095  # the last row, in the partial block, against the bit-by-bit decoder
+    stride = p.row_bytes(codes.shape[1])
+    one = reference_decode(buf[row * stride : (row + 1) * stride].tobytes(), (1, codes.shape[1]), p.levels, p.per_field, p.field_bits)
+    np.testing.assert_array_equal(one[0], codes[row])

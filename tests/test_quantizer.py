@@ -7,6 +7,7 @@ import torch
 from bf.format import Grid
 from bf.trainer.quantizer import (
     alternating_scale,
+    dequantize,
     fake_quantize,
     lsq_grad_scale,
     minmax_scale,
@@ -45,10 +46,14 @@ def test_alternating_objective_never_increases_and_beats_minmax(kind, grid):
 
 def test_minmax_covers_the_range_without_clipping():
     w = _weights("normal")
-    for grid in (Grid(2), Grid(3, "plain")):
+    for grid in (Grid(2), Grid(3, "plain"), Grid(1), Grid(8)):
         s = minmax_scale(w, grid)
-        x = w / s[:, None]
-        assert float(x.max()) <= grid.qmax + 1e-5 and float(x.min()) >= grid.qmin - 1e-5
+        x = w.double() / s.double()[:, None]
+        for o in range(w.shape[0]):
+            hi, lo = float(x[o].max()), float(x[o].min())
+            assert hi <= grid.qmax + 1e-6 and lo >= grid.qmin - 1e-6, (grid, o)
+            # the smallest such scale: one end of the row sits exactly on the end of the grid
+            assert abs(hi - grid.qmax) <= 1e-6 or abs(lo - grid.qmin) <= 1e-6, (grid, o, hi, lo)
     bal = Grid(2)
     torch.testing.assert_close(minmax_scale(w, bal), w.abs().amax(1) / bal.qmax)
 
@@ -57,10 +62,22 @@ def test_all_zero_rows_are_exact():
     w = torch.zeros(3, 10)
     w[1] = torch.linspace(-1, 1, 10)
     for grid in (Grid(1), Grid(2, "plain")):
-        s = alternating_scale(w, grid)
-        assert torch.all(s > 0)
-        q = quantize_levels(w, s, grid)
-        assert torch.all(q[0] == 0) and torch.all(q[2] == 0)
+        for s in (minmax_scale(w, grid), alternating_scale(w, grid)):
+            assert torch.all(s > 0)
+            assert s[0].item() == 1.0 and s[2].item() == 1.0
+            q = quantize_levels(w, s, grid)
+            assert torch.all(q[0] == 0) and torch.all(q[2] == 0)
+            wq = dequantize(q, s)
+            assert torch.all(wq[0] == 0) and torch.all(wq[2] == 0)
+            assert torch.all(fake_quantize(w, s, grid)[[0, 2]] == 0)
+
+
+def test_minmax_plain_one_bit_covers_only_the_negative_side():
+    """Plain 1-bit has levels -1 and 0: positive weights cannot be covered and round to 0."""
+    w = torch.tensor([[-0.5, 0.25, 1.0]])
+    s = minmax_scale(w, Grid(1, "plain"))
+    assert s.item() == 0.5
+    assert quantize_levels(w, s, Grid(1, "plain")).tolist() == [[-1.0, 0.0, 0.0]]
 
 
 def test_rounding_is_half_to_even_like_numpy():
@@ -99,6 +116,27 @@ def test_fake_quant_gradients_match_lsq(grid):
     assert outside.any()  # the test must exercise the clipped branch
     assert torch.all(w1.grad[outside] == 0)
     torch.testing.assert_close(w1.grad[~outside], g[~outside])
+
+
+def test_fake_quant_accepts_column_scales():
+    """A scale of shape (O, 1) works like (O,) and gets its gradient in its own shape."""
+    grid = Grid(2)
+    w = _weights("laplace", (8, 3, 2, 2), seed=4)
+    s = minmax_scale(w, grid) * 0.7
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for scale in (s.clone(), s.clone()[:, None]):
+        scale.requires_grad_()
+        out = fake_quantize(w, scale, grid)
+        (out * g).sum().backward()
+        assert scale.grad.shape == scale.shape
+        grads.append((out.detach(), scale.grad.reshape(-1)))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    torch.testing.assert_close(quantize_levels(w, s[:, None], grid), quantize_levels(w, s, grid))
+    torch.testing.assert_close(alternating_scale(w, grid, s0=s[:, None]), alternating_scale(w, grid, s0=s))
+    with pytest.raises(ValueError, match="scales"):
+        fake_quantize(w, s[:4], grid)
 
 
 def test_fake_quant_forward_equals_dequantized_levels():

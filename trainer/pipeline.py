@@ -37,6 +37,7 @@ def quantize_model(
         if req.grid is not None and req.grid != recipe["grid"]:
             raise BfError(f"--grid {req.grid} contradicts the recipe's grid '{recipe['grid']}'; drop --grid")
     log(f"reading UNet from {model.root}")
+    unet_config = model.config("unet")  # a broken config must fail before minutes of quantizing
     state = model.read_weights("unet", framework="pt")
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     quantizable = quantizable_layers(shapes)
@@ -51,7 +52,7 @@ def quantize_model(
     log("hashing the base model")
     base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
     return Checkpoint(
-        unet_config=model.config("unet"),
+        unet_config=unet_config,
         layers=layers,
         tensors=tensors,
         base_model=base,

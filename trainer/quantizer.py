@@ -21,6 +21,9 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def _bcast(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-row scales of shape (O,) or (O, 1), shaped to broadcast against ``w``."""
+    if s.dim() > 2 or s.numel() != w.shape[0]:
+        raise ValueError(f"expected {w.shape[0]} scales of shape (O,) or (O, 1), got {tuple(s.shape)}")
     return s.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
@@ -40,9 +43,11 @@ def quant_error(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def minmax_scale(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Smallest scale whose grid covers each row's [min, max] without clipping.
+    """Smallest scale whose grid covers each row's [min, max] without clipping, where it can.
 
-    Balanced grids (qmax = -qmin) give ``max|w| / qmax``. All-zero rows get scale 1,
+    Balanced grids (qmax = -qmin) give ``max|w| / qmax``. Plain 1-bit (levels -1, 0:
+    qmax = 0) has no positive level, so no scale covers positive weights: the scale
+    covers the minimum and positive weights round to 0. All-zero rows get scale 1,
     so their levels are exactly 0.
     """
     rows = _rows(w).float()
@@ -68,7 +73,7 @@ def alternating_scale(
     list, the objective before the first and after every iteration is appended.
     """
     rows = _rows(w).float()
-    s = (minmax_scale(w, grid) if s0 is None else s0.float()).clone()
+    s = (minmax_scale(w, grid) if s0 is None else s0.float().reshape(-1)).clone()  # (O, 1) would broadcast to (O, O)
     if history is not None:
         history.append(float(quant_error(rows, s, grid).sum()))
     for _ in range(iters):
@@ -121,7 +126,7 @@ class FakeQuantize(torch.autograd.Function):
         gw = g * inside if ctx.needs_input_grad[0] else None
         gs = None
         if ctx.needs_input_grad[1]:
-            gs = _rows(g * torch.where(inside, q - x, q)).sum(1) * ctx.grad_scale
+            gs = (_rows(g * torch.where(inside, q - x, q)).sum(1) * ctx.grad_scale).reshape(s.shape)  # autograd wants s's shape
         return gw, gs, None, None, None
 
 

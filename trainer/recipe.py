@@ -36,11 +36,12 @@ def uniform_recipe(candidates: dict[str, tuple[int, ...]], bits: int, grid: str)
 def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BfError(f"{path}: no such recipe file; make one with 'bf allocate' or pass --bits") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise BfError(f"{path}: not a readable recipe JSON ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON and non-UTF-8 bytes (UnicodeDecodeError)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BfError(f"{path}: not a readable recipe JSON ({detail})") from None
     if not isinstance(obj, dict) or obj.get("format") != RECIPE_FORMAT:
         raise BfError(f'{path}: not a bf recipe (expected "format": "{RECIPE_FORMAT}")')
     if obj.get("version") != RECIPE_VERSION:

@@ -1,8 +1,8 @@
 """The packed checkpoint (``.bfq``): one safetensors file, layout in docs/FORMAT.md.
 
 Only this module reads or writes ``.bfq`` files. Loading validates the format name
-and version, every tensor's SHA-256 and every shape, and reports any problem as a
-one-line :class:`~bf.errors.FormatError` naming the file.
+and version, the header's and every tensor's SHA-256 and every shape, and reports any
+problem as a one-line :class:`~bf.errors.FormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bf.format.unet_layers import is_time_layer
 FORMAT_NAME = "bf.bfq"
 FORMAT_VERSION = 1
 HEADER_KEY = "bf"  # safetensors metadata key holding the JSON header
+HEADER_SHA_KEY = "header_sha256"  # bf header key: checksum of the rest of the header
 
 _LAYER_PREFIX = "layer/"
 _UNET_PREFIX = "unet/"
@@ -58,6 +59,11 @@ class QuantizedLayer:
     def from_levels(cls, name: str, levels: np.ndarray, scale: np.ndarray, grid: Grid) -> QuantizedLayer:
         """Pack integer levels (qmin..qmax) of a weight with its per-channel scales."""
         levels = np.asarray(levels)
+        if np.issubdtype(levels.dtype, np.floating):
+            if np.any(levels != np.rint(levels)):  # NaN too: truncating would store a level nobody computed
+                raise ValueError(f"{name}: levels must be integers, got fractional values")
+        elif not np.issubdtype(levels.dtype, np.integer):
+            raise ValueError(f"{name}: levels must be integers, got {levels.dtype}")
         if levels.size and (levels.min() < grid.qmin or levels.max() > grid.qmax):
             raise ValueError(f"{name}: levels outside [{grid.qmin}, {grid.qmax}]")
         scale = np.asarray(scale, dtype=np.float32).reshape(-1)
@@ -143,6 +149,8 @@ class Checkpoint:
             "bundle": bundle_meta,
             "checksums": {k: _sha256(v) for k, v in arrays.items()},
         }
+        header = json.loads(json.dumps(header))  # hash exactly what a reader parses back (tuples as lists, keys as strings)
+        header[HEADER_SHA_KEY] = _header_sha256(header)
         from safetensors.numpy import save_file
 
         with atomic_path(path) as tmp:
@@ -159,7 +167,7 @@ class Checkpoint:
             return _from_parts(path, header, arrays, verify)
         except FormatError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
             raise FormatError(f"{path}: malformed header ({type(e).__name__}: {e}); re-create the file") from None
 
 
@@ -188,6 +196,8 @@ def _parse_header(path: Path, meta: dict) -> dict:
         header = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: corrupt header ({e.msg} at byte {e.pos}); re-create the file") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt header (not a JSON object); re-create the file")
     version = header.get("format_version")
     if not isinstance(version, int):
         raise FormatError(f"{path}: header has no format version; re-create the file")
@@ -217,6 +227,8 @@ def _read_safetensors(path: Path, with_tensors: bool = True) -> tuple[dict, dict
 
 
 def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify: bool) -> Checkpoint:
+    if verify and header.get(HEADER_SHA_KEY) != _header_sha256(header):
+        raise FormatError(f"{path}: header checksum mismatch (file corrupted); re-create or re-copy it")
     checksums = header["checksums"]
     if set(checksums) != set(arrays):
         missing = sorted(set(checksums) - set(arrays))
@@ -230,9 +242,13 @@ def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify:
     for rec in header["layers"]:
         name, shape = rec["name"], tuple(int(d) for d in rec["shape"])
         grid = Grid.from_json(rec["grid"])
-        packing = Packing.from_json(rec["packing"])
-        if packing != Packing.for_grid(grid):
-            raise FormatError(f"{path}: layer '{name}' uses packing {packing.name}, which format {FORMAT_VERSION} does not define")
+        packing = Packing.for_grid(grid)
+        # Compare the raw record: building a Packing from it first could compute L**K of an absurd K.
+        if rec["packing"] != packing.to_json():
+            raise FormatError(
+                f"{path}: layer '{name}' uses packing {json.dumps(rec['packing'])}, which format {FORMAT_VERSION} does not define "
+                f"for {grid.kind} {grid.bits}-bit layers"
+            )
         codes = arrays[f"{_LAYER_PREFIX}{name}/codes"]
         scale = arrays[f"{_LAYER_PREFIX}{name}/scale"]
         if codes.dtype != np.uint8 or codes.shape != (packing.nbytes(shape),):
@@ -264,4 +280,13 @@ def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify:
 
 
 def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).hexdigest()
+    """Checksum of dtype, shape and bytes: an edited dtype or shape with the same bytes must not pass."""
+    h = hashlib.sha256(f"{a.dtype.str}|{list(a.shape)}|".encode())
+    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def _header_sha256(header: dict) -> str:
+    """Checksum of the bf header without its own key, as canonical JSON (docs/FORMAT.md section 2)."""
+    rest = {k: v for k, v in header.items() if k != HEADER_SHA_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -32,6 +32,9 @@ BALANCED_FIELDS: dict[int, tuple[int, int]] = {
     257: (3, 25),  # 8 bits: 8.333           (257^3 = 16974593)
 }
 TAIL_ALIGN = 4  # the buffer is padded to a multiple of 4 bytes, then 4 more bytes
+# Rows are packed and unpacked in blocks of about this many fields: the temporaries
+# take under 100 bytes a field, so a block stays below ~400 MB however large the layer.
+BLOCK_FIELDS = 2**22
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class Packing:
     field_bits: int  # F: bits per field
 
     def __post_init__(self) -> None:
-        if not 1 <= self.field_bits <= 32 or self.per_field < 1 or self.levels < 2:
+        # Bounds first: levels**per_field of an unchecked header could take hours.
+        if not (2 <= self.levels <= 65536 and 1 <= self.per_field <= 32 and 1 <= self.field_bits <= 32):
             raise ValueError(f"invalid packing {self}")
         if self.levels**self.per_field > 2**self.field_bits:
             raise ValueError(f"{self.per_field} codes of base {self.levels} do not fit {self.field_bits} bits")
@@ -90,29 +94,43 @@ def rows_and_len(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(shape[0]), math.prod(int(d) for d in shape[1:])
 
 
+def _row_blocks(rows: int, fields_per_row: int) -> list[slice]:
+    step = max(1, BLOCK_FIELDS // fields_per_row)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 def pack_codes(codes: np.ndarray, packing: Packing) -> np.ndarray:
     """Pack integer codes of shape (out, ...) with values in [0, L) into a uint8 buffer."""
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):  # a float code would be truncated silently
+        raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
     rows, row_len = rows_and_len(codes.shape)
-    flat = np.asarray(codes).reshape(rows, row_len)
+    flat = codes.reshape(rows, row_len)
     if flat.size and (flat.min() < 0 or flat.max() >= packing.levels):
         raise ValueError(f"codes must lie in [0, {packing.levels}), got [{flat.min()}, {flat.max()}]")
-    k, f, base = packing.per_field, packing.field_bits, packing.levels
+    stride = packing.row_bytes(row_len)
+    out = np.zeros(packing.nbytes(codes.shape), dtype=np.uint8)
+    body = out[: rows * stride].reshape(rows, stride)
+    for block in _row_blocks(rows, packing.fields_per_row(row_len)):
+        body[block] = _pack_rows(flat[block], packing)
+    return out
+
+
+def _pack_rows(flat: np.ndarray, packing: Packing) -> np.ndarray:
+    rows, row_len = flat.shape
+    k, f, base = packing.per_field, packing.field_bits, np.uint64(packing.levels)
     nfields = packing.fields_per_row(row_len)
-    digits = np.zeros((rows, nfields * k), dtype=np.uint64)
+    digits = np.zeros((rows, nfields * k), dtype=np.uint32)  # the last field is completed with codes 0
     digits[:, :row_len] = flat
     digits = digits.reshape(rows, nfields, k)
     values = np.zeros((rows, nfields), dtype=np.uint64)
     for j in reversed(range(k)):  # Horner: first code least significant
-        values = values * np.uint64(base) + digits[:, :, j]
-    shifts = np.arange(f, dtype=np.uint64)
-    bits = ((values[:, :, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    row_bits = packing.row_bytes(row_len) * 8
-    stream = np.zeros((rows, row_bits), dtype=np.uint8)
-    stream[:, : nfields * f] = bits.reshape(rows, nfields * f)
-    body = np.packbits(stream, axis=1, bitorder="little").reshape(-1)
-    out = np.zeros(packing.nbytes(codes.shape), dtype=np.uint8)
-    out[: body.size] = body
-    return out
+        values = values * base + digits[:, :, j]
+    stream = np.zeros((rows, packing.row_bytes(row_len) * 8), dtype=np.uint8)
+    bits = stream[:, : nfields * f].reshape(rows, nfields, f)
+    for i in range(f):  # one bit plane at a time: a (rows, nfields, f) uint64 array would be 8x the stream
+        bits[:, :, i] = (values >> np.uint64(i)) & np.uint64(1)
+    return np.packbits(stream, axis=1, bitorder="little")
 
 
 def unpack_codes(buf: np.ndarray, shape: tuple[int, ...], packing: Packing) -> np.ndarray:
@@ -123,11 +141,19 @@ def unpack_codes(buf: np.ndarray, shape: tuple[int, ...], packing: Packing) -> n
         raise FormatError(f"packed codes must be a 1-D uint8 buffer, got {buf.dtype} {buf.shape}")
     if buf.size != packing.nbytes(shape):
         raise FormatError(f"packed codes hold {buf.size} bytes; shape {tuple(shape)} at {packing.name} needs {packing.nbytes(shape)}")
+    stride = packing.row_bytes(row_len)
+    body = buf[: rows * stride].reshape(rows, stride)
+    out = np.empty((rows, row_len), dtype=np.uint16)
+    for block in _row_blocks(rows, packing.fields_per_row(row_len)):
+        out[block] = _unpack_rows(body[block], packing, row_len)
+    return out.reshape(shape)
+
+
+def _unpack_rows(body: np.ndarray, packing: Packing, row_len: int) -> np.ndarray:
+    rows = body.shape[0]
     k, f, base = packing.per_field, packing.field_bits, packing.levels
     nfields = packing.fields_per_row(row_len)
-    stride = packing.row_bytes(row_len)
-    bits = np.unpackbits(buf[: rows * stride].reshape(rows, stride), axis=1, bitorder="little")
-    bits = bits[:, : nfields * f].reshape(rows, nfields, f).astype(np.uint64)
+    bits = np.unpackbits(body, axis=1, bitorder="little")[:, : nfields * f].reshape(rows, nfields, f)
     values = np.zeros((rows, nfields), dtype=np.uint64)
     for i in reversed(range(f)):
         values = (values << np.uint64(1)) | bits[:, :, i]
@@ -137,4 +163,4 @@ def unpack_codes(buf: np.ndarray, shape: tuple[int, ...], packing: Packing) -> n
     for j in range(k):
         digits[:, :, j] = values % np.uint64(base)
         values //= np.uint64(base)
-    return digits.reshape(rows, nfields * k)[:, :row_len].reshape(shape)
+    return digits.reshape(rows, nfields * k)[:, :row_len]

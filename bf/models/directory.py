@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -45,10 +45,10 @@ class ModelDir:
 
     def config(self, component: str) -> dict:
         path = self.root / component / _CONFIG[component]
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BfError(f"{path}: unreadable config ({e})") from None
+        cfg = _read_json(path, "config")
+        if not isinstance(cfg, dict):
+            raise BfError(f"{path}: unreadable config (not a JSON object)")
+        return cfg
 
     def weight_files(self, component: str) -> list[Path]:
         files = _weight_files(self.root / component, _WEIGHT_STEM[component])
@@ -74,11 +74,15 @@ class ModelDir:
         return sorted(p for p in (self.root / component).rglob("*") if p.is_file())
 
     def content_hash(self, components: tuple[str, ...] = BASE_COMPONENTS) -> str:
-        """SHA-256 over model_index.json and every file of the components (path and bytes)."""
+        """SHA-256 over model_index.json and every file of the components (path and bytes).
+
+        Files go in order of their '/'-separated relative path as a string (docs/FORMAT.md
+        section 2), so an independent reader can recompute the hash.
+        """
         h = hashlib.sha256()
         files = [self.root / "model_index.json"] + [f for c in components for f in self.component_files(c)]
-        for f in files:
-            h.update(str(f.relative_to(self.root)).encode() + b"\0")
+        for rel, f in sorted((f.relative_to(self.root).as_posix(), f) for f in files):
+            h.update(rel.encode() + b"\0")
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
@@ -92,12 +96,31 @@ def _weight_files(comp_dir: Path, stem: str) -> list[Path] | None:
             return [single]
         index = comp_dir / f"{stem}{variant}.safetensors.index.json"
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                raise BfError(f"{index}: unreadable shard index ({e})") from None
-            return [comp_dir / s for s in shards]
+            return [comp_dir / s for s in _shard_names(index)]
     return None
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON and non-UTF-8 bytes (UnicodeDecodeError)
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BfError(f"{path}: unreadable {what} ({detail})") from None
+
+
+def _shard_names(index: Path) -> list[str]:
+    """Shard file names of a safetensors index, each a plain path inside the component directory."""
+    obj = _read_json(index, "shard index")
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise BfError(f'{index}: unreadable shard index (needs "weight_map": parameter name -> shard file name)')
+    shards = sorted(set(weight_map.values()))
+    for s in shards:
+        p = PurePosixPath(s)
+        # A crafted index must not make us read files outside the model directory.
+        if not s or p.is_absolute() or ".." in p.parts or "\\" in s:
+            raise BfError(f"{index}: shard {s!r} is not a file name inside {index.parent.name}/")
+    return shards
 
 
 def _component_problems(root: Path, comp: str) -> list[str]:
