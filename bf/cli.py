@@ -94,9 +94,9 @@ def random_model(arch: str, seed: int, dtype: str, out: Path, force: bool) -> No
 @click.option(
     "--model",
     "model_dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Local diffusers Stable Diffusion directory (model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/).",
+    default=None,
+    help="Local diffusers Stable Diffusion directory (model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/). "
+    "Default: the shipped model.",
 )
 @click.option("--bits", type=click.IntRange(1, 8), help="Quantize every layer to this width (conv_in/conv_out: 8 bits).")
 @click.option("--recipe", type=click.Path(path_type=Path), help="Per-layer bit widths (JSON keyed by module name).")
@@ -119,7 +119,7 @@ def random_model(arch: str, seed: int, dtype: str, out: Path, force: bool) -> No
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq file to write.")
 def quantize(
-    model_dir: Path, bits: int | None, recipe: Path | None, grid: str | None, init: str, iters: int, bundle: bool, out: Path
+    model_dir: str | None, bits: int | None, recipe: Path | None, grid: str | None, init: str, iters: int, bundle: bool, out: Path
 ) -> None:
     """Post-training quantization of the UNet into a packed .bfq checkpoint.
 
@@ -129,10 +129,11 @@ def quantize(
     """
     from bf.format import summarize
     from bf.models.directory import ModelDir
+    from bf.models.shipped import model_source
     from bf.trainer.pipeline import QuantizeRequest, quantize_model
     from bf.trainer.ptq import PTQConfig
 
-    model = ModelDir.open(model_dir)
+    model = ModelDir.open(model_source(model_dir))
     req = QuantizeRequest(bits=bits, recipe=recipe, grid=grid, ptq=PTQConfig(init=init, iters=iters), bundle=bundle)
     ckpt = quantize_model(model, req, progress=_progress("quantize"), log=_log)
     ckpt.save(out)
@@ -167,6 +168,107 @@ def inspect(checkpoint: Path, as_json: bool, layers: bool, no_verify: bool) -> N
         click.echo(json.dumps(s, indent=1))
     else:
         click.echo(format_summary(s, checkpoint, show_layers=layers))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@main.command("eval")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Model directory, .bfq, or 'shipped' to evaluate (repeatable). Default: the shipped model.",
+)
+@click.option("--reference", help="Model (directory, .bfq or 'shipped') to compare against with identical seeds.")
+@click.option("--base-model", type=click.Path(path_type=Path), help="Base model directory for a .bfq that was quantized without --bundle.")
+@click.option(
+    "--prompts",
+    default="shapes-test",
+    show_default=True,
+    help="'shapes-test' (single, two, heldout splits) or a file, one prompt per line.",
+)
+@click.option("--cfg", "cfgs", default="3.5,5.5,7.5,9.5", show_default=True, help="Classifier-free guidance scales.")
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the first image of every prompt.")
+@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1), help="Use only the first N prompts of each split.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--clip", "clip_dir", type=click.Path(path_type=Path), help="Local CLIP model directory: adds CLIP score.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help='Write {"results": [...]} here.')
+@click.option(
+    "--grid", "grid_out", type=click.Path(path_type=Path), help="Write an image grid (prompts down, models and CFG scales across)."
+)
+def eval_cmd(
+    models, reference, base_model, prompts, cfgs, seeds, seed, scheduler, steps, limit, batch_size, device, clip_dir, json_out, grid_out
+):
+    """Prompt faithfulness and fidelity of generated images.
+
+    For shapes prompts an object detector (checked on rendered ground truth) finds the
+    objects and checks count, color, shape, size, position and relation against the
+    prompt: accuracy per attribute and overall. With --reference: pixel MSE, PSNR
+    (null in JSON when the images are identical) and latent MSE against the
+    reference's images for the same seeds. A .bfq is evaluated through the same
+    diffusers pipeline with its dequantized UNet.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from bf.evaluate.run import EvalConfig, evaluate, prompt_sets
+    from bf.models.pipeline import load_model
+    from bf.models.shipped import model_source
+    from bf.report import format_eval_table, save_eval_grid
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = EvalConfig(prompts=prompts, cfgs=_floats(cfgs), seeds=seeds, seed=seed, steps=steps, batch_size=batch_size, limit=limit)
+    sets = prompt_sets(prompts, limit)  # fail on a bad prompt file before loading models
+    sources = [model_source(m) for m in models] or [model_source(None)]
+    loaded = [load_model(s, scheduler, device, base_model, log=_log) for s in sources]
+    labels = [m.label for m in loaded]
+    for i, m in enumerate(loaded):
+        if labels.count(m.label) > 1:
+            m.label = f"{m.label}#{i}"
+    ref = load_model(model_source(reference), scheduler, device, base_model, log=_log) if reference else None
+    if ref is not None:
+        ref.label = f"reference:{ref.label}"
+    clip = None
+    if clip_dir is not None:
+        from bf.evaluate.clip_score import ClipScorer
+
+        clip = ClipScorer(clip_dir, device)
+    total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * (len(loaded) + (ref is not None))
+    with tqdm(total=total, desc="generate", unit="img", disable=None, file=sys.stderr) as bar:
+        results, generated = evaluate(loaded, ref, cfg, clip, progress=bar.update)
+    click.echo(format_eval_table(results))
+    if json_out is not None:
+        from bf.atomic import atomic_path
+
+        payload = {
+            "results": [{**r, **({"psnr": None} if r.get("psnr") == float("inf") else {})} for r in results],
+            "config": {
+                "prompts": prompts,
+                "cfg": list(cfg.cfgs),
+                "seeds": seeds,
+                "seed": seed,
+                "scheduler": scheduler,
+                "steps": steps,
+                "models": [str(s) for s in sources],
+                "reference": str(reference) if reference else None,
+                "device": device,
+            },
+        }
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1))
+        _log(f"wrote {json_out}")
+    if grid_out is not None:
+        save_eval_grid(grid_out, sets, generated, loaded, ref, cfg)
+        _log(f"wrote {grid_out}")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,30 @@ def format_summary(s: dict, path: Path, show_layers: bool = False) -> str:
     if s.get("file_bytes") is not None:
         lines.append(f"file                  {_mb(s['file_bytes'])}")
     return "\n".join(lines)
+
+
+def format_eval_table(results: list[dict]) -> str:
+    attrs = ["count", "color", "shape", "size", "position", "relation"]
+    head = f"{'model':<24} {'cfg':>4} {'split':<8} {'overall':>7} " + " ".join(f"{a[:8]:>8}" for a in attrs) + f" {'psnr':>7} {'mse':>9}"
+    lines = [head]
+    for r in results:
+        acc = r.get("accuracy") or {}
+        cells = " ".join(f"{acc[a]:>8.3f}" if a in acc else f"{'-':>8}" for a in attrs)
+        psnr = f"{r['psnr']:>7.2f}" if "psnr" in r else f"{'-':>7}"
+        mse = f"{r['mse']:>9.2e}" if "mse" in r else f"{'-':>9}"
+        overall = f"{acc['overall']:>7.3f}" if "overall" in acc else f"{'-':>7}"
+        lines.append(f"{r['model'][:24]:<24} {r['cfg']:>4} {r['split']:<8} {overall} {cells} {psnr} {mse}")
+    return "\n".join(lines)
+
+
+def save_eval_grid(path: Path, sets, generated, models, reference, cfg, rows_per_split: int = 4) -> None:
+    """Rows: the first prompts of each split; columns: reference then each model at each CFG scale (first seed)."""
+    from bf.evaluate.grid import save_grid
+
+    columns = [(m, scale) for m in ([reference] if reference is not None else []) + list(models) for scale in cfg.cfgs]
+    rows, cells = [], []
+    for ps in sets:
+        for i, prompt in enumerate(ps.prompts[:rows_per_split]):
+            rows.append(prompt)
+            cells.append([generated[(m.label, scale, ps.split)].images[i * cfg.seeds] for m, scale in columns])
+    save_grid(path, rows, [f"{m.label} cfg {scale:g}" for m, scale in columns], cells)

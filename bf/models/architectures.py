@@ -106,6 +106,35 @@ TINY_VAE = {
 }
 
 
+# The shipped model (bf/assets/shapes-sd): SD-v1.5 block types, 128x128 images,
+# 16x16 latents, sized so the whole directory stays under 25 MB in fp16.
+SHAPES_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": 3,  # heads; 16- and 32-wide heads run on the fused attention kernels
+    "block_out_channels": [48, 96, 96, 96],
+    "cross_attention_dim": 48,
+    "norm_num_groups": 16,
+    "sample_size": 16,
+}
+
+SHAPES_TEXT_ENCODER = {
+    **SD15_TEXT_ENCODER,
+    "hidden_size": 48,
+    "intermediate_size": 192,
+    "num_attention_heads": 3,
+    "num_hidden_layers": 4,
+    "projection_dim": 48,
+}
+
+SHAPES_VAE = {
+    **SD15_VAE,
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 128,
+}
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str
@@ -122,5 +151,8 @@ ARCHITECTURES = {
     ),
     "sd15-tiny": Architecture(
         "sd15-tiny", TINY_UNET, TINY_TEXT_ENCODER, TINY_VAE, SD15_SCHEDULER, "SD-v1.5 block types at tiny width, for tests"
+    ),
+    "shapes": Architecture(
+        "shapes", SHAPES_UNET, SHAPES_TEXT_ENCODER, SHAPES_VAE, SD15_SCHEDULER, "the shipped model's architecture, untrained"
     ),
 }

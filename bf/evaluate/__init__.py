@@ -1,0 +1,1 @@
+"""``bf eval``: prompt faithfulness (shapes detector) and fidelity against a reference model."""

@@ -1,0 +1,101 @@
+"""The evaluation loop behind ``bf eval``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bf.errors import BfError
+from bf.evaluate.generate import generate
+from bf.evaluate.metrics import accuracy, fidelity
+from bf.shapes.scenes import SPLITS, Scene, caption, eval_scenes, parse_prompt
+
+SHAPES_TEST = "shapes-test"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: str = SHAPES_TEST
+    cfgs: tuple[float, ...] = (3.5, 5.5, 7.5, 9.5)
+    seeds: int = 1
+    seed: int = 1024
+    steps: int = 50
+    batch_size: int = 16
+    limit: int | None = None  # prompts per split
+
+
+@dataclass
+class Generated:
+    images: np.ndarray
+    latents: np.ndarray
+
+
+@dataclass
+class PromptSet:
+    split: str
+    prompts: list[str]
+    scenes: list[Scene | None]
+    extra: dict = field(default_factory=dict)
+
+
+def prompt_sets(spec: str, limit: int | None = None) -> list[PromptSet]:
+    if spec == SHAPES_TEST:
+        sets = [PromptSet(s, [caption(sc) for sc in eval_scenes(s)], list(eval_scenes(s))) for s in SPLITS]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise BfError(f"--prompts {spec}: neither '{SHAPES_TEST}' nor a prompt file (one prompt per line)")
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise BfError(f"{path}: no prompts in the file")
+        by_split: dict[str, PromptSet] = {}
+        for ln in lines:
+            sc = parse_prompt(ln)
+            split = "other" if sc is None else "single" if len(sc.objects) == 1 else "two"
+            ps = by_split.setdefault(split, PromptSet(split, [], []))
+            ps.prompts.append(ln)
+            ps.scenes.append(sc)
+        sets = list(by_split.values())
+    if limit:
+        sets = [PromptSet(s.split, s.prompts[:limit], s.scenes[:limit]) for s in sets]
+    return sets
+
+
+def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tuple[list[dict], dict]:
+    """Results (one per model, CFG scale and split) and every generation, for grids."""
+    sets = prompt_sets(cfg.prompts, cfg.limit)
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    generated: dict[tuple[str, float, str], Generated] = {}
+
+    def run(model, scale, ps):
+        key = (model.label, scale, ps.split)
+        if key not in generated:
+            jobs = [(p, s) for p in ps.prompts for s in seeds]
+            imgs, lats = generate(model.pipe, jobs, scale, cfg.steps, cfg.batch_size, on_batch=progress or (lambda n: None))
+            generated[key] = Generated(imgs, lats)
+        return generated[key]
+
+    results = []
+    for scale in cfg.cfgs:
+        for ps in sets:
+            ref = run(reference, scale, ps) if reference is not None else None
+            scenes = [sc for sc in ps.scenes for _ in seeds]
+            prompts = [p for p in ps.prompts for _ in seeds]
+            for model in models:
+                out = run(model, scale, ps)
+                entry = {
+                    "model": model.label,
+                    "cfg": scale,
+                    "split": ps.split,
+                    "images": len(out.images),
+                    "accuracy": accuracy(out.images, scenes),
+                }
+                if ref is not None:
+                    entry.update(fidelity(out.images, ref.images, out.latents, ref.latents))
+                    entry["reference"] = reference.label
+                if clip is not None:
+                    entry["clip_score"] = clip(out.images, prompts)
+                results.append(entry)
+    return results, generated

@@ -1,0 +1,47 @@
+"""Finding the base model (text encoder, VAE, tokenizer, scheduler) of a checkpoint.
+
+A .bfq holds the UNet; the rest comes from its bundle, or from the directory it was
+quantized from, which must still hash the same.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from safetensors.numpy import save_file
+
+from bf.errors import BfError
+from bf.format import Bundle, Checkpoint
+from bf.models.directory import BASE_COMPONENTS, ModelDir
+
+_WEIGHT_FILE = {"text_encoder": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+
+
+def extract_bundle(bundle: Bundle, out: Path) -> Path:
+    """Write a bundle as a diffusers directory without unet/."""
+    for rel, content in bundle.files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(content)
+    for comp, tensors in bundle.tensors.items():
+        (out / comp).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / comp / _WEIGHT_FILE[comp]))
+    return out
+
+
+def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = None, log=lambda m: None) -> Path:
+    """Directory holding the checkpoint's text encoder, VAE, tokenizer and scheduler."""
+    if override is not None:
+        model = ModelDir.open(override, BASE_COMPONENTS)
+        if model.content_hash() != ckpt.base_model.get("hash"):
+            log(f"warning: {override} differs from the base model {source} was quantized from")
+        return model.root
+    if ckpt.bundle is not None:
+        return extract_bundle(ckpt.bundle, Path(tempfile.mkdtemp(prefix="bf-bundle-")))
+    path = Path(ckpt.base_model.get("path", ""))
+    if not path.is_dir():
+        raise BfError(f"{source}: its base model {path} is not there; pass --base-model DIR, or quantize with --bundle")
+    model = ModelDir.open(path, BASE_COMPONENTS)
+    if model.content_hash() != ckpt.base_model.get("hash"):
+        raise BfError(f"{source}: base model {path} changed since quantization (hash differs); pass --base-model DIR to use it anyway")
+    return path

@@ -1,0 +1,62 @@
+"""A diffusers text-to-image pipeline for a model directory or a .bfq (dequantized UNet)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bf.format import Checkpoint
+from bf.models.base_model import resolve_base_model
+from bf.models.directory import ModelDir
+
+SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
+
+
+@dataclass
+class LoadedModel:
+    pipe: object  # diffusers.StableDiffusionPipeline
+    label: str
+    source: Path
+
+
+def make_scheduler(name: str, config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    if name == "pndm":
+        return PNDMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmpp2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"scheduler must be one of {SCHEDULERS}")
+
+
+def load_model(
+    source: Path, scheduler: str = "pndm", device: str = "cpu", base_model: Path | None = None, log=lambda m: None
+) -> LoadedModel:
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = Path(source)
+    if source.is_file():
+        ckpt = Checkpoint.load(source)
+        root = resolve_base_model(ckpt, source, base_model, log)
+        unet = UNet2DConditionModel.from_config(ckpt.unet_config)
+        unet.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.unet_state_dict().items()})
+    else:
+        root = ModelDir.open(source).root
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    base = ModelDir(root)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        unet=unet,
+        scheduler=make_scheduler(scheduler, base.config("scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe.to(device), label=source.name, source=source)

@@ -1,0 +1,97 @@
+"""bf eval: metrics on known inputs and the command end to end on a tiny model."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from bf.evaluate.metrics import accuracy, fidelity
+from bf.shapes.render import render
+from bf.shapes.scenes import eval_scenes
+from tests.conftest import run_bf
+
+
+def test_fidelity_known_values():
+    a = np.zeros((2, 8, 8, 3), np.uint8)
+    lat = np.ones((2, 4, 2, 2), np.float32)
+    same = fidelity(a, a, lat, lat)
+    assert same == {"mse": 0.0, "psnr": math.inf, "latent_mse": 0.0}
+    b = np.full_like(a, 51)  # 0.2 everywhere -> mse 0.04 -> psnr 13.979 dB
+    f = fidelity(a, b, lat, lat + 0.5)
+    assert f["mse"] == pytest.approx(0.04) and f["psnr"] == pytest.approx(10 * math.log10(25)) and f["latent_mse"] == pytest.approx(0.25)
+
+
+def test_accuracy_on_ground_truth_and_on_blank_images():
+    scenes = eval_scenes("single")[:6]
+    images = np.stack([render(sc) for sc in scenes])
+    assert accuracy(images, scenes)["overall"] == 1.0
+    blank = np.full_like(images, 232)
+    acc = accuracy(blank, scenes)
+    assert acc["overall"] == 0.0 and acc["count"] == 0.0
+
+
+EVAL = ("--cfg", "7.5", "--limit", "1", "--steps", "2", "--device", "cpu")
+
+
+def test_eval_identical_models_and_outputs(tiny_model, tmp_path):
+    out, grid = tmp_path / "e.json", tmp_path / "g.png"
+    r = run_bf("eval", "--model", tiny_model, "--reference", tiny_model, *EVAL, "--json", out, "--grid", grid)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {e["split"] for e in results} == {"single", "two", "heldout"}
+    for e in results:
+        assert e["model"] == "tiny" and e["cfg"] == 7.5 and e["mse"] == 0.0 and e["latent_mse"] == 0.0 and e["psnr"] is None
+        assert set(e["accuracy"]) >= {"count", "color", "shape", "overall"}
+    from PIL import Image
+
+    img = Image.open(grid)
+    assert img.format == "PNG" and img.size[1] > 3 * 64
+    assert "overall" in r.stdout and "heldout" in r.stdout
+
+
+def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
+    q = tmp_path / "q.bfq"
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", q).returncode == 0
+    out = tmp_path / "e.json"
+    r = run_bf("eval", "--model", q, "--reference", tiny_model, *EVAL, "--json", out)
+    assert r.returncode == 0, r.stderr
+    for e in json.loads(out.read_text())["results"]:
+        assert e["mse"] > 0 and 0 < e["psnr"] < 100 and e["latent_mse"] > 0
+
+
+def test_eval_bfq_base_model_resolution(tiny_model, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    q, qb = tmp_path / "q.bfq", tmp_path / "qb.bfq"
+    assert run_bf("quantize", "--model", base, "--bits", "4", "--out", q).returncode == 0
+    assert run_bf("quantize", "--model", base, "--bits", "4", "--bundle", "--out", qb).returncode == 0
+    shutil.rmtree(base)
+    r = run_bf("eval", "--model", q, *EVAL)
+    assert r.returncode == 1 and "base model" in r.stderr and "--bundle" in r.stderr and "Traceback" not in r.stderr
+    assert run_bf("eval", "--model", q, "--base-model", tiny_model, *EVAL).returncode == 0
+    assert run_bf("eval", "--model", qb, *EVAL).returncode == 0  # the bundle is enough
+
+
+def test_eval_prompt_file(tiny_model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a small red circle on the left\na cat on a mat\n")
+    out = tmp_path / "e.json"
+    r = run_bf("eval", "--model", tiny_model, "--prompts", prompts, *EVAL, "--json", out)
+    assert r.returncode == 0, r.stderr
+    by_split = {e["split"]: e for e in json.loads(out.read_text())["results"]}
+    assert set(by_split) == {"single", "other"} and by_split["other"]["accuracy"] == {}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    r = run_bf("eval", "--model", tiny_model, "--prompts", empty, *EVAL)
+    assert r.returncode == 1 and "no prompts" in r.stderr
+
+
+def test_shipped_model_is_complete_and_small():
+    from bf.models.directory import ModelDir
+    from bf.models.shipped import shipped_model_dir
+
+    root = shipped_model_dir()
+    ModelDir.open(root)
+    assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) <= 25_000_000
