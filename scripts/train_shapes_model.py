@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: N812
 from bf.evaluate.grid import save_grid
 from bf.evaluate.run import EvalConfig, evaluate
 from bf.models.architectures import SD15_SCHEDULER, SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
-from bf.models.pipeline import LoadedModel, make_scheduler
+from bf.models.pipeline import LoadedModel, assemble_pipeline, make_scheduler
 from bf.models.tokenizer_files import write_tokenizer_dir
 from bf.shapes.render import training_example
 
@@ -61,6 +61,23 @@ def render_dataset(n: int, seed: int, workers: int, p_two: float):
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
+class LossWindow:
+    """Mean loss over windows of ``every`` steps, summed on the device so no step waits for the GPU."""
+
+    def __init__(self, every: int, device):
+        self.every, self.sum, self.n, self.means = every, torch.zeros((), device=device), 0, []
+
+    def add(self, loss, last: bool) -> bool:
+        self.sum += loss.detach()
+        self.n += 1
+        if self.n == self.every or last:
+            self.means.append(float(self.sum) / self.n)
+            self.sum.zero_()
+            self.n = 0
+            return True
+        return False
+
+
 def train_vae(images_u8, steps, batch, lr, minutes, device):
     from diffusers import AutoencoderKL
 
@@ -68,7 +85,7 @@ def train_vae(images_u8, steps, batch, lr, minutes, device):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     n = len(images_u8)
     data = torch.from_numpy(images_u8).to(device)
-    losses, running, step = [], torch.zeros((), device=device), 0
+    losses, step = LossWindow(500, device), 0
     for step in range(1, steps + 1):
         idx = torch.randint(0, n, (batch,), device=device)
         x = data[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -81,11 +98,8 @@ def train_vae(images_u8, steps, batch, lr, minutes, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.detach()
-        if step % 500 == 0 or step == steps:
-            losses.append(float(running) / (500 if step % 500 == 0 else step % 500))
-            running.zero_()
-            log(f"vae step {step} loss {losses[-1]:.5f}")
+        if losses.add(loss, step == steps):
+            log(f"vae step {step} loss {losses.means[-1]:.5f}")
         if time.time() - T0 > minutes * 60:
             break
     vae.eval()
@@ -93,7 +107,7 @@ def train_vae(images_u8, steps, batch, lr, minutes, device):
         x = data[: min(256, n)].permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         psnr = 10 * math.log10(4 / float(F.mse_loss(rec, x)))
-    return vae, {"steps": step, "loss_per_500_steps": losses, "recon_psnr_db": psnr}
+    return vae, {"steps": step, "loss_per_500_steps": losses.means, "recon_psnr_db": psnr}
 
 
 @torch.no_grad()
@@ -125,7 +139,7 @@ def train_diffusion(latents, ids, empty_ids, steps, batch, lr, warmup, ema_decay
     acp = sched.alphas_cumprod.to(device)
     n = len(latents)
     t_start = time.time()
-    losses, running, step = [], torch.zeros((), device=device), 0
+    losses, step = LossWindow(1000, device), 0
     for step in range(1, steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / warmup)
@@ -148,17 +162,14 @@ def train_diffusion(latents, ids, empty_ids, steps, batch, lr, warmup, ema_decay
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - ema_decay)
-        running += loss.detach()
-        if step % 1000 == 0 or step == steps:
-            losses.append(float(running) / (1000 if step % 1000 == 0 else step % 1000))
-            running.zero_()
-            log(f"diffusion step {step} loss {losses[-1]:.4f}, {step / (time.time() - t_start):.1f} it/s")
+        if losses.add(loss, step == steps):
+            log(f"diffusion step {step} loss {losses.means[-1]:.4f}, {step / (time.time() - t_start):.1f} it/s")
         if time.time() - T0 > minutes * 60:
             break
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
-    return unet.eval(), te.eval(), {"steps": step, "loss_per_1000_steps": losses, "seconds": round(time.time() - t_start, 1)}
+    return unet.eval(), te.eval(), {"steps": step, "loss_per_1000_steps": losses.means, "seconds": round(time.time() - t_start, 1)}
 
 
 def main() -> None:
@@ -237,19 +248,7 @@ def main() -> None:
     log(f"diffusion: {diff_log}")
 
     # Evaluate with bf eval's own code, PNDM 50 steps, CFG 7.5.
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=make_scheduler("pndm", SD15_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(vae, te, tokenizer, unet, make_scheduler("pndm", SD15_SCHEDULER))
     model = LoadedModel(pipe=pipe, label="shapes-sd", source=args.out)
     ecfg = EvalConfig(cfgs=(7.5,), seeds=args.eval_seeds, steps=3 if args.quick else 50, batch_size=64, limit=2 if args.quick else None)
     results, generated = evaluate([model], None, ecfg)

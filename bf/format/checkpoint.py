@@ -19,7 +19,6 @@ from bf.atomic import atomic_path
 from bf.errors import BfError, FormatError
 from bf.format.grid import Grid
 from bf.format.packing import Packing, pack_codes, unpack_codes
-from bf.format.unet_layers import is_time_layer
 
 FORMAT_NAME = "bf.bfq"
 FORMAT_VERSION = 1
@@ -30,7 +29,6 @@ _LAYER_PREFIX = "layer/"
 _UNET_PREFIX = "unet/"
 _BUNDLE_PREFIX = "bundle/"
 _BUNDLE_FILE_PREFIX = "bundle_file/"
-BUNDLE_COMPONENTS = ("text_encoder", "vae")
 
 
 @dataclass
@@ -100,9 +98,6 @@ class Checkpoint:
     recipe: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     bundle: Bundle | None = None
-
-    def time_layer_names(self) -> list[str]:
-        return [k for k in self.tensors if is_time_layer(k)]
 
     def unet_state_dict(self) -> dict[str, np.ndarray]:
         """Full UNet state dict in float32 with dequantized weights."""

@@ -31,11 +31,29 @@ def make_scheduler(name: str, config: dict):
     raise ValueError(f"scheduler must be one of {SCHEDULERS}")
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from components, without safety checker or progress bar."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_model(
     source: Path, scheduler: str = "pndm", device: str = "cpu", base_model: Path | None = None, log=lambda m: None
 ) -> LoadedModel:
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = Path(source)
@@ -48,15 +66,11 @@ def load_model(
         root = ModelDir.open(source).root
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     base = ModelDir(root)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
-        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        unet=unet,
-        scheduler=make_scheduler(scheduler, base.config("scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
+        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
+        CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        unet,
+        make_scheduler(scheduler, base.config("scheduler")),
     )
-    pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe.to(device), label=source.name, source=source)
