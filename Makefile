@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   install (pinned) and run the main job on a model that needs no download
+#   make demo   install (pinned) and run the main job on the shipped model (offline, minutes on a CPU)
 #   make test   install (pinned) and run lint, format check and the test suite
 PY ?= python3
 VENV ?= .venv
@@ -16,10 +16,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
+# The shipped model (no --model): quantize to 2 bits, inspect, and compare both on a few test prompts.
 demo: install
-	$(BIN)/bf random-model --arch sd15-tiny --seed 0 --out $(DEMO)/tiny --force
-	$(BIN)/bf quantize --model $(DEMO)/tiny --bits 2 --out $(DEMO)/tiny-2bit.bfq
-	$(BIN)/bf inspect $(DEMO)/tiny-2bit.bfq
+	$(BIN)/bf quantize --bits 2 --out $(DEMO)/shapes-2bit.bfq
+	$(BIN)/bf inspect $(DEMO)/shapes-2bit.bfq
+	$(BIN)/bf eval --model shipped --model $(DEMO)/shapes-2bit.bfq --reference shipped --cfg 7.5 --limit 6 \
+		--json $(DEMO)/eval.json --grid $(DEMO)/eval.png
 
 lint: install
 	$(BIN)/ruff check .

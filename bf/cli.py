@@ -35,7 +35,7 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-_EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train"}
+_EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train", "matplotlib": "plot"}
 
 
 def _progress(desc: str):
@@ -143,6 +143,107 @@ def quantize(
         f"{s['stored_bits_per_weight']:.3f} stored bits/weight, UNet {s['unet_bytes'] / 1e6:.2f} MB "
         f"({s['ratio_vs_fp16']:.2f}x smaller than FP16)"
     )
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated bit widths, e.g. 1,2,3") from None
+    if not bits or not all(1 <= b <= 8 for b in bits):
+        raise click.BadParameter(f"{text!r}: widths must be in 1..8")
+    return bits
+
+
+@main.command()
+@click.option("--model", "model_dir", default=None, help="Model directory or 'shipped'. Default: the shipped model.")
+@click.option("--bits", "bits_text", default="1,2,3", show_default=True, help="Widths to try for every layer.")
+@click.option("--prompts", default="shapes-test", show_default=True, help="'shapes-test' or a prompt file, one per line.")
+@click.option("--limit", type=click.IntRange(1), default=4, show_default=True, help="Prompts per split.")
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--cfg", "cfg_scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps per image.")
+@click.option("--layers", "layer_regex", default=None, help="Only layers whose name matches this regular expression.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Analysis JSON (rewritten after every layer).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted analysis in --out.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Also draw per-layer MSE and semantic drop (PNG).")
+def analyze(
+    model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, steps, layer_regex, batch_size, device, out, resume, plot
+) -> None:
+    """Per-layer sensitivity: every candidate layer alone at each width.
+
+    Each layer is quantized alone (balanced grid, alternating init) while the rest
+    stays full precision; images from fixed prompts and seeds are compared with the
+    FP model's (pixel MSE) and judged (accuracy drop on shapes prompts). The input of
+    'bf allocate'. Costs layers x widths x images generations: use a GPU for real
+    models, --layers / --limit / --steps for quick looks.
+    """
+    import torch
+
+    from bf.models.directory import ModelDir
+    from bf.models.pipeline import load_model
+    from bf.models.shipped import model_source
+    from bf.trainer.analyze import AnalyzeConfig
+    from bf.trainer.analyze import analyze as run_analysis
+
+    source = model_source(model_dir)
+    root = ModelDir.open(source)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = AnalyzeConfig(_bits_list(bits_text), prompts, limit, seeds, 1024, cfg_scale, scheduler, steps, "alt", batch_size, layer_regex)
+    loaded = load_model(root.root, scheduler=scheduler, device=device)
+    model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
+    from tqdm import tqdm
+
+    bar = tqdm(desc="analyze", unit="layer", disable=None, file=sys.stderr)
+
+    def progress(done, total, name):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:])
+        bar.refresh()
+
+    result = run_analysis(loaded.pipe, model, cfg, out, resume, progress=progress, log=_log)
+    bar.close()
+    n, total = len(result["layers"]), len(result["candidates"])
+    _log(f"wrote {out}: {n} of {total} layers analysed" + ("" if n == total else " (finish with --resume, then bf allocate)"))
+    if plot is not None:
+        from bf.plots import plot_analysis
+
+        plot_analysis(result, plot)
+        _log(f"wrote {plot}")
+
+
+@main.command()
+@click.argument("analysis", type=click.Path(path_type=Path))
+@click.option("--target-bits", type=click.FloatRange(1.0, 8.0), default=1.99, show_default=True, help="Average bits (paper's count).")
+@click.option("--eta", type=click.FloatRange(0.0, 2.0), default=0.3, show_default=True, help="Sensitivity S = MSE * N^-eta.")
+@click.option("--grid", type=click.Choice(["balanced", "plain"]), default="balanced", show_default=True, help="Grid the recipe is for.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The recipe JSON to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recipe's summary as one JSON object.")
+def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Path, as_json: bool) -> None:
+    """Choose every layer's bit width from a 'bf analyze' result.
+
+    Sensitivity S = MSE * N^-eta per layer and width; each layer takes the smallest
+    width in 1..3 under a threshold (else 4), the threshold found by bisection so the
+    average hits --target-bits; layers with the largest 3-bit semantic drop (above the
+    90th/95th/98th percentile) get +1/+2/+3 bits; conv_in/conv_out stay at 8 bits.
+    Prints the histogram and both averages: the paper's count and the real stored bits.
+    """
+    from bf.atomic import atomic_path
+    from bf.report import format_allocation
+    from bf.trainer.allocate import allocate as allocate_bits
+    from bf.trainer.allocate import load_analysis
+
+    recipe = allocate_bits(load_analysis(analysis), target_bits, eta=eta, grid=grid, source=str(analysis))
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(recipe, indent=1))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in recipe.items() if k != "layers"} | {"out": str(out)}))
+    else:
+        click.echo(format_allocation(recipe, out))
 
 
 @main.command()

@@ -63,3 +63,17 @@ def save_eval_grid(path: Path, sets, generated, models, reference, cfg, rows_per
             rows.append(prompt)
             cells.append([generated[(m.label, scale, ps.split)].images[i * cfg.seeds] for m, scale in columns])
     save_grid(path, rows, [f"{m.label} cfg {scale:g}" for m, scale in columns], cells)
+
+
+def format_allocation(recipe: dict, out: Path) -> str:
+    """Histogram of an allocated recipe and both averages (what ``bf allocate`` prints)."""
+    lines = [f"{'bits':>4} {'layers':>7} {'params':>12} {'share':>7}"]
+    for h in recipe["histogram"]:
+        lines.append(f"{h['bits']:>4} {h['layers']:>7} {h['params']:>12,} {100 * h['share']:>6.1f}%")
+    lines.append(
+        f"average {recipe['avg_bits']:.4f} bits (paper's count, target {recipe['target_bits']}), "
+        f"{recipe['stored_bits_per_weight']:.4f} stored bits/weight; eta {recipe['eta']}, "
+        f"{recipe['semantic_refined_layers']} layers raised for semantic drop"
+    )
+    lines.append(f"wrote {out}")
+    return "\n".join(lines)

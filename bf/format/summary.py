@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 
 from bf.format.checkpoint import FORMAT_VERSION, Checkpoint
 from bf.format.grid import Grid
@@ -17,6 +18,19 @@ from bf.format.unet_layers import is_time_layer
 
 TIME_TABLE_STEPS = 50  # the paper caches features for 50 sampling steps
 FP16_BYTES = 2
+
+
+def paper_average_bits(layers: Iterable[tuple[int, int]], time_weight_params: int, time_features: int) -> float:
+    """The paper's average: ``[sum N_i log2(L_i) + 16 N_tf] / N_w``.
+
+    ``layers``: (parameters, levels) of every quantized layer; N_w counts those and the
+    time layers' weights (the original UNet's conv/linear weights); N_tf cached features.
+    """
+    layers = list(layers)
+    n_w = sum(n for n, _ in layers) + time_weight_params
+    if not n_w:
+        return float("nan")
+    return (sum(n * math.log2(levels) for n, levels in layers) + 16 * time_features) / n_w
 
 
 def time_features_per_step(ckpt: Checkpoint) -> int:
@@ -52,8 +66,6 @@ def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
     other_tensors = {k: v for k, v in ckpt.tensors.items() if not is_time_layer(k)}
     time_weight_params = sum(v.size for k, v in time_tensors.items() if k.endswith(".weight") and v.ndim in (2, 4))
     n_tf = TIME_TABLE_STEPS * time_features_per_step(ckpt)
-    n_w = quantized_params + time_weight_params
-    paper_bits = sum(rec["params"] * math.log2(rec["levels"]) for rec in layers) + 16 * n_tf
     unet_bytes = quantized_bytes + sum(v.nbytes for v in other_tensors.values())
     all_params = quantized_params + sum(v.size for v in ckpt.tensors.values())
     fp16_bytes = FP16_BYTES * all_params
@@ -75,7 +87,7 @@ def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
         "by_width": widths,
         "quantized_layers": len(layers),
         "quantized_params": quantized_params,
-        "avg_bits": paper_bits / n_w if n_w else float("nan"),
+        "avg_bits": paper_average_bits(((rec["params"], rec["levels"]) for rec in layers), time_weight_params, n_tf),
         "avg_bits_time_table_steps": TIME_TABLE_STEPS,
         "stored_bits_per_weight": 8 * quantized_bytes / quantized_params if quantized_params else float("nan"),
         "unet_bytes": unet_bytes,

@@ -1,0 +1,140 @@
+"""Quantization-aware training pieces (RECIPE section 5).
+
+A UNet gets a fake-quant parametrization on every planned weight: the latent FP weight
+stays a parameter, and a per-output-channel scale (initialised by min-max or the
+alternating optimisation) becomes one; the forward sees ``s * clip(round(w / s))``.
+Stage I distils from the frozen FP teacher (noise and block features); Stage II
+regresses the true noise. Both drop the text to the empty prompt 10% of the time (for
+teacher and student alike) and draw timesteps from Beta(3, 1) scaled to [0, 999].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bf.format import Grid, QuantizedLayer
+from bf.trainer.quantizer import fake_quantize, init_scale, lsq_grad_scale, quantize_levels
+
+TIMESTEP_SAMPLING = ("beta", "uniform")
+BETA_ALPHA, BETA_BETA = 3.0, 1.0
+DEFAULT_FEATURE_WEIGHT = 0.01
+DEFAULT_P_UNCOND = 0.1
+
+
+def sample_timesteps(batch: int, mode: str = "beta", n_train: int = 1000, generator: torch.Generator | None = None, device=None):
+    """Integer timesteps: Beta(3, 1) * (n_train - 1), rounded (more near t = 999), or uniform."""
+    if mode == "uniform":
+        return torch.randint(0, n_train, (batch,), generator=generator, device=device)
+    if mode != "beta":
+        raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLING}, got {mode!r}")
+    # Beta(a, 1) by inversion: F(x) = x^a, so x = U^(1/a).
+    u = torch.rand(batch, generator=generator, device=device)
+    return torch.round(u ** (1 / BETA_ALPHA) * (n_train - 1)).long()
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization ``w -> s * clip(round(w / s))`` with a learnable per-row scale."""
+
+    def __init__(self, weight: torch.Tensor, grid: Grid, init: str = "alt"):
+        super().__init__()
+        self.grid = grid
+        self.scale = nn.Parameter(init_scale(weight.detach().float(), grid, init).to(weight.dtype))
+        self.grad_scale = lsq_grad_scale(weight, grid)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.scale.to(w.dtype), self.grid, self.grad_scale)
+
+
+def attach_fake_quant(unet: nn.Module, plan: dict[str, Grid], init: str = "alt") -> dict[str, FakeQuantWeight]:
+    """Fake-quantize ``module.weight`` of every planned module, in place."""
+    quants = {}
+    for name, grid in plan.items():
+        module = unet.get_submodule(name)
+        fq = FakeQuantWeight(module.weight, grid, init)
+        parametrize.register_parametrization(module, "weight", fq, unsafe=True)
+        quants[name] = fq
+    return quants
+
+
+def latent_weight(unet: nn.Module, name: str) -> torch.Tensor:
+    return unet.get_submodule(name).parametrizations.weight.original
+
+
+def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[str, QuantizedLayer]:
+    """Packed layers from the latent weights and learned scales: the levels the forward used."""
+    out = {}
+    for name, fq in quants.items():
+        w = latent_weight(unet, name).detach().float().cpu()
+        s = fq.scale.detach().float().cpu()
+        if not torch.isfinite(s).all() or (s <= 0).any():
+            bad = int((~torch.isfinite(s) | (s <= 0)).sum())
+            raise ValueError(f"{name}: {bad} learned scale(s) are not positive and finite")
+        q = quantize_levels(w, s, fq.grid)
+        out[name] = QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), fq.grid)
+    return out
+
+
+def block_names(unet: nn.Module) -> list[str]:
+    """Feature-distillation taps: the output of every down and up block (ours; the paper names none finer)."""
+    return [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+
+@contextmanager
+def capture_blocks(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Collects each block's hidden-state output during forwards inside the context."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in block_names(unet):
+
+        def hook(_m, _inp, out, name=name):
+            feats[name] = out[0] if isinstance(out, tuple) else out  # down blocks return (hidden, residuals)
+
+        handles.append(unet.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield feats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT  # lambda; 0 turns feature distillation off
+    p_uncond: float = DEFAULT_P_UNCOND
+    timesteps: str = "beta"
+
+
+def drop_text(cond: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace whole prompts by the empty prompt's encoding with probability ``p``."""
+    drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    return torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+
+
+def stage1_loss(student, teacher, zt, t, cond, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Noise distillation + lambda * mean over blocks of the block-output MSE.
+
+    ``cond`` already has its dropped prompts (the same for both models)."""
+    with torch.no_grad(), capture_blocks(teacher) as t_feats:
+        eps_t = teacher(zt, t, cond).sample
+    with capture_blocks(student) as s_feats:
+        eps_s = student(zt, t, cond).sample
+    noise = F.mse_loss(eps_s.float(), eps_t.float())
+    if cfg.feature_weight > 0:
+        feat = torch.stack([F.mse_loss(s_feats[k].float(), t_feats[k].float()) for k in t_feats]).mean()
+    else:
+        feat = noise.new_zeros(())
+    loss = noise + cfg.feature_weight * feat
+    return loss, {"noise": float(noise.detach()), "feature": float(feat.detach())}
+
+
+def stage2_loss(student, zt, t, cond, noise) -> tuple[torch.Tensor, dict[str, float]]:
+    """Noise prediction against the true noise."""
+    loss = F.mse_loss(student(zt, t, cond).sample.float(), noise.float())
+    return loss, {"noise": float(loss.detach())}

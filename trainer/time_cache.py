@@ -1,0 +1,110 @@
+"""Time-embedding pre-computing and caching (RECIPE section 4).
+
+For a sampler and step count, every ResBlock's projected time feature
+``time_emb_proj(silu(time_embedding(time_proj(t))))`` is computed once for each timestep
+the sampler will call the UNet with. ``cache_time_features`` then swaps the time layers
+for lookups into that table, so the UNet takes a *step index* instead of a timestep:
+the form the exported graph has.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TIME_FEATURE_DTYPE = torch.float16  # what the deployed table stores
+
+
+def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -> torch.Tensor:
+    """The timesteps the sampler feeds the UNet, in call order (PNDM repeats one)."""
+    from bf.models.pipeline import make_scheduler
+
+    sched = make_scheduler(scheduler_name, scheduler_config)
+    sched.set_timesteps(steps)
+    return torch.as_tensor(sched.timesteps).long()
+
+
+def resblock_time_projections(unet: nn.Module) -> dict[str, nn.Module]:
+    """ResBlock name -> its time_emb_proj, in module order."""
+    return {name: m.time_emb_proj for name, m in unet.named_modules() if getattr(m, "time_emb_proj", None) is not None}
+
+
+@torch.no_grad()
+def time_feature_table(unet: nn.Module, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ResBlock name -> (len(timesteps), channels) features, float32, as the UNet computes them."""
+    t = timesteps.to(next(unet.parameters()).device)
+    emb = unet.time_embedding(unet.time_proj(t).to(next(unet.time_embedding.parameters()).dtype))
+    if getattr(unet, "time_embed_act", None) is not None:
+        emb = unet.time_embed_act(emb)
+    out = {}
+    for name, proj in resblock_time_projections(unet).items():
+        block = unet.get_submodule(name)
+        out[name] = proj(emb if getattr(block, "skip_time_act", False) else block.nonlinearity(emb)).float()
+    return out
+
+
+class StepIndex:
+    """The step index every lookup of one UNet reads (set once per forward)."""
+
+    def __init__(self):
+        self.index: torch.Tensor | None = None
+
+
+class TimeFeatureLookup(nn.Module):
+    """Stands in for a ResBlock's time_emb_proj: returns its row of the table."""
+
+    def __init__(self, table: torch.Tensor, step: StepIndex):
+        super().__init__()
+        self.register_buffer("table", table)
+        self.step = step
+
+    def forward(self, _temb: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, self.step.index)
+
+
+class ZeroTimeEmbedding(nn.Module):
+    """Stands in for the time-embedding MLP: its output only fed the projections."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, sample: torch.Tensor, condition=None) -> torch.Tensor:
+        return sample.new_zeros(sample.shape[0], self.dim)
+
+
+class CachedTimeUNet(nn.Module):
+    """``forward(sample, step_index, encoder_hidden_states)`` over a UNet whose time layers
+    were replaced by table lookups. ``step_index``: an int or a (batch,) tensor."""
+
+    def __init__(self, unet: nn.Module, step: StepIndex, timesteps: torch.Tensor):
+        super().__init__()
+        self.unet, self.step = unet, step
+        self.register_buffer("timesteps", timesteps)
+
+    def forward(self, sample: torch.Tensor, step_index, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(step_index, device=sample.device).long().reshape(-1).expand(sample.shape[0])
+        self.step.index = idx
+        try:
+            return self.unet(sample, 0, encoder_hidden_states).sample
+        finally:
+            self.step.index = None
+
+
+def cache_time_features(unet: nn.Module, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> CachedTimeUNet:
+    """Replace (in place) the time-embedding MLP and every time projection of ``unet`` by
+    lookups into the table for ``timesteps``. ``dtype=float16`` rounds the table as the
+    deployed model stores it."""
+    table = time_feature_table(unet, timesteps)
+    step = StepIndex()
+    param_dtype = next(unet.parameters()).dtype
+    for name, feats in table.items():
+        unet.get_submodule(name).time_emb_proj = TimeFeatureLookup(feats.to(dtype).to(param_dtype), step)
+    unet.time_embedding = ZeroTimeEmbedding(unet.time_embedding.linear_2.out_features)
+    return CachedTimeUNet(unet, step, timesteps.clone())
+
+
+def table_size(table: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(time features per step, steps) of a table."""
+    steps = {v.shape[0] for v in table.values()}
+    return sum(v.shape[1] for v in table.values()), steps.pop() if steps else 0
