@@ -217,6 +217,82 @@ def analyze(
 
 
 @main.command()
+@click.option("--model", "model_dir", default=None, help="Model directory or 'shipped'. Default: the shipped model.")
+@click.option("--data", default="shapes", show_default=True, help="'shapes', or a directory of images with .txt captions / a .jsonl.")
+@click.option("--images", type=click.IntRange(1), default=20_000, show_default=True, help="Training images (rendered, or read at most).")
+@click.option("--target-bits", type=click.FloatRange(1.0, 8.0), default=1.99, show_default=True, help="Average bits (paper's count).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None, help="Use this recipe instead of analysing and allocating.")
+@click.option("--analysis", type=click.Path(path_type=Path), default=None, help="Allocate from this bf analyze result.")
+@click.option("--uniform-bits", type=click.IntRange(1, 8), default=None, help="Every layer at this width (ablation baseline).")
+@click.option("--grid", type=click.Choice(["balanced", "plain"]), default="balanced", show_default=True)
+@click.option("--init", type=click.Choice(["alt", "minmax"]), default="alt", show_default=True, help="Scale initialisation.")
+@click.option("--no-feature-distill", is_flag=True, help="Stage I without the block-feature loss.")
+@click.option("--timesteps", type=click.Choice(["beta", "uniform"]), default="beta", show_default=True, help="Training timestep sampling.")
+@click.option("--no-stage2", is_flag=True, help="Stop after Stage I.")
+@click.option("--stage1-steps", type=click.IntRange(0), default=2000, show_default=True)
+@click.option("--stage2-steps", type=click.IntRange(0), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="AdamW, constant.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=250, show_default=True, help="Steps between saved states.")
+@click.option("--work", type=click.Path(path_type=Path), default=None, help="Work directory (state, log.csv, recipe). Default: OUT.work/")
+@click.option("--resume", is_flag=True, help="Continue from the state in --work.")
+@click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--bundle", is_flag=True, help="Embed text encoder, VAE and small files in the .bfq.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write.")
+def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, grid, init, no_feature_distill, timesteps, no_stage2,
+          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, resume, bf16, device, bundle, out) -> None:  # fmt: skip
+    """Quantization-aware training: a model and data in, a low-bit .bfq out.
+
+    \b
+    analyze -> allocate -> init -> Stage I -> Stage II -> pack:
+      recipe     --recipe FILE, --uniform-bits B, or --analysis FILE allocated to
+                 --target-bits (without any, every layer is analysed first: slow)
+      Stage I    distillation from the FP model: noise + 0.01 x block features,
+                 empty prompt 10% of the time, timesteps ~ Beta(3,1)
+      Stage II   noise prediction against the true noise
+    Ablation switches: --grid plain, --init minmax, --uniform-bits B,
+    --no-feature-distill, --timesteps uniform, --no-stage2.
+    """
+    import torch
+
+    from bf.models.directory import ModelDir
+    from bf.models.shipped import model_source
+    from bf.trainer.qat import DEFAULT_FEATURE_WEIGHT, LossConfig
+    from bf.trainer.run import TrainRequest, train_model
+    from bf.trainer.train import TrainConfig
+
+    model = ModelDir.open(model_source(model_dir))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loss = LossConfig(feature_weight=0.0 if no_feature_distill else DEFAULT_FEATURE_WEIGHT, timesteps=timesteps)
+    cfg = TrainConfig(stage1_steps, 0 if no_stage2 else stage2_steps, batch_size, lr, loss, init, seed, checkpoint_every, bf16)
+    req = TrainRequest(data, images, target_bits, recipe, uniform_bits, analysis, grid, 0.3, cfg, device, bundle)
+    work = work or out.with_name(out.name + ".work")
+    from tqdm import tqdm
+
+    bars: dict[int, tqdm] = {}
+
+    def progress(stage, step, info):
+        if stage not in bars:
+            bars[stage] = tqdm(
+                total=info["steps"], initial=step - 1, desc=f"Stage {'I' if stage == 1 else 'II'}", disable=None, file=sys.stderr
+            )
+        bars[stage].update(1)
+        bars[stage].set_postfix(loss=f"{info['loss']:.4g}")
+
+    ckpt = train_model(model, req, work, resume, progress, _log)
+    for b in bars.values():
+        b.close()
+    ckpt.save(out)
+    from bf.format import summarize
+
+    s = summarize(ckpt, out.stat().st_size)
+    _log(f"wrote {out}: {s['avg_bits']:.3f} avg bits (paper's count), {s['stored_bits_per_weight']:.3f} stored bits/weight")
+    _log(f"training log: {work}/log.csv")
+
+
+@main.command()
 @click.argument("analysis", type=click.Path(path_type=Path))
 @click.option("--target-bits", type=click.FloatRange(1.0, 8.0), default=1.99, show_default=True, help="Average bits (paper's count).")
 @click.option("--eta", type=click.FloatRange(0.0, 2.0), default=0.3, show_default=True, help="Sensitivity S = MSE * N^-eta.")

@@ -113,7 +113,7 @@ class LossConfig:
 
 def drop_text(cond: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace whole prompts by the empty prompt's encoding with probability ``p``."""
-    drop = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    drop = (torch.rand(cond.shape[0], generator=generator) < p).to(cond.device)  # on the generator's device (CPU)
     return torch.where(drop[:, None, None], empty.expand_as(cond), cond)
 
 

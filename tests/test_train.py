@@ -1,0 +1,116 @@
+"""QAT training loop: loss goes down, resume gives the uninterrupted result bit for bit, NaN stops cleanly, data loading."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from bf.errors import BfError  # noqa: E402
+from bf.format import Grid, candidate_layers  # noqa: E402
+from bf.models.architectures import TINY_UNET  # noqa: E402
+from bf.trainer.data import LatentSet, read_image_captions  # noqa: E402
+from bf.trainer.qat import LossConfig  # noqa: E402
+from bf.trainer.train import STATE_FILE, Frozen, TrainConfig, train_student  # noqa: E402
+
+
+def _frozen(n=8, nan=False):
+    torch.manual_seed(0)
+    teacher = diffusers.UNet2DConditionModel(**TINY_UNET)
+    g = torch.Generator().manual_seed(1)
+    size = TINY_UNET["sample_size"]
+    latents = torch.randn(n, 4, size, size, generator=g)
+    if nan:
+        latents[:] = float("nan")
+    table = {f"c{i}": torch.randn(77, TINY_UNET["cross_attention_dim"], generator=g) for i in range(n)}
+    table[""] = torch.zeros(77, TINY_UNET["cross_attention_dim"])
+
+    def encode(caps):
+        return torch.stack([table[c] for c in caps])
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return Frozen(teacher, encode, LatentSet(latents, [f"c{i}" for i in range(n)]), torch.cumprod(1 - betas, 0))
+
+
+def _plan(frozen, bits=2):
+    shapes = {k: tuple(v.shape) for k, v in frozen.teacher.state_dict().items()}
+    return {m: Grid(bits) for m in candidate_layers(shapes)}
+
+
+def test_stage1_loss_goes_down(tmp_path):
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=24, stage2_steps=0, batch_size=4, lr=2e-3, checkpoint_every=100)
+    losses = []
+    train_student(frozen, _plan(frozen, 1), cfg, tmp_path, progress=lambda st, step, info: losses.append(info["loss"]))
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,step,loss") and len(rows) == 25
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(stage1_steps=3, stage2_steps=2, batch_size=2, lr=1e-3, checkpoint_every=2, loss=LossConfig(timesteps="beta"))
+    frozen = _frozen()
+    plan = _plan(frozen)
+    full, _ = train_student(frozen, plan, cfg, tmp_path / "a")
+
+    def interrupt(stage, step, info):
+        if (stage, step) == (2, 1):  # after the Stage I state at step 3, before Stage II's first save
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(_frozen(), plan, cfg, tmp_path / "b", progress=interrupt)
+    with pytest.raises(BfError, match="pass --resume"):
+        train_student(_frozen(), plan, cfg, tmp_path / "b")
+    with pytest.raises(BfError, match="other settings"):
+        train_student(_frozen(), plan, TrainConfig(**{**cfg.__dict__, "lr": 2e-3}), tmp_path / "b", resume=True)
+    resumed, _ = train_student(_frozen(), plan, cfg, tmp_path / "b", resume=True)
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_the_last_good_state_named(tmp_path):
+    frozen = _frozen(nan=True)
+    cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, checkpoint_every=1)
+    with pytest.raises(BfError, match=r"loss is nan at Stage 1 step 1.*--resume"):
+        train_student(frozen, _plan(frozen), cfg, tmp_path)
+    assert not (tmp_path / STATE_FILE).exists()  # nothing half-written
+
+
+def test_image_caption_directory(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (100, 60), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red thing\n")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    (tmp_path / "b.txt").write_text("broken")
+    (tmp_path / "c.png").write_bytes(b"")  # no caption: ignored
+    images, caps, skipped = read_image_captions(tmp_path, 32)
+    assert images.shape == (1, 32, 32, 3) and caps == ["a red thing"] and skipped == 1
+    assert (images[0] == [255, 0, 0]).all()
+    (tmp_path / "data.jsonl").write_text('{"image": "a.png", "caption": "from jsonl"}\n')
+    _, caps, _ = read_image_captions(tmp_path, 16)
+    assert caps == ["from jsonl"]
+    (tmp_path / "data.jsonl").write_text('{"img": "a.png"}\n')
+    with pytest.raises(BfError, match=r"data.jsonl:1: expected"):
+        read_image_captions(tmp_path, 16)
+    with pytest.raises(BfError, match="not a directory"):
+        read_image_captions(tmp_path / "nope", 16)
+
+
+def test_bf_train_cli_on_an_fp16_model(tmp_path):
+    from conftest import run_bf
+
+    from bf.format import Checkpoint
+
+    assert run_bf("random-model", "--arch", "sd15-tiny", "--dtype", "fp16", "--out", tmp_path / "m").returncode == 0
+    args = ["train", "--model", tmp_path / "m", "--images", "8", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2"]
+    r = run_bf(*args, "--uniform-bits", "2", "--out", tmp_path / "q.bfq")
+    assert r.returncode == 0, r.stderr
+    ckpt = Checkpoint.load(tmp_path / "q.bfq")
+    assert {ly.grid.bits for ly in ckpt.layers.values()} == {2, 8}
+    assert ckpt.recipe["training"]["stage1_steps"] == 2
+    assert (tmp_path / "q.bfq.work" / "log.csv").read_text().count("\n") == 4
+    r = run_bf(*args, "--uniform-bits", "2", "--recipe", tmp_path / "r.json", "--out", tmp_path / "x.bfq")
+    assert r.returncode == 1 and "at most one of --recipe and --uniform-bits" in r.stderr and not (tmp_path / "x.bfq").exists()

@@ -1,0 +1,126 @@
+"""``bf train``: analyze -> allocate -> init -> Stage I -> Stage II -> pack, each reusable.
+
+A recipe comes from ``--recipe``, ``--uniform-bits``, or an analysis (given, or run here
+into the work directory and resumable) allocated to ``--target-bits``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from bf.atomic import atomic_path
+from bf.errors import BfError
+from bf.format import Checkpoint, candidate_layers, quantizable_layers
+from bf.models.directory import ModelDir, bundle_from_model_dir
+from bf.trainer.allocate import allocate, load_analysis
+from bf.trainer.data import load_latents
+from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
+from bf.trainer.train import Frozen, TrainConfig, pack_student, train_student
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    data: str = "shapes"
+    images: int = 20_000
+    target_bits: float = 1.99
+    recipe: Path | None = None
+    uniform_bits: int | None = None
+    analysis: Path | None = None
+    grid: str = "balanced"
+    eta: float = 0.3
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"
+    bundle: bool = False
+
+
+class TextEncoder:
+    """Captions to hidden states with a frozen CLIP text encoder; repeated captions are cached."""
+
+    def __init__(self, tokenizer, model, device, max_cached: int = 4096):
+        self.tok, self.model, self.device, self.cache, self.max = tokenizer, model.to(device).eval(), device, {}, max_cached
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            ids = self.tok(todo, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            hidden = self.model(ids.to(self.device)).last_hidden_state
+            if len(self.cache) + len(todo) > self.max:
+                self.cache.clear()
+            self.cache.update(zip(todo, hidden, strict=True))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def resolve_recipe(model: ModelDir, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
+    sources = [x is not None for x in (req.recipe, req.uniform_bits)]
+    if sum(sources) > 1:
+        raise BfError("give at most one of --recipe and --uniform-bits")
+    if req.recipe is not None:
+        return load_recipe(req.recipe)
+    if req.uniform_bits is not None:
+        return uniform_recipe(candidate_layers(shapes), req.uniform_bits, req.grid)
+    if req.analysis is not None:
+        analysis = load_analysis(req.analysis)
+    else:
+        from bf.models.pipeline import load_model
+        from bf.trainer.analyze import AnalyzeConfig, analyze
+
+        out = work / "analysis.json"
+        log(f"no --analysis given: analysing every layer into {out} (resumable with --resume)")
+        loaded = load_model(model.root, device=req.device)
+        analysis = analyze(
+            loaded.pipe,
+            {"path": str(model.root.resolve()), "hash": model.content_hash()},
+            AnalyzeConfig(),
+            out,
+            resume or out.exists(),
+            log=log,
+        )
+    recipe = allocate(analysis, req.target_bits, eta=req.eta, grid=req.grid, source=str(req.analysis or "analysis"))
+    with atomic_path(work / "recipe.json") as tmp:
+        tmp.write_text(json.dumps(recipe, indent=1))
+    log(f"allocated {req.target_bits} bits: {recipe['avg_bits']:.4f} (paper's count), {recipe['stored_bits_per_weight']:.4f} stored")
+    return recipe
+
+
+def train_model(
+    model: ModelDir,
+    req: TrainRequest,
+    work: Path,
+    resume: bool = False,
+    progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
+    log: Callable[[str], None] = lambda m: None,
+) -> Checkpoint:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = torch.device(req.device)
+    unet_config = model.config("unet")
+    teacher = UNet2DConditionModel.from_pretrained(model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device)
+    shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = resolve_recipe(model, shapes, req, work, resume, log)
+    plan = plan_from_recipe(recipe, quantizable_layers(shapes), str(req.recipe or "recipe"))
+    vae = AutoencoderKL.from_pretrained(model.root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+    size = teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    log(f"encoding {req.images if req.data == 'shapes' else 'up to ' + str(req.images)} training images ({req.data}, {size}x{size})")
+    data = load_latents(req.data, vae, size, req.images, req.train.seed, log)
+    del vae
+    text = TextEncoder(
+        CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
+        CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32),
+        device,
+    )
+    sched_cfg = {k: v for k, v in model.config("scheduler").items() if not k.startswith("_")}
+    ddpm = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in DDPMScheduler.__init__.__code__.co_varnames})
+    frozen = Frozen(teacher, text, data, ddpm.alphas_cumprod.to(device), ddpm.config.num_train_timesteps)
+    log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
+    student, quants = train_student(frozen, plan, req.train, work, resume, progress, log)
+    meta = {**recipe, "init": req.train.init, "training": {"data": req.data, "images": len(data.captions), **asdict(req.train)}}
+    base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
+    return pack_student(student, quants, unet_config, base, meta, bundle_from_model_dir(model) if req.bundle else None)

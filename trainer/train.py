@@ -1,0 +1,173 @@
+"""Two-stage quantization-aware training (RECIPE section 5) and packing the result.
+
+Stage I distils the fake-quantized student from the frozen FP teacher; Stage II trains
+it on the true noise. Batches are drawn from a generator seeded by (seed, stage, step),
+so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from bf.errors import BfError
+from bf.format import Checkpoint, Grid, is_time_layer
+from bf.provenance import provenance
+from bf.trainer.data import LatentSet
+from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, sample_timesteps, stage1_loss, stage2_loss
+from bf.trainer.train_state import load_state, save_state
+
+STATE_FILE = "state.safetensors"
+LOG_FILE = "log.csv"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage1_steps: int = 2000
+    stage2_steps: int = 1000  # 0: no Stage II
+    batch_size: int = 64
+    lr: float = 1e-4  # constant, as in the paper (which uses 1e-5 at batch 256-1024 on SD-v1.5)
+    loss: LossConfig = field(default_factory=LossConfig)
+    init: str = "alt"
+    seed: int = 0
+    checkpoint_every: int = 250
+    bf16: bool = False  # autocast on CUDA
+
+    def digest(self, plan: dict[str, Grid]) -> str:
+        """Hash of everything that makes two runs the same run (resume refuses a different one)."""
+        canon = json.dumps({"cfg": asdict(self), "plan": {k: [g.bits, g.kind] for k, g in sorted(plan.items())}}, sort_keys=True)
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Frozen:
+    """What the loop needs besides the student: teacher, text encoder, data."""
+
+    teacher: torch.nn.Module
+    encode_text: Callable[[list[str]], torch.Tensor]  # captions -> encoder hidden states (no grad)
+    data: LatentSet
+    alphas_cumprod: torch.Tensor
+    n_train_timesteps: int = 1000
+
+
+def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
+    return [(s, n) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n > 0]
+
+
+class CsvLog:
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists()
+        self.f = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
+        self.w = csv.writer(self.f)
+        if new:
+            self.w.writerow(["stage", "step", "loss", "noise", "feature", "lr", "seconds"])
+
+    def write(self, stage, step, loss, parts, lr, seconds):
+        self.w.writerow(
+            [stage, step, f"{loss:.6g}", f"{parts.get('noise', 0):.6g}", f"{parts.get('feature', 0):.6g}", lr, f"{seconds:.2f}"]
+        )
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def train_student(
+    frozen: Frozen,
+    plan: dict[str, Grid],
+    cfg: TrainConfig,
+    work: Path,
+    resume: bool = False,
+    progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
+    log: Callable[[str], None] = lambda m: None,
+) -> tuple[torch.nn.Module, dict]:
+    """The trained student (fake-quant UNet) and its fake-quant modules' registry."""
+    device = frozen.alphas_cumprod.device
+    teacher = frozen.teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    quants = attach_fake_quant(student, plan, cfg.init)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
+    digest = cfg.digest(plan)
+    start = {"stage": _stages(cfg)[0][0] if _stages(cfg) else 2, "step": 0}
+    if state_path.exists():
+        if not resume:
+            raise BfError(f"{work} has a training state; pass --resume to continue it, or use another --work")
+        meta = load_state(state_path, student, opt)
+        if meta.get("digest") != digest:
+            raise BfError(f"{state_path} was made with other settings or another recipe; use them again, or another --work")
+        start = {"stage": meta["stage"], "step": meta["step"]}
+        log(f"resuming at Stage {start['stage']}, step {start['step']}")
+    empty = frozen.encode_text([""])
+    n = len(frozen.data.captions)
+    csv_log = CsvLog(work / LOG_FILE)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    t0 = time.time()
+    try:
+        for stage, steps in _stages(cfg):
+            if stage < start["stage"]:
+                continue
+            first = start["step"] + 1 if stage == start["stage"] else 1
+            for step in range(first, steps + 1):
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step)
+                idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+                z0 = frozen.data.latents[idx.to(frozen.data.latents.device)].to(device).float()
+                cond = frozen.encode_text([frozen.data.captions[i] for i in idx.tolist()])
+                cond = drop_text(cond, empty, cfg.loss.p_uncond, g)
+                t = sample_timesteps(cfg.batch_size, cfg.loss.timesteps, frozen.n_train_timesteps, generator=g).to(device)
+                noise = torch.randn(z0.shape, generator=g).to(device)
+                a = frozen.alphas_cumprod[t].view(-1, 1, 1, 1)
+                zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                with autocast:
+                    if stage == 1:
+                        loss, parts = stage1_loss(student, teacher, zt, t, cond, cfg.loss)
+                    else:
+                        loss, parts = stage2_loss(student, zt, t, cond, noise)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise BfError(
+                        f"loss is {value} at Stage {stage} step {step}; stopped, the last good state is {state_path} "
+                        "(try a lower --lr, then --resume)"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                opt.step()
+                csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
+                progress(stage, step, {"steps": steps, "loss": value, **parts})
+                if step % cfg.checkpoint_every == 0 or step == steps:
+                    save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
+    finally:
+        csv_log.close()
+    return student, quants
+
+
+def pack_student(student: torch.nn.Module, quants: dict, unet_config: dict, base_model: dict, recipe: dict, bundle=None) -> Checkpoint:
+    """The .bfq of a trained student: packed layers with learned scales, trained biases and norms."""
+    layers = export_layers(student, quants)
+    tensors = {}
+    for k, v in student.state_dict().items():
+        if ".parametrizations." in k:
+            continue
+        dtype = torch.float32 if is_time_layer(k) else torch.float16
+        tensors[k] = v.detach().to(dtype).cpu().numpy()
+    return Checkpoint(
+        unet_config=unet_config,
+        layers=layers,
+        tensors=tensors,
+        base_model=base_model,
+        recipe=recipe,
+        provenance=provenance(),
+        bundle=bundle,
+    )
