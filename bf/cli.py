@@ -254,7 +254,10 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
       Stage II   noise prediction against the true noise
     Ablation switches: --grid plain, --init minmax, --uniform-bits B,
     --no-feature-distill, --timesteps uniform, --no-stage2.
+    Several GPUs: torchrun --nproc_per_node N -m bf.cli train ... (DDP; --batch-size per GPU).
     """
+    import os
+
     import torch
 
     from bf.models.directory import ModelDir
@@ -265,6 +268,14 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
 
     model = ModelDir.open(model_source(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one process per GPU (or CPU, gloo)
+        cuda = device.startswith("cuda")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        rank = torch.distributed.get_rank()
+        if cuda:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            torch.cuda.set_device(device)
     loss = LossConfig(feature_weight=0.0 if no_feature_distill else DEFAULT_FEATURE_WEIGHT, timesteps=timesteps)
     cfg = TrainConfig(stage1_steps, 0 if no_stage2 else stage2_steps, batch_size, lr, loss, init, seed, checkpoint_every, bf16)
     req = TrainRequest(data, images, target_bits, recipe, uniform_bits, analysis, grid, 0.3, cfg, device, bundle)
@@ -281,9 +292,11 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         bars[stage].update(1)
         bars[stage].set_postfix(loss=f"{info['loss']:.4g}")
 
-    ckpt = train_model(model, req, work, resume, progress, _log)
+    ckpt = train_model(model, req, work, resume, progress if rank == 0 else (lambda *a: None), _log if rank == 0 else (lambda m: None))
     for b in bars.values():
         b.close()
+    if rank != 0:  # the ranks hold identical students; rank 0 writes
+        return
     ckpt.save(out)
     from bf.format import summarize
 

@@ -114,3 +114,25 @@ def test_bf_train_cli_on_an_fp16_model(tmp_path):
     assert (tmp_path / "q.bfq.work" / "log.csv").read_text().count("\n") == 4
     r = run_bf(*args, "--uniform-bits", "2", "--recipe", tmp_path / "r.json", "--out", tmp_path / "x.bfq")
     assert r.returncode == 1 and "at most one of --recipe and --uniform-bits" in r.stderr and not (tmp_path / "x.bfq").exists()
+
+
+def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    l0, l1 = (json.loads((tmp_path / f"losses{i}.json").read_text()) for i in (0, 1))
+    assert l0 != l1  # each rank saw its own batches
+    assert np.mean(l0[-4:] + l1[-4:]) < 0.8 * np.mean(l0[:4] + l1[:4])
+    assert (tmp_path / "work" / "log.csv").read_text().count("\n") == 17  # rank 0 alone logs

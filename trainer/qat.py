@@ -91,6 +91,7 @@ def capture_blocks(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Collects each block's hidden-state output during forwards inside the context."""
     feats: dict[str, torch.Tensor] = {}
     handles = []
+    unet = getattr(unet, "module", unet)  # under DistributedDataParallel: the wrapped UNet
     for name in block_names(unet):
 
         def hook(_m, _inp, out, name=name):

@@ -97,6 +97,11 @@ def train_student(
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     quants = attach_fake_quant(student, plan, cfg.init)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # Under torchrun every rank trains the same student on its own batches; DDP averages the
+    # gradients, so the ranks stay identical and rank 0 alone writes state and log.
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_FILE
     digest = cfg.digest(plan)
@@ -109,9 +114,10 @@ def train_student(
             raise BfError(f"{state_path} was made with other settings or another recipe; use them again, or another --work")
         start = {"stage": meta["stage"], "step": meta["step"]}
         log(f"resuming at Stage {start['stage']}, step {start['step']}")
+    forward = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student  # after loading: every rank equal
     empty = frozen.encode_text([""])
     n = len(frozen.data.captions)
-    csv_log = CsvLog(work / LOG_FILE)
+    csv_log = CsvLog(work / LOG_FILE) if rank == 0 else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     t0 = time.time()
     try:
@@ -120,7 +126,7 @@ def train_student(
                 continue
             first = start["step"] + 1 if stage == start["stage"] else 1
             for step in range(first, steps + 1):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step)
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step + rank * 7_919_000_003)
                 idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
                 z0 = frozen.data.latents[idx.to(frozen.data.latents.device)].to(device).float()
                 cond = frozen.encode_text([frozen.data.captions[i] for i in idx.tolist()])
@@ -131,9 +137,9 @@ def train_student(
                 zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
                 with autocast:
                     if stage == 1:
-                        loss, parts = stage1_loss(student, teacher, zt, t, cond, cfg.loss)
+                        loss, parts = stage1_loss(forward, teacher, zt, t, cond, cfg.loss)
                     else:
-                        loss, parts = stage2_loss(student, zt, t, cond, noise)
+                        loss, parts = stage2_loss(forward, zt, t, cond, noise)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise BfError(
@@ -144,12 +150,15 @@ def train_student(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
-                csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
                 progress(stage, step, {"steps": steps, "loss": value, **parts})
+                if rank != 0:
+                    continue
+                csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
                 if step % cfg.checkpoint_every == 0 or step == steps:
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
     finally:
-        csv_log.close()
+        if csv_log is not None:
+            csv_log.close()
     return student, quants
 
 
