@@ -192,7 +192,17 @@ def analyze(
     source = model_source(model_dir)
     root = ModelDir.open(source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = AnalyzeConfig(_bits_list(bits_text), prompts, limit, seeds, 1024, cfg_scale, scheduler, steps, "alt", batch_size, layer_regex)
+    cfg = AnalyzeConfig(
+        bits=_bits_list(bits_text),
+        prompts=prompts,
+        limit=limit,
+        seeds=seeds,
+        cfg=cfg_scale,
+        scheduler=scheduler,
+        steps=steps,
+        batch_size=batch_size,
+        layers=layer_regex,
+    )
     loaded = load_model(root.root, scheduler=scheduler, device=device)
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
     from tqdm import tqdm
@@ -277,8 +287,29 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             torch.cuda.set_device(device)
     loss = LossConfig(feature_weight=0.0 if no_feature_distill else DEFAULT_FEATURE_WEIGHT, timesteps=timesteps)
-    cfg = TrainConfig(stage1_steps, 0 if no_stage2 else stage2_steps, batch_size, lr, loss, init, seed, checkpoint_every, bf16)
-    req = TrainRequest(data, images, target_bits, recipe, uniform_bits, analysis, grid, 0.3, cfg, device, bundle)
+    cfg = TrainConfig(
+        stage1_steps=stage1_steps,
+        stage2_steps=0 if no_stage2 else stage2_steps,
+        batch_size=batch_size,
+        lr=lr,
+        loss=loss,
+        init=init,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        bf16=bf16,
+    )
+    req = TrainRequest(
+        data=data,
+        images=images,
+        target_bits=target_bits,
+        recipe=recipe,
+        uniform_bits=uniform_bits,
+        analysis=analysis,
+        grid=grid,
+        train=cfg,
+        device=device,
+        bundle=bundle,
+    )
     work = work or out.with_name(out.name + ".work")
     from tqdm import tqdm
 

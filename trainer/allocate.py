@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bf.errors import BfError
-from bf.format import EDGE_BITS, Grid, Packing
+from bf.format import EDGE_BITS, Grid, QuantizedLayer
 from bf.format.summary import paper_average_bits
 from bf.trainer.recipe import make_recipe
 
@@ -130,13 +130,10 @@ class Allocator:
 
     def stored_bits(self, bits: np.ndarray) -> float:
         """Real bits per quantized weight on disk: packed codes and fp32 scales, edge layers included."""
-        total, params = 0, 0
         shapes = [(ly.shape, int(b)) for ly, b in zip(self.layers, bits, strict=True)]
         shapes += [(s, EDGE_BITS) for s in self.accounting.edge_layers.values()]
-        for shape, b in shapes:
-            total += Packing.for_grid(Grid(b, self.grid)).nbytes(shape) + 4 * shape[0]
-            params += _prod(shape)
-        return 8 * total / params
+        total = sum(QuantizedLayer.stored_bytes_for(shape, Grid(b, self.grid)) for shape, b in shapes)
+        return 8 * total / sum(_prod(shape) for shape, _ in shapes)
 
     def solve(self, target: float, iters: int = 200) -> tuple[float, np.ndarray]:
         """Bits whose average is at most ``target`` and as close to it as the layers allow.

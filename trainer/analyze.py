@@ -22,12 +22,10 @@ import torch
 from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.evaluate.generate import generate
-from bf.evaluate.metrics import fidelity
+from bf.evaluate.metrics import accuracy, fidelity
 from bf.evaluate.run import prompt_sets
-from bf.format import EDGE_LAYERS, Grid, candidate_layers, is_time_layer
-from bf.format.summary import TIME_TABLE_STEPS
-from bf.shapes.detect import detect
-from bf.shapes.judge import judge
+from bf.format import EDGE_LAYERS, Grid, candidate_layers
+from bf.format.summary import TIME_TABLE_STEPS, time_layer_counts
 from bf.trainer.allocate import ANALYSED_BITS, ANALYSIS_FORMAT, ANALYSIS_VERSION
 from bf.trainer.ptq import PTQConfig, quantize_weight
 
@@ -47,14 +45,12 @@ class AnalyzeConfig:
     layers: str | None = None  # regex: analyse only matching layers
 
 
-def accounting(state: dict[str, torch.Tensor]) -> dict:
+def accounting(shapes: dict[str, tuple[int, ...]]) -> dict:
     """What the paper's average needs besides the analysed layers (see allocate.Accounting)."""
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    time_w = sum(int(np.prod(s)) for k, s in shapes.items() if is_time_layer(k) and k.endswith(".weight") and len(s) in (2, 4))
-    per_step = sum(s[0] for k, s in shapes.items() if k.endswith(".time_emb_proj.weight"))
+    time_weights, per_step = time_layer_counts(shapes)
     return {
         "edge_layers": {m: list(shapes[f"{m}.weight"]) for m in EDGE_LAYERS if f"{m}.weight" in shapes},
-        "time_weight_params": time_w,
+        "time_weight_params": time_weights,
         "time_features": TIME_TABLE_STEPS * per_step,
         "time_table_steps": TIME_TABLE_STEPS,
     }
@@ -70,14 +66,10 @@ class _Jobs:
                 for k in range(cfg.seeds):
                     self.jobs.append((p, cfg.seed + k))
                     self.scenes.append(sc)
-        self.has_scenes = any(sc is not None for sc in self.scenes)
 
     def run(self, pipe, cfg: AnalyzeConfig) -> tuple[np.ndarray, np.ndarray, float | None]:
         imgs, lats = generate(pipe, self.jobs, cfg.cfg, cfg.steps, cfg.batch_size)
-        # overall only: single- and two-object prompts are judged on different attributes
-        verdicts = [judge(sc, detect(img)) for img, sc in zip(imgs, self.scenes, strict=True) if sc is not None]
-        acc = float(np.mean([v["overall"] for v in verdicts])) if verdicts else None
-        return imgs, lats, acc
+        return imgs, lats, accuracy(imgs, self.scenes).get("overall")
 
 
 def _load_existing(out: Path, settings: dict, model: dict, resume: bool) -> dict | None:
@@ -111,9 +103,9 @@ def analyze(
 ) -> dict:
     """Run (or continue) the analysis; returns the analysis dict also written to ``out``."""
     unet = pipe.unet
-    state = {k: v.detach() for k, v in unet.state_dict().items()}
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    names = list(candidate_layers(shapes))
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    candidates = list(candidate_layers(shapes))
+    names = candidates
     if cfg.layers:
         try:
             pattern = re.compile(cfg.layers)
@@ -121,15 +113,15 @@ def analyze(
             raise BfError(f"--layers {cfg.layers!r}: not a regular expression ({e})") from None
         names = [n for n in names if pattern.search(n)]
         if not names:
-            raise BfError(f"--layers {cfg.layers!r} matches no candidate layer (e.g. {next(iter(candidate_layers(shapes)))})")
+            raise BfError(f"--layers {cfg.layers!r} matches no candidate layer (e.g. {candidates[0]})")
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     result = _load_existing(out, settings, model, resume) or {
         "format": ANALYSIS_FORMAT,
         "version": ANALYSIS_VERSION,
         "model": model,
         "settings": settings,
-        "accounting": accounting(state),
-        "candidates": list(candidate_layers(shapes)),
+        "accounting": accounting(shapes),
+        "candidates": candidates,
         "layers": {},
     }
     result["settings"] = settings
@@ -163,10 +155,13 @@ def analyze(
             with torch.no_grad():
                 weight.copy_(original)
         result["layers"][name] = rec
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+        _write(out, result)
         progress(len(names) - len(todo) + i + 1, len(names), name)
-    result["complete"] = all(n in result["layers"] for n in candidate_layers(shapes))
+    result["complete"] = all(n in result["layers"] for n in candidates)
+    _write(out, result)
+    return result
+
+
+def _write(out: Path, result: dict) -> None:
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
-    return result

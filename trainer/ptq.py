@@ -34,19 +34,16 @@ def quantize_state_dict(
     cfg: PTQConfig,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> tuple[dict[str, QuantizedLayer], dict[str, np.ndarray]]:
-    """Quantize every planned layer; keep the rest.
-
-    Kept tensors: time layers in float32 (they build the time-feature table later),
-    everything else (biases, norms) in float16, the precision it is deployed in.
-    """
+    """Quantize every planned layer; keep the rest (see ``kept_tensors``)."""
     layers = {}
     for name in progress(list(plan)):
         layers[name] = quantize_weight(name, state[f"{name}.weight"], plan[name], cfg)
-    quantized = {f"{name}.weight" for name in plan}
-    tensors = {}
-    for k, v in state.items():
-        if k in quantized:
-            continue
-        dtype = torch.float32 if is_time_layer(k) else torch.float16
-        tensors[k] = v.to(dtype).numpy()
-    return layers, tensors
+    return layers, kept_tensors(state, {f"{name}.weight" for name in plan})
+
+
+def kept_tensors(state: dict[str, torch.Tensor], quantized: set[str]) -> dict[str, np.ndarray]:
+    """The unquantized tensors as a checkpoint stores them: time layers in float32 (they build
+    the time-feature table later), everything else (biases, norms) in float16, as deployed."""
+    return {
+        k: v.detach().to(torch.float32 if is_time_layer(k) else torch.float16).cpu().numpy() for k, v in state.items() if k not in quantized
+    }

@@ -132,10 +132,15 @@ def stage1_loss(student, teacher, zt, t, cond, cfg: LossConfig) -> tuple[torch.T
     else:
         feat = noise.new_zeros(())
     loss = noise + cfg.feature_weight * feat
-    return loss, {"noise": float(noise.detach()), "feature": float(feat.detach())}
+    return loss, _to_host(loss=loss, noise=noise, feature=feat)
 
 
 def stage2_loss(student, zt, t, cond, noise) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise prediction against the true noise."""
     loss = F.mse_loss(student(zt, t, cond).sample.float(), noise.float())
-    return loss, {"noise": float(loss.detach())}
+    return loss, _to_host(loss=loss, noise=loss)
+
+
+def _to_host(**scalars: torch.Tensor) -> dict[str, float]:
+    """Scalar tensors as floats with one device sync (this runs every training step)."""
+    return dict(zip(scalars, torch.stack([v.detach().float() for v in scalars.values()]).tolist(), strict=True))

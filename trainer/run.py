@@ -17,7 +17,7 @@ from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.format import Checkpoint, candidate_layers, quantizable_layers
 from bf.models.directory import ModelDir, bundle_from_model_dir
-from bf.trainer.allocate import allocate, load_analysis
+from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import load_latents
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
 from bf.trainer.train import Frozen, TrainConfig, pack_student, train_student
@@ -32,7 +32,7 @@ class TrainRequest:
     uniform_bits: int | None = None
     analysis: Path | None = None
     grid: str = "balanced"
-    eta: float = 0.3
+    eta: float = DEFAULT_ETA
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
     bundle: bool = False
@@ -56,7 +56,8 @@ class TextEncoder:
         return torch.stack([self.cache[c] for c in captions])
 
 
-def resolve_recipe(model: ModelDir, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
+def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
+    """``base``: the model's path and content hash (hashing a real model takes a while: once per run)."""
     sources = [x is not None for x in (req.recipe, req.uniform_bits)]
     if sum(sources) > 1:
         raise BfError("give at most one of --recipe and --uniform-bits")
@@ -75,7 +76,7 @@ def resolve_recipe(model: ModelDir, shapes: dict, req: TrainRequest, work: Path,
         loaded = load_model(model.root, device=req.device)
         analysis = analyze(
             loaded.pipe,
-            {"path": str(model.root.resolve()), "hash": model.content_hash()},
+            base,
             AnalyzeConfig(),
             out,
             resume or out.exists(),
@@ -104,7 +105,8 @@ def train_model(
     teacher = UNet2DConditionModel.from_pretrained(model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device)
     shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
     work.mkdir(parents=True, exist_ok=True)
-    recipe = resolve_recipe(model, shapes, req, work, resume, log)
+    base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
+    recipe = resolve_recipe(model, base, shapes, req, work, resume, log)
     plan = plan_from_recipe(recipe, quantizable_layers(shapes), str(req.recipe or "recipe"))
     vae = AutoencoderKL.from_pretrained(model.root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
     size = teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -118,9 +120,8 @@ def train_model(
     )
     sched_cfg = {k: v for k, v in model.config("scheduler").items() if not k.startswith("_")}
     ddpm = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in DDPMScheduler.__init__.__code__.co_varnames})
-    frozen = Frozen(teacher, text, data, ddpm.alphas_cumprod.to(device), ddpm.config.num_train_timesteps)
+    frozen = Frozen(teacher, text, data, ddpm.alphas_cumprod.to(device))
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
     student, quants = train_student(frozen, plan, req.train, work, resume, progress, log)
     meta = {**recipe, "init": req.train.init, "training": {"data": req.data, "images": len(data.captions), **asdict(req.train)}}
-    base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
     return pack_student(student, quants, unet_config, base, meta, bundle_from_model_dir(model) if req.bundle else None)

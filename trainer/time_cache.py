@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TIME_FEATURE_DTYPE = torch.float16  # what the deployed table stores
-
 
 def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -> torch.Tensor:
     """The timesteps the sampler feeds the UNet, in call order (PNDM repeats one)."""
@@ -102,9 +100,3 @@ def cache_time_features(unet: nn.Module, timesteps: torch.Tensor, dtype: torch.d
         unet.get_submodule(name).time_emb_proj = TimeFeatureLookup(feats.to(dtype).to(param_dtype), step)
     unet.time_embedding = ZeroTimeEmbedding(unet.time_embedding.linear_2.out_features)
     return CachedTimeUNet(unet, step, timesteps.clone())
-
-
-def table_size(table: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(time features per step, steps) of a table."""
-    steps = {v.shape[0] for v in table.values()}
-    return sum(v.shape[1] for v in table.values()), steps.pop() if steps else 0

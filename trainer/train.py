@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from bf.errors import BfError
-from bf.format import Checkpoint, Grid, is_time_layer
+from bf.format import Checkpoint, Grid
 from bf.provenance import provenance
 from bf.trainer.data import LatentSet
+from bf.trainer.ptq import kept_tensors
 from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, sample_timesteps, stage1_loss, stage2_loss
 from bf.trainer.train_state import load_state, save_state
 
@@ -55,8 +56,7 @@ class Frozen:
     teacher: torch.nn.Module
     encode_text: Callable[[list[str]], torch.Tensor]  # captions -> encoder hidden states (no grad)
     data: LatentSet
-    alphas_cumprod: torch.Tensor
-    n_train_timesteps: int = 1000
+    alphas_cumprod: torch.Tensor  # one per training timestep
 
 
 def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
@@ -65,7 +65,6 @@ def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 class CsvLog:
     def __init__(self, path: Path):
-        self.path = path
         new = not path.exists()
         self.f = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
         self.w = csv.writer(self.f)
@@ -131,7 +130,7 @@ def train_student(
                 z0 = frozen.data.latents[idx.to(frozen.data.latents.device)].to(device).float()
                 cond = frozen.encode_text([frozen.data.captions[i] for i in idx.tolist()])
                 cond = drop_text(cond, empty, cfg.loss.p_uncond, g)
-                t = sample_timesteps(cfg.batch_size, cfg.loss.timesteps, frozen.n_train_timesteps, generator=g).to(device)
+                t = sample_timesteps(cfg.batch_size, cfg.loss.timesteps, len(frozen.alphas_cumprod), generator=g).to(device)
                 noise = torch.randn(z0.shape, generator=g).to(device)
                 a = frozen.alphas_cumprod[t].view(-1, 1, 1, 1)
                 zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -140,7 +139,7 @@ def train_student(
                         loss, parts = stage1_loss(forward, teacher, zt, t, cond, cfg.loss)
                     else:
                         loss, parts = stage2_loss(forward, zt, t, cond, noise)
-                value = float(loss.detach())
+                value = parts["loss"]
                 if not math.isfinite(value):
                     raise BfError(
                         f"loss is {value} at Stage {stage} step {step}; stopped, the last good state is {state_path} "
@@ -165,12 +164,7 @@ def train_student(
 def pack_student(student: torch.nn.Module, quants: dict, unet_config: dict, base_model: dict, recipe: dict, bundle=None) -> Checkpoint:
     """The .bfq of a trained student: packed layers with learned scales, trained biases and norms."""
     layers = export_layers(student, quants)
-    tensors = {}
-    for k, v in student.state_dict().items():
-        if ".parametrizations." in k:
-            continue
-        dtype = torch.float32 if is_time_layer(k) else torch.float16
-        tensors[k] = v.detach().to(dtype).cpu().numpy()
+    tensors = kept_tensors({k: v for k, v in student.state_dict().items() if ".parametrizations." not in k}, set())
     return Checkpoint(
         unet_config=unet_config,
         layers=layers,

@@ -20,8 +20,11 @@ def fidelity(images: np.ndarray, ref_images: np.ndarray, latents: np.ndarray, re
 
 
 def accuracy(images: np.ndarray, scenes: list[Scene]) -> dict:
-    """Mean verdict per attribute over images whose prompt is a shapes scene."""
+    """Mean verdict per attribute over images whose prompt is a shapes scene.
+
+    Single- and two-object prompts are judged on different attributes: each attribute is
+    averaged over the images judged on it, ``overall`` over all of them.
+    """
     verdicts = [judge(sc, detect(img)) for img, sc in zip(images, scenes, strict=True) if sc is not None]
-    if not verdicts:
-        return {}
-    return {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+    keys = dict.fromkeys(k for v in verdicts for k in v)  # first-seen order
+    return {k: float(np.mean([v[k] for v in verdicts if k in v])) for k in keys}

@@ -53,6 +53,11 @@ class QuantizedLayer:
     def stored_bytes(self) -> int:
         return int(self.codes.nbytes + self.scale.nbytes)
 
+    @staticmethod
+    def stored_bytes_for(shape: tuple[int, ...], grid: Grid) -> int:
+        """What ``stored_bytes`` will be for a weight of this shape: packed codes and fp32 scales."""
+        return Packing.for_grid(grid).nbytes(shape) + 4 * int(shape[0])
+
     @classmethod
     def from_levels(cls, name: str, levels: np.ndarray, scale: np.ndarray, grid: Grid) -> QuantizedLayer:
         """Pack integer levels (qmin..qmax) of a weight with its per-channel scales."""

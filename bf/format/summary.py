@@ -33,9 +33,15 @@ def paper_average_bits(layers: Iterable[tuple[int, int]], time_weight_params: in
     return (sum(n * math.log2(levels) for n, levels in layers) + 16 * time_features) / n_w
 
 
-def time_features_per_step(ckpt: Checkpoint) -> int:
-    """Sum of every ResBlock's time-projection width: one table row per step."""
-    return sum(v.shape[0] for k, v in ckpt.tensors.items() if k.endswith(".time_emb_proj.weight"))
+def time_layer_counts(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(weights of the time layers, time features per step) of a UNet's parameter shapes.
+
+    The first is in the paper's N_w; the second, every ResBlock's time-projection
+    width, is one row of the cached table.
+    """
+    weights = sum(math.prod(s) for k, s in shapes.items() if is_time_layer(k) and k.endswith(".weight") and len(s) in (2, 4))
+    per_step = sum(s[0] for k, s in shapes.items() if k.endswith(".time_emb_proj.weight"))
+    return weights, per_step
 
 
 def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
@@ -64,8 +70,8 @@ def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
     quantized_bytes = sum(rec["stored_bytes"] for rec in layers)
     time_tensors = {k: v for k, v in ckpt.tensors.items() if is_time_layer(k)}
     other_tensors = {k: v for k, v in ckpt.tensors.items() if not is_time_layer(k)}
-    time_weight_params = sum(v.size for k, v in time_tensors.items() if k.endswith(".weight") and v.ndim in (2, 4))
-    n_tf = TIME_TABLE_STEPS * time_features_per_step(ckpt)
+    time_weight_params, per_step = time_layer_counts({k: v.shape for k, v in time_tensors.items()})
+    n_tf = TIME_TABLE_STEPS * per_step
     unet_bytes = quantized_bytes + sum(v.nbytes for v in other_tensors.values())
     all_params = quantized_params + sum(v.size for v in ckpt.tensors.values())
     fp16_bytes = FP16_BYTES * all_params
