@@ -136,3 +136,14 @@ def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
     assert l0 != l1  # each rank saw its own batches
     assert np.mean(l0[-4:] + l1[-4:]) < 0.8 * np.mean(l0[:4] + l1[:4])
     assert (tmp_path / "work" / "log.csv").read_text().count("\n") == 17  # rank 0 alone logs
+
+
+def test_training_noise_schedule_is_the_models():
+    """SD-v1.5's scaled_linear betas, not DDPM's default linear ones."""
+    from bf.models.architectures import SD15_SCHEDULER
+    from bf.trainer.run import training_alphas_cumprod
+
+    acp = training_alphas_cumprod(SD15_SCHEDULER)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    assert acp.shape == (1000,)
+    assert torch.allclose(acp, torch.cumprod(1 - betas, 0), rtol=1e-5)

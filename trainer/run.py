@@ -56,6 +56,17 @@ class TextEncoder:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def training_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """The model's training noise schedule (one alpha-bar per timestep) from its sampler config.
+
+    ``from_config`` reads every key the sampler shares with DDPM (beta_schedule included)
+    and ignores sampler-only ones.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod
+
+
 def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
     """``base``: the model's path and content hash (hashing a real model takes a while: once per run)."""
     sources = [x is not None for x in (req.recipe, req.uniform_bits)]
@@ -97,7 +108,7 @@ def train_model(
     progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
     log: Callable[[str], None] = lambda m: None,
 ) -> Checkpoint:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device = torch.device(req.device)
@@ -118,9 +129,7 @@ def train_model(
         CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32),
         device,
     )
-    sched_cfg = {k: v for k, v in model.config("scheduler").items() if not k.startswith("_")}
-    ddpm = DDPMScheduler(**{k: v for k, v in sched_cfg.items() if k in DDPMScheduler.__init__.__code__.co_varnames})
-    frozen = Frozen(teacher, text, data, ddpm.alphas_cumprod.to(device))
+    frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
     student, quants = train_student(frozen, plan, req.train, work, resume, progress, log)
     meta = {**recipe, "init": req.train.init, "training": {"data": req.data, "images": len(data.captions), **asdict(req.train)}}
