@@ -170,9 +170,16 @@ def _bits_list(text: str) -> tuple[int, ...]:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Analysis JSON (rewritten after every layer).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted analysis in --out.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Also draw per-layer MSE and semantic drop (PNG).")
-def analyze(
-    model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, steps, layer_regex, batch_size, device, out, resume, plot
-) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes sharing the machine, each analysing every N-th layer (a small model leaves a GPU idle in one process).",
+)
+@click.option("--shard", default=None, help="K/N: analyse only every N-th layer from the K-th (to spread one analysis over machines).")
+def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, steps, layer_regex, batch_size, device, out, resume,
+            plot, workers, shard) -> None:  # fmt: skip
     """Per-layer sensitivity: every candidate layer alone at each width.
 
     Each layer is quantized alone (balanced grid, alternating init) while the rest
@@ -182,15 +189,18 @@ def analyze(
     models, --layers / --limit / --steps for quick looks.
     """
     import torch
+    from tqdm import tqdm
 
     from bf.models.directory import ModelDir
     from bf.models.pipeline import load_model
     from bf.models.shipped import model_source
-    from bf.trainer.analyze import AnalyzeConfig
+    from bf.trainer.analyze import AnalyzeConfig, check_resumable, parse_shard
     from bf.trainer.analyze import analyze as run_analysis
 
-    source = model_source(model_dir)
-    root = ModelDir.open(source)
+    shard_kn = parse_shard(shard) if shard is not None else None
+    if workers > 1 and shard_kn is not None:
+        raise BfError("give --workers or --shard, not both")
+    root = ModelDir.open(model_source(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = AnalyzeConfig(
         bits=_bits_list(bits_text),
@@ -203,19 +213,33 @@ def analyze(
         batch_size=batch_size,
         layers=layer_regex,
     )
-    loaded = load_model(root.root, scheduler=scheduler, device=device)
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
-    from tqdm import tqdm
-
+    check_resumable(out, cfg, model, resume)
     bar = tqdm(desc="analyze", unit="layer", disable=None, file=sys.stderr)
+    if workers > 1:
+        from bf.trainer.analyze_workers import run_workers
 
-    def progress(done, total, name):
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(name[-40:])
-        bar.refresh()
+        def command(k, n, part, resume_part):
+            argv = [sys.executable, "-m", "bf.cli", "analyze", "--model", str(root.root), "--bits", bits_text, "--prompts", prompts]
+            argv += ["--limit", str(limit), "--seeds", str(seeds), "--cfg", str(cfg_scale), "--scheduler", scheduler]
+            argv += ["--steps", str(steps), "--batch-size", str(batch_size), "--device", device, "--shard", f"{k}/{n}", "--out", str(part)]
+            return argv + (["--layers", layer_regex] if layer_regex else []) + (["--resume"] if resume_part else [])
 
-    result = run_analysis(loaded.pipe, model, cfg, out, resume, progress=progress, log=_log)
+        def progress_all(done):
+            bar.n = done
+            bar.refresh()
+
+        result = run_workers(command, workers, out, resume, progress_all, _log)
+    else:
+
+        def progress(done, total, name):
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(name[-40:])
+            bar.refresh()
+
+        loaded = load_model(root.root, scheduler=scheduler, device=device)
+        result = run_analysis(loaded.pipe, model, cfg, out, resume, shard=shard_kn, progress=progress, log=_log)
     bar.close()
     n, total = len(result["layers"]), len(result["candidates"])
     _log(f"wrote {out}: {n} of {total} layers analysed" + ("" if n == total else " (finish with --resume, then bf allocate)"))
@@ -247,12 +271,15 @@ def analyze(
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250, show_default=True, help="Steps between saved states.")
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Work directory (state, log.csv, recipe). Default: OUT.work/")
 @click.option("--resume", is_flag=True, help="Continue from the state in --work.")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="log.csv and TensorBoard events. Default: --work.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA).")
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory, more time).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--bundle", is_flag=True, help="Embed text encoder, VAE and small files in the .bfq.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write.")
 def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, grid, init, no_feature_distill, timesteps, no_stage2,
-          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, resume, bf16, device, bundle, out) -> None:  # fmt: skip
+          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, log_dir, resume, bf16, grad_checkpoint, device, bundle,
+          out) -> None:  # fmt: skip
     """Quantization-aware training: a model and data in, a low-bit .bfq out.
 
     \b
@@ -297,6 +324,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         seed=seed,
         checkpoint_every=checkpoint_every,
         bf16=bf16,
+        grad_checkpoint=grad_checkpoint,
     )
     req = TrainRequest(
         data=data,
@@ -309,6 +337,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         train=cfg,
         device=device,
         bundle=bundle,
+        log_dir=log_dir,
     )
     work = work or out.with_name(out.name + ".work")
     from tqdm import tqdm
@@ -333,7 +362,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
 
     s = summarize(ckpt, out.stat().st_size)
     _log(f"wrote {out}: {s['avg_bits']:.3f} avg bits (paper's count), {s['stored_bits_per_weight']:.3f} stored bits/weight")
-    _log(f"training log: {work}/log.csv")
+    _log(f"training log: {log_dir or work}/log.csv (TensorBoard: tensorboard --logdir {log_dir or work})")
 
 
 @main.command()

@@ -58,3 +58,45 @@ def test_resume_keeps_done_layers_and_refuses_other_settings(pipe, tmp_path):
     assert second["layers"]["mid_block.resnets.0.conv1"] == first["layers"]["mid_block.resnets.0.conv1"]
     with pytest.raises(BfError, match="matches no candidate"):
         analyze(pipe, {"path": "tiny", "hash": "h1"}, AnalyzeConfig(**{**CFG.__dict__, "layers": "nothing-here"}), out, resume=True)
+
+
+def test_shards_partition_the_layers_and_merge_back(pipe, tmp_path):
+    from bf.trainer.analyze import merge_analyses, parse_shard
+
+    cfg = AnalyzeConfig(**{**CFG.__dict__, "layers": r"^mid_block\.resnets\.0\.conv[12]$|^mid_block\.resnets\.1\.conv1$"})
+    model = {"path": "tiny", "hash": "h1"}
+    parts = [analyze(pipe, model, cfg, tmp_path / f"p{k}.json", shard=parse_shard(f"{k}/2")) for k in range(2)]
+    assert list(parts[0]["layers"]) == ["mid_block.resnets.0.conv1", "mid_block.resnets.1.conv1"]
+    assert list(parts[1]["layers"]) == ["mid_block.resnets.0.conv2"]
+    whole = analyze(pipe, model, cfg, tmp_path / "whole.json")
+    merged = merge_analyses([("p1", parts[1]), ("p0", parts[0])])
+    assert merged["layers"] == whole["layers"]  # same numbers, candidate order
+    assert list(merged["layers"]) == list(whole["layers"])
+    other = {**parts[1], "settings": {**parts[1]["settings"], "steps": 3}}
+    with pytest.raises(BfError, match=r"other settings than p0 \(steps\)"):
+        merge_analyses([("p0", parts[0]), ("p1", other)])
+    with pytest.raises(BfError, match="another model"):
+        merge_analyses([("p0", parts[0]), ("p1", {**parts[1], "model": {"hash": "h2"}})])
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(BfError, match="expected K/N"):
+            parse_shard(bad)
+
+
+def test_workers_cli_merges_parts_and_leaves_none_behind(tiny_model, tmp_path):
+    from conftest import run_bf
+
+    out = tmp_path / "a.json"
+    common = ["--model", str(tiny_model), "--limit", "1", "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    layers = r"^mid_block\.resnets\.[01]\.conv[12]$"
+    r = run_bf("analyze", *common, "--layers", layers, "--workers", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert sorted(res["layers"]) == [f"mid_block.resnets.{i}.conv{j}" for i in (0, 1) for j in (1, 2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    # a second chunk resumes from the merged file: the done layers are kept, not redone
+    r = run_bf("analyze", *common, "--layers", r"^mid_block\.attentions\.0\.proj_in$", "--workers", "2", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    again = json.loads(out.read_text())
+    assert len(again["layers"]) == 5 and all(again["layers"][k] == v for k, v in res["layers"].items())
+    r = run_bf("analyze", *common, "--steps", "3", "--workers", "2", "--out", str(out), "--resume")
+    assert r.returncode == 1 and "different settings (steps)" in r.stderr and len(r.stderr.strip().splitlines()) == 1

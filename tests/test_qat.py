@@ -73,6 +73,13 @@ def test_fake_quant_at_init_equals_ptq_and_export_round_trips():
     # and the model is really quantized: 5 levels per row at 2 bits
     w = unet.get_submodule(next(iter(plan))).weight.detach()
     assert max(len(torch.unique(row)) for row in w.reshape(w.shape[0], -1)) <= 5
+    # a diverged scale is a one-line error for the CLI, not a traceback
+    from bf.errors import BfError
+
+    with torch.no_grad():
+        next(iter(quants.values())).scale[0] = float("nan")
+    with pytest.raises(BfError, match=r"1 learned scale\(s\) are not positive and finite; retrain"):
+        export_layers(unet, quants)
 
 
 def test_stage1_is_zero_for_an_identical_student_and_has_the_feature_term():

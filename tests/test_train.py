@@ -46,6 +46,25 @@ def test_stage1_loss_goes_down(tmp_path):
     assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("stage,step,loss") and len(rows) == 25
+    from bf.trainer.event_log import read_records
+    from tests.test_event_log import scalars_of
+
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    logged = [scalars_of(r) for r in read_records(events)[1:]]
+    assert [step for step, _ in logged] == list(range(1, 25))
+    assert [v["stage1/loss"] for _, v in logged] == pytest.approx(losses, rel=1e-6)  # float32 in the event file
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, lr=1e-3, checkpoint_every=100)
+    frozen = _frozen()
+    plan = _plan(frozen)
+    plain, _ = train_student(frozen, plan, cfg, tmp_path / "a")
+    ckpt, _ = train_student(_frozen(), plan, TrainConfig(**{**cfg.__dict__, "grad_checkpoint": True}), tmp_path / "b")
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    a, b = plain.state_dict(), ckpt.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert any(not torch.equal(a[k], _frozen().teacher.state_dict().get(k, a[k])) for k in a)  # it did train
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -147,3 +166,24 @@ def test_training_noise_schedule_is_the_models():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
     assert acp.shape == (1000,)
     assert torch.allclose(acp, torch.cumprod(1 - betas, 0), rtol=1e-5)
+
+
+def test_text_encoder_cache_overflow_keeps_every_caption_of_the_batch():
+    """A batch that overflows the cache once lost its already-cached captions (KeyError on the GPU run)."""
+    from bf.trainer.run import TextEncoder
+
+    class Tok:
+        model_max_length = 4
+
+        def __call__(self, texts, **kw):
+            return type("T", (), {"input_ids": torch.tensor([[len(t), 0, 0, 0] for t in texts])})()
+
+    class Enc(torch.nn.Module):
+        def forward(self, ids):
+            return type("O", (), {"last_hidden_state": ids.float()[:, :, None]})()
+
+    enc = TextEncoder(Tok(), Enc(), "cpu", max_cached=3)
+    enc(["a", "bb"])
+    out = enc(["a", "ccc", "dddd"])  # 2 cached + 2 new > 3: cleared, and "a" must be recomputed
+    assert out[:, 0, 0].tolist() == [1.0, 3.0, 4.0]
+    assert set(enc.cache) == {"a", "ccc", "dddd"}

@@ -72,6 +72,15 @@ class _Jobs:
         return imgs, lats, accuracy(imgs, self.scenes).get("overall")
 
 
+def settings_of(cfg: AnalyzeConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+
+
+def check_resumable(out: Path, cfg: AnalyzeConfig, model: dict, resume: bool) -> None:
+    """Raise now what ``analyze`` would raise about ``out`` (before workers are started)."""
+    _load_existing(out, settings_of(cfg), model, resume)
+
+
 def _load_existing(out: Path, settings: dict, model: dict, resume: bool) -> dict | None:
     if not out.exists():
         return None
@@ -92,12 +101,45 @@ def _load_existing(out: Path, settings: dict, model: dict, resume: bool) -> dict
     return prev
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): this process analyses every N-th candidate layer starting at the K-th."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise BfError(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/4")
+    return int(m[1]), int(m[2])
+
+
+def merge_analyses(parts: list[tuple[str, dict]]) -> dict:
+    """One analysis from several of the same model and settings (shards, or chunks by --layers)."""
+    (first_src, first), *rest = parts
+    if first.get("format") != ANALYSIS_FORMAT:
+        raise BfError(f"{first_src}: not a bf analysis")
+    merged = json.loads(json.dumps(first))
+    fixed = {k: v for k, v in first.get("settings", {}).items() if k != "layers"}
+    for src, part in rest:
+        if part.get("format") != ANALYSIS_FORMAT:
+            raise BfError(f"{src}: not a bf analysis")
+        if part.get("model", {}).get("hash") != first.get("model", {}).get("hash"):
+            raise BfError(f"{src}: made for another model than {first_src}; analyses of different models cannot be merged")
+        other = {k: v for k, v in part.get("settings", {}).items() if k != "layers"}
+        if other != fixed:
+            changed = sorted(k for k in fixed.keys() | other.keys() if fixed.get(k) != other.get(k))
+            raise BfError(f"{src}: made with other settings than {first_src} ({', '.join(changed)}); they cannot be merged")
+        merged["layers"].update(part["layers"])
+    merged["settings"]["layers"] = None
+    order = {n: i for i, n in enumerate(merged["candidates"])}
+    merged["layers"] = dict(sorted(merged["layers"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    merged["complete"] = all(n in merged["layers"] for n in merged["candidates"])
+    return merged
+
+
 def analyze(
     pipe,
     model: dict,
     cfg: AnalyzeConfig,
     out: Path,
     resume: bool = False,
+    shard: tuple[int, int] | None = None,
     progress: Callable[[int, int, str], None] = lambda done, total, name: None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
@@ -114,7 +156,9 @@ def analyze(
         names = [n for n in names if pattern.search(n)]
         if not names:
             raise BfError(f"--layers {cfg.layers!r} matches no candidate layer (e.g. {candidates[0]})")
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    if shard is not None:
+        names = names[shard[0] :: shard[1]]
+    settings = settings_of(cfg)
     result = _load_existing(out, settings, model, resume) or {
         "format": ANALYSIS_FORMAT,
         "version": ANALYSIS_VERSION,
@@ -155,13 +199,13 @@ def analyze(
             with torch.no_grad():
                 weight.copy_(original)
         result["layers"][name] = rec
-        _write(out, result)
+        write_analysis(out, result)
         progress(len(names) - len(todo) + i + 1, len(names), name)
     result["complete"] = all(n in result["layers"] for n in candidates)
-    _write(out, result)
+    write_analysis(out, result)
     return result
 
 
-def _write(out: Path, result: dict) -> None:
+def write_analysis(out: Path, result: dict) -> None:
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))

@@ -19,6 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.nn.utils import parametrize
 
+from bf.errors import BfError
 from bf.format import Grid, QuantizedLayer
 from bf.trainer.quantizer import fake_quantize, init_scale, lsq_grad_scale, quantize_levels
 
@@ -75,7 +76,7 @@ def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[s
         s = fq.scale.detach().float().cpu()
         if not torch.isfinite(s).all() or (s <= 0).any():
             bad = int((~torch.isfinite(s) | (s <= 0)).sum())
-            raise ValueError(f"{name}: {bad} learned scale(s) are not positive and finite")
+            raise BfError(f"{name}: {bad} learned scale(s) are not positive and finite; retrain from an earlier state with a lower --lr")
         q = quantize_levels(w, s, fq.grid)
         out[name] = QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), fq.grid)
     return out

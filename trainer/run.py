@@ -36,6 +36,7 @@ class TrainRequest:
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
     bundle: bool = False
+    log_dir: Path | None = None  # log.csv and TensorBoard events; default: the work directory
 
 
 class TextEncoder:
@@ -48,10 +49,11 @@ class TextEncoder:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         todo = sorted({c for c in captions if c not in self.cache})
         if todo:
+            if len(self.cache) + len(todo) > self.max:
+                self.cache.clear()  # whole batch recomputed: its already-cached captions went with the rest
+                todo = sorted(set(captions))
             ids = self.tok(todo, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
             hidden = self.model(ids.to(self.device)).last_hidden_state
-            if len(self.cache) + len(todo) > self.max:
-                self.cache.clear()
             self.cache.update(zip(todo, hidden, strict=True))
         return torch.stack([self.cache[c] for c in captions])
 
@@ -131,6 +133,6 @@ def train_model(
     )
     frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
-    student, quants = train_student(frozen, plan, req.train, work, resume, progress, log)
+    student, quants = train_student(frozen, plan, req.train, work, resume, progress, log, req.log_dir)
     meta = {**recipe, "init": req.train.init, "training": {"data": req.data, "images": len(data.captions), **asdict(req.train)}}
     return pack_student(student, quants, unet_config, base, meta, bundle_from_model_dir(model) if req.bundle else None)

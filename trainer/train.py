@@ -23,12 +23,16 @@ from bf.errors import BfError
 from bf.format import Checkpoint, Grid
 from bf.provenance import provenance
 from bf.trainer.data import LatentSet
+from bf.trainer.event_log import EventLog
 from bf.trainer.ptq import kept_tensors
 from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, sample_timesteps, stage1_loss, stage2_loss
 from bf.trainer.train_state import load_state, save_state
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.csv"
+
+
+_NOT_IN_DIGEST = ("checkpoint_every", "grad_checkpoint")  # change how a run goes, not what it computes
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,12 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     bf16: bool = False  # autocast on CUDA
+    grad_checkpoint: bool = False  # recompute block activations in the backward pass: less memory, about 30% more time
 
     def digest(self, plan: dict[str, Grid]) -> str:
         """Hash of everything that makes two runs the same run (resume refuses a different one)."""
-        canon = json.dumps({"cfg": asdict(self), "plan": {k: [g.bits, g.kind] for k, g in sorted(plan.items())}}, sort_keys=True)
+        same_run = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_DIGEST}
+        canon = json.dumps({"cfg": same_run, "plan": {k: [g.bits, g.kind] for k, g in sorted(plan.items())}}, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -89,12 +95,18 @@ def train_student(
     resume: bool = False,
     progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
     log: Callable[[str], None] = lambda m: None,
+    log_dir: Path | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """The trained student (fake-quant UNet) and its fake-quant modules' registry."""
+    """The trained student (fake-quant UNet) and its fake-quant modules' registry.
+
+    Losses go to ``log_dir`` (default ``work``) as log.csv and a TensorBoard event file.
+    """
     device = frozen.alphas_cumprod.device
     teacher = frozen.teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     quants = attach_fake_quant(student, plan, cfg.init)
+    if cfg.grad_checkpoint:
+        student.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     # Under torchrun every rank trains the same student on its own batches; DDP averages the
     # gradients, so the ranks stay identical and rank 0 alone writes state and log.
@@ -116,7 +128,11 @@ def train_student(
     forward = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student  # after loading: every rank equal
     empty = frozen.encode_text([""])
     n = len(frozen.data.captions)
-    csv_log = CsvLog(work / LOG_FILE) if rank == 0 else None
+    log_dir = log_dir or work
+    if rank == 0:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        csv_log, events = CsvLog(log_dir / LOG_FILE), EventLog(log_dir)
+    steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     t0 = time.time()
     try:
@@ -153,11 +169,13 @@ def train_student(
                 if rank != 0:
                     continue
                 csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
+                events.scalars(steps_before[stage] + step, {f"stage{stage}/{k}": v for k, v in parts.items()})
                 if step % cfg.checkpoint_every == 0 or step == steps:
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
     finally:
-        if csv_log is not None:
+        if rank == 0:
             csv_log.close()
+            events.close()
     return student, quants
 
 

@@ -1,0 +1,75 @@
+"""``bf analyze --workers N``: the layers spread over N processes on one machine.
+
+A small model is bound by kernel launches, not by the GPU: one process keeps an H100
+mostly idle, so N processes each analysing every N-th layer run close to N times
+faster. Each worker writes its own part file (resumable like any analysis); when all
+have finished the parts are merged into ``--out`` and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bf.errors import BfError
+from bf.trainer.analyze import merge_analyses, write_analysis
+
+
+def part_path(out: Path, k: int, n: int) -> Path:
+    return out.with_name(f"{out.name}.part{k}of{n}")
+
+
+def _done(path: Path) -> int:
+    try:
+        return len(json.loads(path.read_text())["layers"])
+    except (OSError, ValueError, KeyError):
+        return 0  # not written yet, or being replaced (writes are atomic renames, so only absent)
+
+
+def run_workers(
+    command: Callable[[int, int, Path, bool], list[str]],
+    n: int,
+    out: Path,
+    resume: bool,
+    progress: Callable[[int], None] = lambda done: None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict:
+    """Run ``command(k, n, part, resume_part)`` for k < n at once, report layers done, merge into ``out``."""
+    if out.exists() and not resume:
+        raise BfError(f"{out} exists; pass --resume to continue it, or choose another --out")
+    parts = [part_path(out, k, n) for k in range(n)]
+    logs = [p.with_name(p.name + ".log") for p in parts]
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if out.exists():  # every worker continues from what is already merged (and refuses it if the settings differ)
+        for part in parts:
+            if not part.exists():
+                write_analysis(part, json.loads(out.read_text()))
+    procs = []
+    for k, (part, lg) in enumerate(zip(parts, logs, strict=True)):
+        with open(lg, "w") as f:
+            procs.append(subprocess.Popen(command(k, n, part, part.exists()), stdout=f, stderr=subprocess.STDOUT, env=env))
+    log(f"{n} workers started (logs: {logs[0].name} ...)")
+    try:
+        while any(p.poll() is None for p in procs):
+            progress(sum(_done(p) for p in parts))
+            time.sleep(2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    progress(sum(_done(p) for p in parts))
+    failed = [k for k, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        k = failed[0]
+        tail = [ln.removeprefix("error: ") for ln in logs[k].read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
+        raise BfError(f"analysis worker {k} of {n} failed: {tail[0]} (log: {logs[k]}); fix it, then rerun with --resume")
+    merged = merge_analyses([(str(p), json.loads(p.read_text())) for p in parts])
+    write_analysis(out, merged)
+    for p in parts + logs:
+        p.unlink(missing_ok=True)
+    return merged
