@@ -130,9 +130,10 @@ def main() -> None:
             mem = r["peak_mem_bytes"] / base["peak_mem_bytes"] if base["peak_mem_bytes"] else None
             ratios[mode] = {"time_vs_plain": r["step_ms"] / base["step_ms"], "memory_vs_plain": mem}
     if "distill" in results and "qat" in results:
+        distill_mem = results["distill"]["peak_mem_bytes"]
         ratios["qat_vs_distill"] = {
             "time": results["qat"]["step_ms"] / results["distill"]["step_ms"],
-            "memory": results["qat"]["peak_mem_bytes"] / results["distill"]["peak_mem_bytes"] if base["peak_mem_bytes"] else None,
+            "memory": results["qat"]["peak_mem_bytes"] / distill_mem if distill_mem else None,
         }
     for k, v in ratios.items():
         print(f"{k:14s} " + "  ".join(f"{a} {b:.3f}x" for a, b in v.items() if b is not None))

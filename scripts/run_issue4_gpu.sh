@@ -10,7 +10,7 @@
 # usage: scripts/run_issue4_gpu.sh PHASE OUT_DIR [STEPS]
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
-phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256}
+phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256} rows=${ROWS:-lsq2,balance,altinit,mixed}
 work=${WORK:-/tmp/issue4}
 mkdir -p "$out" "$work"
 if [ -d .whl ] && ! python3 -c "import bf.trainer" 2>/dev/null; then
@@ -50,9 +50,9 @@ case $phase in
     fi
     time python3 "$repo/scripts/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
       --images "${IMAGES:-10000}" \
-      --rows "${ROWS:-lsq2,balance,altinit,mixed}"
-    for k in ${ROWS//,/ }; do tar cf "$out/$k.tar" "$k.bfq" "$k.bfq.work/log.csv" "$k.train.log"; done
-    cp train_seconds.json "$out/train_seconds_${ROWS//,/_}.json"
+      --rows "$rows"
+    for k in ${rows//,/ }; do tar cf "$out/$k.tar" "$k.bfq" "$k.bfq.work/log.csv" "$k.train.log"; done
+    cp train_seconds.json "$out/train_seconds_${rows//,/_}.json"
     ;;
   eval)
     for t in "$repo"/.rows/*.tar; do [ -e "$t" ] && tar xf "$t"; done

@@ -100,3 +100,12 @@ def test_workers_cli_merges_parts_and_leaves_none_behind(tiny_model, tmp_path):
     assert len(again["layers"]) == 5 and all(again["layers"][k] == v for k, v in res["layers"].items())
     r = run_bf("analyze", *common, "--steps", "3", "--workers", "2", "--out", str(out), "--resume")
     assert r.returncode == 1 and "different settings (steps)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_workers_refuse_leftover_parts_without_resume(tmp_path):
+    from bf.trainer.analyze_workers import run_workers
+
+    out = tmp_path / "a.json"
+    (tmp_path / "a.json.part1of3").write_text("{}")  # an interrupted run with --workers 3
+    with pytest.raises(BfError, match=r"a\.json\.part1of3 is left from an interrupted analysis; pass --resume"):
+        run_workers(lambda k, n, part, r: ["false"], 2, out, resume=False)

@@ -23,11 +23,11 @@ def part_path(out: Path, k: int, n: int) -> Path:
     return out.with_name(f"{out.name}.part{k}of{n}")
 
 
-def _done(path: Path) -> int:
+def _layers(path: Path) -> set[str]:
     try:
-        return len(json.loads(path.read_text())["layers"])
+        return set(json.loads(path.read_text())["layers"])
     except (OSError, ValueError, KeyError):
-        return 0  # not written yet, or being replaced (writes are atomic renames, so only absent)
+        return set()  # not written yet (writes are atomic renames)
 
 
 def run_workers(
@@ -43,6 +43,10 @@ def run_workers(
         raise BfError(f"{out} exists; pass --resume to continue it, or choose another --out")
     parts = [part_path(out, k, n) for k in range(n)]
     logs = [p.with_name(p.name + ".log") for p in parts]
+    leftovers = sorted(out.parent.glob(f"{out.name}.part*of*[0-9]"))
+    if leftovers and not resume:
+        raise BfError(f"{leftovers[0]} is left from an interrupted analysis; pass --resume to continue it, or delete it")
+    stale = [p for p in leftovers if p not in parts]  # from a run with another --workers: merged at the end
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if out.exists():  # every worker continues from what is already merged (and refuses it if the settings differ)
@@ -54,22 +58,30 @@ def run_workers(
         with open(lg, "w") as f:
             procs.append(subprocess.Popen(command(k, n, part, part.exists()), stdout=f, stderr=subprocess.STDOUT, env=env))
     log(f"{n} workers started (logs: {logs[0].name} ...)")
+
+    def done() -> int:  # parts resumed from --out all hold its layers: count each layer once
+        return len(set().union(*(_layers(p) for p in parts)))
+
     try:
         while any(p.poll() is None for p in procs):
-            progress(sum(_done(p) for p in parts))
+            progress(done())
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # one failed: stop the rest now (their parts resume), not after hours
             time.sleep(2)
-    except KeyboardInterrupt:
+    finally:
         for p in procs:
-            p.terminate()
-        raise
-    progress(sum(_done(p) for p in parts))
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    progress(done())
     failed = [k for k, p in enumerate(procs) if p.returncode != 0]
     if failed:
         k = failed[0]
         tail = [ln.removeprefix("error: ") for ln in logs[k].read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         raise BfError(f"analysis worker {k} of {n} failed: {tail[0]} (log: {logs[k]}); fix it, then rerun with --resume")
-    merged = merge_analyses([(str(p), json.loads(p.read_text())) for p in parts])
+    sources = ([out] if out.exists() else []) + stale + parts
+    merged = merge_analyses([(str(p), json.loads(p.read_text())) for p in sources])
     write_analysis(out, merged)
-    for p in parts + logs:
+    for p in stale + parts + logs:
         p.unlink(missing_ok=True)
     return merged
