@@ -258,7 +258,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="Use this recipe instead of analysing and allocating.")
 @click.option("--analysis", type=click.Path(path_type=Path), default=None, help="Allocate from this bf analyze result.")
 @click.option("--uniform-bits", type=click.IntRange(1, 8), default=None, help="Every layer at this width (ablation baseline).")
-@click.option("--grid", type=click.Choice(["balanced", "plain"]), default="balanced", show_default=True)
+@click.option("--grid", type=click.Choice(["balanced", "plain"]), default=None, help="Level grid [default: the recipe's, else balanced].")
 @click.option("--init", type=click.Choice(["alt", "minmax"]), default="alt", show_default=True, help="Scale initialisation.")
 @click.option("--no-feature-distill", is_flag=True, help="Stage I without the block-feature loss.")
 @click.option("--timesteps", type=click.Choice(["beta", "uniform"]), default="beta", show_default=True, help="Training timestep sampling.")

@@ -17,11 +17,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bf.errors import BfError
+from bf.processes import run_commands
 
 CFGS = (3.5, 5.5, 7.5, 9.5)
 ABLATE = ["--no-feature-distill", "--timesteps", "uniform", "--no-stage2"]
@@ -52,30 +53,18 @@ def bf(*args: str) -> list[str]:
 
 
 def run_parallel(jobs: dict[str, list[str]], work: Path, parallel: int, what: str) -> dict[str, float]:
-    """Run commands, at most ``parallel`` at once; seconds per job; stops on the first failure."""
-    pending, running, seconds = list(jobs.items()), {}, {}
-    threads = str(max(1, (os.cpu_count() or 2) // max(1, min(parallel, len(jobs)))))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore"}
-    while pending or running:
-        while pending and len(running) < parallel:
-            key, cmd = pending.pop(0)
-            log = open(work / f"{key}.{what}.log", "w")  # noqa: SIM115 - closed when the job ends
-            running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
-            print(f"[{what}] started {key}", flush=True)
-        for key, (proc, log, t0) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[key]
-                seconds[key] = time.time() - t0
-                if proc.returncode != 0:
-                    for p, lg, _ in running.values():
-                        p.terminate()
-                        lg.close()
-                    tail = (work / f"{key}.{what}.log").read_text(errors="replace").strip().splitlines()[-3:]
-                    sys.exit(f"[{what}] {key} failed:\n" + "\n".join(tail))
-                print(f"[{what}] {key} done in {seconds[key]:.0f}s", flush=True)
-        time.sleep(1)
-    return seconds
+    """Run commands, at most ``parallel`` at once; seconds per job; exits on the first failure."""
+    try:
+        return run_commands(
+            jobs,
+            {key: work / f"{key}.{what}.log" for key in jobs},
+            parallel,
+            on_event=lambda key, event, s: print(f"[{what}] {key} {event}" + (f" in {s:.0f}s" if event == "done" else ""), flush=True),
+            failure=lambda key, line, log: f"[{what}] {key} failed: {line} (log: {log})",
+            extra_env={"PYTHONWARNINGS": "ignore"},
+        )
+    except BfError as e:
+        sys.exit(str(e))
 
 
 def train(args, table_rows) -> None:

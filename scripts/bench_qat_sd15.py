@@ -31,6 +31,7 @@ from bf.format import EDGE_BITS, EDGE_LAYERS, Grid, quantizable_layers
 from bf.models.architectures import ARCHITECTURES
 from bf.provenance import provenance
 from bf.trainer.qat import LossConfig, attach_fake_quant, stage1_loss
+from bf.trainer.train import make_optimizer, optimizer_step
 
 MODES = ("plain", "distill", "qat", "qat-ckpt")
 
@@ -64,7 +65,7 @@ def run_mode(mode: str, arch: str, batch: int, res: int, steps: int, warmup: int
     setup_s = time.time() - t0
     if mode == "qat-ckpt":
         student.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
+    opt = make_optimizer(student, lr=1e-5)
     g = torch.Generator(device=device).manual_seed(0)
     lat = res // 8
     zt = torch.randn(batch, 4, lat, lat, device=device, generator=g)
@@ -83,10 +84,7 @@ def run_mode(mode: str, arch: str, batch: int, res: int, steps: int, warmup: int
                 loss = F.mse_loss(student(zt, t, cond).sample.float(), noise)
             else:
                 loss, _ = stage1_loss(student, teacher, zt, t, cond, loss_cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, student, opt)
         if cuda:
             end.record()
             torch.cuda.synchronize()

@@ -1,5 +1,7 @@
 """QAT training loop: loss goes down, resume gives the uninterrupted result bit for bit, NaN stops cleanly, data loading."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from bf.format import Grid, candidate_layers  # noqa: E402
 from bf.models.architectures import TINY_UNET  # noqa: E402
 from bf.trainer.data import LatentSet, read_image_captions  # noqa: E402
 from bf.trainer.qat import LossConfig  # noqa: E402
+from bf.trainer.recipe import uniform_recipe  # noqa: E402
 from bf.trainer.train import STATE_FILE, Frozen, TrainConfig, train_student  # noqa: E402
 
 
@@ -64,7 +67,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     a, b = plain.state_dict(), ckpt.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert any(not torch.equal(a[k], _frozen().teacher.state_dict().get(k, a[k])) for k in a)  # it did train
+    start = _frozen().teacher.state_dict()
+    assert any(not torch.equal(a[k], start.get(k, a[k])) for k in a)  # it did train
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -133,6 +137,10 @@ def test_bf_train_cli_on_an_fp16_model(tmp_path):
     assert (tmp_path / "q.bfq.work" / "log.csv").read_text().count("\n") == 4
     r = run_bf(*args, "--uniform-bits", "2", "--recipe", tmp_path / "r.json", "--out", tmp_path / "x.bfq")
     assert r.returncode == 1 and "at most one of --recipe and --uniform-bits" in r.stderr and not (tmp_path / "x.bfq").exists()
+    (tmp_path / "r.json").write_text(json.dumps(uniform_recipe({"conv_in": (4, 4, 3, 3)}, 2, "balanced")))
+    r = run_bf(*args, "--recipe", tmp_path / "r.json", "--grid", "plain", "--out", tmp_path / "x.bfq")
+    assert r.returncode == 1 and "--grid plain contradicts the grid of" in r.stderr and "('balanced'); drop --grid" in r.stderr
+    assert not (tmp_path / "x.bfq").exists()
 
 
 def test_ddp_two_cpu_processes_train_identical_students(tmp_path):

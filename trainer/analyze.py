@@ -72,6 +72,11 @@ class _Jobs:
         return imgs, lats, accuracy(imgs, self.scenes).get("overall")
 
 
+def settings_changed(a: dict, b: dict) -> list[str]:
+    """Settings two analyses differ in; ``layers`` does not count (analysing in chunks is fine)."""
+    return sorted(k for k in (a.keys() | b.keys()) - {"layers"} if a.get(k) != b.get(k))
+
+
 def settings_of(cfg: AnalyzeConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
@@ -94,9 +99,8 @@ def _load_existing(out: Path, settings: dict, model: dict, resume: bool) -> dict
         raise BfError(f"{out}: cannot resume, not a bf analysis")
     if prev.get("model", {}).get("hash") != model["hash"]:
         raise BfError(f"{out}: cannot resume, it was made for another model ({prev.get('model', {}).get('path')})")
-    fixed = {k: v for k, v in settings.items() if k != "layers"}  # analysing in chunks with different --layers is fine
-    if {k: v for k, v in prev.get("settings", {}).items() if k != "layers"} != fixed:
-        changed = sorted(k for k in fixed if prev.get("settings", {}).get(k) != fixed[k])
+    changed = settings_changed(prev.get("settings", {}), settings)
+    if changed:
         raise BfError(f"{out}: cannot resume with different settings ({', '.join(changed)}); use the original ones or a new --out")
     return prev
 
@@ -115,15 +119,13 @@ def merge_analyses(parts: list[tuple[str, dict]]) -> dict:
     if first.get("format") != ANALYSIS_FORMAT:
         raise BfError(f"{first_src}: not a bf analysis")
     merged = json.loads(json.dumps(first))
-    fixed = {k: v for k, v in first.get("settings", {}).items() if k != "layers"}
     for src, part in rest:
         if part.get("format") != ANALYSIS_FORMAT:
             raise BfError(f"{src}: not a bf analysis")
         if part.get("model", {}).get("hash") != first.get("model", {}).get("hash"):
             raise BfError(f"{src}: made for another model than {first_src}; analyses of different models cannot be merged")
-        other = {k: v for k, v in part.get("settings", {}).items() if k != "layers"}
-        if other != fixed:
-            changed = sorted(k for k in fixed.keys() | other.keys() if fixed.get(k) != other.get(k))
+        changed = settings_changed(first.get("settings", {}), part.get("settings", {}))
+        if changed:
             raise BfError(f"{src}: made with other settings than {first_src} ({', '.join(changed)}); they cannot be merged")
         merged["layers"].update(part["layers"])
     merged["settings"]["layers"] = None

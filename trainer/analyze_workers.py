@@ -9,13 +9,11 @@ have finished the parts are merged into ``--out`` and removed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bf.errors import BfError
+from bf.processes import run_commands
 from bf.trainer.analyze import merge_analyses, write_analysis
 
 
@@ -38,50 +36,36 @@ def run_workers(
     progress: Callable[[int], None] = lambda done: None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
-    """Run ``command(k, n, part, resume_part)`` for k < n at once, report layers done, merge into ``out``."""
-    if out.exists() and not resume:
-        raise BfError(f"{out} exists; pass --resume to continue it, or choose another --out")
+    """Run ``command(k, n, part, resume_part)`` for k < n at once, report layers done, merge into ``out``.
+
+    Whether ``out`` may be continued is checked by the caller (``analyze.check_resumable``).
+    """
     parts = [part_path(out, k, n) for k in range(n)]
-    logs = [p.with_name(p.name + ".log") for p in parts]
+    logs = {str(k): p.with_name(p.name + ".log") for k, p in enumerate(parts)}
     leftovers = sorted(out.parent.glob(f"{out.name}.part*of*[0-9]"))
     if leftovers and not resume:
         raise BfError(f"{leftovers[0]} is left from an interrupted analysis; pass --resume to continue it, or delete it")
     stale = [p for p in leftovers if p not in parts]  # from a run with another --workers: merged at the end
-    threads = max(1, (os.cpu_count() or 1) // n)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if out.exists():  # every worker continues from what is already merged (and refuses it if the settings differ)
         for part in parts:
             if not part.exists():
                 write_analysis(part, json.loads(out.read_text()))
-    procs = []
-    for k, (part, lg) in enumerate(zip(parts, logs, strict=True)):
-        with open(lg, "w") as f:
-            procs.append(subprocess.Popen(command(k, n, part, part.exists()), stdout=f, stderr=subprocess.STDOUT, env=env))
-    log(f"{n} workers started (logs: {logs[0].name} ...)")
 
     def done() -> int:  # parts resumed from --out all hold its layers: count each layer once
         return len(set().union(*(_layers(p) for p in parts)))
 
-    try:
-        while any(p.poll() is None for p in procs):
-            progress(done())
-            if any(p.returncode not in (None, 0) for p in procs):
-                break  # one failed: stop the rest now (their parts resume), not after hours
-            time.sleep(2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-    progress(done())
-    failed = [k for k, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        k = failed[0]
-        tail = [ln.removeprefix("error: ") for ln in logs[k].read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
-        raise BfError(f"analysis worker {k} of {n} failed: {tail[0]} (log: {logs[k]}); fix it, then rerun with --resume")
+    log(f"{n} workers started (logs: {logs['0'].name} ...)")
+    run_commands(
+        {str(k): command(k, n, p, p.exists()) for k, p in enumerate(parts)},
+        logs,
+        n,
+        on_poll=lambda: progress(done()),
+        failure=lambda k, line, lg: f"analysis worker {k} of {n} failed: {line} (log: {lg}); fix it, then rerun with --resume",
+        poll_seconds=2.0,
+    )
     sources = ([out] if out.exists() else []) + stale + parts
     merged = merge_analyses([(str(p), json.loads(p.read_text())) for p in sources])
     write_analysis(out, merged)
-    for p in stale + parts + logs:
+    for p in stale + parts + list(logs.values()):
         p.unlink(missing_ok=True)
     return merged

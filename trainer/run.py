@@ -31,7 +31,7 @@ class TrainRequest:
     recipe: Path | None = None
     uniform_bits: int | None = None
     analysis: Path | None = None
-    grid: str = "balanced"
+    grid: str | None = None  # balanced | plain; default: the recipe's, else balanced
     eta: float = DEFAULT_ETA
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
@@ -74,10 +74,14 @@ def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest,
     sources = [x is not None for x in (req.recipe, req.uniform_bits)]
     if sum(sources) > 1:
         raise BfError("give at most one of --recipe and --uniform-bits")
+    grid = req.grid or "balanced"
     if req.recipe is not None:
-        return load_recipe(req.recipe)
+        recipe = load_recipe(req.recipe)
+        if req.grid is not None and req.grid != recipe["grid"]:
+            raise BfError(f"--grid {req.grid} contradicts the grid of {req.recipe} ('{recipe['grid']}'); drop --grid")
+        return recipe
     if req.uniform_bits is not None:
-        return uniform_recipe(candidate_layers(shapes), req.uniform_bits, req.grid)
+        return uniform_recipe(candidate_layers(shapes), req.uniform_bits, grid)
     if req.analysis is not None:
         analysis = load_analysis(req.analysis)
     else:
@@ -95,7 +99,7 @@ def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest,
             resume or out.exists(),
             log=log,
         )
-    recipe = allocate(analysis, req.target_bits, eta=req.eta, grid=req.grid, source=str(req.analysis or "analysis"))
+    recipe = allocate(analysis, req.target_bits, eta=req.eta, grid=grid, source=str(req.analysis or "analysis"))
     with atomic_path(work / "recipe.json") as tmp:
         tmp.write_text(json.dumps(recipe, indent=1))
     log(f"allocated {req.target_bits} bits: {recipe['avg_bits']:.4f} (paper's count), {recipe['stored_bits_per_weight']:.4f} stored")

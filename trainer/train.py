@@ -65,6 +65,21 @@ class Frozen:
     alphas_cumprod: torch.Tensor  # one per training timestep
 
 
+GRAD_CLIP = 1.0  # max gradient norm
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW with a constant rate and no weight decay (the latent weights must stay where QAT puts them)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    opt.step()
+
+
 def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
     return [(s, n) for s, n in ((1, cfg.stage1_steps), (2, cfg.stage2_steps)) if n > 0]
 
@@ -107,7 +122,7 @@ def train_student(
     quants = attach_fake_quant(student, plan, cfg.init)
     if cfg.grad_checkpoint:
         student.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(student, cfg.lr)
     # Under torchrun every rank trains the same student on its own batches; DDP averages the
     # gradients, so the ranks stay identical and rank 0 alone writes state and log.
     dist = torch.distributed
@@ -161,10 +176,7 @@ def train_student(
                         f"loss is {value} at Stage {stage} step {step}; stopped, the last good state is {state_path} "
                         "(try a lower --lr, then --resume)"
                     )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
+                optimizer_step(loss, student, opt)
                 progress(stage, step, {"steps": steps, "loss": value, **parts})
                 if rank != 0:
                     continue
