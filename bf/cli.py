@@ -166,6 +166,20 @@ def _bits_list(text: str) -> tuple[int, ...]:
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps per image.")
 @click.option("--layers", "layer_regex", default=None, help="Only layers whose name matches this regular expression.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option(
+    "--qat-steps",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Tune each quantized layer alone by this many Stage I steps (batch 8) before judging it; 0: post-training only.",
+)
+@click.option(
+    "--clip",
+    "clip_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Local CLIP model directory: record CLIP scores; the semantic drop of non-shapes prompts is the CLIP-score drop.",
+)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Analysis JSON (rewritten after every layer).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted analysis in --out.")
@@ -178,13 +192,15 @@ def _bits_list(text: str) -> tuple[int, ...]:
     help="Processes sharing the machine, each analysing every N-th layer (a small model leaves a GPU idle in one process).",
 )
 @click.option("--shard", default=None, help="K/N: analyse only every N-th layer from the K-th (to spread one analysis over machines).")
-def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, steps, layer_regex, batch_size, device, out, resume,
-            plot, workers, shard) -> None:  # fmt: skip
+def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, steps, layer_regex, batch_size, qat_steps, clip_dir,
+            device, out, resume, plot, workers, shard) -> None:  # fmt: skip
     """Per-layer sensitivity: every candidate layer alone at each width.
 
     Each layer is quantized alone (balanced grid, alternating init) while the rest
     stays full precision; images from fixed prompts and seeds are compared with the
-    FP model's (pixel MSE) and judged (accuracy drop on shapes prompts). The input of
+    FP model's (pixel MSE) and judged (accuracy drop on shapes prompts, CLIP-score
+    drop on others with --clip). --qat-steps K trains each quantized layer alone for
+    K steps first (the paper's setting; K x layers x widths training steps). The input of
     'bf allocate'. Costs layers x widths x images generations: use a GPU for real
     models, --layers / --limit / --steps for quick looks.
     """
@@ -212,7 +228,11 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         steps=steps,
         batch_size=batch_size,
         layers=layer_regex,
+        qat_steps=qat_steps,
+        clip=str(clip_dir.resolve()) if clip_dir is not None else None,
     )
+    if clip_dir is not None and not (clip_dir / "config.json").is_file():
+        raise BfError(f"--clip {clip_dir}: not a local CLIP model directory (no config.json)")
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
     check_resumable(out, cfg, model, resume)
     bar = tqdm(desc="analyze", unit="layer", disable=None, file=sys.stderr)
@@ -223,6 +243,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
             argv = [sys.executable, "-m", "bf.cli", "analyze", "--model", str(root.root), "--bits", bits_text, "--prompts", prompts]
             argv += ["--limit", str(limit), "--seeds", str(seeds), "--cfg", str(cfg_scale), "--scheduler", scheduler]
             argv += ["--steps", str(steps), "--batch-size", str(batch_size), "--device", device, "--shard", f"{k}/{n}", "--out", str(part)]
+            argv += ["--qat-steps", str(qat_steps)] + (["--clip", cfg.clip] if cfg.clip else [])
             return argv + (["--layers", layer_regex] if layer_regex else []) + (["--resume"] if resume_part else [])
 
         def progress_all(done):

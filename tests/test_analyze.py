@@ -109,3 +109,70 @@ def test_workers_refuse_leftover_parts_without_resume(tmp_path):
     (tmp_path / "a.json.part1of3").write_text("{}")  # an interrupted run with --workers 3
     with pytest.raises(BfError, match=r"a\.json\.part1of3 is left from an interrupted analysis; pass --resume"):
         run_workers(lambda k, n, part, r: ["false"], 2, out, resume=False)
+
+
+def test_short_qat_starts_from_ptq_lowers_the_distillation_loss_and_restores_the_model(pipe):
+    from bf.format import Grid
+    from bf.trainer.ptq import PTQConfig, quantize_weight
+    from bf.trainer.qat import LossConfig, stage1_loss
+    from bf.trainer.short_qat import ShortQAT, ShortQATConfig
+
+    name, grid = "mid_block.resnets.0.conv1", Grid(1, "balanced")
+    unet = pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    tuner = ShortQAT(pipe, ShortQATConfig(steps=0, images=16, lr=1e-3))
+    ptq = quantize_weight(name, before[f"{name}.weight"], grid, PTQConfig(init="alt"))
+    zero = tuner.tune(unet, name, grid, "alt")
+    assert (zero.codes == ptq.codes).all() and (zero.scale == ptq.scale).all()  # 0 steps: exactly the PTQ layer
+    tuner.cfg = ShortQATConfig(steps=60, images=16, lr=1e-4)
+    tuned = tuner.tune(unet, name, grid, "alt")
+    assert not hasattr(unet.get_submodule(name), "parametrizations")
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+    def loss_with(layer):  # Stage I loss on a fixed batch with the layer's dequantized weight
+        g = torch.Generator().manual_seed(5)
+        t = torch.randint(0, 1000, (16,), generator=g)
+        a = tuner.alphas[t].view(-1, 1, 1, 1)
+        z = a.sqrt() * tuner.data.latents + (1 - a).sqrt() * torch.randn(tuner.data.latents.shape, generator=g)
+        cond = tuner.text(tuner.data.captions)
+        with torch.no_grad():
+            unet.get_submodule(name).weight.copy_(torch.from_numpy(layer.dequantize()))
+            loss, _ = stage1_loss(unet, tuner.teacher, z, t, cond, LossConfig())
+            unet.get_submodule(name).weight.copy_(before[f"{name}.weight"])
+        return float(loss)
+
+    assert loss_with(tuned) < 0.8 * loss_with(ptq)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_model, tmp_path_factory):
+    """A random CLIP model directory (tiny, with the tiny model's tokenizer): CLIP scores are computed, not meaningful."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out = tmp_path_factory.mktemp("clip")
+    tok = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text, vision = {"vocab_size": tok.vocab_size, **tower}, {"image_size": 32, "patch_size": 8, **tower}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out, safe_serialization=True)
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tok).save_pretrained(out)
+    return out
+
+
+def test_clip_scores_give_the_semantic_drop_of_prompts_that_cannot_be_judged(pipe, tiny_clip, tmp_path):
+    from bf.evaluate.clip_score import ClipScorer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nan oil painting of a harbour\n")
+    cfg = AnalyzeConfig(**{**CFG.__dict__, "prompts": str(prompts), "layers": r"^mid_block\.resnets\.0\.conv1$", "clip": str(tiny_clip)})
+    res = analyze(pipe, {"path": "tiny", "hash": "h1"}, cfg, tmp_path / "a.json")
+    fp = res["fp"]["clip_score"]
+    assert res["fp"]["accuracy"] is None and -1 <= fp <= 1
+    for rec in res["layers"]["mid_block.resnets.0.conv1"]["bits"].values():
+        assert rec["accuracy"] is None and rec["semantic_drop"] == pytest.approx(fp - rec["clip_score"]) and rec["clip_score"] != fp
+    images = torch.rand(2, 16, 16, 3).numpy()
+    scorer = ClipScorer(tiny_clip)
+    assert scorer(images, ["a", "b"]) == pytest.approx(scorer(images[::-1], ["b", "a"]))  # pairs, not positions
+    with pytest.raises(BfError, match="not a local CLIP model directory"):
+        ClipScorer(tmp_path)

@@ -3,8 +3,10 @@
 Every candidate layer alone is quantized (balanced grid, alternating init) to each
 analysed width, everything else stays full precision; images generated with fixed
 prompts and seeds are compared with the FP model's: pixel MSE, and the semantic drop
-(prompt-faithfulness accuracy of shapes prompts, FP minus quantized). The JSON is
-rewritten (atomically) after every layer, so an interrupted run resumes where it stopped.
+(FP minus quantized: prompt-faithfulness accuracy for shapes prompts, else the CLIP
+score when a CLIP model is given). With ``qat_steps`` each layer is tuned by a short
+QAT of that layer alone before it is judged. The JSON is rewritten (atomically) after
+every layer, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class AnalyzeConfig:
     init: str = "alt"
     batch_size: int = 32
     layers: str | None = None  # regex: analyse only matching layers
+    qat_steps: int = 0  # > 0: short QAT of each layer alone before judging it (trainer/short_qat.py)
+    clip: str | None = None  # local CLIP model directory: CLIP score of every image set
 
 
 def accounting(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -67,14 +71,28 @@ class _Jobs:
                     self.jobs.append((p, cfg.seed + k))
                     self.scenes.append(sc)
 
-    def run(self, pipe, cfg: AnalyzeConfig) -> tuple[np.ndarray, np.ndarray, float | None]:
+    def run(self, pipe, cfg: AnalyzeConfig, clip=None) -> tuple[np.ndarray, np.ndarray, float | None, float | None]:
+        """Images, latents, accuracy (shapes prompts only) and CLIP score (with a scorer)."""
         imgs, lats = generate(pipe, self.jobs, cfg.cfg, cfg.steps, cfg.batch_size)
-        return imgs, lats, accuracy(imgs, self.scenes).get("overall")
+        score = clip(imgs, [p for p, _ in self.jobs]) if clip is not None else None
+        return imgs, lats, accuracy(imgs, self.scenes).get("overall"), score
+
+
+def semantic_drop(fp_acc, acc, fp_clip, clip_score) -> float:
+    """Accuracy lost where the prompts can be judged, else CLIP score lost, else 0."""
+    if acc is not None:
+        return fp_acc - acc
+    if clip_score is not None:
+        return fp_clip - clip_score
+    return 0.0
 
 
 def settings_changed(a: dict, b: dict) -> list[str]:
-    """Settings two analyses differ in; ``layers`` does not count (analysing in chunks is fine)."""
-    return sorted(k for k in (a.keys() | b.keys()) - {"layers"} if a.get(k) != b.get(k))
+    """Settings two analyses differ in; ``layers`` does not count (analysing in chunks is fine).
+
+    A setting missing from one (an analysis from before it existed) counts as its default."""
+    default = settings_of(AnalyzeConfig())
+    return sorted(k for k in (a.keys() | b.keys()) - {"layers"} if a.get(k, default.get(k)) != b.get(k, default.get(k)))
 
 
 def settings_of(cfg: AnalyzeConfig) -> dict:
@@ -172,34 +190,49 @@ def analyze(
     }
     result["settings"] = settings
     jobs = _Jobs(cfg)
+    clip = None
+    if cfg.clip is not None:
+        from bf.evaluate.clip_score import ClipScorer
+
+        clip = ClipScorer(Path(cfg.clip), str(next(unet.parameters()).device))
     t0 = time.time()
-    fp_imgs, fp_lats, fp_acc = jobs.run(pipe, cfg)
-    result["fp"] = {"accuracy": fp_acc, "images": len(fp_imgs)}
-    log(f"FP model: {len(fp_imgs)} images in {time.time() - t0:.1f}s" + (f", accuracy {fp_acc:.3f}" if fp_acc is not None else ""))
+    fp_imgs, fp_lats, fp_acc, fp_clip = jobs.run(pipe, cfg, clip)
+    result["fp"] = {"accuracy": fp_acc, "clip_score": fp_clip, "images": len(fp_imgs)}
+    log(
+        f"FP model: {len(fp_imgs)} images in {time.time() - t0:.1f}s"
+        + (f", accuracy {fp_acc:.3f}" if fp_acc is not None else "")
+        + (f", CLIP score {fp_clip:.4f}" if fp_clip is not None else "")
+    )
 
     todo = [n for n in names if n not in result["layers"]]
     log(f"{len(names) - len(todo)} of {len(names)} layers already analysed; {len(todo)} to go, {len(cfg.bits)} widths each")
     ptq = PTQConfig(init=cfg.init)
+    tuner = None
+    if cfg.qat_steps > 0 and todo:
+        from bf.trainer.short_qat import ShortQAT, ShortQATConfig
+
+        tuner = ShortQAT(pipe, ShortQATConfig(steps=cfg.qat_steps), log)
     for i, name in enumerate(todo):
-        weight = unet.get_submodule(name).weight
-        original = weight.detach().clone()
+        original = unet.get_submodule(name).weight.detach().clone()
         rec = {"shape": list(original.shape), "params": int(original.numel()), "bits": {}}
         try:
             for b in cfg.bits:
-                layer = quantize_weight(name, original.cpu(), Grid(b, "balanced"), ptq)
+                grid = Grid(b, "balanced")
+                layer = tuner.tune(unet, name, grid, cfg.init) if tuner else quantize_weight(name, original.cpu(), grid, ptq)
                 with torch.no_grad():
-                    weight.copy_(torch.from_numpy(layer.dequantize()).to(weight))
-                imgs, lats, acc = jobs.run(pipe, cfg)
+                    unet.get_submodule(name).weight.copy_(torch.from_numpy(layer.dequantize()))
+                imgs, lats, acc, score = jobs.run(pipe, cfg, clip)
                 fid = fidelity(imgs, fp_imgs, lats, fp_lats)
                 rec["bits"][str(b)] = {
                     "mse": fid["mse"],
                     "latent_mse": fid["latent_mse"],
                     "accuracy": acc,
-                    "semantic_drop": (fp_acc - acc) if acc is not None else 0.0,
+                    "clip_score": score,
+                    "semantic_drop": semantic_drop(fp_acc, acc, fp_clip, score),
                 }
         finally:
             with torch.no_grad():
-                weight.copy_(original)
+                unet.get_submodule(name).weight.copy_(original)
         result["layers"][name] = rec
         write_analysis(out, result)
         progress(len(names) - len(todo) + i + 1, len(names), name)
