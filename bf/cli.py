@@ -35,7 +35,7 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-_EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train", "matplotlib": "plot"}
+_EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train", "matplotlib": "plot", "onnx": "export", "onnxruntime": "export"}
 
 
 def _progress(desc: str):
@@ -414,6 +414,56 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
         click.echo(json.dumps({k: v for k, v in recipe.items() if k != "layers"} | {"out": str(out)}))
     else:
         click.echo(format_allocation(recipe, out))
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["onnx", "onnx-std", "trt"]), default="onnx", show_default=True,
+              help="onnx: custom dequant ops (for the TensorRT plugin); onnx-std: standard operators only (any ONNX runtime); "
+                   "trt: onnx plus TensorRT engines.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (must not exist or be empty).")
+@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True,
+              help="Sampler the UNet's time-feature table is built for.")  # fmt: skip
+@click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps the table is built for.")
+@click.option("--height", type=click.IntRange(8), default=None, help="Image height [default: the model's native size].")
+@click.option("--width", type=click.IntRange(8), default=None, help="Image width [default: the model's native size].")
+@click.option("--batch", type=click.IntRange(1), default=2, show_default=True, help="Largest batch of the TensorRT profiles.")
+@click.option("--fp16/--fp32", "fp16", default=None, help="TensorRT engine precision [default: fp16 for trt]; ONNX graphs are float32.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run the graphs in ONNX Runtime against PyTorch; under 40 dB PSNR (fp32; 30 dB fp16) the export fails.")  # fmt: skip
+@click.option("--base-model", type=click.Path(path_type=Path), default=None, help="Base model directory, if it moved.")
+@click.option("--plugin", type=click.Path(path_type=Path), default=None, help="TensorRT plugin library (--target trt).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, fp16, check, base_model, plugin, as_json) -> None:
+    """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder).
+
+    \b
+    Writes text_encoder.onnx, unet.onnx, vae_decoder.onnx, tokenizer/, scheduler/ and
+    manifest.json. Every quantized weight of unet.onnx is one bitsfusion::LowBitDequant
+    node over its packed codes (onnx-std: the same decode in standard operators), and the
+    UNet takes a step index into a time-feature table built for --scheduler and --steps.
+    """
+    from tqdm import tqdm
+
+    from bf.export.run import ExportRequest, export_model
+
+    precision = ("fp16" if target == "trt" else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
+    req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
+                        precision=precision, check=check, plugin=plugin)  # fmt: skip
+    bar = tqdm(total=6 if check else 3, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
+
+    def progress(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        bar.update(1)
+
+    manifest = export_model(checkpoint, out, req, base_model=base_model, log=_log, progress=progress)
+    bar.close()
+    br = manifest["graphs"]["unet"]["size_breakdown"]
+    _log(f"wrote {out} ({target}, {precision})")
+    _log("unet.onnx: " + ", ".join(f"{k.replace('_', ' ')} {v / 1e6:.3f} MB" for k, v in br.items()))
+    _log(f"packed UNet layers in the .bfq: {manifest['packed_unet_bytes'] / 1e6:.3f} MB")
+    if as_json:
+        click.echo(json.dumps(manifest, indent=1))
 
 
 @main.command()

@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from bf.models.architectures import SD15_SCHEDULER, TINY_UNET  # noqa: E402
-from bf.trainer.time_cache import cache_time_features, resblock_time_projections, sampler_timesteps, time_feature_table  # noqa: E402
+from bf.models.time_cache import cache_time_features, resblock_time_projections, sampler_timesteps, time_feature_table  # noqa: E402
 
 
 def _unet(seed=0):

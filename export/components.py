@@ -1,0 +1,65 @@
+"""The three exportable PyTorch modules of a .bfq, and example inputs of the export's shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bf.export.torch_modules import TextEncoderGraph, VaeDecoderGraph, swap_quantized_layers
+from bf.format import Checkpoint
+from bf.models.time_cache import cache_time_features, sampler_timesteps
+
+MAX_TOKENS = 77
+
+
+@dataclass
+class Components:
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module  # forward(sample, step, encoder_hidden_states)
+    vae_decoder: torch.nn.Module
+    timesteps: list[int]  # the sampler's UNet calls, in order: the rows of the time-feature table
+    latent_channels: int
+    latent_scale: int  # image pixels per latent pixel
+    hidden_size: int
+
+
+def build_components(pipe, ckpt: Checkpoint, scheduler: str, steps: int, dtype: torch.dtype) -> Components:
+    """Modules in ``dtype`` over the pipeline of ``ckpt`` (its UNet already dequantized, float32).
+
+    The UNet's time layers become lookups into the table for ``scheduler`` at ``steps`` and
+    its quantized layers become dequant-op modules over the packed codes. The pipeline's
+    modules are used in place, not copied (a full-size model would need twice the memory):
+    ``pipe`` is not usable for sampling afterwards."""
+    timesteps = sampler_timesteps(scheduler, dict(pipe.scheduler.config), steps)
+    unet = cache_time_features(pipe.unet.float().eval(), timesteps, dtype=dtype)
+    unet.to(dtype)
+    swap_quantized_layers(unet.unet, ckpt.layers, dtype)
+    text = TextEncoderGraph(pipe.text_encoder).to(dtype).eval()
+    vae = VaeDecoderGraph(pipe.vae).to(dtype).eval()
+    return Components(
+        text_encoder=text,
+        unet=unet.eval(),
+        vae_decoder=vae,
+        timesteps=[int(t) for t in timesteps],
+        latent_channels=int(pipe.unet.config.in_channels),
+        latent_scale=int(pipe.vae_scale_factor),
+        hidden_size=int(pipe.text_encoder.config.hidden_size),
+    )
+
+
+def example_inputs(c: Components, batch: int, height: int, width: int, dtype, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Random inputs of every graph, as NumPy arrays keyed by graph and input name."""
+    rng = np.random.default_rng(seed)
+    h, w = height // c.latent_scale, width // c.latent_scale
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+    return {
+        "text_encoder": {"input_ids": rng.integers(0, 1000, (batch, MAX_TOKENS)).astype(np.int64)},
+        "unet": {
+            "sample": rng.standard_normal((batch, c.latent_channels, h, w)).astype(np_dtype),
+            "step": np.array([len(c.timesteps) // 2], dtype=np.int64),
+            "encoder_hidden_states": rng.standard_normal((batch, MAX_TOKENS, c.hidden_size)).astype(np_dtype),
+        },
+        "vae_decoder": {"latent": (rng.standard_normal((batch, c.latent_channels, h, w)) * 5).astype(np_dtype)},
+    }

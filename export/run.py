@@ -1,0 +1,196 @@
+"""``bf export``: a .bfq in, a directory of graphs, tokenizer, scheduler and manifest out.
+
+Everything is written into a temporary sibling directory and renamed into place only after
+the check passed, so a failed or interrupted export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bf.errors import BfError
+from bf.export.check import GraphCheck, check_graph, raise_on_failures
+from bf.export.components import build_components, example_inputs
+from bf.export.lowering import count_dequant_nodes, dequant_scales, lower_graph
+from bf.export.onnx_graphs import GRAPHS, OPSET, UNET, save_graph, store_exact_fp16, trace_to_onnx
+from bf.export.sizes import unet_breakdown
+from bf.format import Checkpoint
+from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION
+
+MANIFEST = "manifest.json"
+EXPORT_FORMAT = "bf.export"
+EXPORT_VERSION = 1
+TARGETS = ("onnx", "onnx-std", "trt")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    target: str = "onnx"
+    scheduler: str = "pndm"
+    steps: int = 50
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    batch: int = 2  # largest batch the engines are built for (2: one prompt with classifier-free guidance)
+    precision: str = "fp32"  # of the TensorRT engines; the ONNX graphs are float32 (see validate)
+    check: bool = True
+    plugin: Path | None = None  # TensorRT plugin library (--target trt)
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise BfError(f"--target {self.target}: expected one of {', '.join(TARGETS)}")
+        if any(v is not None and (v % 8 or v < 8) for v in (self.height, self.width)):
+            raise BfError(f"--height {self.height} --width {self.width}: both must be positive multiples of 8")
+        if self.precision not in PRECISIONS:
+            raise BfError(f"precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and self.target != "trt":
+            # Tracing a float16 model on the CPU leaves float32 islands (attention) in the graph that ONNX
+            # Runtime rejects; TensorRT builds fp16 engines from float32 graphs, which is what --target trt does.
+            raise BfError("--fp16 applies to TensorRT engines only (--target trt); ONNX graphs are exported in float32")
+        if self.steps < 1 or self.batch < 1:
+            raise BfError("--steps and --batch must be at least 1")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _io(model, names) -> list[dict]:
+    import onnx
+
+    out = []
+    for vi in model.graph.input if names == "inputs" else model.graph.output:
+        t = vi.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        out.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+    return out
+
+
+def export_model(
+    source: Path,
+    out: Path,
+    req: ExportRequest,
+    base_model: Path | None = None,
+    log: Callable[[str], None] = lambda m: None,
+    progress: Callable[[str], None] = lambda stage: None,
+) -> dict:
+    """Export ``source`` (.bfq) into ``out``; returns the manifest."""
+    from bf.models.pipeline import load_model
+
+    req.validate()
+    if out.exists() and any(out.iterdir()):
+        raise BfError(f"{out} exists and is not empty; choose another --out or remove it")
+    if req.target == "trt":  # before minutes of tracing: what the engines need must be there
+        from bf.export.tensorrt_engines import compute_capability, import_tensorrt
+        from bf.plugin_library import find_plugin_library
+
+        import_tensorrt()
+        find_plugin_library(req.plugin)
+        compute_capability()
+    ckpt = Checkpoint.load(source)
+    dtype = torch.float32
+    log(f"loading {source} ({len(ckpt.layers)} quantized layers)")
+    loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log)
+    pipe = loaded.pipe
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    req = replace(req, height=req.height or native, width=req.width or native)
+    comps = build_components(pipe, ckpt, req.scheduler, req.steps, dtype)
+    log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
+    check_batch = min(req.batch, 2)
+    inputs = example_inputs(comps, check_batch, req.height, req.width, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graphs, checks = {}, []
+        for spec in GRAPHS:
+            progress(f"tracing {spec.name}")
+            module = getattr(comps, spec.name)
+            args = tuple(torch.from_numpy(inputs[spec.name][k]) for k in spec.inputs)
+            t0 = time.time()
+            model = trace_to_onnx(module, args, spec)
+            store_exact_fp16(model, keep=dequant_scales(model))
+            custom = count_dequant_nodes(model)
+            std = lower_graph(model) if custom else model
+            deployed = std if req.target == "onnx-std" else model
+            import onnx
+
+            onnx.checker.check_model(deployed)
+            files = save_graph(deployed, tmp / spec.file)
+            log(f"{spec.file}: {custom} dequant ops, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB ({time.time() - t0:.1f}s)")
+            if req.check:
+                progress(f"checking {spec.name}")
+                with torch.no_grad():
+                    ref = module(*args).numpy()
+                checks.append(check_graph(spec.name, std, inputs[spec.name], ref, "float32"))
+            graphs[spec.name] = {
+                "file": spec.file,
+                "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+                "inputs": _io(deployed, "inputs"),
+                "outputs": _io(deployed, "outputs"),
+                "dequant_ops": custom if req.target != "onnx-std" else 0,
+            }
+            if spec is UNET:
+                graphs[spec.name]["size_breakdown"] = unet_breakdown(deployed, sum(f.stat().st_size for f in files))
+        if checks:
+            for c in checks:
+                log(f"check {c.graph}: {c.psnr_db:.1f} dB PSNR against PyTorch (floor {c.floor_db:.0f} dB)")
+            raise_on_failures(checks)
+        pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        pipe.scheduler.save_config(tmp / "scheduler")
+        manifest = _manifest(source, ckpt, req, comps, graphs, checks)
+        if req.target == "trt":
+            from bf.export.tensorrt_engines import build_engines
+
+            manifest["engines"] = build_engines(tmp, manifest, req, log)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            d.chmod(0o777 & ~umask)  # mkdtemp made it 0700
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(source: Path, ckpt: Checkpoint, req: ExportRequest, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
+    from bf import __version__
+
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "bf_version": __version__,
+        "target": req.target,
+        "precision": req.precision,  # of the engines
+        "graph_dtype": "float32",
+        "opset": OPSET,
+        "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": OP_VERSION},
+        "plugin": None if req.target == "onnx-std" else {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": DOMAIN},
+        "model": {"bfq": str(source.resolve()), "sha256": sha256_file(source), "base_model_hash": ckpt.base_model.get("hash")},
+        "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
+        "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},
+        "latent_channels": comps.latent_channels,
+        "hidden_size": comps.hidden_size,
+        "max_tokens": 77,
+        "graphs": graphs,
+        "check": [c.to_json() for c in checks] if checks else None,
+        "export_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},
+        "packed_unet_bytes": sum(ly.stored_bytes for ly in ckpt.layers.values()),
+    }

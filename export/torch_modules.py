@@ -1,0 +1,127 @@
+"""The PyTorch modules an export traces: quantized layers as dequant-op nodes, the UNet by step index.
+
+Each quantized Conv2d / Linear becomes a module whose weight is the output of
+``LowBitDequant`` over its packed codes and scales. In PyTorch the op returns the weight
+decoded once by the format's reference decoder (so the traced model computes exactly what
+the checkpoint says); in ONNX it is one ``bitsfusion::LowBitDequant`` node whose inputs are
+the packed bytes, so the graph stores the packed size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from bf.format import QuantizedLayer
+from bf.format.dequant_op import DOMAIN, OP_TYPE, DequantSpec
+
+ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+
+
+class LowBitDequant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, owner: LowBitWeight) -> torch.Tensor:
+        return owner.decoded
+
+    @staticmethod
+    def symbolic(g, codes, scale, owner: LowBitWeight):
+        attrs = owner.spec().attributes()
+        out = g.op(
+            f"{DOMAIN}::{OP_TYPE}",
+            codes,
+            scale,
+            bits_i=attrs["bits"],
+            grid_s=attrs["grid"],
+            levels_i=attrs["levels"],
+            per_field_i=attrs["per_field"],
+            field_bits_i=attrs["field_bits"],
+            shape_i=attrs["shape"],
+            dtype_i=attrs["dtype"],
+        )
+        out.setType(codes.type().with_dtype(owner.decoded.dtype).with_sizes(list(owner.shape)))
+        return out
+
+
+class LowBitWeight(nn.Module):
+    """Packed codes and scales of one weight; ``forward()`` is the weight."""
+
+    def __init__(self, layer: QuantizedLayer, dtype: torch.dtype):
+        super().__init__()
+        self.shape, self.grid = layer.shape, layer.grid
+        self.register_buffer("codes", torch.from_numpy(layer.codes.copy()))
+        self.register_buffer("scale", torch.from_numpy(layer.scale.copy()))
+        self.decoded = torch.from_numpy(layer.dequantize()).to(dtype)  # not a buffer: never stored in a graph
+
+    def spec(self) -> DequantSpec:
+        return DequantSpec(self.shape, self.grid, ONNX_DTYPES[self.decoded.dtype])
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` converts the decoded weight like a parameter; the scales stay float32 (as stored)."""
+        super()._apply(fn, recurse)
+        self.decoded = fn(self.decoded)
+        self.scale = self.scale.float()
+        return self
+
+    def forward(self) -> torch.Tensor:
+        return LowBitDequant.apply(self.codes, self.scale, self)
+
+
+class LowBitConv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d, layer: QuantizedLayer, dtype: torch.dtype):
+        super().__init__()
+        self.weight_op = LowBitWeight(layer, dtype)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().to(dtype), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight_op(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class LowBitLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, layer: QuantizedLayer, dtype: torch.dtype):
+        super().__init__()
+        self.weight_op = LowBitWeight(layer, dtype)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_op(), self.bias)
+
+
+def swap_quantized_layers(unet: nn.Module, layers: dict[str, QuantizedLayer], dtype: torch.dtype) -> None:
+    """Replace (in place) every quantized Conv2d / Linear of ``unet`` by its low-bit module."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        old = getattr(parent, child)
+        if isinstance(old, nn.Conv2d):
+            new = LowBitConv2d(old, layer, dtype)
+        elif isinstance(old, nn.Linear):
+            new = LowBitLinear(old, layer, dtype)
+        else:
+            raise TypeError(f"{name}: a quantized layer must be Conv2d or Linear, got {type(old).__name__}")
+        setattr(parent, child, new)
+
+
+class TextEncoderGraph(nn.Module):
+    """Token ids (batch, 77) -> last hidden states: what the UNet is conditioned on."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids).last_hidden_state
+
+
+class VaeDecoderGraph(nn.Module):
+    """Sampler latents -> image in [0, 1] (NCHW): the scaling factor and the clamp are in the graph."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode(latent / self.scaling).sample
+        return (image / 2 + 0.5).clamp(0, 1)
