@@ -23,9 +23,10 @@ def unet_breakdown(model: onnx.ModelProto, file_bytes: int) -> dict:
             scales.add(n.input[1])
     out = {"packed_codes": 0, "scales": 0, "time_table": 0, "other_tensors": 0}
     for t in model.graph.initializer:
-        if t.name in codes:
+        # onnx-std graphs have no dequant nodes left: their codes are the uint8 tensors, their scales the exporter's names
+        if t.name in codes or t.data_type == onnx.TensorProto.UINT8:
             key = "packed_codes"
-        elif t.name in scales:
+        elif t.name in scales or t.name.endswith("weight_op.scale"):
             key = "scales"
         else:
             key = "time_table" if TIME_TABLE_MARK in t.name else "other_tensors"

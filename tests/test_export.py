@@ -108,6 +108,11 @@ def test_export_writes_packed_graphs_that_match_pytorch(exported):
     br = manifest["graphs"]["unet"]["size_breakdown"]
     assert br["packed_codes"] == sum(layer.codes.nbytes for layer in ckpt.layers.values())
     assert br["total"] == (out / "unet.onnx").stat().st_size
+    from bf.export.lowering import lower_graph
+    from bf.export.sizes import unet_breakdown
+
+    std = unet_breakdown(lower_graph(unet), br["total"])  # the same bytes once lowered (onnx-std)
+    assert (std["packed_codes"], std["scales"], std["time_table"]) == (br["packed_codes"], br["scales"], br["time_table"])
 
 
 def test_unet_graph_by_step_index_equals_the_diffusers_unet_at_that_timestep(exported):
