@@ -231,8 +231,10 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         qat_steps=qat_steps,
         clip=str(clip_dir.resolve()) if clip_dir is not None else None,
     )
-    if clip_dir is not None and not (clip_dir / "config.json").is_file():
-        raise BfError(f"--clip {clip_dir}: not a local CLIP model directory (no config.json)")
+    if clip_dir is not None:
+        from bf.evaluate.clip_score import check_clip_dir
+
+        check_clip_dir(clip_dir)
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
     check_resumable(out, cfg, model, resume)
     bar = tqdm(desc="analyze", unit="layer", disable=None, file=sys.stderr)
@@ -450,7 +452,10 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     precision = ("fp16" if target == "trt" else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
                         precision=precision, check=check, plugin=plugin)  # fmt: skip
-    bar = tqdm(total=6 if check else 3, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
+    from bf.export.onnx_graphs import GRAPHS
+
+    stages = len(GRAPHS) * (2 if check else 1)  # trace each graph, then check each
+    bar = tqdm(total=stages, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
 
     def progress(stage: str) -> None:
         bar.set_postfix_str(stage)

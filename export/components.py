@@ -25,19 +25,18 @@ class Components:
     hidden_size: int
 
 
-def build_components(pipe, ckpt: Checkpoint, scheduler: str, steps: int, dtype: torch.dtype) -> Components:
-    """Modules in ``dtype`` over the pipeline of ``ckpt`` (its UNet already dequantized, float32).
+def build_components(pipe, ckpt: Checkpoint, scheduler: str, steps: int) -> Components:
+    """Float32 modules over the pipeline of ``ckpt`` (its UNet already dequantized).
 
     The UNet's time layers become lookups into the table for ``scheduler`` at ``steps`` and
     its quantized layers become dequant-op modules over the packed codes. The pipeline's
     modules are used in place, not copied (a full-size model would need twice the memory):
     ``pipe`` is not usable for sampling afterwards."""
     timesteps = sampler_timesteps(scheduler, dict(pipe.scheduler.config), steps)
-    unet = cache_time_features(pipe.unet.float().eval(), timesteps, dtype=dtype)
-    unet.to(dtype)
-    swap_quantized_layers(unet.unet, ckpt.layers, dtype)
-    text = TextEncoderGraph(pipe.text_encoder).to(dtype).eval()
-    vae = VaeDecoderGraph(pipe.vae).to(dtype).eval()
+    unet = cache_time_features(pipe.unet.float().eval(), timesteps)
+    swap_quantized_layers(unet.unet, ckpt.layers)
+    text = TextEncoderGraph(pipe.text_encoder).float().eval()
+    vae = VaeDecoderGraph(pipe.vae).float().eval()
     return Components(
         text_encoder=text,
         unet=unet.eval(),
@@ -49,17 +48,16 @@ def build_components(pipe, ckpt: Checkpoint, scheduler: str, steps: int, dtype: 
     )
 
 
-def example_inputs(c: Components, batch: int, height: int, width: int, dtype, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def example_inputs(c: Components, batch: int, height: int, width: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Random inputs of every graph, as NumPy arrays keyed by graph and input name."""
     rng = np.random.default_rng(seed)
     h, w = height // c.latent_scale, width // c.latent_scale
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
     return {
         "text_encoder": {"input_ids": rng.integers(0, 1000, (batch, MAX_TOKENS)).astype(np.int64)},
         "unet": {
-            "sample": rng.standard_normal((batch, c.latent_channels, h, w)).astype(np_dtype),
+            "sample": rng.standard_normal((batch, c.latent_channels, h, w)).astype(np.float32),
             "step": np.array([len(c.timesteps) // 2], dtype=np.int64),
-            "encoder_hidden_states": rng.standard_normal((batch, MAX_TOKENS, c.hidden_size)).astype(np_dtype),
+            "encoder_hidden_states": rng.standard_normal((batch, MAX_TOKENS, c.hidden_size)).astype(np.float32),
         },
-        "vae_decoder": {"latent": (rng.standard_normal((batch, c.latent_channels, h, w)) * 5).astype(np_dtype)},
+        "vae_decoder": {"latent": (rng.standard_normal((batch, c.latent_channels, h, w)) * 5).astype(np.float32)},
     }

@@ -33,6 +33,7 @@ def node_attributes(node: onnx.NodeProto) -> dict:
 
 
 SHARED_PREFIX = "bf_dequant"
+LOWERED_PREFIX = "dq"  # node names of lowered op k start with dq<k>/
 
 
 class _Builder:
@@ -80,7 +81,7 @@ def lower_dequant(node: onnx.NodeProto, prefix: str, shared: dict) -> tuple[list
     j = b.op("Range", [b.common("j0", np.array(0, i64)), b.const("nf", np.array(nfields, i64)), b.common("one", np.array(1, i64))], "j")
     bit = b.op("Mul", [j, b.const("F", np.array(p.field_bits, i64))], "bit")
     first = b.op("Div", [bit, b.common("eight", np.array(8, i64))], "first_byte")
-    shift = b.op("Mod", [bit, b.common("eight_m", np.array(8, i64))], "shift")
+    shift = b.op("Mod", [bit, b.common("eight", np.array(8, i64))], "shift")
     idx = b.op(
         "Add",
         [
@@ -123,7 +124,7 @@ def lower_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes, shared, k = [], {}, 0
     for node in out.graph.node:
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            new_nodes, inits = lower_dequant(node, f"dq{k}", shared)
+            new_nodes, inits = lower_dequant(node, f"{LOWERED_PREFIX}{k}", shared)
             k += 1
             nodes.extend(new_nodes)
             out.graph.initializer.extend(inits)
@@ -142,6 +143,19 @@ def count_dequant_nodes(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE)
 
 
-def dequant_scales(model: onnx.ModelProto) -> set[str]:
-    """Names of the scale inputs of the dequant ops (float32 by contract, never recast)."""
-    return {n.input[1] for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
+def dequant_inputs(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """Names of the packed-codes and scale initializers of every dequant op, lowered or not.
+
+    A lowered op reads its codes in its ``<prefix>/body`` Slice and its scales in its
+    ``<prefix>/scale_f32`` Cast (names given by ``lower_dequant``)."""
+    codes, scales = set(), set()
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type == OP_TYPE:
+            codes.add(n.input[0])
+            scales.add(n.input[1])
+        elif n.name.startswith(LOWERED_PREFIX):
+            if n.name.endswith("/body"):
+                codes.add(n.input[0])
+            elif n.name.endswith("/scale_f32"):
+                scales.add(n.input[0])
+    return codes, scales

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from bf.export.torch_modules import LowBitWeight
 from bf.format.dequant_op import DOMAIN, OP_VERSION
 
 OPSET = 18
@@ -67,7 +68,7 @@ def trace_to_onnx(module: torch.nn.Module, args: tuple, spec: GraphSpec) -> onnx
             input_names=list(spec.inputs),
             output_names=list(spec.outputs),
             dynamic_axes=spec.dynamic,
-            custom_opsets={DOMAIN: OP_VERSION} if any(type(m).__name__ == "LowBitWeight" for m in module.modules()) else None,
+            custom_opsets={DOMAIN: OP_VERSION} if any(isinstance(m, LowBitWeight) for m in module.modules()) else None,
             do_constant_folding=True,
         )
     model = onnx.load_from_string(buf.getvalue())

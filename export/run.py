@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import onnx
 import torch
 
 from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
 from bf.export.components import build_components, example_inputs
-from bf.export.lowering import count_dequant_nodes, dequant_scales, lower_graph
+from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
 from bf.export.onnx_graphs import GRAPHS, OPSET, UNET, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
@@ -69,11 +70,10 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _io(model, names) -> list[dict]:
-    import onnx
-
+def _io(values) -> list[dict]:
+    """Name, NumPy dtype and shape (dimension names for dynamic axes) of graph inputs or outputs."""
     out = []
-    for vi in model.graph.input if names == "inputs" else model.graph.output:
+    for vi in values:
         t = vi.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in t.shape.dim]
         out.append({"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
@@ -102,16 +102,15 @@ def export_model(
         find_plugin_library(req.plugin)
         compute_capability()
     ckpt = Checkpoint.load(source)
-    dtype = torch.float32
     log(f"loading {source} ({len(ckpt.layers)} quantized layers)")
     loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log)
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native)
-    comps = build_components(pipe, ckpt, req.scheduler, req.steps, dtype)
+    comps = build_components(pipe, ckpt, req.scheduler, req.steps)
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
-    inputs = example_inputs(comps, check_batch, req.height, req.width, dtype)
+    inputs = example_inputs(comps, check_batch, req.height, req.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -122,12 +121,10 @@ def export_model(
             args = tuple(torch.from_numpy(inputs[spec.name][k]) for k in spec.inputs)
             t0 = time.time()
             model = trace_to_onnx(module, args, spec)
-            store_exact_fp16(model, keep=dequant_scales(model))
+            store_exact_fp16(model, keep=dequant_inputs(model)[1])
             custom = count_dequant_nodes(model)
             std = lower_graph(model) if custom else model
             deployed = std if req.target == "onnx-std" else model
-            import onnx
-
             onnx.checker.check_model(deployed)
             files = save_graph(deployed, tmp / spec.file)
             log(f"{spec.file}: {custom} dequant ops, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB ({time.time() - t0:.1f}s)")
@@ -139,8 +136,8 @@ def export_model(
             graphs[spec.name] = {
                 "file": spec.file,
                 "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
-                "inputs": _io(deployed, "inputs"),
-                "outputs": _io(deployed, "outputs"),
+                "inputs": _io(deployed.graph.input),
+                "outputs": _io(deployed.graph.output),
                 "dequant_ops": custom if req.target != "onnx-std" else 0,
             }
             if spec is UNET:
@@ -159,8 +156,7 @@ def export_model(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask = os.umask(0)
         os.umask(umask)
-        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            d.chmod(0o777 & ~umask)  # mkdtemp made it 0700
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700; what is inside was made with the umask
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from bf.format.dequant_op import DOMAIN, OP_TYPE
+from bf.export.lowering import dequant_inputs
 
 TIME_TABLE_MARK = "time_emb_proj.table"
 
@@ -16,17 +16,12 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 def unet_breakdown(model: onnx.ModelProto, file_bytes: int) -> dict:
     """Bytes by kind: packed codes, scales, time table, other tensors (biases, norms,
     constants), and the graph itself (nodes, names, protobuf framing)."""
-    codes, scales = set(), set()
-    for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type == OP_TYPE:
-            codes.add(n.input[0])
-            scales.add(n.input[1])
+    codes, scales = dequant_inputs(model)
     out = {"packed_codes": 0, "scales": 0, "time_table": 0, "other_tensors": 0}
     for t in model.graph.initializer:
-        # onnx-std graphs have no dequant nodes left: their codes are the uint8 tensors, their scales the exporter's names
-        if t.name in codes or t.data_type == onnx.TensorProto.UINT8:
+        if t.name in codes:
             key = "packed_codes"
-        elif t.name in scales or t.name.endswith("weight_op.scale"):
+        elif t.name in scales:
             key = "scales"
         else:
             key = "time_table" if TIME_TABLE_MARK in t.name else "other_tensors"

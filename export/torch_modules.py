@@ -44,34 +44,31 @@ class LowBitDequant(torch.autograd.Function):
 
 
 class LowBitWeight(nn.Module):
-    """Packed codes and scales of one weight; ``forward()`` is the weight."""
+    """Packed codes and scales of one weight; ``forward()`` is the weight (float32: graphs are float32)."""
 
-    def __init__(self, layer: QuantizedLayer, dtype: torch.dtype):
+    def __init__(self, layer: QuantizedLayer):
         super().__init__()
         self.shape, self.grid = layer.shape, layer.grid
         self.register_buffer("codes", torch.from_numpy(layer.codes.copy()))
         self.register_buffer("scale", torch.from_numpy(layer.scale.copy()))
-        self.decoded = torch.from_numpy(layer.dequantize()).to(dtype)  # not a buffer: never stored in a graph
+        self.decoded = torch.from_numpy(layer.dequantize())  # not a buffer: never stored in a graph
 
     def spec(self) -> DequantSpec:
         return DequantSpec(self.shape, self.grid, ONNX_DTYPES[self.decoded.dtype])
-
-    def _apply(self, fn, recurse=True):
-        """``.to(dtype)`` converts the decoded weight like a parameter; the scales stay float32 (as stored)."""
-        super()._apply(fn, recurse)
-        self.decoded = fn(self.decoded)
-        self.scale = self.scale.float()
-        return self
 
     def forward(self) -> torch.Tensor:
         return LowBitDequant.apply(self.codes, self.scale, self)
 
 
+def _frozen_bias(module: nn.Module) -> nn.Parameter | None:
+    return None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+
+
 class LowBitConv2d(nn.Module):
-    def __init__(self, conv: nn.Conv2d, layer: QuantizedLayer, dtype: torch.dtype):
+    def __init__(self, conv: nn.Conv2d, layer: QuantizedLayer):
         super().__init__()
-        self.weight_op = LowBitWeight(layer, dtype)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().to(dtype), requires_grad=False)
+        self.weight_op = LowBitWeight(layer)
+        self.bias = _frozen_bias(conv)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,25 +76,25 @@ class LowBitConv2d(nn.Module):
 
 
 class LowBitLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, layer: QuantizedLayer, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, layer: QuantizedLayer):
         super().__init__()
-        self.weight_op = LowBitWeight(layer, dtype)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        self.weight_op = LowBitWeight(layer)
+        self.bias = _frozen_bias(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_op(), self.bias)
 
 
-def swap_quantized_layers(unet: nn.Module, layers: dict[str, QuantizedLayer], dtype: torch.dtype) -> None:
+def swap_quantized_layers(unet: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
     """Replace (in place) every quantized Conv2d / Linear of ``unet`` by its low-bit module."""
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         old = getattr(parent, child)
         if isinstance(old, nn.Conv2d):
-            new = LowBitConv2d(old, layer, dtype)
+            new = LowBitConv2d(old, layer)
         elif isinstance(old, nn.Linear):
-            new = LowBitLinear(old, layer, dtype)
+            new = LowBitLinear(old, layer)
         else:
             raise TypeError(f"{name}: a quantized layer must be Conv2d or Linear, got {type(old).__name__}")
         setattr(parent, child, new)

@@ -84,7 +84,7 @@ def run_mode(mode: str, arch: str, batch: int, res: int, steps: int, warmup: int
                 loss = F.mse_loss(student(zt, t, cond).sample.float(), noise)
             else:
                 loss, _ = stage1_loss(student, teacher, zt, t, cond, loss_cfg)
-        optimizer_step(loss, student, opt)
+        optimizer_step(loss, opt)
         if cuda:
             end.record()
             torch.cuda.synchronize()

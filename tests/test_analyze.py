@@ -133,12 +133,12 @@ def test_short_qat_starts_from_ptq_lowers_the_distillation_loss_and_restores_the
     def loss_with(layer):  # Stage I loss on a fixed batch with the layer's dequantized weight
         g = torch.Generator().manual_seed(5)
         t = torch.randint(0, 1000, (16,), generator=g)
-        a = tuner.alphas[t].view(-1, 1, 1, 1)
-        z = a.sqrt() * tuner.data.latents + (1 - a).sqrt() * torch.randn(tuner.data.latents.shape, generator=g)
-        cond = tuner.text(tuner.data.captions)
+        a = tuner.frozen.alphas_cumprod[t].view(-1, 1, 1, 1)
+        z = a.sqrt() * tuner.frozen.data.latents + (1 - a).sqrt() * torch.randn(tuner.frozen.data.latents.shape, generator=g)
+        cond = tuner.frozen.encode_text(tuner.frozen.data.captions)
         with torch.no_grad():
             unet.get_submodule(name).weight.copy_(torch.from_numpy(layer.dequantize()))
-            loss, _ = stage1_loss(unet, tuner.teacher, z, t, cond, LossConfig())
+            loss, _ = stage1_loss(unet, tuner.frozen.teacher, z, t, cond, LossConfig())
             unet.get_submodule(name).weight.copy_(before[f"{name}.weight"])
         return float(loss)
 

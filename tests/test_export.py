@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from bf.errors import BfError  # noqa: E402
 from bf.format import Checkpoint, Grid, QuantizedLayer  # noqa: E402
-from bf.format.dequant_op import DOMAIN, OP_TYPE, DequantSpec, reference_dequant  # noqa: E402
+from bf.format.dequant_op import ATTRIBUTES, DOMAIN, OP_TYPE, DequantSpec, reference_dequant  # noqa: E402
 
 
 def one_op_model(layer: QuantizedLayer) -> onnx.ModelProto:
@@ -146,7 +146,7 @@ def test_custom_op_graph_runs_with_a_reference_op(exported):
         op_domain = DOMAIN
 
         def _run(self, codes, scale, **attrs):
-            spec = DequantSpec.from_attributes({k: getattr(self, k) for k in DequantSpec((1,), Grid(1, "plain")).attributes()})
+            spec = DequantSpec.from_attributes({k: getattr(self, k) for k in ATTRIBUTES})
             return (reference_dequant(codes, scale, spec),)
 
     tmp, _, _ = exported

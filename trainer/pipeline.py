@@ -33,9 +33,7 @@ def quantize_model(
         raise BfError("give exactly one of --bits B or --recipe FILE")
     recipe = None
     if req.recipe is not None:
-        recipe = load_recipe(req.recipe)
-        if req.grid is not None and req.grid != recipe["grid"]:
-            raise BfError(f"--grid {req.grid} contradicts the recipe's grid '{recipe['grid']}'; drop --grid")
+        recipe = load_recipe(req.recipe, req.grid)
     log(f"reading UNet from {model.root}")
     unet_config = model.config("unet")  # a broken config must fail before minutes of quantizing
     state = model.read_weights("unet", framework="pt")

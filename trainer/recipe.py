@@ -33,7 +33,8 @@ def uniform_recipe(candidates: dict[str, tuple[int, ...]], bits: int, grid: str)
     return make_recipe(grid, {name: bits for name in candidates}, kind="uniform")
 
 
-def load_recipe(path: str | Path) -> dict:
+def load_recipe(path: str | Path, grid_flag: str | None = None) -> dict:
+    """The recipe in ``path``, validated; ``grid_flag`` (a --grid given with it) must agree with its grid."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -53,6 +54,8 @@ def load_recipe(path: str | Path) -> dict:
         raise BfError(f'{path}: "layers" must map module names to bit widths 1..8')
     if "hash" in obj and obj["hash"] != recipe_hash(grid, layers):
         raise BfError(f'{path}: recipe hash does not match its layers (edited by hand?); delete the "hash" field to accept the edit')
+    if grid_flag is not None and grid_flag != grid:
+        raise BfError(f"--grid {grid_flag} contradicts the grid of {path} ('{grid}'); drop --grid")
     return obj
 
 

@@ -76,10 +76,7 @@ def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest,
         raise BfError("give at most one of --recipe and --uniform-bits")
     grid = req.grid or "balanced"
     if req.recipe is not None:
-        recipe = load_recipe(req.recipe)
-        if req.grid is not None and req.grid != recipe["grid"]:
-            raise BfError(f"--grid {req.grid} contradicts the grid of {req.recipe} ('{recipe['grid']}'); drop --grid")
-        return recipe
+        return load_recipe(req.recipe, req.grid)
     if req.uniform_bits is not None:
         return uniform_recipe(candidate_layers(shapes), req.uniform_bits, grid)
     if req.analysis is not None:

@@ -17,9 +17,9 @@ from torch.nn.utils import parametrize
 
 from bf.format import Grid, QuantizedLayer
 from bf.trainer.data import load_latents
-from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, sample_timesteps, stage1_loss
+from bf.trainer.qat import LossConfig, attach_fake_quant, export_layers, stage1_loss
 from bf.trainer.run import TextEncoder, training_alphas_cumprod
-from bf.trainer.train import GRAD_CLIP
+from bf.trainer.train import Frozen, noisy_batch, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -32,17 +32,20 @@ class ShortQATConfig:
 
 
 class ShortQAT:
-    """Holds what every layer's short QAT shares: the frozen FP teacher, the data, the text encoder."""
+    """Holds what every layer's short QAT shares (``frozen``: the FP teacher, the text encoder, the data)."""
 
     def __init__(self, pipe, cfg: ShortQATConfig, log=lambda m: None):
         self.cfg = cfg
-        self.teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
-        self.device = next(self.teacher.parameters()).device
+        teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+        self.device = next(teacher.parameters()).device
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         log(f"short QAT: encoding {cfg.images} shapes images ({size}x{size}) for {cfg.steps} steps per layer and width")
-        self.data = load_latents("shapes", pipe.vae, size, cfg.images, cfg.seed, log)
-        self.text = TextEncoder(pipe.tokenizer, pipe.text_encoder, self.device)
-        self.alphas = training_alphas_cumprod(dict(pipe.scheduler.config)).to(self.device)
+        self.frozen = Frozen(
+            teacher,
+            TextEncoder(pipe.tokenizer, pipe.text_encoder, self.device),
+            load_latents("shapes", pipe.vae, size, cfg.images, cfg.seed, log),
+            training_alphas_cumprod(dict(pipe.scheduler.config)).to(self.device),
+        )
 
     def tune(self, unet: torch.nn.Module, name: str, grid: Grid, init: str) -> QuantizedLayer:
         """The layer after ``steps`` of QAT; ``unet`` is left as it was given."""
@@ -51,26 +54,17 @@ class ShortQAT:
         was_training, grads = unet.training, {n: p.requires_grad for n, p in unet.named_parameters()}
         unet.requires_grad_(False).train()
         quants = attach_fake_quant(unet, {name: grid}, init)
-        latent = module.parametrizations.weight.original
-        params = [latent.requires_grad_(True), quants[name].scale.requires_grad_(True)]
+        params = [module.parametrizations.weight.original.requires_grad_(True), quants[name].scale.requires_grad_(True)]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
         # The same batches for every layer and width, so their sensitivities compare like for like.
         g = torch.Generator().manual_seed(self.cfg.seed)
-        empty = self.text([""])
+        empty = self.frozen.encode_text([""])
         loss_cfg = LossConfig()
         try:
             for _ in range(self.cfg.steps):
-                idx = torch.randint(0, len(self.data.captions), (self.cfg.batch_size,), generator=g)
-                z0 = self.data.latents[idx].to(self.device).float()
-                cond = drop_text(self.text([self.data.captions[i] for i in idx.tolist()]), empty, loss_cfg.p_uncond, g)
-                t = sample_timesteps(self.cfg.batch_size, loss_cfg.timesteps, len(self.alphas), generator=g).to(self.device)
-                noise = torch.randn(z0.shape, generator=g).to(self.device)
-                a = self.alphas[t].view(-1, 1, 1, 1)
-                loss, _ = stage1_loss(unet, self.teacher, a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond, loss_cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-                opt.step()
+                zt, t, cond, _noise = noisy_batch(self.frozen, empty, self.cfg.batch_size, loss_cfg, g, self.device)
+                loss, _ = stage1_loss(unet, self.frozen.teacher, zt, t, cond, loss_cfg)
+                optimizer_step(loss, opt)
             return export_layers(unet, quants)[name]
         finally:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -73,11 +73,25 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
 
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    """Backward, clip the gradient norm of the optimizer's parameters, step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], GRAD_CLIP)
     opt.step()
+
+
+def noisy_batch(frozen: Frozen, empty: torch.Tensor, batch_size: int, loss: LossConfig, g: torch.Generator, device):
+    """One training batch drawn with ``g``: (noisy latents, timesteps, text condition, noise).
+
+    Captions are dropped to the empty prompt with ``loss.p_uncond``; timesteps follow ``loss.timesteps``."""
+    idx = torch.randint(0, len(frozen.data.captions), (batch_size,), generator=g)
+    z0 = frozen.data.latents[idx.to(frozen.data.latents.device)].to(device).float()
+    cond = drop_text(frozen.encode_text([frozen.data.captions[i] for i in idx.tolist()]), empty, loss.p_uncond, g)
+    t = sample_timesteps(batch_size, loss.timesteps, len(frozen.alphas_cumprod), generator=g).to(device)
+    noise = torch.randn(z0.shape, generator=g).to(device)
+    a = frozen.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond, noise
 
 
 def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
@@ -142,7 +156,6 @@ def train_student(
         log(f"resuming at Stage {start['stage']}, step {start['step']}")
     forward = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student  # after loading: every rank equal
     empty = frozen.encode_text([""])
-    n = len(frozen.data.captions)
     log_dir = log_dir or work
     if rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -157,14 +170,7 @@ def train_student(
             first = start["step"] + 1 if stage == start["stage"] else 1
             for step in range(first, steps + 1):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step + rank * 7_919_000_003)
-                idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-                z0 = frozen.data.latents[idx.to(frozen.data.latents.device)].to(device).float()
-                cond = frozen.encode_text([frozen.data.captions[i] for i in idx.tolist()])
-                cond = drop_text(cond, empty, cfg.loss.p_uncond, g)
-                t = sample_timesteps(cfg.batch_size, cfg.loss.timesteps, len(frozen.alphas_cumprod), generator=g).to(device)
-                noise = torch.randn(z0.shape, generator=g).to(device)
-                a = frozen.alphas_cumprod[t].view(-1, 1, 1, 1)
-                zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+                zt, t, cond, noise = noisy_batch(frozen, empty, cfg.batch_size, cfg.loss, g, device)
                 with autocast:
                     if stage == 1:
                         loss, parts = stage1_loss(forward, teacher, zt, t, cond, cfg.loss)
@@ -176,7 +182,7 @@ def train_student(
                         f"loss is {value} at Stage {stage} step {step}; stopped, the last good state is {state_path} "
                         "(try a lower --lr, then --resume)"
                     )
-                optimizer_step(loss, student, opt)
+                optimizer_step(loss, opt)
                 progress(stage, step, {"steps": steps, "loss": value, **parts})
                 if rank != 0:
                     continue

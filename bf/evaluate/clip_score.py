@@ -9,12 +9,17 @@ import numpy as np
 from bf.errors import BfError
 
 
+def check_clip_dir(model_dir: Path) -> None:
+    """Cheap up-front check (before minutes of other work) that ``model_dir`` can be a CLIP model."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise BfError(f"{model_dir}: not a local CLIP model directory (no config.json)")
+
+
 class ClipScorer:
     def __init__(self, model_dir: Path, device: str = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
-        if not (Path(model_dir) / "config.json").is_file():
-            raise BfError(f"{model_dir}: not a local CLIP model directory (no config.json)")
+        check_clip_dir(model_dir)
         self.model = CLIPModel.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(model_dir)
         self.device = device

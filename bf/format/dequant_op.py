@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bf.format.checkpoint import QuantizedLayer
 from bf.format.grid import Grid
-from bf.format.packing import Packing, unpack_codes
+from bf.format.packing import Packing
 
 DOMAIN = "bitsfusion"
 OP_TYPE = "LowBitDequant"
@@ -91,5 +92,4 @@ def reference_dequant(codes: np.ndarray, scale: np.ndarray, spec: DequantSpec) -
     """The op's output in float32 (the reference every implementation is compared with)."""
     if scale.shape != (spec.shape[0],):
         raise ValueError(f"{OP_TYPE}: {scale.size} scales for {spec.shape[0]} output channels")
-    levels = unpack_codes(np.asarray(codes), spec.shape, spec.packing).astype(np.float32) + np.float32(spec.grid.qmin)
-    return levels * scale.astype(np.float32).reshape((-1,) + (1,) * (len(spec.shape) - 1))
+    return QuantizedLayer(OP_TYPE, spec.shape, spec.grid, np.asarray(codes), scale.astype(np.float32)).dequantize()
