@@ -6,7 +6,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean plugins ort-headers
+
+# Native libraries of plugins_trt/ (see plugins_trt/README.md). The TensorRT plugin is built when
+# TensorRT's headers are found: TENSORRT_ROOT=/opt/tensorrt or TENSORRT_INCLUDE_DIR=.../include.
+PLUGIN_BUILD ?= plugins_trt/build
+CUDA_ARCHS ?= 75-real;80-real;86-real;89-real;90
+# ONNX Runtime's C API header, for the custom-op library: from Debian's libonnxruntime-dev (pinned).
+ORT_DEB_URL := http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
+ORT_DEB_SHA256 := 14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08
+ORT_DIR := build/third_party/onnxruntime
+ORT_INCLUDE := $(ORT_DIR)/usr/include/onnxruntime
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,12 +34,26 @@ demo: install
 		--json $(DEMO)/eval.json --grid $(DEMO)/eval.png
 	rm -rf $(DEMO)/onnx && $(BIN)/bf export $(DEMO)/shapes-2bit.bfq --target onnx-std --out $(DEMO)/onnx
 
+$(ORT_INCLUDE)/onnxruntime_c_api.h:
+	mkdir -p $(ORT_DIR)
+	curl -fsSL -o $(ORT_DIR).deb '$(ORT_DEB_URL)'
+	echo '$(ORT_DEB_SHA256)  $(ORT_DIR).deb' | sha256sum -c --quiet -
+	cd $(ORT_DIR) && ar p ../onnxruntime.deb data.tar.xz | tar xJ ./usr/include/onnxruntime
+	rm $(ORT_DIR).deb
+
+ort-headers: $(ORT_INCLUDE)/onnxruntime_c_api.h
+
+plugins: ort-headers
+	cmake -S plugins_trt -B $(PLUGIN_BUILD) -DBF_CUDA_ARCHITECTURES='$(CUDA_ARCHS)' -DORT_INCLUDE_DIR=$(abspath $(ORT_INCLUDE)) \
+		$(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR))
+	cmake --build $(PLUGIN_BUILD) -j
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint ort-headers
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(DEMO) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(DEMO) build $(PLUGIN_BUILD) *.egg-info .pytest_cache .hypothesis

@@ -96,7 +96,7 @@ def export_model(
         raise BfError(f"{out} exists and is not empty; choose another --out or remove it")
     if req.target == "trt":  # before minutes of tracing: what the engines need must be there
         from bf.export.tensorrt_engines import compute_capability, import_tensorrt
-        from bf.plugin_library import find_plugin_library
+        from bf.native import find_plugin_library
 
         import_tensorrt()
         find_plugin_library(req.plugin)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bf.atomic import atomic_path
 from bf.errors import BfError
-from bf.plugin_library import find_plugin_library
+from bf.native import register_trt_plugin
 
 CACHE_DIR = Path(os.environ.get("BF_ENGINE_CACHE", Path.home() / ".cache" / "bf" / "engines"))
 WORKSPACE_BYTES = 8 << 30
@@ -59,13 +59,11 @@ def profile_shapes(manifest: dict, graph: str) -> dict[str, tuple[tuple, tuple, 
 
 def build_engines(out: Path, manifest: dict, req, log=lambda m: None) -> dict:
     trt = import_tensorrt()
-    plugin = find_plugin_library(req.plugin)
     cc = compute_capability()
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    if not builder.get_plugin_registry().load_library(str(plugin)):
-        raise BfError(f"{plugin}: TensorRT could not load this plugin library (built for another TensorRT or CUDA version?)")
+    plugin = register_trt_plugin(trt, req.plugin)
     (out / "engines").mkdir(exist_ok=True)
     shutil.copy2(plugin, out / "engines" / plugin.name)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)

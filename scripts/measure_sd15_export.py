@@ -12,17 +12,16 @@ and 16 GB of memory. Writes results/sd15_export_sizes.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from sd15_mix import mixed_bits
+
 REPO = Path(__file__).resolve().parents[1]
-SPLIT = [(6, 0.004), (4, 0.020), (3, 0.080), (2, 0.144)]  # the rest: 1 bit
 
 
 def bf(*args: str) -> str:
@@ -31,7 +30,6 @@ def bf(*args: str) -> str:
 
 
 def mixed_recipe(model: Path) -> dict:
-    """Bits by a fixed pseudo-random order of the layers, filled to the target shares of weights."""
     from safetensors import safe_open
 
     from bf.format import candidate_layers
@@ -41,20 +39,7 @@ def mixed_recipe(model: Path) -> dict:
     for f in sorted((model / "unet").glob("*.safetensors")):
         with safe_open(f, "np") as sf:
             shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
-    cands = candidate_layers(shapes)
-    total = sum(int(math.prod(s)) for s in cands.values())
-    order = sorted(cands, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-    bits, it = {}, iter(order)
-    for b, share in SPLIT:
-        got = 0
-        for name in it:
-            bits[name] = b
-            got += int(math.prod(cands[name]))
-            if got >= share * total:
-                break
-    for name in it:
-        bits[name] = 1
-    return make_recipe("balanced", bits, kind="sd15-export-size")
+    return make_recipe("balanced", mixed_bits(candidate_layers(shapes)), kind="sd15-export-size")
 
 
 def main() -> None:

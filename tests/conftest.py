@@ -23,3 +23,35 @@ def run_bf(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the installed CLI in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "bf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+ORT_HEADERS = REPO / "build" / "third_party" / "onnxruntime" / "usr" / "include" / "onnxruntime"
+
+
+@pytest.fixture(scope="session")
+def native_build(tmp_path_factory) -> Path:
+    """plugins_trt built from the current sources (decode library, ONNX Runtime op), once per session.
+
+    CUDA kernels for sm_90 only, to keep CI fast; the ONNX Runtime op needs `make ort-headers`
+    (which `make test` runs). The TensorRT plugin is not built here: CI has no TensorRT headers.
+    """
+    import shutil
+
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("needs cmake and a C++ compiler")
+    build = tmp_path_factory.mktemp("plugins_build")
+    cfg = ["cmake", "-S", str(REPO / "plugins_trt"), "-B", str(build), "-DBF_CUDA_ARCHITECTURES=90"]
+    if ORT_HEADERS.is_dir():
+        cfg.append(f"-DORT_INCLUDE_DIR={ORT_HEADERS}")
+    for cmd in (cfg, ["cmake", "--build", str(build), "-j2", "--target", "bf_decode", *(["bf_ort_op"] if ORT_HEADERS.is_dir() else [])]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return build
+
+
+@pytest.fixture(scope="session")
+def ort_op_library(native_build) -> Path:
+    lib = native_build / "libbf_ort_op.so"
+    if not lib.is_file():
+        pytest.fail("libbf_ort_op.so was not built: run 'make ort-headers' first (make test does)")
+    return lib

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 6's three GPU verifications in one call of a machine with no internet (see plugins_trt/README.md):
+#   1. pytest -m gpu tests/test_native.py   (CUDA decode bit for bit against the numpy reference)
+#   2. scripts/bench_decode_gpu.py          (bandwidth per width, whole-UNet decode vs its floor)
+#   3. bf_plugin_harness                     (the IPluginV3 class, built against TensorRT's headers, driven directly)
+# Needs build/third_party/{tensorrt,onnxruntime} (carry them) and .whl/ for diffusers.
+# usage: scripts/run_issue6_gpu.sh OUT_DIR
+set -euo pipefail
+out=$1
+mkdir -p "$out"
+repo=$PWD
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
+  export PYTHONPATH=/tmp/bfpkg:/tmp/site
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvcc --version | tail -1
+build=/tmp/bfbuild
+cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" \
+  -DTENSORRT_INCLUDE_DIR="$repo/build/third_party/tensorrt/include" \
+  -DORT_INCLUDE_DIR="$repo/build/third_party/onnxruntime/usr/include/onnxruntime" | grep "bf:"
+cmake --build $build -j16 2>&1 | grep -E "error|Built target" || true
+nvcc -std=c++17 -O3 -arch=sm_90 -Iplugins_trt/include -Iplugins_trt/src -Xptxas -v -c plugins_trt/src/decode_cuda.cu -o /tmp/dc.o \
+  2>&1 | grep -E "registers|spill" | sort | uniq -c | sort -rn | head -5 > "$out/ptxas.txt" || true
+
+echo "== 1. kernel correctness (pytest -m gpu)"
+(cd /tmp && BF_DECODE_LIB=$build/libbf_decode.so python3 -m pytest -q -m gpu -p no:cacheprovider \
+   --rootdir "$repo" -c "$repo/pyproject.toml" "$repo/tests/test_native.py" 2>&1 | tail -4) | tee "$out/pytest_gpu.txt"
+
+echo "== 3. plugin harness"
+$build/bf_plugin_harness --json "$out/plugin_harness.json" | tail -5 | tee "$out/plugin_harness.txt"
+
+echo "== 2. decode speed"
+(cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib $build/libbf_decode.so --out "$out/decode_gpu.json") | tee "$out/bench.txt"
