@@ -207,3 +207,29 @@ def test_batched_cuda_decode_equals_the_reference(cuda_lib):
         assert np.array_equal(out.cpu().numpy().view(np.uint16), want.view(np.uint16))
     with pytest.raises(BfError, match="output dtype must be"):
         cuda_lib.decode_cuda_batch(weights[:2], [outs[0], outs[1].float()])
+
+
+def test_tensorrt_registration_errors_name_the_fix(tmp_path, monkeypatch):
+    """bf.native.register_trt_plugin against a stand-in of TensorRT's registry (TensorRT is not installable here)."""
+    from types import SimpleNamespace
+
+    from bf.native import register_trt_plugin
+
+    lib = tmp_path / "libbf_trt_plugin.so"
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.delenv("BF_PLUGIN_LIB", raising=False)
+
+    def trt_with(load, creator):
+        registry = SimpleNamespace(load_library=load, get_creator=lambda name, version, ns: creator)
+        return SimpleNamespace(__version__="10.9.0", get_plugin_registry=lambda: registry)
+
+    def refuse(path):
+        raise RuntimeError("undefined symbol: _ZN8nvinfer1")
+
+    assert register_trt_plugin(trt_with(lambda p: object(), object()), lib) == lib
+    with pytest.raises(BfError, match=r"TensorRT 10.9.0 could not load .*undefined symbol.*rebuild it against this TensorRT"):
+        register_trt_plugin(trt_with(refuse, None), lib)
+    with pytest.raises(BfError, match=r"does not provide LowBitDequant version 1: it was built for another bf"):
+        register_trt_plugin(trt_with(lambda p: object(), None), lib)
+    with pytest.raises(BfError, match=r"no such file .*make plugins"):
+        register_trt_plugin(trt_with(lambda p: object(), object()), tmp_path / "missing.so")

@@ -64,7 +64,7 @@ BF_API int32_t bf_decode_cpu(const bf_decode_desc* desc, const uint8_t* codes, i
 BF_API int32_t bf_decode_cuda(const bf_decode_desc* desc, const uint8_t* codes, int64_t codes_bytes, const void* scale,
                               void* out, void* stream);
 
-/* Several weights in as few launches as possible (one per 384 weights), all with the same
+/* Several weights in as few launches as possible (one per packing present, and per 384 weights), all with the same
  * out_dtype: element i of each array describes weight i. For decoding a whole model at once. */
 BF_API int32_t bf_decode_cuda_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const int64_t* codes_bytes,
                                     const void* const* scales, void* const* outs, int32_t n, void* stream);

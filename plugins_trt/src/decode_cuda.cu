@@ -8,13 +8,16 @@
 // which runs at a quarter of the rate on recent GPUs.
 //
 // bf_decode_cuda: one launch per weight (what the TensorRT plugin's enqueue does).
-// bf_decode_cuda_batch: many weights in one launch (the PyTorch runtime's whole-UNet decode),
-// so the hundreds of small SD-v1.5 weights do not each pay a kernel's fill and drain.
+// bf_decode_cuda_batch: many weights per launch, one launch per packing present (the PyTorch
+// runtime's whole-UNet decode), so the hundreds of small SD-v1.5 weights do not each pay a
+// kernel's fill and drain.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <utility>
+#include <vector>
 
 #include "decode_common.h"
 #include "dispatch.h"
@@ -171,30 +174,31 @@ struct Batch {
   BatchEntry e[kMaxBatch];
 };
 
+template <int KIND>
+struct Kind {  // KIND = (2 * (bits - 1) + plain) * 2 + vec
+  static constexpr int BITS = KIND / 4 + 1;
+  static constexpr bool PLAIN = (KIND / 2) % 2 == 1;
+  static constexpr bool VEC = KIND % 2 == 1;
+};
+
+// One launch per packing present: each kernel is compiled for one packing only, so it keeps
+// the registers (and occupancy) of that packing instead of the worst of all 32.
 template <typename OutT, int KIND>
-__device__ __forceinline__ void run_kind(const WeightArgs& w, uint32_t block, uint4* stage) {
-  constexpr int BITS = KIND / 4 + 1;
-  constexpr bool PLAIN = (KIND / 2) % 2 == 1;
-  constexpr bool VEC = KIND % 2 == 1;
-  Decoder<BITS, PLAIN, OutT, VEC>::run_block(w, block, stage);
-}
-
-template <typename OutT, int... KINDS>
-__device__ __forceinline__ void run_any(int kind, const WeightArgs& w, uint32_t block, uint4* stage, std::integer_sequence<int, KINDS...>) {
-  ((kind == KINDS ? (run_kind<OutT, KINDS>(w, block, stage), 0) : 0), ...);
-}
-
-template <typename OutT>
 __global__ void __launch_bounds__(kThreads) decode_batch_kernel(const __grid_constant__ Batch batch) {
+  using D = Decoder<Kind<KIND>::BITS, Kind<KIND>::PLAIN, OutT, Kind<KIND>::VEC>;
+  __shared__ uint4 stage[Kind<KIND>::VEC ? kThreads * D::OUT * sizeof(OutT) / 16 : 1];
   int lo = 0, hi = batch.n - 1;
   while (lo < hi) {  // the last entry whose first_block <= blockIdx.x
     int mid = (lo + hi + 1) / 2;
     if (batch.e[mid].first_block <= blockIdx.x) lo = mid;
     else hi = mid - 1;
   }
-  __shared__ uint4 stage[(sizeof(OutT) == 4 ? kStageBytes : kThreads * 56 * 2) / 16];
-  const BatchEntry& e = batch.e[lo];
-  run_any<OutT>(e.kind, e.w, blockIdx.x - e.first_block, stage, std::make_integer_sequence<int, 32>{});
+  D::run_block(batch.e[lo].w, blockIdx.x - batch.e[lo].first_block, stage);
+}
+
+template <typename OutT, int... KINDS>
+void launch_batch(int kind, const Batch& batch, uint32_t blocks, cudaStream_t stream, std::integer_sequence<int, KINDS...>) {
+  ((kind == KINDS ? (decode_batch_kernel<OutT, KINDS><<<blocks, kThreads, 0, stream>>>(batch), 0) : 0), ...);
 }
 
 // Host side: the launch geometry of one weight.
@@ -262,23 +266,31 @@ int32_t decode_one(const bf_decode_desc& d, const uint8_t* codes, const void* sc
 }
 
 template <typename OutT>
-int32_t decode_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const int64_t* codes_bytes, const void* const* scales,
-                     void* const* outs, int32_t n, cudaStream_t stream) {
-  Batch batch{};
-  uint32_t blocks = 0;
-  for (int32_t i = 0; i <= n; ++i) {
-    if (i == n || batch.n == kMaxBatch) {  // launch what is gathered
-      if (batch.n > 0) decode_batch_kernel<OutT><<<blocks, kThreads, 0, stream>>>(batch);
-      if (cudaGetLastError() != cudaSuccess) return BF_ERR_CUDA;
-      batch.n = 0;
-      blocks = 0;
-      if (i == n) break;
-    }
-    Plan<OutT> plan{};
-    int32_t st = make_plan(descs[i], codes[i], scales[i], outs[i], plan);
+int32_t decode_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const void* const* scales, void* const* outs, int32_t n,
+                     cudaStream_t stream) {
+  std::vector<Plan<OutT>> plans(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) {
+    int32_t st = make_plan(descs[i], codes[i], scales[i], outs[i], plans[i]);
     if (st != BF_OK) return st;
-    batch.e[batch.n++] = BatchEntry{plan.w, blocks, int16_t(plan.kind)};
-    blocks += (plan.w.chunks + kThreads - 1) / kThreads;
+  }
+  static Batch batch;  // 24 KB: not on the stack; guarded because callers may use several threads
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (int kind = 0; kind < 32; ++kind) {
+    batch.n = 0;
+    uint32_t blocks = 0;
+    for (int32_t i = 0; i <= n; ++i) {
+      if (i == n || batch.n == kMaxBatch) {  // launch what is gathered (the parameters are copied at launch)
+        if (batch.n > 0) launch_batch<OutT>(kind, batch, blocks, stream, std::make_integer_sequence<int, 32>{});
+        if (cudaGetLastError() != cudaSuccess) return BF_ERR_CUDA;
+        batch.n = 0;
+        blocks = 0;
+        if (i == n) break;
+      }
+      if (plans[i].kind != kind) continue;
+      batch.e[batch.n++] = BatchEntry{plans[i].w, blocks, int16_t(kind)};
+      blocks += (plans[i].w.chunks + kThreads - 1) / kThreads;
+    }
   }
   return BF_OK;
 }
@@ -314,10 +326,14 @@ int32_t bf_decode_cuda_batch(const bf_decode_desc* descs, const uint8_t* const* 
   }
   if (n == 0) return BF_OK;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (descs[0].out_dtype) {
-    case BF_DTYPE_FLOAT32: return bf::decode_batch<float>(descs, codes, codes_bytes, scales, outs, n, s);
-    case BF_DTYPE_FLOAT16: return bf::decode_batch<__half>(descs, codes, codes_bytes, scales, outs, n, s);
-    default: return bf::decode_batch<__nv_bfloat16>(descs, codes, codes_bytes, scales, outs, n, s);
+  try {  // the plan list allocates; nothing may throw across the C boundary
+    switch (descs[0].out_dtype) {
+      case BF_DTYPE_FLOAT32: return bf::decode_batch<float>(descs, codes, scales, outs, n, s);
+      case BF_DTYPE_FLOAT16: return bf::decode_batch<__half>(descs, codes, scales, outs, n, s);
+      default: return bf::decode_batch<__nv_bfloat16>(descs, codes, scales, outs, n, s);
+    }
+  } catch (...) {
+    return BF_ERR_CUDA;
   }
 }
 
