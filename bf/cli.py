@@ -297,12 +297,17 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="log.csv and TensorBoard events. Default: --work.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA).")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward pass (less memory, more time).")
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="Replay each training step from a CUDA graph: one GPU, one process; about 2x faster QAT steps on SD-v1.5 (host-bound eager).",
+)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--bundle", is_flag=True, help="Embed text encoder, VAE and small files in the .bfq.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write.")
 def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, grid, init, no_feature_distill, timesteps, no_stage2,
-          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, log_dir, resume, bf16, grad_checkpoint, device, bundle,
-          out) -> None:  # fmt: skip
+          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, log_dir, resume, bf16, grad_checkpoint, cuda_graph,
+          device, bundle, out) -> None:  # fmt: skip
     """Quantization-aware training: a model and data in, a low-bit .bfq out.
 
     \b
@@ -348,6 +353,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         checkpoint_every=checkpoint_every,
         bf16=bf16,
         grad_checkpoint=grad_checkpoint,
+        cuda_graph=cuda_graph,
     )
     req = TrainRequest(
         data=data,

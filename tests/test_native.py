@@ -94,8 +94,13 @@ def test_library_version_and_missing_library_errors(native_build, monkeypatch, t
         dk.DecodeLibrary(native_build / DECODE.file_name)
     with pytest.raises(BfError, match=r"no such file .*make plugins"):
         find_library(DECODE, tmp_path / "nope.so")
+    monkeypatch.setenv(DECODE.env_var, str(native_build / DECODE.file_name))
+    assert find_library(DECODE) == native_build / DECODE.file_name
     monkeypatch.setenv(DECODE.env_var, str(tmp_path / "missing.so"))
-    assert find_library(DECODE) != tmp_path / "missing.so"  # an unset or stale variable falls through to the other places
+    try:  # a stale variable falls through to the other places, and the error lists every place looked in
+        assert find_library(DECODE) != tmp_path / "missing.so"
+    except BfError as e:
+        assert str(tmp_path / "missing.so") in str(e) and "plugins_trt/build" in str(e) and "BF_DECODE_LIB" in str(e)
 
 
 def one_node_model(spec: DequantSpec, codes: np.ndarray, scale: np.ndarray, attrs: dict | None = None) -> bytes:

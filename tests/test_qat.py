@@ -126,3 +126,37 @@ def test_text_dropping():
     assert torch.equal(drop_text(cond, empty, 1.0, g), torch.zeros_like(cond))
     dropped = (drop_text(cond, empty, 0.1, g).sum((1, 2)) == 0).float().mean()
     assert float(dropped) == pytest.approx(0.1, abs=0.03)
+
+
+@pytest.mark.gpu
+def test_fused_fake_quant_matches_the_reference_on_a_gpu(monkeypatch):
+    """One-pass Triton fake quant: forward bit-identical to FakeQuantize, gradients equal up to summation order."""
+    from bf.trainer import fused_fake_quant
+    from bf.trainer.quantizer import fake_quantize, lsq_grad_scale, minmax_scale
+
+    if not torch.cuda.is_available() or fused_fake_quant.triton is None:
+        pytest.skip("needs a CUDA GPU and Triton")
+    torch.manual_seed(0)
+    for shape, grid in [((320, 320, 3, 3), Grid(1)), ((1280, 11520), Grid(2)), ((7, 5), Grid(3, "plain")), ((33, 1001), Grid(4))]:
+        w = torch.randn(shape, device="cuda")
+        s = minmax_scale(w, grid) * 0.7  # some weights fall outside the clip range
+        gscale = lsq_grad_scale(w, grid)
+        g = torch.randn(shape, device="cuda")
+        outs = {}
+        for fused in (True, False):
+            monkeypatch.setenv("BF_FUSED_FAKE_QUANT", "1" if fused else "0")
+            wi, si = w.clone().requires_grad_(), s.clone().requires_grad_()
+            y = fake_quantize(wi, si, grid, gscale)
+            y.backward(g)
+            outs[fused] = (y.detach(), wi.grad, si.grad)
+        assert torch.equal(outs[True][0], outs[False][0]), shape
+        assert torch.equal(outs[True][1], outs[False][1]), shape
+        torch.testing.assert_close(outs[True][2], outs[False][2], rtol=1e-4, atol=1e-6)
+        # Under bf16 autocast the fused op writes bf16 itself: the reference's value cast once, same gradients.
+        monkeypatch.setenv("BF_FUSED_FAKE_QUANT", "1")
+        wi, si = w.clone().requires_grad_(), s.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fake_quantize(wi, si, grid, gscale)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, outs[False][0].to(torch.bfloat16))
+        y.backward(g.to(torch.bfloat16))
+        assert torch.equal(wi.grad, torch.where(outs[False][1] != 0, g.to(torch.bfloat16).float(), 0.0))

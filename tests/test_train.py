@@ -195,3 +195,38 @@ def test_text_encoder_cache_overflow_keeps_every_caption_of_the_batch():
     out = enc(["a", "ccc", "dddd"])  # 2 cached + 2 new > 3: cleared, and "a" must be recomputed
     assert out[:, 0, 0].tolist() == [1.0, 3.0, 4.0]
     assert set(enc.cache) == {"a", "ccc", "dddd"}
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_train_like_eager_steps(tmp_path):
+    """--cuda-graph: the captured step (warm-up undone) trains the same student as eager steps, both stages."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.backends.cudnn.deterministic = True
+
+    def cuda_frozen():
+        f = _frozen()
+        encode = f.encode_text
+        return Frozen(f.teacher.cuda(), lambda caps: encode(caps).cuda(), f.data, f.alphas_cumprod.cuda())
+
+    cfg = TrainConfig(stage1_steps=4, stage2_steps=3, batch_size=2, lr=1e-3, checkpoint_every=100)
+    frozen = cuda_frozen()
+    plan = _plan(frozen)
+    runs = []
+    for graph in (False, False, True):  # two eager runs measure the GPU's own run-to-run noise
+        losses = []
+        student, _ = train_student(
+            cuda_frozen(), plan, TrainConfig(**{**cfg.__dict__, "cuda_graph": graph}), tmp_path / str(len(runs)),
+            progress=lambda st, step, info, losses=losses: losses.append(info["loss"]),
+        )  # fmt: skip
+        runs.append((np.array(losses), student.state_dict()))
+    (e1, s1), (e2, s2), (gl, gs) = runs
+    assert len(gl) == 7 and abs(gl[0] - e1[0]) <= 1e-6 * abs(e1[0])  # the first step sees the same weights
+    # Adam turns tiny gradient differences (atomics in attention backward) into lr-sized steps, so
+    # eager runs may differ; the graph run must differ from eager by no more than that noise.
+    noise_loss = np.abs(e1 - e2).max()
+    noise_w = max((s1[k] - s2[k]).abs().max().item() for k in s1)
+    assert np.abs(gl - e1).max() <= 5 * noise_loss + 1e-6 * np.abs(e1).max(), (gl, e1, e2)
+    assert max((s1[k] - gs[k]).abs().max().item() for k in s1) <= 5 * noise_w + 1e-6
+    with pytest.raises(BfError, match="--cuda-graph needs one CUDA GPU"):
+        train_student(_frozen(), plan, TrainConfig(**{**cfg.__dict__, "cuda_graph": True}), tmp_path / "cpu")

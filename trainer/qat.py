@@ -123,6 +123,12 @@ def stage1_loss(student, teacher, zt, t, cond, cfg: LossConfig) -> tuple[torch.T
     """Noise distillation + lambda * mean over blocks of the block-output MSE.
 
     ``cond`` already has its dropped prompts (the same for both models)."""
+    loss, noise, feat = stage1_terms(student, teacher, zt, t, cond, cfg)
+    return loss, _to_host(loss=loss, noise=noise, feature=feat)
+
+
+def stage1_terms(student, teacher, zt, t, cond, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Stage I loss and its two terms as device tensors (no host sync: CUDA graphs can capture it)."""
     with torch.no_grad(), capture_blocks(teacher) as t_feats:
         eps_t = teacher(zt, t, cond).sample
     with capture_blocks(student) as s_feats:
@@ -132,14 +138,25 @@ def stage1_loss(student, teacher, zt, t, cond, cfg: LossConfig) -> tuple[torch.T
         feat = torch.stack([F.mse_loss(s_feats[k].float(), t_feats[k].float()) for k in t_feats]).mean()
     else:
         feat = noise.new_zeros(())
-    loss = noise + cfg.feature_weight * feat
-    return loss, _to_host(loss=loss, noise=noise, feature=feat)
+    return noise + cfg.feature_weight * feat, noise, feat
 
 
 def stage2_loss(student, zt, t, cond, noise) -> tuple[torch.Tensor, dict[str, float]]:
     """Noise prediction against the true noise."""
-    loss = F.mse_loss(student(zt, t, cond).sample.float(), noise.float())
-    return loss, _to_host(loss=loss, noise=loss)
+    (loss,) = stage2_terms(student, zt, t, cond, noise)
+    return loss, loss_parts(2, (loss,))
+
+
+def stage2_terms(student, zt, t, cond, noise) -> tuple[torch.Tensor]:
+    """The Stage II loss as a device tensor (no host sync)."""
+    return (F.mse_loss(student(zt, t, cond).sample.float(), noise.float()),)
+
+
+def loss_parts(stage: int, terms: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """The logged loss terms of a step, from stage1_terms' (loss, noise, feature) or Stage II's (loss,)."""
+    if stage == 1:
+        return _to_host(loss=terms[0], noise=terms[1], feature=terms[2])
+    return _to_host(loss=terms[0], noise=terms[0])
 
 
 def _to_host(**scalars: torch.Tensor) -> dict[str, float]:

@@ -131,5 +131,9 @@ class FakeQuantize(torch.autograd.Function):
 
 
 def fake_quantize(w: torch.Tensor, s: torch.Tensor, grid: Grid, grad_scale: float | None = None) -> torch.Tensor:
+    from bf.trainer import fused_fake_quant
+
     gs = lsq_grad_scale(w, grid) if grad_scale is None else grad_scale
+    if fused_fake_quant.available(w):  # one pass each way on CUDA (the reference's float ops, fused)
+        return fused_fake_quant.FusedFakeQuantize.apply(w, s, grid.qmin, grid.qmax, gs)
     return FakeQuantize.apply(w, s, grid.qmin, grid.qmax, gs)

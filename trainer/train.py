@@ -24,15 +24,16 @@ from bf.format import Checkpoint, Grid
 from bf.provenance import provenance
 from bf.trainer.data import LatentSet
 from bf.trainer.event_log import EventLog
+from bf.trainer.graph_step import GraphedStep
 from bf.trainer.ptq import kept_tensors
-from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, sample_timesteps, stage1_loss, stage2_loss
+from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, loss_parts, sample_timesteps, stage1_terms, stage2_terms
 from bf.trainer.train_state import load_state, save_state
 
 STATE_FILE = "state.safetensors"
 LOG_FILE = "log.csv"
 
 
-_NOT_IN_DIGEST = ("checkpoint_every", "grad_checkpoint")  # change how a run goes, not what it computes
+_NOT_IN_DIGEST = ("checkpoint_every", "grad_checkpoint", "cuda_graph")  # change how a run goes, not what it computes
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     bf16: bool = False  # autocast on CUDA
     grad_checkpoint: bool = False  # recompute block activations in the backward pass: less memory, about 30% more time
+    cuda_graph: bool = False  # replay each stage's step from a CUDA graph (trainer/graph_step.py); one process only
 
     def digest(self, plan: dict[str, Grid]) -> str:
         """Hash of everything that makes two runs the same run (resume refuses a different one)."""
@@ -162,6 +164,16 @@ def train_student(
         csv_log, events = CsvLog(log_dir / LOG_FILE), EventLog(log_dir)
     steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
+
+    def terms(stage: int, zt, t, cond, noise) -> tuple[torch.Tensor, ...]:
+        with autocast:
+            if stage == 1:
+                return stage1_terms(forward, teacher, zt, t, cond, cfg.loss)
+            return stage2_terms(forward, zt, t, cond, noise)
+
+    graphs: dict[int, GraphedStep] = {}
     t0 = time.time()
     try:
         for stage, steps in _stages(cfg):
@@ -171,18 +183,21 @@ def train_student(
             for step in range(first, steps + 1):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_000_007 + step + rank * 7_919_000_003)
                 zt, t, cond, noise = noisy_batch(frozen, empty, cfg.batch_size, cfg.loss, g, device)
-                with autocast:
-                    if stage == 1:
-                        loss, parts = stage1_loss(forward, teacher, zt, t, cond, cfg.loss)
-                    else:
-                        loss, parts = stage2_loss(forward, zt, t, cond, noise)
+                if cfg.cuda_graph:  # the step runs before its loss is seen: a NaN stops the run with the last saved state
+                    if stage not in graphs:
+                        graphs[stage] = GraphedStep(lambda *b, stage=stage: terms(stage, *b), opt, optimizer_step, (zt, t, cond, noise))
+                    parts = loss_parts(stage, graphs[stage](zt, t, cond, noise))
+                else:
+                    step_terms = terms(stage, zt, t, cond, noise)
+                    parts = loss_parts(stage, step_terms)
                 value = parts["loss"]
                 if not math.isfinite(value):
                     raise BfError(
                         f"loss is {value} at Stage {stage} step {step}; stopped, the last good state is {state_path} "
                         "(try a lower --lr, then --resume)"
                     )
-                optimizer_step(loss, opt)
+                if not cfg.cuda_graph:
+                    optimizer_step(step_terms[0], opt)
                 progress(stage, step, {"steps": steps, "loss": value, **parts})
                 if rank != 0:
                     continue
