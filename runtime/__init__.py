@@ -1,6 +1,7 @@
-"""bf.runtime: the lean deployment runtime (issue 7).
+"""bf.runtime: the lean deployment runtime (issue 7, in progress).
 
 Imports ``bf.format``; never imports ``bf.trainer`` or ``bf.export``, and never
 imports torch, diffusers or transformers on its ONNX Runtime and TensorRT paths.
-Empty until the runtime issue lands: there is no ``bf infer`` command yet.
+So far: ``schedulers`` (PNDM, DDIM, DPM-Solver++ 2M in NumPy, checked against diffusers).
+There is no ``bf infer`` command yet.
 """
