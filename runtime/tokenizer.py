@@ -1,0 +1,118 @@
+"""CLIP's byte-level BPE tokenizer in plain Python, from an exported ``tokenizer/`` directory
+(``vocab.json``, ``merges.txt``), as transformers' CLIPTokenizer encodes for Stable Diffusion:
+NFC, whitespace runs to one space, lowercase; split into special tokens, contractions, letter
+runs, single digits and runs of other symbols; bytes mapped to printable characters; BPE with
+the ``</w>`` end-of-word mark; ``<|startoftext|>`` + up to 75 tokens + ``<|endoftext|>``,
+padded with ``<|endoftext|>`` to 77. tests/test_runtime_tokenizer.py compares it with
+transformers on a spread of prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77
+CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable characters."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _is_letter(c: str) -> bool:
+    return unicodedata.category(c).startswith("L")
+
+
+def _is_number(c: str) -> bool:
+    return unicodedata.category(c).startswith("N")
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """The pieces the BPE sees (before the byte mapping)."""
+    text = " ".join(unicodedata.normalize("NFC", text).split()).lower()
+    pieces, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+            continue
+        special = next((s for s in (BOS, EOS) if text.startswith(s, i)), None)
+        contraction = next((s for s in CONTRACTIONS if text.startswith(s, i)), None) if c == "'" else None
+        if special or contraction:
+            pieces.append(special or contraction)
+            i += len(pieces[-1])
+            continue
+        j = i + 1
+        if _is_letter(c):
+            while j < n and _is_letter(text[j]):
+                j += 1
+        elif not _is_number(c):  # a run of symbols
+            while j < n and not (text[j].isspace() or _is_letter(text[j]) or _is_number(text[j])):
+                j += 1
+        pieces.append(text[i:j])
+        i = j
+    return pieces
+
+
+class ClipTokenizer:
+    def __init__(self, directory: Path):
+        directory = Path(directory)
+        try:
+            self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{directory}: not a CLIP tokenizer directory (vocab.json, merges.txt): {e}") from None
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        self.ranks = {pair: r for r, pair in enumerate(merges)}
+        self.byte_map = bytes_to_unicode()
+        self.bos, self.eos = self.vocab[BOS], self.vocab[EOS]
+        self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
+        word = (*piece[:-1], piece[-1] + "</w>")
+        while len(word) > 1:
+            pairs = {(word[k], word[k + 1]) for k in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, k = [], 0
+            while k < len(word):
+                if k < len(word) - 1 and (word[k], word[k + 1]) == best:
+                    merged.append(word[k] + word[k + 1])
+                    k += 2
+                else:
+                    merged.append(word[k])
+                    k += 1
+            word = tuple(merged)
+        return word
+
+    def tokens(self, text: str) -> list[int]:
+        """Token ids of ``text`` without the start and end tokens or padding."""
+        ids = []
+        for piece in pre_tokenize(text):
+            if piece in (BOS, EOS):
+                ids.append(self.vocab[piece])
+                continue
+            mapped = "".join(self.byte_map[b] for b in piece.encode("utf-8"))
+            ids.extend(self.vocab[t] for t in self._bpe(mapped))
+        return ids
+
+    def encode(self, text: str, max_length: int = MAX_LENGTH) -> tuple[list[int], int]:
+        """``max_length`` ids (start, tokens, end, padding) and how many tokens were cut off."""
+        ids = self.tokens(text)
+        room = max_length - 2
+        dropped = max(0, len(ids) - room)
+        ids = [self.bos, *ids[:room], self.eos]
+        return ids + [self.eos] * (max_length - len(ids)), dropped
