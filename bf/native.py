@@ -59,7 +59,7 @@ def find_plugin_library(explicit: Path | None = None) -> Path:
 
 def register_trt_plugin(trt, explicit: Path | None = None) -> Path:
     """Load the plugin library into TensorRT's registry and check its creator is the one this bf needs."""
-    from bf.format.dequant_op import OP_TYPE, OP_VERSION
+    from bf.format.dequant_op import OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 
     path = find_plugin_library(explicit)
     registry = trt.get_plugin_registry()
@@ -67,6 +67,6 @@ def register_trt_plugin(trt, explicit: Path | None = None) -> Path:
         registry.load_library(str(path))
     except Exception as e:  # TensorRT raises its own types; the message is what matters
         raise BfError(f"TensorRT {trt.__version__} could not load {path}: {e}; rebuild it against this TensorRT ({BUILD_HINT})") from None
-    if registry.get_creator(OP_TYPE, str(OP_VERSION), "") is None:
+    if registry.get_creator(OP_TYPE, str(OP_VERSION), PLUGIN_NAMESPACE) is None:
         raise BfError(f"{path} does not provide {OP_TYPE} version {OP_VERSION}: it was built for another bf; {BUILD_HINT}")
     return path

@@ -26,7 +26,7 @@ from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
 from bf.export.onnx_graphs import GRAPHS, OPSET, UNET, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
-from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION
+from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "bf.export"
@@ -178,7 +178,7 @@ def _manifest(source: Path, ckpt: Checkpoint, req: ExportRequest, comps, graphs:
         "graph_dtype": "float32",
         "opset": OPSET,
         "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": OP_VERSION},
-        "plugin": None if req.target == "onnx-std" else {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": DOMAIN},
+        "plugin": None if req.target == "onnx-std" else {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE},
         "model": {"bfq": str(source.resolve()), "sha256": sha256_file(source), "base_model_hash": ckpt.base_model.get("hash")},
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
         "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},

@@ -1,5 +1,5 @@
 """CLIP's byte-level BPE tokenizer in plain Python, from an exported ``tokenizer/`` directory
-(``vocab.json``, ``merges.txt``), as transformers' CLIPTokenizer encodes for Stable Diffusion:
+(``tokenizer.json``, or ``vocab.json`` and ``merges.txt``), as transformers' CLIPTokenizer encodes for Stable Diffusion:
 NFC, whitespace runs to one space, lowercase; split into special tokens, contractions, letter
 runs, single digits and runs of other symbols; bytes mapped to printable characters; BPE with
 the ``</w>`` end-of-word mark; ``<|startoftext|>`` + up to 75 tokens + ``<|endoftext|>``,
@@ -66,15 +66,25 @@ def pre_tokenize(text: str) -> list[str]:
     return pieces
 
 
+def read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """From ``tokenizer.json`` (what ``bf export`` writes) or ``vocab.json`` + ``merges.txt``."""
+    try:
+        if (directory / "tokenizer.json").is_file():
+            model = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+                raise ValueError("not CLIP's BPE model")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            return model["vocab"], merges
+        vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+        return vocab, [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{directory}: not a CLIP tokenizer directory (tokenizer.json, or vocab.json and merges.txt): {e}") from None
+
+
 class ClipTokenizer:
     def __init__(self, directory: Path):
-        directory = Path(directory)
-        try:
-            self.vocab: dict[str, int] = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{directory}: not a CLIP tokenizer directory (vocab.json, merges.txt): {e}") from None
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        self.vocab, merges = read_vocab_and_merges(Path(directory))
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.byte_map = bytes_to_unicode()
         self.bos, self.eos = self.vocab[BOS], self.vocab[EOS]

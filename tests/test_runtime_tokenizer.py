@@ -24,9 +24,14 @@ PROMPTS = [
 ]
 
 
-def test_token_ids_match_transformers():
+@pytest.mark.parametrize("files", ["vocab.json + merges.txt", "tokenizer.json (as bf export saves it)"])
+def test_token_ids_match_transformers(files, tmp_path):
     directory = shipped_model_dir() / "tokenizer"
     ref = transformers.CLIPTokenizer.from_pretrained(directory)
+    if files.startswith("tokenizer.json"):
+        ref.save_pretrained(tmp_path)
+        assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "merges.txt").exists()
+        directory = tmp_path
     ours = ClipTokenizer(directory)
     for prompt in PROMPTS:
         want = ref(prompt, padding="max_length", max_length=77, truncation=True).input_ids

@@ -26,6 +26,9 @@ from bf.format.packing import Packing
 DOMAIN = "bitsfusion"
 OP_TYPE = "LowBitDequant"
 OP_VERSION = 1  # the opset version of DOMAIN; also the TensorRT plugin version string
+# The TensorRT plugin's namespace: TensorRT's ONNX parser finds plugins by op type, plugin_version
+# and plugin_namespace attributes (defaults "1" and ""), not by the node's domain.
+PLUGIN_NAMESPACE = ""
 
 INPUTS = ("codes", "scale")
 ATTR_BITS = "bits"
@@ -115,6 +118,7 @@ def c_header() -> str:
 #define BF_OP_DOMAIN "{DOMAIN}"
 #define BF_OP_NAME "{OP_TYPE}"
 #define BF_OP_VERSION "{OP_VERSION}"
+#define BF_PLUGIN_NAMESPACE "{PLUGIN_NAMESPACE}"
 #define BF_ABI_VERSION {ABI_VERSION}
 #define BF_NUM_FIELDS {len(ATTRIBUTES)}
 {fields}

@@ -14,7 +14,7 @@
 
 namespace bf {
 
-constexpr char const* kPluginNamespace = "";
+constexpr char const* kPluginNamespace = BF_PLUGIN_NAMESPACE;
 
 // The last createPlugin / enqueue error in words (also sent to TensorRT's logger when one is known).
 const char* plugin_last_error();
