@@ -477,6 +477,60 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
         click.echo(json.dumps(manifest, indent=1))
 
 
+@main.command("infer")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--negative-prompt", default="", help="What to steer away from (the unconditional prompt).")
+@click.option("--steps", type=int, default=None, help="Sampling steps [default: what the model was exported for].")
+@click.option("--cfg", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the initial noise (NumPy): same image on every backend.")
+@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default=None,
+              help="Sampler [default: the one the model was exported for].")  # fmt: skip
+@click.option("--height", type=int, default=None, help="Image height [default: the export's].")
+@click.option("--width", type=int, default=None, help="Image width [default: the export's].")
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt (one batch).")
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt and torch: not yet.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
+              help="PNG to write (with -1, -2, ... before the suffix for several images).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
+def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, out, as_json) -> None:
+    """Generate images from an exported model directory (bf export's output) with the lean runtime.
+
+    \b
+    No torch, diffusers or transformers are imported on the ort backend. The PNG carries the
+    prompt, negative prompt, seed, steps, cfg, scheduler and model hash in its metadata.
+    """
+    from tqdm import tqdm
+
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.png import write_png
+
+    if not prompt.strip():
+        raise BfError("--prompt is empty; say what to draw")
+    model = ExportedModel.open(model_dir)
+    req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
+    bar = tqdm(total=None, desc="sampling", unit="step", disable=None, file=sys.stderr)
+
+    def progress(i: int, n: int) -> None:
+        bar.total = n
+        bar.update(1)
+
+    result = generate(model, OrtBackend(model), req, progress)
+    bar.close()
+    if result.dropped_tokens:
+        _log(f"warning: the prompt is longer than 75 tokens; the last {result.dropped_tokens} were dropped")
+    paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(num_images)]
+    meta = {k: str(v) for k, v in result.settings.items()}
+    for path, image in zip(paths, result.images, strict=True):
+        write_png(path, image, {"bf": json.dumps(result.settings), **meta})
+    _log(f"wrote {', '.join(map(str, paths))}")
+    if as_json:
+        click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "timings": result.timings}, indent=1))
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")

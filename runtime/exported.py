@@ -1,0 +1,55 @@
+"""An exported model directory (``bf export``'s output), checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bf.errors import BfError
+
+FORMAT, FORMAT_VERSION = "bf.export", 1
+GRAPHS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass
+class ExportedModel:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: Path) -> ExportedModel:
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise BfError(f"{root}: no manifest.json; is this a 'bf export' output directory?")
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError as e:
+            raise BfError(f"{path} is not valid JSON ({e}); export again with 'bf export'") from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            got = f"{manifest.get('format')} v{manifest.get('format_version')}"
+            raise BfError(f"{path}: format {got}, this bf reads {FORMAT} v{FORMAT_VERSION}; export again with this bf")
+        model = cls(root, manifest)
+        for name in GRAPHS:
+            for f in manifest["graphs"][name]["files"]:
+                if not (root / f).is_file():
+                    raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
+        for f in ("tokenizer", "scheduler/scheduler_config.json"):
+            if not (root / f).exists():
+                raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
+        return model
+
+    @property
+    def scheduler_config(self) -> dict:
+        return json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+
+    def check_sampler(self, name: str, steps: int) -> None:
+        """The UNet reads a time-feature table built for one scheduler and step count."""
+        m = self.manifest["scheduler"]
+        if (name, steps) != (m["name"], m["steps"]):
+            bfq = self.manifest["model"].get("bfq", "M.bfq")
+            raise BfError(
+                f"{self.root} was exported for {m['name']} with {m['steps']} steps, not {name} with {steps}; "
+                f"export again: bf export {bfq} --scheduler {name} --steps {steps} --out DIR"
+            )

@@ -1,0 +1,102 @@
+"""Text in, images out: tokenizer, text encoder, UNet by step index with classifier-free
+guidance, a NumPy sampler and the VAE decoder, on any backend with the three graph calls.
+
+The initial noise comes from NumPy's seeded generator, so every backend starts from the same
+latents; unconditional and conditional predictions are one batched UNet call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bf.errors import BfError
+from bf.runtime.exported import ExportedModel
+from bf.runtime.schedulers import make_scheduler
+from bf.runtime.tokenizer import ClipTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None  # default: what the model was exported for
+    cfg: float = 7.5
+    seed: int = 1024
+    scheduler: str | None = None
+    height: int | None = None  # default: the export's resolution
+    width: int | None = None
+    num_images: int = 1
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # (K, H, W, 3) uint8
+    latents: np.ndarray  # the initial noise (K, C, h, w) float32
+    timings: dict[str, float]  # seconds per stage
+    dropped_tokens: int
+    settings: dict
+
+
+def initial_latents(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * sigma).astype(np.float32)
+
+
+def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
+    m = model.manifest
+    name = req.scheduler or m["scheduler"]["name"]
+    steps = m["scheduler"]["steps"] if req.steps is None else req.steps
+    if steps < 1:
+        raise BfError(f"--steps {steps}: must be at least 1")
+    model.check_sampler(name, steps)
+    height = req.height or m["image"]["height"]
+    width = req.width or m["image"]["width"]
+    scale = m["image"]["latent_scale"]
+    if height <= 0 or width <= 0 or height % scale or width % scale:
+        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
+    if req.num_images < 1:
+        raise BfError(f"--num-images {req.num_images}: must be at least 1")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    tokenizer = ClipTokenizer(model.root / "tokenizer")
+    (neg_ids, _), (ids, dropped) = tokenizer.encode(req.negative_prompt), tokenizer.encode(req.prompt)
+    hidden = backend.text_encoder(np.array([neg_ids, ids], dtype=np.int64))
+    k = req.num_images
+    context = np.concatenate([np.repeat(hidden[:1], k, 0), np.repeat(hidden[1:], k, 0)])
+    timings["text_encoder_s"] = time.perf_counter() - t0
+
+    sampler = make_scheduler(name, model.scheduler_config, steps)
+    if not np.array_equal(sampler.timesteps, np.asarray(m["scheduler"]["timesteps"])):
+        raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
+    latents = initial_latents(req.seed, (k, m["latent_channels"], height // scale, width // scale), sampler.init_noise_sigma)
+    start = latents.copy()
+    t0 = time.perf_counter()
+    for i in range(len(sampler.timesteps)):
+        noise = backend.unet(np.concatenate([latents, latents]), i, context)
+        uncond, cond = noise[:k], noise[k:]
+        latents = sampler.step((uncond + np.float32(req.cfg) * (cond - uncond)).astype(np.float32), i, latents)
+        progress(i + 1, len(sampler.timesteps))
+    timings["unet_s"] = time.perf_counter() - t0
+    timings["unet_per_step_ms"] = 1e3 * timings["unet_s"] / len(sampler.timesteps)
+
+    t0 = time.perf_counter()
+    image = backend.vae_decoder(latents)  # (K, 3, H, W) in [0, 1]
+    timings["vae_decoder_s"] = time.perf_counter() - t0
+    images = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    settings = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "seed": req.seed,
+        "steps": steps,
+        "cfg": req.cfg,
+        "scheduler": name,
+        "height": height,
+        "width": width,
+        "model_sha256": m["model"].get("sha256"),
+        "backend": getattr(backend, "name", "?"),
+    }
+    return Generation(images, start, timings, dropped, settings)

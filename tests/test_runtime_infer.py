@@ -1,0 +1,97 @@
+"""bf infer on the ort backend: parity with the diffusers pipeline on the dequantized model, PNG metadata, bad input."""
+
+import json
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+
+from conftest import run_bf  # noqa: E402
+
+from bf.export.check import psnr_db  # noqa: E402
+
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def exported_std(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp / "m.bfq").returncode == 0
+    r = run_bf("export", tmp / "m.bfq", "--target", "onnx-std", "--out", tmp / "onnx", "--steps", "10", "--no-check")
+    assert r.returncode == 0, r.stderr
+    return tmp
+
+
+def png_text(path) -> dict[str, str]:
+    data, pos, out = path.read_bytes(), 8, {}
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        assert zlib.crc32(kind + body) == int.from_bytes(data[pos + 8 + n : pos + 12 + n], "big")
+        if kind == b"tEXt":
+            k, v = body.split(b"\0", 1)
+            out[k.decode("latin-1")] = v.decode("latin-1")
+        pos += 12 + n
+    return out
+
+
+def test_ort_matches_the_diffusers_pipeline_on_the_dequantized_model(exported_std):
+    from bf.models.pipeline import load_model
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.pipeline import GenerationRequest, generate
+
+    model = ExportedModel.open(exported_std / "onnx")
+    ours = generate(model, OrtBackend(model), GenerationRequest(PROMPT, seed=7))
+    pipe = load_model(exported_std / "m.bfq", scheduler="pndm").pipe
+    h, w = ours.images.shape[1:3]
+    ref = pipe(PROMPT, negative_prompt="", num_inference_steps=10, guidance_scale=7.5, height=h, width=w,
+               latents=torch.from_numpy(ours.latents), output_type="np").images  # fmt: skip
+    assert psnr_db(ours.images.astype(np.float32) / 255, ref.astype(np.float32)) >= 35
+
+
+def test_bf_infer_writes_a_png_with_its_settings(exported_std):
+    out = exported_std / "img.png"
+    r = run_bf("infer", exported_std / "onnx", "--prompt", PROMPT, "--seed", "3", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["files"] == [str(out)] and report["timings"]["unet_s"] > 0
+    meta = png_text(out)
+    assert meta["prompt"] == PROMPT and meta["seed"] == "3" and meta["steps"] == "10" and meta["scheduler"] == "pndm"
+    assert json.loads(meta["bf"])["model_sha256"].startswith("sha256:")
+    r2 = run_bf("infer", exported_std / "onnx", "--prompt", PROMPT, "--seed", "3", "--out", exported_std / "again.png")
+    assert r2.returncode == 0 and (exported_std / "again.png").read_bytes() == out.read_bytes()  # same seed, same image
+
+
+def test_the_ort_path_imports_no_torch(exported_std):
+    code = (
+        "import sys; from bf.runtime.backend_ort import OrtBackend; from bf.runtime.exported import ExportedModel; "
+        "from bf.runtime.pipeline import GenerationRequest, generate; "
+        f"m = ExportedModel.open({str(exported_std / 'onnx')!r}); generate(m, OrtBackend(m), GenerationRequest('x', steps=10)); "
+        "bad = [n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules]; assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_input_gets_one_line(exported_std, tmp_path):
+    d = exported_std / "onnx"
+    cases = [
+        (["infer", tmp_path, "--prompt", "x"], "no manifest.json"),
+        (["infer", d, "--prompt", "  "], "--prompt is empty"),
+        (["infer", d, "--prompt", "x", "--steps", "20"], "exported for pndm with 10 steps, not pndm with 20"),
+        (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "bf export"),
+        (["infer", d, "--prompt", "x", "--height", "100"], "must be positive multiples of 8"),
+        (["infer", d, "--prompt", "x", "--steps", "0"], "must be at least 1"),
+    ]
+    for args, message in cases:
+        r = run_bf(*args, "--out", tmp_path / "x.png")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "x.png").exists()
