@@ -445,6 +445,9 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
 def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, fp16, check, base_model, plugin, as_json) -> None:
     """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder).
 
+    CHECKPOINT may also be an FP model directory: the same graphs without quantization, the
+    reference to compare a quantized export with (bf infer runs both).
+
     \b
     Writes text_encoder.onnx, unet.onnx, vae_decoder.onnx, tokenizer/, scheduler/ and
     manifest.json. Every quantized weight of unet.onnx is one bitsfusion::LowBitDequant

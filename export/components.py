@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from bf.export.torch_modules import TextEncoderGraph, VaeDecoderGraph, swap_quantized_layers
-from bf.format import Checkpoint
 from bf.models.time_cache import cache_time_features, sampler_timesteps
 
 MAX_TOKENS = 77
@@ -25,16 +24,17 @@ class Components:
     hidden_size: int
 
 
-def build_components(pipe, ckpt: Checkpoint, scheduler: str, steps: int) -> Components:
-    """Float32 modules over the pipeline of ``ckpt`` (its UNet already dequantized).
+def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Components:
+    """Float32 modules over a pipeline (a .bfq's UNet already dequantized, or an FP model).
 
     The UNet's time layers become lookups into the table for ``scheduler`` at ``steps`` and
-    its quantized layers become dequant-op modules over the packed codes. The pipeline's
+    its quantized ``layers`` (a checkpoint's; none for an FP model) become dequant-op modules
+    over the packed codes. The pipeline's
     modules are used in place, not copied (a full-size model would need twice the memory):
     ``pipe`` is not usable for sampling afterwards."""
     timesteps = sampler_timesteps(scheduler, dict(pipe.scheduler.config), steps)
     unet = cache_time_features(pipe.unet.float().eval(), timesteps)
-    swap_quantized_layers(unet.unet, ckpt.layers)
+    swap_quantized_layers(unet.unet, layers)
     text = TextEncoderGraph(pipe.text_encoder).float().eval()
     vae = VaeDecoderGraph(pipe.vae).float().eval()
     return Components(

@@ -88,7 +88,7 @@ def export_model(
     log: Callable[[str], None] = lambda m: None,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> dict:
-    """Export ``source`` (.bfq) into ``out``; returns the manifest."""
+    """Export ``source`` (a .bfq, or an FP model directory as the reference) into ``out``; returns the manifest."""
     from bf.models.pipeline import load_model
 
     req.validate()
@@ -101,13 +101,22 @@ def export_model(
         import_tensorrt()
         find_plugin_library(req.plugin)
         compute_capability()
-    ckpt = Checkpoint.load(source)
-    log(f"loading {source} ({len(ckpt.layers)} quantized layers)")
+    if Path(source).is_dir():  # the FP model itself, exported the same way: the reference for the runtime
+        from bf.models.directory import ModelDir
+
+        layers, identity = {}, {"source": str(Path(source).resolve()), "sha256": ModelDir.open(source).content_hash(), "quantized": False}
+        log(f"loading {source} (FP model, no quantized layers)")
+    else:
+        ckpt = Checkpoint.load(source)
+        layers = ckpt.layers
+        identity = {"source": str(Path(source).resolve()), "sha256": sha256_file(source), "quantized": True,
+                    "base_model_hash": ckpt.base_model.get("hash")}  # fmt: skip
+        log(f"loading {source} ({len(layers)} quantized layers)")
     loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log)
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native)
-    comps = build_components(pipe, ckpt, req.scheduler, req.steps)
+    comps = build_components(pipe, layers, req.scheduler, req.steps)
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
     inputs = example_inputs(comps, check_batch, req.height, req.width)
@@ -148,7 +157,7 @@ def export_model(
             raise_on_failures(checks)
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_config(tmp / "scheduler")
-        manifest = _manifest(source, ckpt, req, comps, graphs, checks)
+        manifest = _manifest(identity, layers, req, comps, graphs, checks)
         if req.target == "trt":
             from bf.export.tensorrt_engines import build_engines
 
@@ -166,7 +175,7 @@ def export_model(
     return manifest
 
 
-def _manifest(source: Path, ckpt: Checkpoint, req: ExportRequest, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
+def _manifest(identity: dict, layers: dict, req: ExportRequest, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
     from bf import __version__
 
     return {
@@ -179,7 +188,7 @@ def _manifest(source: Path, ckpt: Checkpoint, req: ExportRequest, comps, graphs:
         "opset": OPSET,
         "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": OP_VERSION},
         "plugin": None if req.target == "onnx-std" else {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE},
-        "model": {"bfq": str(source.resolve()), "sha256": sha256_file(source), "base_model_hash": ckpt.base_model.get("hash")},
+        "model": identity,
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
         "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},
         "latent_channels": comps.latent_channels,
@@ -188,5 +197,5 @@ def _manifest(source: Path, ckpt: Checkpoint, req: ExportRequest, comps, graphs:
         "graphs": graphs,
         "check": [c.to_json() for c in checks] if checks else None,
         "export_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},
-        "packed_unet_bytes": sum(ly.stored_bytes for ly in ckpt.layers.values()),
+        "packed_unet_bytes": sum(ly.stored_bytes for ly in layers.values()),
     }

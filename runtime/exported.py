@@ -48,7 +48,7 @@ class ExportedModel:
         """The UNet reads a time-feature table built for one scheduler and step count."""
         m = self.manifest["scheduler"]
         if (name, steps) != (m["name"], m["steps"]):
-            bfq = self.manifest["model"].get("bfq", "M.bfq")
+            bfq = self.manifest["model"].get("source", "M.bfq")
             raise BfError(
                 f"{self.root} was exported for {m['name']} with {m['steps']} steps, not {name} with {steps}; "
                 f"export again: bf export {bfq} --scheduler {name} --steps {steps} --out DIR"

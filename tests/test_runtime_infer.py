@@ -56,6 +56,24 @@ def test_ort_matches_the_diffusers_pipeline_on_the_dequantized_model(exported_st
     assert psnr_db(ours.images.astype(np.float32) / 255, ref.astype(np.float32)) >= 35
 
 
+def test_the_fp_model_exported_and_run_by_ort_matches_diffusers(tiny_model, tmp_path):
+    from bf.models.pipeline import load_model
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.pipeline import GenerationRequest, generate
+
+    r = run_bf("export", tiny_model, "--target", "onnx-std", "--out", tmp_path / "fp", "--steps", "8", "--scheduler", "dpmpp2m")
+    assert r.returncode == 0, r.stderr
+    model = ExportedModel.open(tmp_path / "fp")
+    assert model.manifest["model"]["quantized"] is False and model.manifest["graphs"]["unet"]["dequant_ops"] == 0
+    ours = generate(model, OrtBackend(model), GenerationRequest(PROMPT, seed=11, cfg=5.0))
+    pipe = load_model(tiny_model, scheduler="dpmpp2m").pipe
+    h, w = ours.images.shape[1:3]
+    ref = pipe(PROMPT, negative_prompt="", num_inference_steps=8, guidance_scale=5.0, height=h, width=w,
+               latents=torch.from_numpy(ours.latents), output_type="np").images  # fmt: skip
+    assert psnr_db(ours.images.astype(np.float32) / 255, ref.astype(np.float32)) >= 35
+
+
 def test_bf_infer_writes_a_png_with_its_settings(exported_std):
     out = exported_std / "img.png"
     r = run_bf("infer", exported_std / "onnx", "--prompt", PROMPT, "--seed", "3", "--out", out, "--json")
