@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -480,8 +482,29 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
         click.echo(json.dumps(manifest, indent=1))
 
 
+SHIPPED_INFER_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf")) / f"shipped-2bit-onnx-std-{bf.__version__}"
+
+
+def _shipped_export() -> Path:
+    """The shipped model at 2 bits, exported once (onnx-std, PNDM 50 steps) into the cache."""
+    if (SHIPPED_INFER_DIR / "manifest.json").is_file():
+        return SHIPPED_INFER_DIR
+    from bf.export.run import ExportRequest, export_model
+    from bf.models.directory import ModelDir
+    from bf.models.shipped import model_source
+    from bf.trainer.pipeline import QuantizeRequest, quantize_model
+
+    _log(f"no model directory given: quantizing the shipped model to 2 bits and exporting it to {SHIPPED_INFER_DIR} (once)")
+    SHIPPED_INFER_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=SHIPPED_INFER_DIR.parent) as tmp:
+        bfq = Path(tmp) / "shipped-2bit.bfq"
+        quantize_model(ModelDir.open(model_source(None)), QuantizeRequest(bits=2, bundle=True), log=_log).save(bfq)
+        export_model(bfq, SHIPPED_INFER_DIR, ExportRequest(target="onnx-std"), log=_log)
+    return SHIPPED_INFER_DIR
+
+
 @main.command("infer")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default="", help="What to steer away from (the unconditional prompt).")
 @click.option("--steps", type=int, default=None, help="Sampling steps [default: what the model was exported for].")
@@ -500,6 +523,8 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
 def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, out, as_json) -> None:
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
+    Without MODEL_DIR: the shipped model, quantized to 2 bits and exported on first use.
+
     \b
     No torch, diffusers or transformers are imported on the ort backend. The PNG carries the
     prompt, negative prompt, seed, steps, cfg, scheduler and model hash in its metadata.
@@ -513,7 +538,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
 
     if not prompt.strip():
         raise BfError("--prompt is empty; say what to draw")
-    model = ExportedModel.open(model_dir)
+    model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export())
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     bar = tqdm(total=None, desc="sampling", unit="step", disable=None, file=sys.stderr)
 

@@ -113,3 +113,20 @@ def test_bad_input_gets_one_line(exported_std, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
+    env_cache = tmp_path / "cache"
+    import os
+
+    env = {**os.environ, "BF_CACHE": str(env_cache), "PYTHONWARNINGS": "ignore"}
+    for _ in range(2):
+        r = subprocess.run(
+            [sys.executable, "-m", "bf.cli", "infer", "--prompt", PROMPT, "--steps", "50", "--out", str(tmp_path / "s.png"), "--json"],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert r.stderr.count("quantizing the shipped model") == 0  # the second call used the cache
+    (exported,) = env_cache.iterdir()
+    assert json.loads((exported / "manifest.json").read_text())["target"] == "onnx-std"
+    assert json.loads(r.stdout)["settings"]["height"] == 128
