@@ -515,8 +515,9 @@ def _shipped_export() -> Path:
 @click.option("--height", type=int, default=None, help="Image height [default: the export's].")
 @click.option("--width", type=int, default=None, help="Image width [default: the export's].")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt (one batch).")
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt and torch: not yet.")  # fmt: skip
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). torch: PyTorch on a CUDA GPU, weights decoded "
+                   "by plugins_trt's kernels (needs bf[train] and make plugins). trt: not yet.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG to write (with -1, -2, ... before the suffix for several images).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
@@ -546,7 +547,13 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         bar.total = n
         bar.update(1)
 
-    result = generate(model, OrtBackend(model), req, progress)
+    if backend == "torch":
+        from bf.runtime.backend_torch import TorchBackend
+
+        runner = TorchBackend(model)
+    else:
+        runner = OrtBackend(model)
+    result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:
         _log(f"warning: the prompt is longer than 75 tokens; the last {result.dropped_tokens} were dropped")

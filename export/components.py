@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bf.export.torch_modules import TextEncoderGraph, VaeDecoderGraph, swap_quantized_layers
+from bf.export.torch_modules import swap_quantized_layers
+from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
 from bf.models.time_cache import cache_time_features, sampler_timesteps
 
 MAX_TOKENS = 77

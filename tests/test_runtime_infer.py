@@ -130,3 +130,23 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     (exported,) = env_cache.iterdir()
     assert json.loads((exported / "manifest.json").read_text())["target"] == "onnx-std"
     assert json.loads(r.stdout)["settings"]["height"] == 128
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkeypatch):
+    """PyTorch fp16 on the GPU, weights decoded by the CUDA kernels, against ONNX Runtime fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.pipeline import GenerationRequest, generate
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    model = ExportedModel.open(exported_std / "onnx")
+    req = GenerationRequest(PROMPT, seed=5)
+    backend = TorchBackend(model)
+    assert backend.decoded_layers > 100
+    ours = generate(model, backend, req)
+    ref = generate(model, OrtBackend(model), req)
+    assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35
