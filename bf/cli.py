@@ -515,9 +515,10 @@ def _shipped_export() -> Path:
 @click.option("--height", type=int, default=None, help="Image height [default: the export's].")
 @click.option("--width", type=int, default=None, help="Image width [default: the export's].")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt (one batch).")
-@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). torch: PyTorch on a CUDA GPU, weights decoded "
-                   "by plugins_trt's kernels (needs bf[train] and make plugins). trt: not yet.")  # fmt: skip
+@click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt: the TensorRT engines of a --target trt export "
+                   "(needs bf[trt]). torch: PyTorch on a CUDA GPU, weights decoded by plugins_trt's kernels (needs bf[train] "
+                   "and make plugins).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG to write (with -1, -2, ... before the suffix for several images).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
@@ -551,6 +552,10 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         from bf.runtime.backend_torch import TorchBackend
 
         runner = TorchBackend(model)
+    elif backend == "trt":
+        from bf.runtime.backend_trt import TrtBackend
+
+        runner = TrtBackend(model)
     else:
         runner = OrtBackend(model)
     result = generate(model, runner, req, progress)

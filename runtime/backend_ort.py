@@ -22,7 +22,7 @@ class OrtBackend:
         except ImportError:
             raise BfError("the ort backend needs onnxruntime: pip install 'bf[export]'") from None
         options = ort.SessionOptions()
-        if model.manifest["target"] == "onnx":
+        if model.manifest["target"] != "onnx-std":  # custom dequant ops in the graphs
             options.register_custom_ops_library(str(find_library(ORT_OP)))
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
