@@ -14,21 +14,9 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77
+from bf.models.tokenizer_files import BOS, EOS, MAX_LENGTH, bytes_to_unicode  # the same constants and byte map bf writes the files with
+
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from bytes to printable characters."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _is_letter(c: str) -> bool:

@@ -18,7 +18,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -35,7 +35,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     raw = resources.files("bf.assets").joinpath(BPE_ASSET).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
