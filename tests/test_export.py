@@ -135,6 +135,15 @@ def test_unet_graph_by_step_index_equals_the_diffusers_unet_at_that_timestep(exp
         assert psnr_db(out, ref) > 60, k
 
 
+def unet_feeds(rng, batch: int, step: int) -> dict[str, np.ndarray]:
+    """Random inputs of the tiny model's unet.onnx (8x8 latents, 32-wide text features)."""
+    return {
+        "sample": rng.standard_normal((batch, 4, 8, 8)).astype(np.float32),
+        "step": np.array([step]),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, 32)).astype(np.float32),
+    }
+
+
 def test_custom_op_graph_runs_with_a_reference_op(exported):
     """The custom-op graph itself (not its lowering), through ONNX's reference runtime with the op registered."""
     from onnx.reference import ReferenceEvaluator
@@ -151,12 +160,7 @@ def test_custom_op_graph_runs_with_a_reference_op(exported):
 
     tmp, _, _ = exported
     graph = onnx.load(tmp / "onnx" / "unet.onnx")
-    rng = np.random.default_rng(1)
-    feeds = {
-        "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
-        "step": np.array([3]),
-        "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float32),
-    }
+    feeds = unet_feeds(np.random.default_rng(1), batch=1, step=3)
     got = ReferenceEvaluator(graph, new_ops=[LowBitDequant]).run(None, feeds)[0]
     want = ort.InferenceSession(lower_graph(graph).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
@@ -169,12 +173,7 @@ def test_custom_op_graph_runs_in_onnxruntime_with_the_op_library(exported, ort_o
 
     tmp, _, _ = exported
     graph = onnx.load(tmp / "onnx" / "unet.onnx")
-    rng = np.random.default_rng(2)
-    feeds = {
-        "sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
-        "step": np.array([7]),
-        "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32),
-    }
+    feeds = unet_feeds(np.random.default_rng(2), batch=2, step=7)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(ort_op_library))
     got = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
