@@ -95,10 +95,9 @@ struct Decoder {
     for (int k = 0; k < U; ++k) u[k] = __funnelshift_r(raw[k], raw[k + 1], sh);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      constexpr uint32_t kMask = P::F == 32 ? 0xffffffffu : (1u << P::F) - 1u;
       const int b = m * P::F;
       uint32_t f = b % 32 + P::F <= 32 ? (u[b / 32] >> (b % 32)) : uint32_t((uint64_t(u[b / 32 + 1]) << 32 | u[b / 32]) >> (b % 32));
-      f &= kMask;
+      f &= P::MASK;
 #pragma unroll
       for (int t = 0; t < P::K; ++t) {
         const uint32_t code = f % P::L;
@@ -161,12 +160,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(WeightArgs w) {
 
 // Batched: the weights' block ranges are consecutive; a block finds its weight by bisection
 // in the launch's parameters (captured by value in CUDA graphs, no device table to manage).
-constexpr int kMaxBatch = 384;  // 384 entries of 56 bytes: within the 32 KB kernel parameter limit
+constexpr int kMaxBatch = 384;  // 384 entries of 64 bytes: within the 32 KB kernel parameter limit
 
 struct BatchEntry {
   WeightArgs w;
   uint32_t first_block;
-  int16_t kind;  // 2 * (bits - 1) + plain, then * 2 + vec: the variant to run
 };
 
 struct Batch {
@@ -201,6 +199,14 @@ void launch_batch(int kind, const Batch& batch, uint32_t blocks, cudaStream_t st
   ((kind == KINDS ? (decode_batch_kernel<OutT, KINDS><<<blocks, kThreads, 0, stream>>>(batch), 0) : 0), ...);
 }
 
+template <typename OutT, int... KINDS>
+void launch_one(int kind, const WeightArgs& w, cudaStream_t stream, std::integer_sequence<int, KINDS...>) {
+  const uint32_t blocks = (w.chunks + kThreads - 1) / kThreads;
+  ((kind == KINDS ? (decode_kernel<Kind<KINDS>::BITS, Kind<KINDS>::PLAIN, OutT, Kind<KINDS>::VEC><<<blocks, kThreads, 0, stream>>>(w), 0)
+                  : 0),
+   ...);
+}
+
 // Host side: the launch geometry of one weight.
 template <typename OutT>
 struct Plan {
@@ -215,13 +221,6 @@ struct Plan {
     w.chunks_per_row = (w.row_len + out_per_thread - 1) / out_per_thread;
     kind = (2 * (B - 1) + (PLAIN ? 1 : 0)) * 2 + (vec ? 1 : 0);
     return BF_OK;
-  }
-
-  template <int B, bool PLAIN>
-  void launch(cudaStream_t stream) const {
-    const uint32_t blocks = (w.chunks + kThreads - 1) / kThreads;
-    if (kind % 2) decode_kernel<B, PLAIN, OutT, true><<<blocks, kThreads, 0, stream>>>(w);
-    else decode_kernel<B, PLAIN, OutT, false><<<blocks, kThreads, 0, stream>>>(w);
   }
 };
 
@@ -245,23 +244,11 @@ int32_t make_plan(const bf_decode_desc& d, const uint8_t* codes, const void* sca
 }
 
 template <typename OutT>
-struct Launch {
-  const Plan<OutT>& plan;
-  cudaStream_t stream;
-  template <int B, bool PLAIN>
-  int32_t run() const {
-    plan.template launch<B, PLAIN>(stream);
-    return BF_OK;
-  }
-};
-
-template <typename OutT>
 int32_t decode_one(const bf_decode_desc& d, const uint8_t* codes, const void* scale, void* out, cudaStream_t stream) {
   Plan<OutT> plan{};
   int32_t st = make_plan(d, codes, scale, out, plan);
   if (st != BF_OK) return st;
-  Launch<OutT> launch{plan, stream};
-  dispatch(d, launch);
+  launch_one<OutT>(plan.kind, plan.w, stream, std::make_integer_sequence<int, 32>{});
   return cudaGetLastError() == cudaSuccess ? BF_OK : BF_ERR_CUDA;
 }
 
@@ -288,7 +275,7 @@ int32_t decode_batch(const bf_decode_desc* descs, const uint8_t* const* codes, c
         if (i == n) break;
       }
       if (plans[i].kind != kind) continue;
-      batch.e[batch.n++] = BatchEntry{plans[i].w, blocks, int16_t(kind)};
+      batch.e[batch.n++] = BatchEntry{plans[i].w, blocks};
       blocks += (plans[i].w.chunks + kThreads - 1) / kThreads;
     }
   }
