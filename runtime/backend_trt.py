@@ -51,7 +51,9 @@ class TrtBackend:
             engine = runtime.deserialize_cuda_engine((model.root / engines[name]["file"]).read_bytes())
             if engine is None:
                 raise BfError(f"TensorRT could not load {engines[name]['file']} (see its log); export again here with --target trt")
-            self.contexts[name] = (engine, engine.create_execution_context())
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            self.contexts[name] = (engine, engine.create_execution_context(), outputs)
         self.buffers: dict[tuple[str, str], tuple[int, int]] = {}  # (graph, tensor) -> (pointer, bytes), grown on demand
 
     def _buffer(self, graph: str, tensor: str, nbytes: int) -> int:
@@ -65,9 +67,7 @@ class TrtBackend:
 
     def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         trt = self.trt
-        engine, context = self.contexts[graph]
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        engine, context, outputs = self.contexts[graph]  # tensor names read once at load, not every UNet step
         for name, array in inputs.items():
             array = np.ascontiguousarray(array, dtype=trt.nptype(engine.get_tensor_dtype(name)))
             context.set_input_shape(name, array.shape)

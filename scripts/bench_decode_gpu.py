@@ -86,7 +86,7 @@ def decode_all(lib: DecodeLibrary, specs, bufs) -> None:
         lib.decode_cuda(codes, scale, spec, out=w)
 
 
-def moved_bytes(specs, bufs) -> int:
+def moved_bytes(bufs) -> int:
     return sum(c.numel() + s.numel() * 4 + w.numel() * 2 for (c, s, w) in bufs)
 
 
@@ -110,7 +110,7 @@ def main() -> None:
             bufs = random_weights(specs, bits)
             # Replayed from a CUDA graph: eager, the ctypes call (~20 us) would be timed, not the kernel.
             ms = time_ms(captured(lambda specs=specs, bufs=bufs: decode_all(lib, specs, bufs)).replay, iters=10)
-            gbs = moved_bytes(specs, bufs) / ms / 1e6
+            gbs = moved_bytes(bufs) / ms / 1e6
             widths.append({"grid": kind, "bits": bits, "ms_per_layer": ms / 16, "gb_per_s": gbs, "share_of_copy": gbs / copy_gbs})
             print(f"  {kind:8s} {bits} bits: {ms / 16 * 1e3:7.1f} us/layer  {gbs:6.0f} GB/s  {100 * gbs / copy_gbs:5.1f}% of copy")
             del bufs
@@ -119,7 +119,7 @@ def main() -> None:
     bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
     specs = [DequantSpec(shape, Grid(bits[name])) for name, shape in shapes.items()]
     bufs = random_weights(specs, 99)
-    total = moved_bytes(specs, bufs)
+    total = moved_bytes(bufs)
     floor_ms = total / (copy_gbs * 1e6)
     eager_ms = time_ms(lambda: decode_all(lib, specs, bufs), iters=10)
     graph_ms = time_ms(captured(lambda: decode_all(lib, specs, bufs)).replay, iters=20)

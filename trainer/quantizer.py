@@ -11,6 +11,7 @@ import math
 import torch
 
 from bf.format import Grid
+from bf.trainer import fused_fake_quant
 
 INIT_METHODS = ("alt", "minmax")
 DEFAULT_ALT_ITERS = 10
@@ -131,8 +132,6 @@ class FakeQuantize(torch.autograd.Function):
 
 
 def fake_quantize(w: torch.Tensor, s: torch.Tensor, grid: Grid, grad_scale: float | None = None) -> torch.Tensor:
-    from bf.trainer import fused_fake_quant
-
     gs = lsq_grad_scale(w, grid) if grad_scale is None else grad_scale
     if fused_fake_quant.available(w):  # one pass each way on CUDA (the reference's float ops, fused)
         return fused_fake_quant.FusedFakeQuantize.apply(w, s, grid.qmin, grid.qmax, gs)
