@@ -28,7 +28,7 @@ def import_tensorrt():
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, model: ExportedModel):
+    def __init__(self, model: ExportedModel, cuda_graph: bool = False):
         engines = model.manifest.get("engines")
         if not engines:
             raise BfError(f"{model.root} has no TensorRT engines; export with --target trt, or use --backend ort")
@@ -55,15 +55,42 @@ class TrtBackend:
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             self.contexts[name] = (engine, engine.create_execution_context(), outputs)
         self.buffers: dict[tuple[str, str], tuple[int, int]] = {}  # (graph, tensor) -> (pointer, bytes), grown on demand
+        self.cuda_graph = cuda_graph
+        self.graphs: dict[tuple, int] = {}  # UNet input shapes -> instantiated CUDA graph over the buffers above
 
     def _buffer(self, graph: str, tensor: str, nbytes: int) -> int:
         ptr, size = self.buffers.get((graph, tensor), (0, 0))
         if size < nbytes:
             if ptr:
                 self.cuda.free(ptr)
+            self._drop_graphs()  # they hold the old addresses
             ptr, size = self.cuda.malloc(nbytes), nbytes
             self.buffers[(graph, tensor)] = (ptr, size)
         return ptr
+
+    def _drop_graphs(self) -> None:
+        for exe in self.graphs.values():
+            self.cuda.graph_destroy(exe)
+        self.graphs = {}
+
+    def _execute(self, graph: str, context, key: tuple) -> None:
+        """execute_async_v3, or with cuda_graph the UNet's captured graph for these shapes (captured after one plain run)."""
+        if not (self.cuda_graph and graph == "unet"):
+            ok = context.execute_async_v3(self.cuda.stream.value)
+        elif key in self.graphs:
+            self.cuda.graph_launch(self.graphs[key])
+            ok = True
+        else:
+            ok = context.execute_async_v3(self.cuda.stream.value)  # also applies the new shapes before capture
+            self.cuda.begin_capture()
+            try:
+                captured = context.execute_async_v3(self.cuda.stream.value)
+            finally:
+                exe = self.cuda.end_capture()
+            if captured:
+                self.graphs[key] = exe
+        if not ok:
+            raise BfError(f"TensorRT failed to run the {graph} engine (see its log)")
 
     def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         trt = self.trt
@@ -79,8 +106,7 @@ class TrtBackend:
             shapes[name] = tuple(context.get_tensor_shape(name))
             dtype = trt.nptype(engine.get_tensor_dtype(name))
             context.set_tensor_address(name, self._buffer(graph, name, int(np.prod(shapes[name])) * np.dtype(dtype).itemsize))
-        if not context.execute_async_v3(self.cuda.stream.value):
-            raise BfError(f"TensorRT failed to run the {graph} engine (see its log)")
+        self._execute(graph, context, tuple(a.shape for a in inputs.values()))
         out = outputs[0]
         return self.cuda.from_device(self.buffers[(graph, out)][0], shapes[out], trt.nptype(engine.get_tensor_dtype(out))).astype(
             np.float32

@@ -12,7 +12,7 @@ import numpy as np
 from bf.errors import BfError
 
 LIBRARY_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
-H2D, D2H = 1, 2  # cudaMemcpyKind
+H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
 
 
 class CudaRuntime:
@@ -65,3 +65,29 @@ class CudaRuntime:
 
     def synchronize(self) -> None:
         self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    # CUDA graphs (TensorRT's documented recipe: run once after a shape change, then capture
+    # execute_async_v3 on the stream and launch the instantiated graph instead).
+    def begin_capture(self) -> None:
+        self._check(self.lib.cudaStreamBeginCapture(self.stream, 0), "cudaStreamBeginCapture")  # cudaStreamCaptureModeGlobal
+
+    def end_capture(self) -> int:
+        """Stop capturing; the instantiated graph (a cudaGraphExec_t handle)."""
+        graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self.lib.cudaStreamEndCapture(self.stream, ctypes.byref(graph)), "cudaStreamEndCapture")
+        try:
+            self._check(self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)), "cudaGraphInstantiate")
+        finally:
+            self.lib.cudaGraphDestroy(graph)
+        return exe.value
+
+    def graph_launch(self, exe: int) -> None:
+        self._check(self.lib.cudaGraphLaunch(ctypes.c_void_p(exe), self.stream), "cudaGraphLaunch")
+
+    def graph_destroy(self, exe: int) -> None:
+        self._check(self.lib.cudaGraphExecDestroy(ctypes.c_void_p(exe)), "cudaGraphExecDestroy")
+
+    def copy_async(self, dst: int, src: int, nbytes: int) -> None:
+        """Device to device on the stream (capturable)."""
+        self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), D2D, self.stream),
+                    "cudaMemcpyAsync")  # fmt: skip
