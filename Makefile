@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The shipped model (no --model): quantize to 2 bits, inspect, compare both on a few test prompts, export to ONNX, generate.
+# The shipped model (no --model): quantize to 2 bits, inspect, compare both on a few test prompts, export to ONNX, generate, bench.
 demo: install
 	$(BIN)/bf quantize --bits 2 --out $(DEMO)/shapes-2bit.bfq
 	$(BIN)/bf inspect $(DEMO)/shapes-2bit.bfq
@@ -34,6 +34,7 @@ demo: install
 		--json $(DEMO)/eval.json --grid $(DEMO)/eval.png
 	rm -rf $(DEMO)/onnx && $(BIN)/bf export $(DEMO)/shapes-2bit.bfq --target onnx-std --out $(DEMO)/onnx
 	$(BIN)/bf infer $(DEMO)/onnx --prompt "a red circle above a blue square" --out $(DEMO)/infer.png
+	$(BIN)/bf bench $(DEMO)/onnx --runs 5 --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
 
 $(ORT_INCLUDE)/onnxruntime_c_api.h:
 	mkdir -p $(ORT_DIR)

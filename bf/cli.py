@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -482,24 +481,29 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
         click.echo(json.dumps(manifest, indent=1))
 
 
-SHIPPED_INFER_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf")) / f"shipped-2bit-onnx-std-{bf.__version__}"
+CACHE_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf"))
+SHIPPED_INFER_DIR = CACHE_DIR / f"shipped-2bit-onnx-std-{bf.__version__}"
+SHIPPED_BFQ = CACHE_DIR / f"shipped-2bit-{bf.__version__}.bfq"  # kept: the torch backend and bf bench's baseline read it
 
 
 def _shipped_export() -> Path:
     """The shipped model at 2 bits, exported once (onnx-std, PNDM 50 steps) into the cache."""
-    if (SHIPPED_INFER_DIR / "manifest.json").is_file():
+    manifest = SHIPPED_INFER_DIR / "manifest.json"
+    if manifest.is_file() and Path(json.loads(manifest.read_text())["model"]["source"]).is_file():
         return SHIPPED_INFER_DIR
+    import shutil
+
     from bf.export.run import ExportRequest, export_model
     from bf.models.directory import ModelDir
     from bf.models.shipped import model_source
     from bf.trainer.pipeline import QuantizeRequest, quantize_model
 
     _log(f"no model directory given: quantizing the shipped model to 2 bits and exporting it to {SHIPPED_INFER_DIR} (once)")
-    SHIPPED_INFER_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=SHIPPED_INFER_DIR.parent) as tmp:
-        bfq = Path(tmp) / "shipped-2bit.bfq"
-        quantize_model(ModelDir.open(model_source(None)), QuantizeRequest(bits=2, bundle=True), log=_log).save(bfq)
-        export_model(bfq, SHIPPED_INFER_DIR, ExportRequest(target="onnx-std"), log=_log)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    if not SHIPPED_BFQ.is_file():
+        quantize_model(ModelDir.open(model_source(None)), QuantizeRequest(bits=2, bundle=True), log=_log).save(SHIPPED_BFQ)
+    shutil.rmtree(SHIPPED_INFER_DIR, ignore_errors=True)  # an export from an older cache whose .bfq is gone
+    export_model(SHIPPED_BFQ, SHIPPED_INFER_DIR, ExportRequest(target="onnx-std"), log=_log)
     return SHIPPED_INFER_DIR
 
 
@@ -521,8 +525,11 @@ def _shipped_export() -> Path:
                    "and make plugins).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG to write (with -1, -2, ... before the suffix for several images).")  # fmt: skip
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="Replay the UNet step from a CUDA graph [default: on for torch, off for trt].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
-def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, out, as_json) -> None:
+def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, out,
+              as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped model, quantized to 2 bits and exported on first use.
@@ -533,7 +540,6 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     """
     from tqdm import tqdm
 
-    from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.exported import ExportedModel
     from bf.runtime.pipeline import GenerationRequest, generate
     from bf.runtime.png import write_png
@@ -548,16 +554,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         bar.total = n
         bar.update(1)
 
-    if backend == "torch":
-        from bf.runtime.backend_torch import TorchBackend
-
-        runner = TorchBackend(model)
-    elif backend == "trt":
-        from bf.runtime.backend_trt import TrtBackend
-
-        runner = TrtBackend(model)
-    else:
-        runner = OrtBackend(model)
+    runner = _open_backend(backend, model, **({} if cuda_graph is None else {"cuda_graph": cuda_graph}))
     result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:
@@ -569,6 +566,157 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     _log(f"wrote {', '.join(map(str, paths))}")
     if as_json:
         click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "timings": result.timings}, indent=1))
+
+
+def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
+    """``bf export SOURCE`` into the cache once per (source, target, settings)."""
+    from bf.export.run import ExportRequest, export_model
+
+    out = CACHE_DIR / "-".join([key, target, *(str(v) for v in settings.values()), bf.__version__])
+    if (out / "manifest.json").is_file():
+        return out
+    _log(f"exporting {source} ({target}) to {out} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_model(source, out, ExportRequest(target=target, check=False, **settings), log=lambda m: None)
+    return out
+
+
+def _bench_target(target: Path | None, backend: str) -> Path:
+    if target is None:
+        return _shipped_export()
+    if target.is_file():  # a .bfq: exported once into the cache
+        from bf.export.run import sha256_file
+
+        return _cached_export(target, sha256_file(target)[:16], "trt" if backend == "trt" else "onnx-std")
+    return target
+
+
+def _baseline_export(model, backend: str) -> Path:
+    """The FP model a quantized export came from, exported with the same sampler and size."""
+    from bf.format import read_header
+    from bf.models.directory import ModelDir
+
+    source = Path(model.manifest["model"]["source"])
+    if not source.is_file():
+        raise BfError(f"{model.root} was exported from {source}, which is gone; the baseline is its base model (or pass --baseline none)")
+    base = ModelDir.open(Path(read_header(source)["base_model"].get("path", "")))
+    m = model.manifest
+    settings = {"scheduler": m["scheduler"]["name"], "steps": m["scheduler"]["steps"], "height": m["image"]["height"],
+                "width": m["image"]["width"]}  # fmt: skip
+    key = "fp-" + base.content_hash().removeprefix("sha256:")[:16]
+    return _cached_export(base.root, key, "trt" if backend == "trt" else "onnx-std", **settings)
+
+
+def _open_backend(backend: str, model, **torch_options):
+    if backend == "torch":
+        from bf.runtime.backend_torch import TorchBackend
+
+        return TorchBackend(model, **torch_options)
+    if backend == "trt":
+        from bf.runtime.backend_trt import TrtBackend
+
+        return TrtBackend(model, cuda_graph=torch_options.get("cuda_graph", False))
+    from bf.runtime.backend_ort import OrtBackend
+
+    return OrtBackend(model)
+
+
+@main.command("bench")
+@click.argument("target", type=click.Path(path_type=Path), required=False)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). torch: PyTorch on a CUDA GPU, quantized weights decoded "
+                   "layer by layer by plugins_trt's kernels. trt: TensorRT engines (a --target trt export).")  # fmt: skip
+@click.option("--baseline", type=click.Choice(["fp16", "none"]), default="fp16", show_default=True,
+              help="Also run the unquantized base model (torch: FP16 weights; ort: its float32 graphs; trt: its engines) and "
+                   "report quantized/baseline ratios.")  # fmt: skip
+@click.option("--height", type=int, default=None, help="Image height [default: the export's].")
+@click.option("--width", type=int, default=None, help="Image width [default: the export's].")
+@click.option("--batch", "batch_text", default="2", show_default=True, help="UNet batch sizes, comma-separated (2: one image with CFG).")
+@click.option("--steps", type=int, default=None, help="Sampling steps end to end [default and only choice: the export's table].")
+@click.option("--runs", type=click.IntRange(1), default=10, show_default=True, help="Timed runs per stage (the median is reported).")
+@click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed runs before them.")
+@click.option("--no-end-to-end", is_flag=True, help="Skip the full text-to-image run.")
+@click.option("--weights", type=click.Choice(["streamed", "decoded"]), default="streamed", show_default=True,
+              help="torch: decode each layer just before it runs into a small reused buffer (streamed), or all once at load.")  # fmt: skip
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="torch, trt: replay the UNet step from a CUDA graph.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every figure as JSON here ('-': stdout).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw size and latency bars per component (PNG).")
+def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs, warmup, no_end_to_end, weights, cuda_graph, json_out,
+              plot) -> None:  # fmt: skip
+    """Size, latency per stage and GPU memory of an exported model, next to its FP baseline.
+
+    TARGET: a bf export directory, or a .bfq (exported once into the cache). Without it: the
+    shipped model, quantized to 2 bits. Reports the deployed artifact sizes, the median time of
+    the text encoder, one UNet step per --batch and the VAE decoder, a full generation over the
+    export's steps and, on the torch backend, peak GPU memory while the UNet steps.
+    """
+    from tqdm import tqdm
+
+    from bf.runtime.bench import BenchRequest, artifact_sizes, bench_backend, environment, format_report, ratios
+    from bf.runtime.exported import ExportedModel
+
+    try:
+        batches = tuple(sorted({int(b) for b in batch_text.split(",") if b.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{batch_text!r}: expected comma-separated batch sizes, e.g. 1,2") from None
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"{batch_text!r}: batch sizes must be at least 1")
+    model = ExportedModel.open(_bench_target(target, backend))
+    if steps is not None:
+        model.check_sampler(model.manifest["scheduler"]["name"], steps)
+    req = BenchRequest(batches=batches, height=height, width=width, runs=runs, warmup=warmup, end_to_end=not no_end_to_end)
+    quantized = bool(model.manifest["model"].get("quantized"))
+    if baseline == "fp16" and not quantized:
+        _log(f"{model.root} is an FP export: it is its own baseline")
+        baseline = "none"
+    torch_options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph}
+    bar = tqdm(total=None, desc="bench", disable=None, file=sys.stderr, bar_format="{desc}: {postfix}")
+
+    def run(label: str, model, **options) -> dict:
+        runner = _open_backend(backend, model, **options)
+        result = {"export": str(model.root), "sizes": artifact_sizes(model)}
+        result["run"] = bench_backend(model, runner, req, progress=lambda what: bar.set_postfix_str(f"{label}: {what}"))
+        if backend == "torch":
+            result["weights"] = runner.weights
+            result["device"] = runner.device_name
+        del runner
+        return result
+
+    result = {"backend": backend, "environment": environment(backend), "settings": {**req.__dict__, "baseline": baseline}}
+    result["quantized"] = run("quantized", model, **torch_options)
+    result["baseline"] = None
+    if baseline == "fp16":
+        if backend == "torch":
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()  # the peak of the baseline must not see the quantized model's blocks
+            result["baseline"] = run("baseline", model, **{**torch_options, "weights": "fp"})
+            result["baseline"]["sizes"]["unet_deployed_bytes"] = result["baseline"]["run"]["memory"]["unet_weight_bytes"]
+            result["quantized"]["sizes"]["unet_deployed_bytes"] = result["quantized"]["run"]["memory"]["unet_weight_bytes"]
+        else:
+            result["baseline"] = run("baseline", ExportedModel.open(_baseline_export(model, backend)), **torch_options)
+        result["ratios"] = ratios(result["quantized"], result["baseline"])
+    bar.close()
+    result["device"] = result["quantized"].get("device") or f"cpu ({os.cpu_count()} cores)"
+    click.echo(format_report(result), err=json_out == Path("-"))
+    if json_out is not None:
+        text = json.dumps(result, indent=1)
+        if json_out == Path("-"):
+            click.echo(text)
+        else:
+            from bf.atomic import atomic_path
+
+            with atomic_path(json_out) as tmp:
+                tmp.write_text(text)
+            _log(f"wrote {json_out}")
+    if plot is not None:
+        from bf.plots import plot_bench
+
+        plot_bench(result, plot)
+        _log(f"wrote {plot}")
 
 
 @main.command()

@@ -1,7 +1,16 @@
 """The PyTorch backend (GPU): the model the directory was exported from, run by PyTorch, its
-quantized weights decoded on the GPU by plugins_trt's kernels (bf.decode_kernels, batched) from
-the .bfq's packed codes. For benchmarking and checking where TensorRT is not installed; unlike
+quantized weights decoded on the GPU by plugins_trt's kernels (bf.decode_kernels) from the
+.bfq's packed codes. For benchmarking and checking where TensorRT is not installed; unlike
 the ort and trt backends it needs torch and diffusers (pip install 'bf[train]').
+
+Weights, three ways:
+  streamed  only the packed codes stay on the GPU; each layer's weight is decoded just before
+            it runs into a small ring of reused buffers, overlapped with compute (the default
+            for quantized models: about 1/8 of the FP16 weight memory)
+  decoded   every weight decoded once at load into FP16 (FP16 memory, FP16 speed)
+  fp        the unquantized base model in FP16: the baseline bf bench compares against
+The UNet step is replayed from a CUDA graph (``cuda_graph``) and runs channels-last
+(``channels_last``) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ import numpy as np
 from bf.errors import BfError
 from bf.runtime.exported import ExportedModel
 
+WEIGHT_MODES = ("streamed", "decoded", "fp")
+
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16"):
+    def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
+                 cuda_graph: bool = True, channels_last: bool = True, slots: int = 2):  # fmt: skip
         try:
             import torch
 
@@ -28,35 +40,93 @@ class TorchBackend:
             raise BfError("the torch backend needs PyTorch and diffusers: pip install 'bf[train]'") from None
         if device == "cuda" and not torch.cuda.is_available():
             raise BfError("the torch backend runs on a CUDA GPU and none is visible; use --backend ort")
+        quantized = bool(model.manifest["model"].get("quantized"))
+        weights = weights or ("streamed" if quantized else "fp")
+        if weights not in WEIGHT_MODES:
+            raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
+        if weights != "fp" and not quantized:
+            raise BfError(f"{model.root} holds an FP model; weights={weights!r} needs a quantized export")
         source = Path(model.manifest["model"]["source"])
         if not source.exists():
             raise BfError(f"the torch backend runs the model {model.root} was exported from, and {source} is gone")
-        self.torch, self.dtype = torch, getattr(torch, dtype)
+        if weights == "fp" and quantized:
+            source = self._base_model(source)
+        self.torch, self.dtype, self.device, self.weights = torch, getattr(torch, dtype), device, weights
+        self.channels_last = channels_last
         pipe = load_model(source, scheduler=model.manifest["scheduler"]["name"]).pipe
         timesteps = torch.as_tensor(model.manifest["scheduler"]["timesteps"])
-        self.unet_module = cache_time_features(pipe.unet.float().eval(), timesteps).to(device, self.dtype)
+        unet = cache_time_features(pipe.unet.float().eval(), timesteps)
+        self.ring = None
+        self.decoded_layers = 0
+        if weights == "streamed":
+            from bf.format import Checkpoint
+            from bf.runtime.streamed_weights import RingForward, stream_weights
+
+            layers = Checkpoint.load(source).layers
+            self.ring = stream_weights(unet, unet.unet, layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots)
+            self.decoded_layers = len(self.ring.weights)
+            unet = RingForward(unet.to(device, self.dtype), self.ring)
+        else:
+            unet = unet.to(device, self.dtype)
+            if weights == "decoded":
+                self.decoded_layers = self._decode_quantized_weights(unet, source)
+        if channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        self.unet_module = unet
+        self.zero_timestep = torch.zeros((), device=device)
+        self._step_fn = self._unet_step
+        if cuda_graph:
+            from bf.runtime.torch_graph import GraphedCall
+
+            self._step_fn = GraphedCall(self._unet_step)
         self.text = TextEncoderGraph(pipe.text_encoder).eval().to(device, self.dtype)
         self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.dtype)
-        self.device = device
-        self.decoded_layers = self._decode_quantized_weights(source) if model.manifest["model"].get("quantized") else 0
 
-    def _decode_quantized_weights(self, source: Path) -> int:
+    @property
+    def device_name(self) -> str:
+        return self.torch.cuda.get_device_name() if self.device == "cuda" else self.device
+
+    @staticmethod
+    def _base_model(bfq: Path) -> Path:
+        from bf.format import read_header
+        from bf.models.directory import ModelDir
+
+        path = Path(read_header(bfq)["base_model"].get("path") or "")
+        try:
+            return ModelDir.open(path).root
+        except BfError as e:
+            raise BfError(f"weights='fp' runs the FP model {bfq} was quantized from: {e}") from None
+
+    def _decode_quantized_weights(self, unet, source: Path) -> int:
         """Every quantized weight, decoded from its packed codes by the CUDA kernels, in place."""
         from bf.decode_kernels import load
         from bf.format import Checkpoint
         from bf.format.dequant_op import DequantSpec
 
         torch = self.torch
-        layers = Checkpoint.load(source).layers
         weights, outs = [], []
-        for name, layer in layers.items():
-            w = self.unet_module.unet.get_submodule(name).weight
+        for name, layer in Checkpoint.load(source).layers.items():
+            try:
+                w = unet.unet.get_submodule(name).weight
+            except AttributeError:  # a time-embedding layer the table replaced
+                continue
             weights.append((torch.from_numpy(layer.codes).to(self.device), torch.from_numpy(layer.scale).to(self.device),
                             DequantSpec(layer.shape, layer.grid)))  # fmt: skip
             outs.append(w.data)
         load().decode_cuda_batch(weights, outs)
         torch.cuda.synchronize()
-        return len(layers)
+        return len(weights)
+
+    def _unet_step(self, sample, step, context):
+        torch = self.torch
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return self.unet_module(sample, step, context, timestep=self.zero_timestep).contiguous()
+
+    def unet_device(self, sample, step, context):
+        """One UNet step on device tensors (step: a (1,) long tensor); the output may be reused by the next call."""
+        with self.torch.inference_mode():
+            return self._step_fn(sample, step, context)
 
     def _run(self, fn, *arrays: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -68,7 +138,68 @@ class TorchBackend:
         return self._run(self.text, input_ids.astype(np.int64))
 
     def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray) -> np.ndarray:
-        return self._run(lambda x, c: self.unet_module(x, step, c), sample, encoder_hidden_states)
+        return self._run(self.unet_device, sample, np.array([step], dtype=np.int64), encoder_hidden_states)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
         return self._run(self.vae, latent)
+
+    # bf bench: the stages on device tensors, timed with CUDA events.
+    def stage_calls(self, batch: int, height: int, width: int, latent_channels: int, context_dim: int, scale: int) -> dict:
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(0)
+        h, w = height // scale, width // scale
+        ids = torch.zeros((2, 77), dtype=torch.long, device=self.device)
+        sample = torch.randn((batch, latent_channels, h, w), generator=g, device=self.device).to(self.dtype)
+        context = torch.randn((batch, 77, context_dim), generator=g, device=self.device).to(self.dtype)
+        latent = torch.randn((max(1, batch // 2), latent_channels, h, w), generator=g, device=self.device).to(self.dtype)
+        step = torch.zeros((1,), dtype=torch.long, device=self.device)
+
+        def wrap(fn):
+            def call():
+                with torch.inference_mode():
+                    fn()
+
+            return call
+
+        return {
+            "text_encoder": wrap(lambda: self.text(ids)),
+            "unet_step": wrap(lambda: self.unet_device(sample, step, context)),
+            "vae_decoder": wrap(lambda: self.vae(latent)),
+        }
+
+    def time_ms(self, call, runs: int, warmup: int) -> list[float]:
+        torch = self.torch
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+    def memory(self) -> dict:
+        """Resident bytes: UNet weights (codes and scales when streamed), decode ring, the rest of the model."""
+        torch = self.torch
+
+        def nbytes(module) -> int:
+            return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+        unet = nbytes(self.unet_module)
+        if self.ring is not None:
+            unet += sum(w.codes.numel() + w.scale.numel() * 4 for w in self.ring.weights)
+        return {
+            "unet_weight_bytes": unet,
+            "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else 0,
+            "text_vae_bytes": nbytes(self.text) + nbytes(self.vae),
+            "allocated_bytes": torch.cuda.memory_allocated(),
+        }
+
+    def reset_peak_memory(self) -> None:
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory(self) -> int:
+        return self.torch.cuda.max_memory_allocated()

@@ -80,11 +80,13 @@ class CachedTimeUNet(nn.Module):
         self.unet, self.step = unet, step
         self.register_buffer("timesteps", timesteps)
 
-    def forward(self, sample: torch.Tensor, step_index, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, step_index, encoder_hidden_states: torch.Tensor, timestep=0) -> torch.Tensor:
+        """``timestep`` is ignored (the table holds its features); pass a device tensor when
+        capturing a CUDA graph, where turning the int into one would copy from the host."""
         idx = torch.as_tensor(step_index, device=sample.device).long().reshape(-1).expand(sample.shape[0])
         self.step.index = idx
         try:
-            return self.unet(sample, 0, encoder_hidden_states).sample
+            return self.unet(sample, timestep, encoder_hidden_states).sample
         finally:
             self.step.index = None
 

@@ -1,0 +1,173 @@
+"""bf bench: artifact sizes, per-stage latency, end-to-end time and GPU memory of an exported
+model on one backend, side by side with its FP baseline.
+
+Stage latency is the median of ``runs`` timed calls after ``warmup`` untimed ones: CUDA events
+on device tensors for backends that offer them (torch), wall clock around the NumPy calls
+otherwise (ort, trt: host copies included, as a user of the runtime pays them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bf.errors import BfError
+from bf.runtime.exported import ExportedModel
+from bf.runtime.pipeline import GenerationRequest, generate
+
+STAGES = ("text_encoder", "unet_step", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    batches: tuple[int, ...] = (2,)  # UNet batch: 2 is one image with classifier-free guidance
+    height: int | None = None
+    width: int | None = None
+    runs: int = 10
+    warmup: int = 3
+    end_to_end: bool = True
+
+
+def artifact_sizes(model: ExportedModel) -> dict:
+    m = model.manifest
+    files = {name: sum(f["bytes"] for f in g["files"].values()) for name, g in m["graphs"].items()}
+    built = {n: e for n, e in (m.get("engines") or {}).items() if isinstance(e, dict) and "file" in e}  # "plugin" is a file name
+    engines = {n: (model.root / e["file"]).stat().st_size for n, e in built.items()}
+    return {
+        "packed_unet_bytes": m.get("packed_unet_bytes") or None,  # codes and scales of the quantized layers (None: FP model)
+        "graph_bytes": files,
+        "engine_bytes": engines or None,
+        "unet_deployed_bytes": engines.get("unet") or files["unet"],
+        "unet_deployed_as": "TensorRT engine" if engines.get("unet") else f"ONNX ({m.get('graph_dtype', 'float32')})",
+    }
+
+
+def _host_calls(backend, model: ExportedModel, batch: int, height: int, width: int) -> dict:
+    m = model.manifest
+    rng = np.random.default_rng(0)
+    scale = m["image"]["latent_scale"]
+    h, w = height // scale, width // scale
+    ids = np.zeros((2, m["max_tokens"]), dtype=np.int64)
+    sample = rng.standard_normal((batch, m["latent_channels"], h, w)).astype(np.float32)
+    context = rng.standard_normal((batch, m["max_tokens"], m["hidden_size"])).astype(np.float32)
+    latent = rng.standard_normal((max(1, batch // 2), m["latent_channels"], h, w)).astype(np.float32)
+    return {
+        "text_encoder": lambda: backend.text_encoder(ids),
+        "unet_step": lambda: backend.unet(sample, 0, context),
+        "vae_decoder": lambda: backend.vae_decoder(latent),
+    }
+
+
+def _host_time_ms(call, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": len(times)}
+
+
+def bench_backend(model: ExportedModel, backend, req: BenchRequest, progress=lambda what: None) -> dict:
+    """Stage latencies per batch, end-to-end time and (on GPU) memory of one backend."""
+    m = model.manifest
+    height, width = req.height or m["image"]["height"], req.width or m["image"]["width"]
+    scale = m["image"]["latent_scale"]
+    if height % scale or width % scale or height <= 0 or width <= 0:
+        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
+    on_device = hasattr(backend, "stage_calls")
+    timer = backend.time_ms if on_device else _host_time_ms
+    out: dict = {"timing": "cuda events" if on_device else "wall clock", "stages": {}}
+    peaks = {}
+    for batch in req.batches:
+        if on_device:
+            calls = backend.stage_calls(batch, height, width, m["latent_channels"], m["hidden_size"], scale)
+        else:
+            calls = _host_calls(backend, model, batch, height, width)
+        for stage in STAGES:
+            if stage != "unet_step" and batch != req.batches[0]:
+                continue  # the text encoder runs once per prompt pair, the VAE once per image set: one batch is enough
+            progress(f"{stage} (batch {batch})")
+            if on_device and stage == "unet_step":
+                backend.reset_peak_memory()
+            times = timer(calls[stage], req.runs, req.warmup)
+            if on_device and stage == "unet_step":
+                peaks[str(batch)] = backend.peak_memory()
+            key = stage if stage != "unet_step" else f"unet_step_batch{batch}"
+            out["stages"][key] = _summary(times)
+    if on_device:
+        mem = backend.memory()
+        out["memory"] = mem
+        out["peak_mem_bytes"] = peaks  # process peak while the UNet steps run, per batch
+        out["unet_peak_mem_bytes"] = {b: p - mem["text_vae_bytes"] for b, p in peaks.items()}  # without text encoder and VAE
+    if req.end_to_end:
+        batch = max(req.batches)
+        progress(f"end to end ({m['scheduler']['steps']} steps)")
+        gen_req = GenerationRequest("a photo of a cat", height=height, width=width, num_images=max(1, batch // 2))
+        runs = []
+        for _ in range(2):  # the faster of two: the first may still pay one-time costs (allocations, kernel choice)
+            timings = generate(model, backend, gen_req).timings
+            runs.append({"seconds": sum(v for k, v in timings.items() if k.endswith("_s")), **timings})
+        out["end_to_end"] = {"images": gen_req.num_images, "steps": m["scheduler"]["steps"], **min(runs, key=lambda r: r["seconds"])}
+    return out
+
+
+def ratios(quant: dict, base: dict) -> dict:
+    """Quantized over baseline (under 1: the quantized model is faster or smaller)."""
+    r = {}
+    for key, q in quant["run"]["stages"].items():
+        if key in base["run"]["stages"]:
+            r[f"{key}_time"] = q["median_ms"] / base["run"]["stages"][key]["median_ms"]
+    if "end_to_end" in quant["run"] and "end_to_end" in base["run"]:
+        r["end_to_end_time"] = quant["run"]["end_to_end"]["seconds"] / base["run"]["end_to_end"]["seconds"]
+    for b, p in quant["run"].get("unet_peak_mem_bytes", {}).items():
+        if b in base["run"].get("unet_peak_mem_bytes", {}):
+            r[f"unet_peak_mem_batch{b}"] = p / base["run"]["unet_peak_mem_bytes"][b]
+    r["unet_deployed_bytes"] = quant["sizes"]["unet_deployed_bytes"] / base["sizes"]["unet_deployed_bytes"]
+    return r
+
+
+def environment(backend_name: str) -> dict:
+    import importlib.metadata as md
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor() or None}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "tensorrt"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            env[dist] = md.version(dist)
+    return env
+
+
+def format_report(result: dict) -> str:
+    rows = []
+    q, b = result["quantized"], result.get("baseline")
+    head = f"{'':28s}{'quantized':>14s}" + (f"{'baseline':>14s}{'ratio':>8s}" if b else "")
+    rows.append(head)
+
+    def line(label: str, qv: float | None, bv: float | None, unit: str, scale: float = 1.0) -> None:
+        fmt = lambda v: f"{v / scale:12.3f}{unit}" if v is not None else f"{'-':>14s}"  # noqa: E731
+        text = f"{label:28s}{fmt(qv)}"
+        if b:
+            text += fmt(bv) + (f"{qv / bv:8.3f}" if qv and bv else f"{'-':>8s}")
+        rows.append(text)
+
+    line(f"UNet, {q['sizes']['unet_deployed_as']}", q["sizes"]["unet_deployed_bytes"], b and b["sizes"]["unet_deployed_bytes"], " MB", 1e6)
+    if q["sizes"]["packed_unet_bytes"]:
+        line("packed UNet layers", q["sizes"]["packed_unet_bytes"], None, " MB", 1e6)
+    for key, s in q["run"]["stages"].items():
+        line(key.replace("_", " "), s["median_ms"], b and b["run"]["stages"].get(key, {}).get("median_ms"), " ms")
+    if "end_to_end" in q["run"]:
+        e = q["run"]["end_to_end"]
+        line(f"end to end ({e['steps']} steps)", e["seconds"], b and b["run"].get("end_to_end", {}).get("seconds"), " s ")
+    for batch, p in q["run"].get("unet_peak_mem_bytes", {}).items():
+        line(f"UNet peak memory (batch {batch})", p, b and b["run"].get("unet_peak_mem_bytes", {}).get(batch), " GB", 1e9)
+    return "\n".join(rows)
