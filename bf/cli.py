@@ -554,7 +554,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         bar.total = n
         bar.update(1)
 
-    runner = _open_backend(backend, model, **({} if cuda_graph is None else {"cuda_graph": cuda_graph}))
+    runner = _open_backend(backend, model, cuda_graph=cuda_graph)
     result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:
@@ -593,29 +593,30 @@ def _bench_target(target: Path | None, backend: str) -> Path:
 
 def _baseline_export(model, backend: str) -> Path:
     """The FP model a quantized export came from, exported with the same sampler and size."""
-    from bf.format import read_header
-    from bf.models.directory import ModelDir
+    from bf.models.base_model import quantized_from
+    from bf.models.directory import COMPONENTS
 
     source = Path(model.manifest["model"]["source"])
     if not source.is_file():
         raise BfError(f"{model.root} was exported from {source}, which is gone; the baseline is its base model (or pass --baseline none)")
-    base = ModelDir.open(Path(read_header(source)["base_model"].get("path", "")))
+    base = quantized_from(source)
     m = model.manifest
     settings = {"scheduler": m["scheduler"]["name"], "steps": m["scheduler"]["steps"], "height": m["image"]["height"],
                 "width": m["image"]["width"]}  # fmt: skip
-    key = "fp-" + base.content_hash().removeprefix("sha256:")[:16]
+    key = "fp-" + base.content_hash(COMPONENTS).removeprefix("sha256:")[:16]  # the UNet too: it is what the baseline runs
     return _cached_export(base.root, key, "trt" if backend == "trt" else "onnx-std", **settings)
 
 
-def _open_backend(backend: str, model, **torch_options):
+def _open_backend(backend: str, model, weights: str | None = None, cuda_graph: bool | None = None):
+    """``cuda_graph`` None: the backend's default (on for torch, off for trt); ``weights``: torch only."""
     if backend == "torch":
         from bf.runtime.backend_torch import TorchBackend
 
-        return TorchBackend(model, **torch_options)
+        return TorchBackend(model, weights=weights, cuda_graph=cuda_graph is not False)
     if backend == "trt":
         from bf.runtime.backend_trt import TrtBackend
 
-        return TrtBackend(model, cuda_graph=torch_options.get("cuda_graph", False))
+        return TrtBackend(model, cuda_graph=bool(cuda_graph))
     from bf.runtime.backend_ort import OrtBackend
 
     return OrtBackend(model)
@@ -650,9 +651,11 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     the text encoder, one UNet step per --batch and the VAE decoder, a full generation over the
     export's steps and, on the torch backend, peak GPU memory while the UNet steps.
     """
+    import dataclasses
+
     from tqdm import tqdm
 
-    from bf.runtime.bench import BenchRequest, artifact_sizes, bench_backend, environment, format_report, ratios
+    from bf.runtime.bench import BenchRequest, bench_model, environment, format_report, ratios
     from bf.runtime.exported import ExportedModel
 
     try:
@@ -669,21 +672,20 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     if baseline == "fp16" and not quantized:
         _log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"
-    torch_options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph}
+    options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph}
     bar = tqdm(total=None, desc="bench", disable=None, file=sys.stderr, bar_format="{desc}: {postfix}")
 
     def run(label: str, model, **options) -> dict:
         runner = _open_backend(backend, model, **options)
-        result = {"export": str(model.root), "sizes": artifact_sizes(model)}
-        result["run"] = bench_backend(model, runner, req, progress=lambda what: bar.set_postfix_str(f"{label}: {what}"))
+        result = bench_model(model, runner, req, progress=lambda what: bar.set_postfix_str(f"{label}: {what}"))
         if backend == "torch":
             result["weights"] = runner.weights
             result["device"] = runner.device_name
         del runner
         return result
 
-    result = {"backend": backend, "environment": environment(backend), "settings": {**req.__dict__, "baseline": baseline}}
-    result["quantized"] = run("quantized", model, **torch_options)
+    result = {"backend": backend, "environment": environment(backend), "settings": {**dataclasses.asdict(req), "baseline": baseline}}
+    result["quantized"] = run("quantized", model, **options)
     result["baseline"] = None
     if baseline == "fp16":
         if backend == "torch":
@@ -693,11 +695,9 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
 
             gc.collect()
             torch.cuda.empty_cache()  # the peak of the baseline must not see the quantized model's blocks
-            result["baseline"] = run("baseline", model, **{**torch_options, "weights": "fp"})
-            result["baseline"]["sizes"]["unet_deployed_bytes"] = result["baseline"]["run"]["memory"]["unet_weight_bytes"]
-            result["quantized"]["sizes"]["unet_deployed_bytes"] = result["quantized"]["run"]["memory"]["unet_weight_bytes"]
+            result["baseline"] = run("baseline", model, **{**options, "weights": "fp"})
         else:
-            result["baseline"] = run("baseline", ExportedModel.open(_baseline_export(model, backend)), **torch_options)
+            result["baseline"] = run("baseline", ExportedModel.open(_baseline_export(model, backend)), **options)
         result["ratios"] = ratios(result["quantized"], result["baseline"])
     bar.close()
     result["device"] = result["quantized"].get("device") or f"cpu ({os.cpu_count()} cores)"

@@ -36,6 +36,7 @@ class TorchBackend:
             from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
             from bf.models.pipeline import load_model
             from bf.models.time_cache import cache_time_features
+            from bf.runtime.torch_graph import GraphedCall, unet_step
         except ImportError:
             raise BfError("the torch backend needs PyTorch and diffusers: pip install 'bf[train]'") from None
         if device == "cuda" and not torch.cuda.is_available():
@@ -50,35 +51,37 @@ class TorchBackend:
         if not source.exists():
             raise BfError(f"the torch backend runs the model {model.root} was exported from, and {source} is gone")
         if weights == "fp" and quantized:
-            source = self._base_model(source)
+            from bf.models.base_model import quantized_from
+
+            source = quantized_from(source).root
         self.torch, self.dtype, self.device, self.weights = torch, getattr(torch, dtype), device, weights
-        self.channels_last = channels_last
-        pipe = load_model(source, scheduler=model.manifest["scheduler"]["name"]).pipe
+        ckpt = None
+        if weights != "fp":
+            from bf.format import Checkpoint
+
+            ckpt = Checkpoint.load(source)  # once: the pipeline and the packed layers both come from it
+        pipe = load_model(source, scheduler=model.manifest["scheduler"]["name"], checkpoint=ckpt).pipe
         timesteps = torch.as_tensor(model.manifest["scheduler"]["timesteps"])
         unet = cache_time_features(pipe.unet.float().eval(), timesteps)
         self.ring = None
         self.decoded_layers = 0
         if weights == "streamed":
-            from bf.format import Checkpoint
-            from bf.runtime.streamed_weights import RingForward, stream_weights
+            from bf.runtime.streamed_weights import stream_weights
 
-            layers = Checkpoint.load(source).layers
-            self.ring = stream_weights(unet, unet.unet, layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots)
+            unet = stream_weights(unet, unet.unet, ckpt.layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots)
+            unet = unet.to(device, self.dtype)
+            self.ring = unet.ring
             self.decoded_layers = len(self.ring.weights)
-            unet = RingForward(unet.to(device, self.dtype), self.ring)
         else:
             unet = unet.to(device, self.dtype)
             if weights == "decoded":
-                self.decoded_layers = self._decode_quantized_weights(unet, source)
+                self.decoded_layers = self._decode_quantized_weights(unet, ckpt.layers)
         if channels_last:
             unet = unet.to(memory_format=torch.channels_last)
         self.unet_module = unet
-        self.zero_timestep = torch.zeros((), device=device)
-        self._step_fn = self._unet_step
+        self._step_fn = unet_step(unet, channels_last, device)
         if cuda_graph:
-            from bf.runtime.torch_graph import GraphedCall
-
-            self._step_fn = GraphedCall(self._unet_step)
+            self._step_fn = GraphedCall(self._step_fn)
         self.text = TextEncoderGraph(pipe.text_encoder).eval().to(device, self.dtype)
         self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.dtype)
 
@@ -86,42 +89,19 @@ class TorchBackend:
     def device_name(self) -> str:
         return self.torch.cuda.get_device_name() if self.device == "cuda" else self.device
 
-    @staticmethod
-    def _base_model(bfq: Path) -> Path:
-        from bf.format import read_header
-        from bf.models.directory import ModelDir
-
-        path = Path(read_header(bfq)["base_model"].get("path") or "")
-        try:
-            return ModelDir.open(path).root
-        except BfError as e:
-            raise BfError(f"weights='fp' runs the FP model {bfq} was quantized from: {e}") from None
-
-    def _decode_quantized_weights(self, unet, source: Path) -> int:
-        """Every quantized weight, decoded from its packed codes by the CUDA kernels, in place."""
+    def _decode_quantized_weights(self, unet, layers: dict) -> int:
+        """Every quantized weight, decoded from its packed codes by the CUDA kernels, in place (one batched launch)."""
         from bf.decode_kernels import load
-        from bf.format import Checkpoint
         from bf.format.dequant_op import DequantSpec
+        from bf.runtime.streamed_weights import quantized_modules
 
         torch = self.torch
-        weights, outs = [], []
-        for name, layer in Checkpoint.load(source).layers.items():
-            try:
-                w = unet.unet.get_submodule(name).weight
-            except AttributeError:  # a time-embedding layer the table replaced
-                continue
-            weights.append((torch.from_numpy(layer.codes).to(self.device), torch.from_numpy(layer.scale).to(self.device),
-                            DequantSpec(layer.shape, layer.grid)))  # fmt: skip
-            outs.append(w.data)
-        load().decode_cuda_batch(weights, outs)
+        modules = quantized_modules(unet.unet, layers)
+        weights = [(torch.from_numpy(layers[name].codes).to(self.device), torch.from_numpy(layers[name].scale).to(self.device),
+                    DequantSpec(layers[name].shape, layers[name].grid)) for name in modules]  # fmt: skip
+        load().decode_cuda_batch(weights, [m.weight.data for m in modules.values()])
         torch.cuda.synchronize()
         return len(weights)
-
-    def _unet_step(self, sample, step, context):
-        torch = self.torch
-        if self.channels_last:
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        return self.unet_module(sample, step, context, timestep=self.zero_timestep).contiguous()
 
     def unet_device(self, sample, step, context):
         """One UNet step on device tensors (step: a (1,) long tensor); the output may be reused by the next call."""
@@ -144,17 +124,13 @@ class TorchBackend:
         return self._run(self.vae, latent)
 
     # bf bench: the stages on device tensors, timed with CUDA events.
-    def stage_calls(self, batch: int, height: int, width: int, latent_channels: int, context_dim: int, scale: int) -> dict:
+    def device_calls(self, inputs: dict[str, np.ndarray]) -> dict:
+        """The bench stages over ``inputs`` (bf.runtime.bench.stage_inputs) copied to the GPU once."""
         torch = self.torch
-        g = torch.Generator(device=self.device).manual_seed(0)
-        h, w = height // scale, width // scale
-        ids = torch.zeros((2, 77), dtype=torch.long, device=self.device)
-        sample = torch.randn((batch, latent_channels, h, w), generator=g, device=self.device).to(self.dtype)
-        context = torch.randn((batch, 77, context_dim), generator=g, device=self.device).to(self.dtype)
-        latent = torch.randn((max(1, batch // 2), latent_channels, h, w), generator=g, device=self.device).to(self.dtype)
+        t = {k: torch.from_numpy(a).to(self.device, torch.long if a.dtype == np.int64 else self.dtype) for k, a in inputs.items()}
         step = torch.zeros((1,), dtype=torch.long, device=self.device)
 
-        def wrap(fn):
+        def timed(fn):
             def call():
                 with torch.inference_mode():
                     fn()
@@ -162,24 +138,15 @@ class TorchBackend:
             return call
 
         return {
-            "text_encoder": wrap(lambda: self.text(ids)),
-            "unet_step": wrap(lambda: self.unet_device(sample, step, context)),
-            "vae_decoder": wrap(lambda: self.vae(latent)),
+            "text_encoder": timed(lambda: self.text(t["input_ids"])),
+            "unet_step": timed(lambda: self.unet_device(t["sample"], step, t["context"])),
+            "vae_decoder": timed(lambda: self.vae(t["latent"])),
         }
 
     def time_ms(self, call, runs: int, warmup: int) -> list[float]:
-        torch = self.torch
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(runs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return times
+        from bf.runtime.torch_graph import cuda_time_ms
+
+        return cuda_time_ms(call, runs, warmup)
 
     def memory(self) -> dict:
         """Resident bytes: UNet weights (codes and scales when streamed), decode ring, the rest of the model."""

@@ -89,6 +89,8 @@ class TrtBackend:
                 exe = self.cuda.end_capture()
             if captured:
                 self.graphs[key] = exe
+            else:
+                self.cuda.graph_destroy(exe)
         if not ok:
             raise BfError(f"TensorRT failed to run the {graph} engine (see its log)")
 

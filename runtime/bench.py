@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bf.errors import BfError
 from bf.runtime.exported import ExportedModel
 from bf.runtime.pipeline import GenerationRequest, generate
 
@@ -47,19 +46,25 @@ def artifact_sizes(model: ExportedModel) -> dict:
     }
 
 
-def _host_calls(backend, model: ExportedModel, batch: int, height: int, width: int) -> dict:
+def stage_inputs(model: ExportedModel, batch: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """Inputs of the three stages: one prompt pair, a UNet batch, and the VAE's images (half the UNet batch)."""
     m = model.manifest
     rng = np.random.default_rng(0)
     scale = m["image"]["latent_scale"]
-    h, w = height // scale, width // scale
-    ids = np.zeros((2, m["max_tokens"]), dtype=np.int64)
-    sample = rng.standard_normal((batch, m["latent_channels"], h, w)).astype(np.float32)
-    context = rng.standard_normal((batch, m["max_tokens"], m["hidden_size"])).astype(np.float32)
-    latent = rng.standard_normal((max(1, batch // 2), m["latent_channels"], h, w)).astype(np.float32)
+    latent = (m["latent_channels"], height // scale, width // scale)
     return {
-        "text_encoder": lambda: backend.text_encoder(ids),
-        "unet_step": lambda: backend.unet(sample, 0, context),
-        "vae_decoder": lambda: backend.vae_decoder(latent),
+        "input_ids": np.zeros((2, m["max_tokens"]), dtype=np.int64),
+        "sample": rng.standard_normal((batch, *latent)).astype(np.float32),
+        "context": rng.standard_normal((batch, m["max_tokens"], m["hidden_size"])).astype(np.float32),
+        "latent": rng.standard_normal((max(1, batch // 2), *latent)).astype(np.float32),
+    }
+
+
+def _host_calls(backend, inputs: dict[str, np.ndarray]) -> dict:
+    return {
+        "text_encoder": lambda: backend.text_encoder(inputs["input_ids"]),
+        "unet_step": lambda: backend.unet(inputs["sample"], 0, inputs["context"]),
+        "vae_decoder": lambda: backend.vae_decoder(inputs["latent"]),
     }
 
 
@@ -81,19 +86,14 @@ def _summary(times: list[float]) -> dict:
 def bench_backend(model: ExportedModel, backend, req: BenchRequest, progress=lambda what: None) -> dict:
     """Stage latencies per batch, end-to-end time and (on GPU) memory of one backend."""
     m = model.manifest
-    height, width = req.height or m["image"]["height"], req.width or m["image"]["width"]
-    scale = m["image"]["latent_scale"]
-    if height % scale or width % scale or height <= 0 or width <= 0:
-        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
-    on_device = hasattr(backend, "stage_calls")
+    height, width = model.image_size(req.height, req.width)
+    on_device = hasattr(backend, "device_calls")
     timer = backend.time_ms if on_device else _host_time_ms
     out: dict = {"timing": "cuda events" if on_device else "wall clock", "stages": {}}
     peaks = {}
     for batch in req.batches:
-        if on_device:
-            calls = backend.stage_calls(batch, height, width, m["latent_channels"], m["hidden_size"], scale)
-        else:
-            calls = _host_calls(backend, model, batch, height, width)
+        inputs = stage_inputs(model, batch, height, width)
+        calls = backend.device_calls(inputs) if on_device else _host_calls(backend, inputs)
         for stage in STAGES:
             if stage != "unet_step" and batch != req.batches[0]:
                 continue  # the text encoder runs once per prompt pair, the VAE once per image set: one batch is enough
@@ -120,6 +120,16 @@ def bench_backend(model: ExportedModel, backend, req: BenchRequest, progress=lam
             runs.append({"seconds": sum(v for k, v in timings.items() if k.endswith("_s")), **timings})
         out["end_to_end"] = {"images": gen_req.num_images, "steps": m["scheduler"]["steps"], **min(runs, key=lambda r: r["seconds"])}
     return out
+
+
+def bench_model(model: ExportedModel, backend, req: BenchRequest, progress=lambda what: None) -> dict:
+    """Sizes and run of one model on one backend. A backend that holds the UNet's weights itself
+    (torch: from the .bfq, not the graph files) reports those bytes as the deployed UNet."""
+    result = {"export": str(model.root), "sizes": artifact_sizes(model), "run": bench_backend(model, backend, req, progress)}
+    if "memory" in result["run"]:
+        result["sizes"]["unet_deployed_bytes"] = result["run"]["memory"]["unet_weight_bytes"]
+        result["sizes"]["unet_deployed_as"] = f"weights resident ({backend.name})"
+    return result
 
 
 def ratios(quant: dict, base: dict) -> dict:
@@ -154,7 +164,9 @@ def format_report(result: dict) -> str:
     rows.append(head)
 
     def line(label: str, qv: float | None, bv: float | None, unit: str, scale: float = 1.0) -> None:
-        fmt = lambda v: f"{v / scale:12.3f}{unit}" if v is not None else f"{'-':>14s}"  # noqa: E731
+        def fmt(v: float | None) -> str:
+            return f"{v / scale:12.3f}{unit}" if v is not None else f"{'-':>14s}"
+
         text = f"{label:28s}{fmt(qv)}"
         if b:
             text += fmt(bv) + (f"{qv / bv:8.3f}" if qv and bv else f"{'-':>8s}")

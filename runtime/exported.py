@@ -53,3 +53,11 @@ class ExportedModel:
                 f"{self.root} was exported for {m['name']} with {m['steps']} steps, not {name} with {steps}; "
                 f"export again: bf export {bfq} --scheduler {name} --steps {steps} --out DIR"
             )
+
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The image size to run at (default: the export's), checked against the latent scale."""
+        image = self.manifest["image"]
+        height, width, scale = height or image["height"], width or image["width"], image["latent_scale"]
+        if height <= 0 or width <= 0 or height % scale or width % scale:
+            raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
+        return height, width

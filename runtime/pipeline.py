@@ -52,11 +52,8 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     if steps < 1:
         raise BfError(f"--steps {steps}: must be at least 1")
     model.check_sampler(name, steps)
-    height = req.height or m["image"]["height"]
-    width = req.width or m["image"]["width"]
+    height, width = model.image_size(req.height, req.width)
     scale = m["image"]["latent_scale"]
-    if height <= 0 or width <= 0 or height % scale or width % scale:
-        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
     if req.num_images < 1:
         raise BfError(f"--num-images {req.num_images}: must be at least 1")
     timings: dict[str, float] = {}

@@ -15,6 +15,7 @@ the weight into that layout on every call.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -198,29 +199,23 @@ class WeightRing:
             torch.cuda.current_stream().wait_stream(self.side)
 
 
-class StreamedConv2d(nn.Module):
-    def __init__(self, conv: nn.Conv2d, ring: WeightRing, index: int):
+class StreamedLayer(nn.Module):
+    """A Conv2d or Linear whose weight the ring decodes just before each call."""
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, ring: WeightRing, index: int):
         super().__init__()
         self.ring, self.index = ring, index
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        if conv.padding_mode != "zeros":
-            raise BfError(f"streamed weights support zero-padded convolutions, got padding_mode={conv.padding_mode!r}")
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise BfError(f"streamed weights support zero-padded convolutions, got padding_mode={module.padding_mode!r}")
+            self.op = functools.partial(F.conv2d, stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                        groups=module.groups)  # fmt: skip
+        else:
+            self.op = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x, self.ring.acquire(self.index), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        self.ring.release(self.index)
-        return y
-
-
-class StreamedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, ring: WeightRing, index: int):
-        super().__init__()
-        self.ring, self.index = ring, index
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.ring.acquire(self.index), self.bias)
+        y = self.op(x, self.ring.acquire(self.index), self.bias)
         self.ring.release(self.index)
         return y
 
@@ -239,37 +234,47 @@ class RingForward(nn.Module):
         return out
 
 
-def stream_weights(
-    root: nn.Module, owner: nn.Module, layers: dict[str, QuantizedLayer | PackedWeight], *, device: str = "cuda",
-    dtype: torch.dtype = torch.float16, channels_last: bool = False, slots: int = 3, decoder=None, group: bool = True,
-) -> WeightRing:  # fmt: skip
-    """Replace (in place) every Conv2d / Linear of ``owner`` named in ``layers`` by a streamed one.
+def quantized_modules(owner: nn.Module, names) -> dict[str, nn.Conv2d | nn.Linear]:
+    """The Conv2d / Linear modules of ``owner`` that the named quantized layers belong to.
 
-    ``root`` is what runs (it must be wrapped in RingForward by the caller); the replaced
-    modules' full-precision weights are dropped, so move ``owner`` to the GPU afterwards.
     Layers that ``owner`` no longer has, or has as weightless stand-ins (the time-embedding
-    layers and projections a time-feature table replaced), are skipped."""
-    entries, targets = [], []
-    for name, layer in layers.items():
+    layers and projections a time-feature table replaced), are left out."""
+    found = {}
+    for name in names:
         try:
             module = owner.get_submodule(name)
         except AttributeError:
             continue
+        if not hasattr(module, "weight"):
+            continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            if not hasattr(module, "weight"):  # a time projection the table replaced
-                continue
-            raise BfError(f"streamed weights: {name} is a {type(module).__name__}, not a Conv2d or Linear")
+            raise BfError(f"{name} is a {type(module).__name__}, not a Conv2d or Linear")
+        found[name] = module
+    return found
+
+
+def stream_weights(
+    root: nn.Module, owner: nn.Module, layers: dict[str, QuantizedLayer | PackedWeight], *, device: str = "cuda",
+    dtype: torch.dtype = torch.float16, channels_last: bool = False, slots: int = 3, decoder=None, group: bool = True,
+) -> RingForward:  # fmt: skip
+    """``root`` wrapped to run with its weight ring, after replacing (in place) every Conv2d /
+    Linear of ``owner`` named in ``layers`` (see quantized_modules) by a streamed one.
+
+    The replaced modules' full-precision weights are dropped, so move the result to the GPU
+    afterwards; its ``ring`` holds the packed weights and the decode buffers."""
+    modules = quantized_modules(owner, layers)
+    if not modules:
+        raise BfError("streamed weights: none of the quantized layers is in the model")
+    entries = []
+    for name, module in modules.items():
+        layer = layers[name]
         pw = layer if isinstance(layer, PackedWeight) else packed_weight(layer, device, channels_last)
         if tuple(pw.view(torch.empty(pw.numel, device="meta")).shape) != tuple(module.weight.shape):
             raise BfError(f"streamed weights: {name} holds a {pw.spec.shape} weight, the model's is {tuple(module.weight.shape)}")
         entries.append(pw)
-        targets.append((name, module))
-    if not entries:
-        raise BfError("streamed weights: none of the quantized layers is in the model")
     ring = WeightRing(entries, dtype=dtype, slots=slots, decoder=decoder, group=group)
-    for index, (name, module) in enumerate(targets):
+    for index, (name, module) in enumerate(modules.items()):
         parent_name, _, child = name.rpartition(".")
         parent = owner.get_submodule(parent_name) if parent_name else owner
-        cls = StreamedConv2d if isinstance(module, nn.Conv2d) else StreamedLinear
-        setattr(parent, child, cls(module, ring, index))
-    return ring
+        setattr(parent, child, StreamedLayer(module, ring, index))
+    return RingForward(root, ring)

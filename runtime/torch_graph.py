@@ -1,11 +1,40 @@
-"""A function of GPU tensors replayed from a CUDA graph: captured once per input shape, so
-a UNet step costs its kernels, not the ~1,500 Python-issued launches of an eager forward."""
+"""The torch backend's UNet step on the GPU: the step function, its CUDA graph (captured once
+per input shape, so a step costs its kernels, not the ~1,500 Python-issued launches of an
+eager forward) and CUDA-event timing. Shared by the backend and scripts/bench_sd15_gpu.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+
+def unet_step(unet: torch.nn.Module, channels_last: bool, device) -> Callable:
+    """``step(sample, step_index, context)`` of a CachedTimeUNet (or its RingForward wrapper)."""
+    zero = torch.zeros((), device=device)  # the ignored timestep, on the device: an int would be copied from the host under capture
+
+    def step(sample: torch.Tensor, step_index: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return unet(sample, step_index, context, timestep=zero).contiguous()
+
+    return step
+
+
+def cuda_time_ms(call: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls after ``warmup`` untimed ones, by CUDA events."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 class GraphedCall:

@@ -10,7 +10,7 @@ with classifier-free guidance), fp16. Every configuration is measured in this on
                    decoded just before its layer into a ring of reused buffers, on a side
                    stream overlapping compute (bf.runtime.streamed_weights), CUDA graph
 
-plus the decode alone (every layer, per-layer launches into the ring, nothing else), the
+plus the decode alone (the ring's launches in order, nothing else), the
 bf16 matrix-product rate of this GPU and the UNet's operation count. Peak memory is what a
 configuration allocates on top of an empty GPU (weights, codes, ring, graph pool). Writes
 results/bench_sd15_gpu.json.
@@ -41,26 +41,15 @@ from bf.format.packing import pack_codes
 from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
 from bf.models.architectures import ARCHITECTURES
 from bf.models.time_cache import cache_time_features
-from bf.runtime.streamed_weights import PackedWeight, RingForward, stream_weights
-from bf.runtime.torch_graph import GraphedCall
+from bf.runtime.streamed_weights import PackedWeight, quantized_modules, stream_weights
+from bf.runtime.torch_graph import GraphedCall, cuda_time_ms, unet_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = "cuda"
 
 
 def time_ms(fn, iters: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
+    return cuda_time_ms(fn, iters, warmup)
 
 
 def stats(times: list[float]) -> dict:
@@ -102,30 +91,19 @@ def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int) -> d
 def check_against_decoded(master, timesteps, packed: dict, cl: bool, lib, out: torch.Tensor, inputs) -> dict:
     """The streamed, graphed step against the same codes decoded once into FP16 weights, run eagerly."""
     cached = cache_time_features(copy.deepcopy(master), timesteps).to(DEV)
-    for name, w in packed.items():
-        module = cached.unet.get_submodule(name) if name.split(".")[0] != "time_embedding" else None
-        if module is None or not hasattr(module, "weight"):
-            continue
+    for name, module in quantized_modules(cached.unet, packed).items():
+        w = packed[name]
         buf = torch.empty(w.numel, dtype=torch.float16, device=DEV)
         lib.decode_cuda(w.codes, w.scale, w.spec, out=buf.view(w.spec.shape))
         module.weight.data.copy_(w.view(buf))
     if cl:
         cached = cached.to(memory_format=torch.channels_last)
-    sample, step, ctx, zero = inputs
+    sample, step, ctx = inputs
     with torch.inference_mode():
-        ref = step_fn(cached, cl, zero)(sample, step, ctx).float()
+        ref = unet_step(cached, cl, DEV)(sample, step, ctx).float()
     del cached
     err = (out - ref).abs().max().item()
     return {"max_abs_diff": err, "ref_max_abs": ref.abs().max().item(), "relative": err / max(ref.abs().max().item(), 1e-30)}
-
-
-def step_fn(unet, channels_last: bool, zero):
-    def fn(sample, step, ctx):
-        if channels_last:
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        return unet(sample, step, ctx, timestep=zero).contiguous()
-
-    return fn
 
 
 def main() -> None:
@@ -164,7 +142,6 @@ def main() -> None:
     sample = torch.randn(b, 4, h, h, device=DEV, generator=g).half()
     ctx = torch.randn(b, 77, 768, device=DEV, generator=g).half()
     step = torch.zeros(1, dtype=torch.long, device=DEV)
-    zero = torch.zeros((), device=DEV)
     configs: dict = {}
 
     # diffusers' UNet, eager
@@ -190,7 +167,7 @@ def main() -> None:
         if cl:
             cached = cached.to(memory_format=torch.channels_last)
         with torch.inference_mode():
-            call = GraphedCall(step_fn(cached, cl, zero))
+            call = GraphedCall(unet_step(cached, cl, DEV))
             configs[name] = stats(time_ms(lambda call=call: call(sample, step, ctx), args.iters))
         configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
         print(f"{name}: {configs[name]['median_ms']:.2f} ms/step, peak {configs[name]['peak_mem_bytes'] / 1e9:.3f} GB", flush=True)
@@ -205,12 +182,12 @@ def main() -> None:
             name = f"graph_streamed{'_channels_last' if cl else ''}_slots{slots}{'' if group else '_per_layer'}"
             base = clean()
             cached = cache_time_features(copy.deepcopy(master), timesteps)
-            ring = stream_weights(cached, cached.unet, packed, device=DEV, channels_last=cl, slots=slots, decoder=lib, group=group)
-            model = RingForward(cached.to(DEV), ring)
+            model = stream_weights(cached, cached.unet, packed, device=DEV, channels_last=cl, slots=slots, decoder=lib, group=group).to(DEV)
+            ring = model.ring
             if cl:
                 model = model.to(memory_format=torch.channels_last)
             with torch.inference_mode():
-                call = GraphedCall(step_fn(model, cl, zero))
+                call = GraphedCall(unet_step(model, cl, DEV))
                 configs[name] = stats(time_ms(lambda call=call: call(sample, step, ctx), args.iters))
                 out = call(sample, step, ctx).float()
             configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + packed_bytes  # codes were there before
@@ -225,7 +202,7 @@ def main() -> None:
                   f"ring {ring.buffer_bytes / 1e6:.0f} MB, {len(ring.groups)} decode launches taking "
                   f"{configs[name]['decode_alone']['median_ms']:.3f} ms alone", flush=True)  # fmt: skip
             if not checked:
-                inputs = (sample, step, ctx, zero)
+                inputs = (sample, step, ctx)
                 configs[name]["check_vs_decoded"] = check_against_decoded(master, timesteps, packed, cl, lib, out, inputs)
                 print(f"  vs the same codes decoded once, eager: {configs[name]['check_vs_decoded']}", flush=True)
                 checked = True

@@ -13,13 +13,7 @@ set -euo pipefail
 phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256} rows=${ROWS:-lsq2,balance,altinit,mixed}
 work=${WORK:-/tmp/issue4}
 mkdir -p "$out" "$work"
-if [ -d .whl ] && ! python3 -c "import bf.trainer" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
-  export PYTHONPATH=/tmp/bfpkg:/tmp/site
-fi
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+source scripts/device_env.sh
 repo=$PWD
 cd "$work"  # not the source tree: its bf/ would shadow the installed package
 case $phase in

@@ -9,13 +9,7 @@ set -euo pipefail
 out=$1
 mkdir -p "$out"
 repo=$PWD
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
-  export PYTHONPATH=/tmp/bfpkg:/tmp/site
-fi
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+source scripts/device_env.sh
 nvcc --version | tail -1
 build=/tmp/bfbuild
 cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" \

@@ -8,13 +8,8 @@ set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 repo=$PWD
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
-  export PYTHONPATH=/tmp/bfpkg:/tmp/site
-fi
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore BF_CACHE=/tmp/bfcache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+source scripts/device_env.sh
+export BF_CACHE=/tmp/bfcache
 build=/tmp/bfbuild
 cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
 cmake --build $build -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true

@@ -39,14 +39,19 @@ def test_without_tensorrt_the_error_names_the_install(tmp_path):
         TrtBackend(fake_export(tmp_path, engines))
 
 
-@pytest.mark.gpu
-def test_cuda_runtime_round_trip():
+@pytest.fixture
+def cuda():
+    """The ctypes CUDA runtime the trt backend uses (skips where libcudart or a GPU is missing)."""
     from bf.runtime.cuda_runtime import CudaRuntime
 
     try:
-        cuda = CudaRuntime()
+        return CudaRuntime()
     except BfError as e:
         pytest.skip(str(e))
+
+
+@pytest.mark.gpu
+def test_cuda_runtime_round_trip(cuda):
     a = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
     ptr = cuda.malloc(a.nbytes)
     cuda.to_device(ptr, a)
@@ -84,14 +89,8 @@ def test_trt_backend_runs_an_export(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_runtime_graph_capture_replays_the_captured_copy():
+def test_cuda_runtime_graph_capture_replays_the_captured_copy(cuda):
     """The capture/instantiate/launch calls the trt backend's --cuda-graph uses, on a device-to-device copy."""
-    from bf.runtime.cuda_runtime import CudaRuntime
-
-    try:
-        cuda = CudaRuntime()
-    except BfError as e:
-        pytest.skip(str(e))
     a, b = (np.random.default_rng(i).standard_normal(1000).astype(np.float32) for i in (1, 2))
     src, dst = cuda.malloc(a.nbytes), cuda.malloc(a.nbytes)
     cuda.to_device(src, a)

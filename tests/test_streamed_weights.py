@@ -31,7 +31,7 @@ def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 
     from torch import nn
 
     from bf.decode_kernels import load
-    from bf.runtime.streamed_weights import RingForward, stream_weights
+    from bf.runtime.streamed_weights import stream_weights
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     torch.manual_seed(0)
@@ -59,8 +59,8 @@ def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 
         getattr(base, name).weight.data = torch.from_numpy(layer.dequantize())
     decoded, streamed = copy.deepcopy(base).cuda().half(), copy.deepcopy(base)
     lib = load(native_build / "libbf_decode.so")
-    ring = stream_weights(streamed, streamed, layers, channels_last=channels_last, slots=slots, decoder=lib, group=group)
-    streamed = RingForward(streamed.cuda().half(), ring)
+    streamed = stream_weights(streamed, streamed, layers, channels_last=channels_last, slots=slots, decoder=lib, group=group).cuda().half()
+    ring = streamed.ring
     if channels_last:
         streamed = streamed.to(memory_format=torch.channels_last)
     return decoded, streamed, ring

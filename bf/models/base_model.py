@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from bf.errors import BfError
-from bf.format import Bundle, Checkpoint
+from bf.format import Bundle, Checkpoint, read_header
 from bf.models.directory import BASE_COMPONENTS, ModelDir
 
 _WEIGHT_FILE = {"text_encoder": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
@@ -45,3 +45,12 @@ def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = N
     if model.content_hash() != ckpt.base_model.get("hash"):
         raise BfError(f"{source}: base model {path} changed since quantization (hash differs); pass --base-model DIR to use it anyway")
     return path
+
+
+def quantized_from(bfq: Path) -> ModelDir:
+    """The full FP model directory (UNet included) a .bfq was quantized from: the baseline it is compared with."""
+    path = Path(read_header(bfq)["base_model"].get("path") or "")
+    try:
+        return ModelDir.open(path)
+    except BfError as e:
+        raise BfError(f"the FP model {bfq} was quantized from: {e}") from None

@@ -50,15 +50,17 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 
 def load_model(
-    source: Path, scheduler: str = "pndm", device: str = "cpu", base_model: Path | None = None, log=lambda m: None
-) -> LoadedModel:
+    source: Path, scheduler: str = "pndm", device: str = "cpu", base_model: Path | None = None, log=lambda m: None,
+    checkpoint: Checkpoint | None = None,
+) -> LoadedModel:  # fmt: skip
+    """``checkpoint``: the .bfq at ``source``, when the caller has loaded it already."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = Path(source)
     if source.is_file():
-        ckpt = Checkpoint.load(source)
+        ckpt = checkpoint or Checkpoint.load(source)
         root = resolve_base_model(ckpt, source, base_model, log)
         unet = UNet2DConditionModel.from_config(ckpt.unet_config)
         unet.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.unet_state_dict().items()})

@@ -1,0 +1,10 @@
+# Sourced (from the repository root) by scripts/run_issue*_gpu.sh on a device machine, which has no internet:
+# installs the wheels carried in .whl/ (diffusers and what else the image lacks) and bf itself under /tmp,
+# where the source tree's bf/ (without the stage packages) cannot shadow them.
+if [ -d .whl ] && ! python3 -c "import diffusers, bf.trainer" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
+  export PYTHONPATH=/tmp/bfpkg:/tmp/site
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
