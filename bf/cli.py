@@ -507,6 +507,20 @@ def _shipped_export() -> Path:
     return SHIPPED_INFER_DIR
 
 
+# bf infer and bf bench, torch backend
+KEEP_DECODED_OPTION = click.option(
+    "--keep-decoded", type=click.IntRange(0), default=0, show_default=True, metavar="MB",
+    help="torch, streamed weights: keep this many MB of the largest weights decoded instead of decoding them every step "
+         "(GPU memory for speed).",
+)  # fmt: skip
+FUSED_OPTION = click.option(
+    "--fused", type=click.Choice(["auto", "on", "off"]), default=None,
+    help="torch, streamed weights: run layers on the fused low-bit kernel (Triton), which reads the codes in its matrix tiles "
+         "instead of decoding them first (needs Triton). auto: where each layer's first call measures it faster "
+         "[default: off].",
+)  # fmt: skip
+
+
 @main.command("infer")
 @click.argument("model_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", required=True, help="What to draw.")
@@ -527,9 +541,11 @@ def _shipped_export() -> Path:
               help="PNG to write (with -1, -2, ... before the suffix for several images).")  # fmt: skip
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="Replay the UNet step from a CUDA graph [default: on for torch, off for trt].")  # fmt: skip
+@FUSED_OPTION
+@KEEP_DECODED_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
-def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, out,
-              as_json) -> None:  # fmt: skip
+def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, fused,
+              keep_decoded, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped model, quantized to 2 bits and exported on first use.
@@ -554,7 +570,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         bar.total = n
         bar.update(1)
 
-    runner = _open_backend(backend, model, cuda_graph=cuda_graph)
+    runner = _open_backend(backend, model, cuda_graph=cuda_graph, fused=fused, keep_decoded=keep_decoded)
     result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:
@@ -607,12 +623,13 @@ def _baseline_export(model, backend: str) -> Path:
     return _cached_export(base.root, key, "trt" if backend == "trt" else "onnx-std", **settings)
 
 
-def _open_backend(backend: str, model, weights: str | None = None, cuda_graph: bool | None = None):
-    """``cuda_graph`` None: the backend's default (on for torch, off for trt); ``weights``: torch only."""
+def _open_backend(backend: str, model, weights: str | None = None, cuda_graph: bool | None = None, fused: str | None = None,
+                  keep_decoded: int = 0):  # fmt: skip
+    """``cuda_graph`` None: the backend's default (on for torch, off for trt); ``weights``, ``fused``, ``keep_decoded``: torch only."""
     if backend == "torch":
         from bf.runtime.backend_torch import TorchBackend
 
-        return TorchBackend(model, weights=weights, cuda_graph=cuda_graph is not False)
+        return TorchBackend(model, weights=weights, cuda_graph=cuda_graph is not False, fused=fused, keep_decoded_mb=keep_decoded)
     if backend == "trt":
         from bf.runtime.backend_trt import TrtBackend
 
@@ -640,10 +657,12 @@ def _open_backend(backend: str, model, weights: str | None = None, cuda_graph: b
 @click.option("--weights", type=click.Choice(["streamed", "decoded"]), default="streamed", show_default=True,
               help="torch: decode each layer just before it runs into a small reused buffer (streamed), or all once at load.")  # fmt: skip
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="torch, trt: replay the UNet step from a CUDA graph.")
+@FUSED_OPTION
+@KEEP_DECODED_OPTION
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every figure as JSON here ('-': stdout).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw size and latency bars per component (PNG).")
-def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs, warmup, no_end_to_end, weights, cuda_graph, json_out,
-              plot) -> None:  # fmt: skip
+def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs, warmup, no_end_to_end, weights, cuda_graph, fused,
+              keep_decoded, json_out, plot) -> None:  # fmt: skip
     """Size, latency per stage and GPU memory of an exported model, next to its FP baseline.
 
     TARGET: a bf export directory, or a .bfq (exported once into the cache). Without it: the
@@ -672,7 +691,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     if baseline == "fp16" and not quantized:
         _log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"
-    options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph}
+    options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph, "fused": fused, "keep_decoded": keep_decoded}
     bar = tqdm(total=None, desc="bench", disable=None, file=sys.stderr, bar_format="{desc}: {postfix}")
 
     def run(label: str, model, **options) -> dict:
@@ -681,6 +700,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
         if backend == "torch":
             result["weights"] = runner.weights
             result["device"] = runner.device_name
+            result["fused"], result["fused_layers"] = runner.fused, runner.fused_layers
         del runner
         return result
 

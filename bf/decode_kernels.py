@@ -53,7 +53,7 @@ class DecodeLibrary:
         lib.bf_decode_cuda.argtypes = [*args, ctypes.c_void_p]
         lib.bf_decode_cuda.restype = ctypes.c_int32
         p = ctypes.c_void_p
-        lib.bf_decode_cuda_batch.argtypes = [ctypes.POINTER(_Desc), p, p, p, p, ctypes.c_int32, p]
+        lib.bf_decode_cuda_batch.argtypes = [ctypes.POINTER(_Desc), p, p, p, p, ctypes.c_int32, ctypes.c_int32, p]
         lib.bf_decode_cuda_batch.restype = ctypes.c_int32
         self.path, self._lib = path, lib
 
@@ -98,8 +98,11 @@ class DecodeLibrary:
             raise BfError(f"decode_cuda: out has shape {tuple(out.shape)}, the weight is {spec.shape}")
         return names[scale.dtype], names[out.dtype]
 
-    def decode_cuda_batch(self, weights: list, outs: list) -> None:
+    def decode_cuda_batch(self, weights: list, outs: list, max_blocks: int = 0) -> None:
         """Decode many weights, ``(codes, scale, spec)`` each, into ``outs`` (same dtype) in as few launches as possible.
+
+        ``max_blocks`` > 0 caps each launch's grid (its blocks loop over the work), so a decode
+        beside other kernels occupies that many multiprocessors at most.
 
         The host-side descriptor arrays are copied into the launch's parameters, so a CUDA graph
         capturing this call replays it without them.
@@ -118,7 +121,7 @@ class DecodeLibrary:
             ptrs[0][i], ptrs[1][i], ptrs[2][i] = codes.data_ptr(), scale.data_ptr(), out.data_ptr()
             nbytes[i] = codes.numel()
         stream = torch.cuda.current_stream().cuda_stream
-        status = self._lib.bf_decode_cuda_batch(descs, ptrs[0], nbytes, ptrs[1], ptrs[2], n, stream)
+        status = self._lib.bf_decode_cuda_batch(descs, ptrs[0], nbytes, ptrs[1], ptrs[2], n, max_blocks, stream)
         if status != 0:
             raise BfError(f"batched decode of {n} weights: {self._lib.bf_status_string(status).decode()}")
 

@@ -9,8 +9,12 @@ Weights, three ways:
             for quantized models: about 1/8 of the FP16 weight memory)
   decoded   every weight decoded once at load into FP16 (FP16 memory, FP16 speed)
   fp        the unquantized base model in FP16: the baseline bf bench compares against
-The UNet step is replayed from a CUDA graph (``cuda_graph``) and runs channels-last
-(``channels_last``) unless told otherwise.
+Streamed layers may instead run a fused kernel that reads the codes in its matrix-product tiles
+(``fused``, bf.runtime.lowbit_gemm, needs Triton): "auto" lets each layer's first call time
+both and keep the faster, "on" fuses every layer the kernel can run, "off" (the default: on
+SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
+(``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
+``keep_decoded_mb`` keeps that many MB of the largest weights decoded (memory for speed).
 """
 
 from __future__ import annotations
@@ -23,13 +27,32 @@ from bf.errors import BfError
 from bf.runtime.exported import ExportedModel
 
 WEIGHT_MODES = ("streamed", "decoded", "fp")
+FUSED_MODES = ("auto", "on", "off")
+
+
+def _fused_mode(fused: str | None, channels_last: bool, dtype: str) -> str:
+    """What ``fused`` (None: off) means on this machine and model."""
+    if fused not in (None, *FUSED_MODES):
+        raise BfError(f"fused={fused!r}: must be one of {', '.join(FUSED_MODES)}")
+    reason = None
+    if not channels_last or dtype != "float16":
+        reason = "runs float16, channels-last models only"
+    else:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            reason = "needs Triton (pip install triton; it comes with PyTorch's CUDA builds)"
+    if reason and fused == "on":
+        raise BfError(f"the fused low-bit kernel {reason}")
+    return "off" if reason or fused is None else fused
 
 
 class TorchBackend:
     name = "torch"
 
     def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
-                 cuda_graph: bool = True, channels_last: bool = True, slots: int = 2):  # fmt: skip
+                 cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
+                 keep_decoded_mb: int = 0):  # fmt: skip
         try:
             import torch
 
@@ -65,10 +88,13 @@ class TorchBackend:
         unet = cache_time_features(pipe.unet.float().eval(), timesteps)
         self.ring = None
         self.decoded_layers = 0
+        self.fused = "off"
         if weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
-            unet = stream_weights(unet, unet.unet, ckpt.layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots)
+            self.fused = _fused_mode(fused, channels_last, dtype)
+            unet = stream_weights(unet, unet.unet, ckpt.layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots,
+                                  fused=self.fused, keep_decoded=keep_decoded_mb * 2**20)  # fmt: skip
             unet = unet.to(device, self.dtype)
             self.ring = unet.ring
             self.decoded_layers = len(self.ring.weights)
@@ -157,13 +183,18 @@ class TorchBackend:
 
         unet = nbytes(self.unet_module)
         if self.ring is not None:
-            unet += sum(w.codes.numel() + w.scale.numel() * 4 for w in self.ring.weights)
+            unet += self.unet_module.weight_bytes
         return {
             "unet_weight_bytes": unet,
             "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else 0,
             "text_vae_bytes": nbytes(self.text) + nbytes(self.vae),
             "allocated_bytes": torch.cuda.memory_allocated(),
         }
+
+    @property
+    def fused_layers(self) -> int:
+        """UNet layers running the fused low-bit kernel (0 before the first step)."""
+        return self.unet_module.fused_layers if self.ring is not None else 0
 
     def reset_peak_memory(self) -> None:
         self.torch.cuda.reset_peak_memory_stats()

@@ -90,21 +90,34 @@ class WeightRing:
     small attention weights cost a few launches, not one each. Later forwards prefetch the
     groups on the side stream and check that the order holds."""
 
-    def __init__(self, weights: list[PackedWeight], dtype: torch.dtype = torch.float16, slots: int = 3, decoder=None,
-                 group: bool = True):  # fmt: skip
+    def __init__(self, weights: list[PackedWeight | None], dtype: torch.dtype = torch.float16, slots: int = 3, decoder=None,
+                 group: bool = True, priority: int = 0, max_blocks: int = 0):  # fmt: skip
         if slots < 2:
             raise ValueError("a weight ring needs at least 2 slots (one computing, one decoding)")
         from bf.decode_kernels import load
 
-        self.weights, self.slots, self.group = weights, slots, group
+        self.weights, self.slots, self.group, self.max_blocks = weights, slots, group, max_blocks
         self.lib = decoder or load()
-        device = weights[0].codes.device
-        self.capacity = _aligned(max(w.numel for w in weights))
-        self.buffers = [torch.empty(self.capacity, dtype=dtype, device=device) for _ in range(slots)]
-        self.side = torch.cuda.Stream(device)
+        present = [w for w in weights if w is not None]  # None: a layer that does not decode through the ring
+        self.dtype = dtype
+        self.device = present[0].codes.device if present else torch.device("cuda", torch.cuda.current_device())
+        self._allocate([w.numel for w in present])
+        self.side = torch.cuda.Stream(self.device, priority=priority)  # -1: its blocks are scheduled first
         self.order: list[int] | None = None
         self._learning: list[int] = []
         self.pos = 0
+
+    def _allocate(self, sizes: list[int]) -> None:
+        self.capacity = _aligned(max(sizes, default=1))
+        self.buffers = [torch.empty(self.capacity, dtype=self.dtype, device=self.device) for _ in range(self.slots)]
+
+    def drop(self, index: int) -> None:
+        """Layer ``index`` no longer takes its weight from the ring (a fused kernel reads its codes): free them.
+
+        Only during the first forward, before the order is learned."""
+        if self.order is not None:
+            raise BfError("streamed weights: a layer can leave the ring only during the first forward")
+        self.weights[index] = None
 
     @property
     def buffer_bytes(self) -> int:
@@ -137,10 +150,10 @@ class WeightRing:
         """One launch for the group's weights, into their places in its slot, on the current stream."""
         ws = [self.weights[self.order[k]] for k in self.groups[g]]
         outs = [self._view(k)[: w.numel].view(w.spec.shape) for k, w in zip(self.groups[g], ws, strict=True)]
-        if len(ws) == 1:
+        if len(ws) == 1 and not self.max_blocks:
             self.lib.decode_cuda(ws[0].codes, ws[0].scale, ws[0].spec, out=outs[0])
         else:
-            self.lib.decode_cuda_batch([(w.codes, w.scale, w.spec) for w in ws], outs)
+            self.lib.decode_cuda_batch([(w.codes, w.scale, w.spec) for w in ws], outs, self.max_blocks)
 
     def decode_all(self) -> None:
         """Every group in order on the current stream, nothing else (what a forward's decoding costs alone)."""
@@ -167,13 +180,18 @@ class WeightRing:
         for g in range(self.slots - 1):
             self._prefetch(g)
 
+    def decode_alone(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s weight decoded on the current stream into the first slot (first forward only)."""
+        w = self.weights[index]
+        self.lib.decode_cuda(w.codes, w.scale, w.spec, out=self.buffers[0][: w.numel].view(w.spec.shape))
+        return w.view(self.buffers[0])
+
     def acquire(self, index: int) -> torch.Tensor:
         """The decoded weight of layer ``index`` (called by the layer, in its forward)."""
         w = self.weights[index]
         if self.order is None:
             self._learning.append(index)
-            self.lib.decode_cuda(w.codes, w.scale, w.spec, out=self.buffers[0][: w.numel].view(w.spec.shape))
-            return w.view(self.buffers[0])
+            return self.decode_alone(index)
         k = self.pos
         if k >= len(self.order) or self.order[k] != index:
             raise BfError(f"streamed weights: layer {index} ran at position {k}, off the learned order; layers must run in a fixed order")
@@ -192,6 +210,9 @@ class WeightRing:
         """After a forward: the first one fixes the order; later ones join the side stream back."""
         if self.order is None:
             self.order = self._learning
+            sizes = [self.weights[i].numel for i in self.order]
+            if _aligned(max(sizes, default=1)) < self.capacity:  # the largest weights went to fused kernels
+                self._allocate(sizes)
             self._plan(self.order)
         else:
             if self.pos != len(self.order):
@@ -200,9 +221,16 @@ class WeightRing:
 
 
 class StreamedLayer(nn.Module):
-    """A Conv2d or Linear whose weight the ring decodes just before each call."""
+    """A Conv2d or Linear whose weight the ring decodes just before each call, or whose codes a
+    fused kernel reads directly (bf.runtime.lowbit_gemm).
 
-    def __init__(self, module: nn.Conv2d | nn.Linear, ring: WeightRing, index: int):
+    With ``fused`` given, the layer picks in its first call (the ring's learning forward, on
+    that call's input): the fastest of the fused kernel's tile configurations, and, when
+    ``fused_mode`` is "auto", that only if it beats decoding the weight and running cuDNN /
+    cuBLAS on it. Each candidate is timed as a CUDA graph of a few back-to-back calls. A layer
+    that goes fused leaves the ring; one that does not drops its fused codes."""
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, ring: WeightRing, index: int, fused=None, fused_mode: str = "auto"):
         super().__init__()
         self.ring, self.index = ring, index
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
@@ -213,11 +241,54 @@ class StreamedLayer(nn.Module):
                                         groups=module.groups)  # fmt: skip
         else:
             self.op = F.linear
+        self.fused, self.fused_mode = fused, fused_mode
+        self.decoded: torch.Tensor | None = None  # the weight, decoded once and kept (see stream_weights' keep_decoded)
+        self.config = None  # the fused kernel's tile configuration, once chosen
+        self.timings: dict[str, float] = {}  # what the choice measured, in ms per call
+        self.chosen_for: tuple[int, ...] = ()  # the input shape it measured
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _streamed(self, x: torch.Tensor) -> torch.Tensor:
         y = self.op(x, self.ring.acquire(self.index), self.bias)
         self.ring.release(self.index)
         return y
+
+    def _choose(self, x: torch.Tensor) -> None:
+        from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward
+        from bf.runtime.torch_graph import graph_time_ms
+
+        if torch.cuda.is_current_stream_capturing():
+            raise BfError("streamed weights: the first forward picks kernels and cannot run under CUDA graph capture")
+        fw = self.fused
+        fw.bias = None if self.bias is None else self.bias.detach().half()
+        self.chosen_for = tuple(x.shape)
+        for cfg in CONFIGS:
+            try:
+                self.timings[cfg.name] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg))
+            except Exception as e:  # a tile that does not fit this GPU's shared memory or registers
+                if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
+                    raise
+        if not self.timings:
+            raise BfError(f"streamed weights: no tile configuration of the fused kernel runs layer {self.index} on this GPU")
+        best = min(self.timings, key=self.timings.get)
+        if self.fused_mode == "auto":
+            self.timings["decode+op"] = graph_time_ms(lambda: self.op(x, self.ring.decode_alone(self.index), self.bias))
+            if self.timings["decode+op"] <= self.timings[best]:
+                self.fused = None
+                return
+        self.config = next(c for c in CONFIGS if c.name == best)
+        self.ring.drop(self.index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decoded is not None:
+            return self.op(x, self.decoded, self.bias)
+        if self.fused is not None:
+            if self.config is None:
+                self._choose(x)
+            if self.config is not None:
+                from bf.runtime.lowbit_gemm import lowbit_forward
+
+                return lowbit_forward(x, self.fused, self.config)
+        return self._streamed(x)
 
 
 class RingForward(nn.Module):
@@ -226,6 +297,21 @@ class RingForward(nn.Module):
     def __init__(self, module: nn.Module, ring: WeightRing):
         super().__init__()
         self.module, self.ring = module, ring
+
+    @property
+    def weight_bytes(self) -> int:
+        """Resident bytes of the quantized layers' weights: packed codes and scales the ring decodes,
+        weights kept decoded, and the fused layers' words (before the first forward, fusable layers hold both)."""
+        total = sum(w.codes.numel() + w.scale.numel() * 4 for w in self.ring.weights if w is not None)
+        for m in self.module.modules():
+            if isinstance(m, StreamedLayer):
+                total += (m.fused.nbytes if m.fused is not None else 0) + (m.decoded.nbytes if m.decoded is not None else 0)
+        return total
+
+    @property
+    def fused_layers(self) -> int:
+        """Layers that run the fused low-bit kernel (known after the first forward)."""
+        return sum(1 for m in self.module.modules() if isinstance(m, StreamedLayer) and m.config is not None)
 
     def forward(self, *args, **kwargs):
         self.ring.begin()
@@ -256,12 +342,27 @@ def quantized_modules(owner: nn.Module, names) -> dict[str, nn.Conv2d | nn.Linea
 def stream_weights(
     root: nn.Module, owner: nn.Module, layers: dict[str, QuantizedLayer | PackedWeight], *, device: str = "cuda",
     dtype: torch.dtype = torch.float16, channels_last: bool = False, slots: int = 3, decoder=None, group: bool = True,
+    fused: str = "off", keep_decoded: int = 0, priority: int = 0, decode_blocks: int = 0,
 ) -> RingForward:  # fmt: skip
     """``root`` wrapped to run with its weight ring, after replacing (in place) every Conv2d /
     Linear of ``owner`` named in ``layers`` (see quantized_modules) by a streamed one.
 
+    ``fused``: "off" decodes every weight into the ring; "on" runs every layer the fused
+    low-bit kernel can take (bf.runtime.lowbit_gemm; float16, convolutions channels-last) on
+    it; "auto" does so only where the first forward measures it faster (see StreamedLayer).
+
+    ``keep_decoded``: bytes of decoded weights to keep resident instead of decoding them every
+    forward, largest weights first (memory for speed: what is kept is not decoded again, and
+    leaves the ring). ``priority``: the decode stream's CUDA priority (-1: high). ``decode_blocks``:
+    cap on each decode launch's grid (0: none), so decoding shares the GPU with the compute
+    kernels instead of taking every multiprocessor while it runs.
+
     The replaced modules' full-precision weights are dropped, so move the result to the GPU
     afterwards; its ``ring`` holds the packed weights and the decode buffers."""
+    if fused not in ("off", "on", "auto"):
+        raise BfError(f"streamed weights: fused must be off, on or auto, got {fused!r}")
+    if fused != "off" and dtype != torch.float16:
+        raise BfError("streamed weights: the fused low-bit kernel runs float16 models only")
     modules = quantized_modules(owner, layers)
     if not modules:
         raise BfError("streamed weights: none of the quantized layers is in the model")
@@ -272,9 +373,46 @@ def stream_weights(
         if tuple(pw.view(torch.empty(pw.numel, device="meta")).shape) != tuple(module.weight.shape):
             raise BfError(f"streamed weights: {name} holds a {pw.spec.shape} weight, the model's is {tuple(module.weight.shape)}")
         entries.append(pw)
-    ring = WeightRing(entries, dtype=dtype, slots=slots, decoder=decoder, group=group)
+    keep = _largest_within(entries, keep_decoded // torch.tensor([], dtype=dtype).element_size())
+    ring = WeightRing([None if i in keep else w for i, w in enumerate(entries)], dtype=dtype, slots=slots, decoder=decoder, group=group,
+                      priority=priority, max_blocks=decode_blocks)  # fmt: skip
     for index, (name, module) in enumerate(modules.items()):
         parent_name, _, child = name.rpartition(".")
         parent = owner.get_submodule(parent_name) if parent_name else owner
-        setattr(parent, child, StreamedLayer(module, ring, index))
+        fw = _fused_weight(module, entries[index], ring) if fused != "off" and index not in keep else None
+        layer = StreamedLayer(module, ring, index, fw, fused)
+        if index in keep:
+            w = entries[index]
+            flat = torch.empty(w.numel, dtype=dtype, device=w.codes.device)
+            ring.lib.decode_cuda(w.codes, w.scale, w.spec, out=flat.view(w.spec.shape))
+            layer.decoded = w.view(flat)
+        setattr(parent, child, layer)
     return RingForward(root, ring)
+
+
+def _largest_within(weights: list[PackedWeight], budget: int) -> set[int]:
+    """Indices of the largest weights whose elements add up to at most ``budget``."""
+    keep, used = set(), 0
+    for index in sorted(range(len(weights)), key=lambda i: -weights[i].numel):
+        if used + weights[index].numel <= budget:
+            keep.add(index)
+            used += weights[index].numel
+    return keep
+
+
+def integer_codes(w: PackedWeight, decoder) -> torch.Tensor:
+    """A packed weight's codes (0 .. levels-1) as uint8 of its stored shape, decoded on the GPU with unit scales."""
+    out = torch.empty(w.spec.shape, dtype=torch.float16, device=w.codes.device)
+    decoder.decode_cuda(w.codes, torch.ones_like(w.scale), w.spec, out=out)
+    return (out.float() + w.spec.grid.levels // 2).round_().to(torch.uint8)
+
+
+def _fused_weight(module: nn.Conv2d | nn.Linear, w: PackedWeight, ring: WeightRing):
+    """The layer's codes in the fused kernel's layout, or None where that kernel cannot run it."""
+    from bf.runtime.fused_layout import fusable, fused_weight
+
+    if isinstance(module, nn.Conv2d) and not w.channels_last:
+        return None  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
+    if w.spec.grid.levels > 256 or fusable(module, w.spec.grid.levels) is not None:
+        return None
+    return fused_weight(integer_codes(w, ring.lib), w.scale, None, module, w.spec.grid.levels)  # the bias is set once on the GPU

@@ -89,8 +89,9 @@ def test_decoder_refuses_bad_input_with_its_reason(lib):
 def test_library_version_and_missing_library_errors(native_build, monkeypatch, tmp_path):
     import bf.decode_kernels as dk
 
+    built = dk.ABI_VERSION  # what the library was just built with
     monkeypatch.setattr(dk, "ABI_VERSION", 99)
-    with pytest.raises(BfError, match="has ABI version 1, this bf needs 99: rebuild it"):
+    with pytest.raises(BfError, match=f"has ABI version {built}, this bf needs 99: rebuild it"):
         dk.DecodeLibrary(native_build / DECODE.file_name)
     with pytest.raises(BfError, match=r"no such file .*make plugins"):
         find_library(DECODE, tmp_path / "nope.so")
@@ -193,8 +194,10 @@ def test_cuda_decoder_handles_unaligned_outputs(cuda_lib):
 
 
 @pytest.mark.gpu
-def test_batched_cuda_decode_equals_the_reference(cuda_lib):
-    """Many weights of mixed widths, grids and shapes in one call (and one launch per 384 weights)."""
+@pytest.mark.parametrize("max_blocks", [0, 3])
+def test_batched_cuda_decode_equals_the_reference(cuda_lib, max_blocks):
+    """Many weights of mixed widths, grids and shapes in one call (and one launch per 384 weights),
+    with every block its own work, or 3 blocks looping over all of it."""
     import torch
 
     rng = np.random.default_rng(7)
@@ -207,7 +210,7 @@ def test_batched_cuda_decode_equals_the_reference(cuda_lib):
         weights.append((torch.from_numpy(codes).cuda(), torch.from_numpy(scale).cuda(), spec))
         wants.append(ref.astype(np.float16))
     outs = [torch.full(s.shape, float("nan"), dtype=torch.float16, device="cuda") for _, _, s in weights]
-    cuda_lib.decode_cuda_batch(weights, outs)
+    cuda_lib.decode_cuda_batch(weights, outs, max_blocks)
     for out, want in zip(outs, wants, strict=True):
         assert np.array_equal(out.cpu().numpy().view(np.uint16), want.view(np.uint16))
     with pytest.raises(BfError, match="output dtype must be"):

@@ -26,7 +26,7 @@ def test_channels_last_codes_refuse_a_linear_weight():
         channels_last_codes(layer)
 
 
-def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 2, group: bool = True):
+def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 2, group: bool = True, fused: str = "off", keep: int = 0):
     """A tiny conv/linear stack: streamed copy and the same weights decoded once, both fp16 on the GPU."""
     from torch import nn
 
@@ -59,7 +59,8 @@ def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 
         getattr(base, name).weight.data = torch.from_numpy(layer.dequantize())
     decoded, streamed = copy.deepcopy(base).cuda().half(), copy.deepcopy(base)
     lib = load(native_build / "libbf_decode.so")
-    streamed = stream_weights(streamed, streamed, layers, channels_last=channels_last, slots=slots, decoder=lib, group=group).cuda().half()
+    streamed = stream_weights(streamed, streamed, layers, channels_last=channels_last, slots=slots, decoder=lib, group=group,
+                              fused=fused, keep_decoded=keep).cuda().half()  # fmt: skip
     ring = streamed.ring
     if channels_last:
         streamed = streamed.to(memory_format=torch.channels_last)
@@ -102,3 +103,54 @@ def test_a_forward_off_the_learned_order_is_refused(native_build, monkeypatch):
         streamed.module.twice = True
         with pytest.raises(BfError, match="layer 1 ran at position 2, off the learned order"):
             streamed(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_fused_layers_leave_the_ring_and_compute_what_decoded_weights_do(native_build, monkeypatch, mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    from bf.runtime.torch_graph import GraphedCall
+
+    decoded, streamed, ring = _tiny_streamed(native_build, monkeypatch, True, fused=mode)
+    layers = {name: getattr(streamed.module, name) for name in ("a", "b", "c", "fc")}
+    assert layers["a"].fused is None  # 4 input channels: not a whole word of 1-bit codes
+    assert all(layers[n].fused is not None for n in ("b", "c", "fc"))
+    x = torch.randn(3, 4, 12, 12, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = decoded(x).float()
+        first = streamed(x).float()  # each fusable layer picks its kernel, then the ring learns the rest
+        fused = [n for n, m in layers.items() if m.config is not None]
+        if mode == "on":
+            assert fused == ["b", "c", "fc"] and ring.order == [0]
+        assert all(layers[n].timings for n in ("b", "c", "fc"))
+        assert ring.order == [i for i, n in enumerate(layers) if n not in fused]
+        assert all((ring.weights[i] is None) == (n in fused) for i, n in enumerate(layers))
+        graphed = GraphedCall(streamed)
+        replayed = [graphed(x).float().clone() for _ in range(3)]
+    for out in (first, *replayed):
+        torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)  # the fused layers scale after accumulating
+
+
+@pytest.mark.gpu
+def test_weights_kept_decoded_leave_the_ring_largest_first(native_build, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bf.runtime.torch_graph import GraphedCall
+
+    # largest first within 1500 fp16 values: c (1152), then not a (576), then b (256) and fc (48)
+    decoded, streamed, ring = _tiny_streamed(native_build, monkeypatch, True, keep=1500 * 2)
+    kept = [n for n in ("a", "b", "c", "fc") if getattr(streamed.module, n).decoded is not None]
+    assert kept == ["b", "c", "fc"]
+    assert ring.weights[0] is not None and ring.weights[1:] == [None, None, None]
+    x = torch.randn(3, 4, 12, 12, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = decoded(x).float()
+        first = streamed(x).float()
+        assert ring.order == [0]
+        assert ring.buffer_bytes == 2 * 640 * 2  # slots the size of the largest weight left to stream (a: 576, aligned to 640)
+        replayed = GraphedCall(streamed)(x).float()
+    for out in (first, replayed):
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    assert streamed.weight_bytes == ring.weights[0].codes.numel() + 16 * 4 + (256 + 1152 + 48) * 2  # a's codes and scales, the rest fp16

@@ -101,7 +101,7 @@ def reference_dequant(codes: np.ndarray, scale: np.ndarray, spec: DequantSpec) -
 # The C++ side (plugins_trt) includes a header generated from the definitions above, so the
 # op name, fields and packing table exist once. tests/test_plugin_contract.py keeps it current;
 # regenerate with: python -m bf.format.dequant_op > plugins_trt/include/bf_op_contract.h
-ABI_VERSION = 1  # of the C functions in plugins_trt/include/bf_decode.h; bump when they change
+ABI_VERSION = 2  # of the C functions in plugins_trt/include/bf_decode.h; bump when they change
 
 
 def c_header() -> str:

@@ -65,9 +65,11 @@ BF_API int32_t bf_decode_cuda(const bf_decode_desc* desc, const uint8_t* codes, 
                               void* out, void* stream);
 
 /* Several weights in as few launches as possible (one per packing present, and per 384 weights), all with the same
- * out_dtype: element i of each array describes weight i. For decoding a whole model at once. */
+ * out_dtype: element i of each array describes weight i. For decoding a whole model at once. max_blocks > 0 caps
+ * each launch's grid (its blocks then loop over the work): a decode that runs beside other kernels takes only that
+ * many multiprocessors' worth instead of flooding the GPU. 0: one block per 256 chunks, no cap. */
 BF_API int32_t bf_decode_cuda_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const int64_t* codes_bytes,
-                                    const void* const* scales, void* const* outs, int32_t n, void* stream);
+                                    const void* const* scales, void* const* outs, int32_t n, int32_t max_blocks, void* stream);
 
 #ifdef __cplusplus
 }

@@ -7,7 +7,7 @@
 #define BF_OP_NAME "LowBitDequant"
 #define BF_OP_VERSION "1"
 #define BF_PLUGIN_NAMESPACE ""
-#define BF_ABI_VERSION 1
+#define BF_ABI_VERSION 2
 #define BF_NUM_FIELDS 7
 #define BF_FIELD_BITS "bits"
 #define BF_FIELD_GRID "grid"

@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -169,6 +170,7 @@ struct BatchEntry {
 
 struct Batch {
   int32_t n;
+  uint32_t blocks;  // the work's blocks; the grid may be smaller (then each block loops)
   BatchEntry e[kMaxBatch];
 };
 
@@ -185,18 +187,21 @@ template <typename OutT, int KIND>
 __global__ void __launch_bounds__(kThreads) decode_batch_kernel(const __grid_constant__ Batch batch) {
   using D = Decoder<Kind<KIND>::BITS, Kind<KIND>::PLAIN, OutT, Kind<KIND>::VEC>;
   __shared__ uint4 stage[Kind<KIND>::VEC ? kThreads * D::OUT * sizeof(OutT) / 16 : 1];
-  int lo = 0, hi = batch.n - 1;
-  while (lo < hi) {  // the last entry whose first_block <= blockIdx.x
-    int mid = (lo + hi + 1) / 2;
-    if (batch.e[mid].first_block <= blockIdx.x) lo = mid;
-    else hi = mid - 1;
+  for (uint32_t block = blockIdx.x; block < batch.blocks; block += gridDim.x) {
+    int lo = 0, hi = batch.n - 1;
+    while (lo < hi) {  // the last entry whose first_block <= block
+      int mid = (lo + hi + 1) / 2;
+      if (batch.e[mid].first_block <= block) lo = mid;
+      else hi = mid - 1;
+    }
+    D::run_block(batch.e[lo].w, block - batch.e[lo].first_block, stage);
+    __syncthreads();  // the next block's values go into the same stage
   }
-  D::run_block(batch.e[lo].w, blockIdx.x - batch.e[lo].first_block, stage);
 }
 
 template <typename OutT, int... KINDS>
-void launch_batch(int kind, const Batch& batch, uint32_t blocks, cudaStream_t stream, std::integer_sequence<int, KINDS...>) {
-  ((kind == KINDS ? (decode_batch_kernel<OutT, KINDS><<<blocks, kThreads, 0, stream>>>(batch), 0) : 0), ...);
+void launch_batch(int kind, const Batch& batch, uint32_t grid, cudaStream_t stream, std::integer_sequence<int, KINDS...>) {
+  ((kind == KINDS ? (decode_batch_kernel<OutT, KINDS><<<grid, kThreads, 0, stream>>>(batch), 0) : 0), ...);
 }
 
 template <typename OutT, int... KINDS>
@@ -254,7 +259,7 @@ int32_t decode_one(const bf_decode_desc& d, const uint8_t* codes, const void* sc
 
 template <typename OutT>
 int32_t decode_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const void* const* scales, void* const* outs, int32_t n,
-                     cudaStream_t stream) {
+                     uint32_t max_blocks, cudaStream_t stream) {
   std::vector<Plan<OutT>> plans(static_cast<size_t>(n));
   for (int32_t i = 0; i < n; ++i) {
     int32_t st = make_plan(descs[i], codes[i], scales[i], outs[i], plans[i]);
@@ -268,7 +273,11 @@ int32_t decode_batch(const bf_decode_desc* descs, const uint8_t* const* codes, c
     uint32_t blocks = 0;
     for (int32_t i = 0; i <= n; ++i) {
       if (i == n || batch.n == kMaxBatch) {  // launch what is gathered (the parameters are copied at launch)
-        if (batch.n > 0) launch_batch<OutT>(kind, batch, blocks, stream, std::make_integer_sequence<int, 32>{});
+        if (batch.n > 0) {
+          batch.blocks = blocks;
+          const uint32_t grid = max_blocks ? std::min(blocks, max_blocks) : blocks;
+          launch_batch<OutT>(kind, batch, grid, stream, std::make_integer_sequence<int, 32>{});
+        }
         if (cudaGetLastError() != cudaSuccess) return BF_ERR_CUDA;
         batch.n = 0;
         blocks = 0;
@@ -302,7 +311,8 @@ int32_t bf_decode_cuda(const bf_decode_desc* desc, const uint8_t* codes, int64_t
 }
 
 int32_t bf_decode_cuda_batch(const bf_decode_desc* descs, const uint8_t* const* codes, const int64_t* codes_bytes,
-                             const void* const* scales, void* const* outs, int32_t n, void* stream) {
+                             const void* const* scales, void* const* outs, int32_t n, int32_t max_blocks, void* stream) {
+  if (max_blocks < 0) return BF_ERR_SHAPE;
   if (n < 0 || (n > 0 && (descs == nullptr || codes == nullptr || codes_bytes == nullptr || scales == nullptr || outs == nullptr))) {
     return BF_ERR_NULL;
   }
@@ -315,9 +325,9 @@ int32_t bf_decode_cuda_batch(const bf_decode_desc* descs, const uint8_t* const* 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   try {  // the plan list allocates; nothing may throw across the C boundary
     switch (descs[0].out_dtype) {
-      case BF_DTYPE_FLOAT32: return bf::decode_batch<float>(descs, codes, scales, outs, n, s);
-      case BF_DTYPE_FLOAT16: return bf::decode_batch<__half>(descs, codes, scales, outs, n, s);
-      default: return bf::decode_batch<__nv_bfloat16>(descs, codes, scales, outs, n, s);
+      case BF_DTYPE_FLOAT32: return bf::decode_batch<float>(descs, codes, scales, outs, n, uint32_t(max_blocks), s);
+      case BF_DTYPE_FLOAT16: return bf::decode_batch<__half>(descs, codes, scales, outs, n, uint32_t(max_blocks), s);
+      default: return bf::decode_batch<__nv_bfloat16>(descs, codes, scales, outs, n, uint32_t(max_blocks), s);
     }
   } catch (...) {
     return BF_ERR_CUDA;

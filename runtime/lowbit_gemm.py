@@ -1,0 +1,199 @@
+"""Convolutions and linear layers that read low-bit codes directly: the weight is decoded inside
+the matrix-product tiles (Triton), so it never exists in FP16 in device memory.
+
+Decoding into a buffer first (bf.runtime.streamed_weights) writes every FP16 weight and reads it
+back: about 1.9 GB of extra traffic per SD-v1.5 step. Here each program loads 32-bit words of
+codes, extracts its codes with shifts and masks, and feeds them to the tensor cores; the per-row
+scale multiplies the accumulator once, at the end.
+
+The codes come re-laid in power-of-two fields (bf.runtime.fused_layout): the .bfq's radix fields
+would need divisions to split.
+
+One kernel serves every case: an implicit-GEMM convolution over an NHWC input (a 1x1 convolution
+or a linear layer is the 1x1 case), with optional split-K for layers with few output rows (the
+8x8 and 16x16 latents, where the weight is most of the bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from bf.errors import BfError
+from bf.runtime.fused_layout import FusedWeight
+
+
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "HALF", "ITERS_PER_SPLIT"])
+def _lowbit_conv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, C, H, W, OH, OW, HALF, ITERS_PER_SPLIT,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    PER_WORD: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    MASK: tl.constexpr = (1 << CODE_BITS) - 1
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Consecutive programs share a column of weight tiles, so it is read from DRAM about once.
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    ox = offs_m % OW
+    oy = (offs_m // OW) % OH
+    img = offs_m // (OW * OH)
+    offs_w = tl.arange(0, WORDS)
+    shifts = tl.arange(0, PER_WORD) * CODE_BITS
+
+    c_iters = tl.cdiv(C, BLOCK_K)
+    total = KH * KW * c_iters
+    start = split * ITERS_PER_SPLIT
+    stop = tl.minimum(start + ITERS_PER_SPLIT, total)
+    if SWAP:  # out^T = W x^T: the decoded weight is the first operand, which the tensor cores may take from registers
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(start, stop):
+        r = it // c_iters
+        c0 = (it - r * c_iters) * BLOCK_K
+        iy = oy * STRIDE - PAD + r // KW
+        ix = ox * STRIDE - PAD + r % KW
+        row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        pix = ((img * H + iy) * W + ix).to(tl.int64) * C
+        c = c0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + pix[:, None] + c[None, :], mask=row_ok[:, None] & (c[None, :] < C), other=0.0)
+        if GATHER:  # each code loads its word (the repeats hit L1): no reshape of the tile
+            k = r * C + c
+            words = tl.load(w_ptr + (k // PER_WORD)[:, None].to(tl.int64) * N + offs_n[None, :], mask=(c < C)[:, None] & n_ok[None, :],
+                            other=0)  # fmt: skip
+            wt = (((words >> ((k % PER_WORD) * CODE_BITS)[:, None]) & MASK) - HALF).to(tl.float16)
+        else:  # one load per word, split into its codes along a new axis, folded into K
+            # C is a multiple of PER_WORD (checked on the host), so a tile's codes are whole words.
+            word = (r * C + c0) // PER_WORD + offs_w
+            word_ok = (c0 + offs_w * PER_WORD < C)[:, None] & n_ok[None, :]
+            words = tl.load(w_ptr + word[:, None].to(tl.int64) * N + offs_n[None, :], mask=word_ok, other=0)
+            codes = (words[:, None, :] >> shifts[None, :, None]) & MASK
+            wt = tl.reshape(codes - HALF, (BLOCK_K, BLOCK_N)).to(tl.float16)
+        if SWAP:
+            acc = tl.dot(tl.trans(wt), tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, wt, acc)
+    if SWAP:
+        acc = tl.trans(acc)
+
+    out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(part_ptr + split.to(tl.int64) * M * N + out, acc, mask=ok)
+    else:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, acc.to(tl.float16), mask=ok)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, s_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    n = offs % N
+    acc = acc * tl.load(s_ptr + n, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(tl.float16), mask=ok)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    splits: int = 1  # split-K: partial sums in fp32, added by a second kernel
+    swap: bool = False  # compute out^T = W x^T (the weight as the first operand)
+    gather: bool = False  # load each code's word (repeats served by L1) instead of splitting loaded words
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.warps}s{self.stages}k{self.splits}{'t' if self.swap else ''}" + (
+            "g" if self.gather else ""
+        )
+
+
+# Tried in this order per layer and input shape by bf.runtime.streamed_weights; small-M layers
+# (the low-resolution latents) need split-K to fill the GPU.
+CONFIGS = (
+    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(64, 128, 64, 4, 4),
+    TileConfig(128, 64, 64, 4, 4),
+    TileConfig(64, 64, 64, 4, 4, splits=4),
+    TileConfig(64, 128, 64, 4, 4, splits=8),
+    TileConfig(32, 64, 128, 4, 4, splits=8),
+    TileConfig(64, 128, 64, 4, 4, swap=True),
+    TileConfig(128, 128, 64, 8, 3, swap=True),
+    TileConfig(32, 128, 128, 4, 4, splits=4, swap=True),
+    TileConfig(64, 128, 64, 4, 4, splits=8, swap=True),
+)
+
+
+def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig) -> torch.Tensor:
+    """The layer's output for ``x``: NHWC (channels-last NCHW tensor) for a convolution, [..., in] for a linear layer."""
+    if x.dtype != torch.float16:
+        raise BfError(f"the fused low-bit kernel takes float16 input, got {x.dtype}")
+    kh, kw = fw.kernel
+    if x.dim() == 4:  # convolution, NCHW shape with channels-last strides
+        b, c, h, w = x.shape
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        oh, ow = (h + 2 * fw.padding - kh) // fw.stride + 1, (w + 2 * fw.padding - kw) // fw.stride + 1
+        y = torch.empty((b, fw.out_channels, oh, ow), dtype=torch.float16, device=x.device, memory_format=torch.channels_last)
+        m = b * oh * ow
+        if (kh, kw, fw.stride, fw.padding) == (1, 1, 1, 0):  # pointwise: one long row of pixels
+            geometry, h, w, oh, ow = (1, 1, 1, 0), 1, 1, 1, 1
+        else:
+            geometry = (kh, kw, fw.stride, fw.padding)
+    else:
+        c = x.shape[-1]
+        x = x.contiguous()
+        m = x.numel() // c
+        h = w = oh = ow = 1
+        geometry = (1, 1, 1, 0)
+        y = torch.empty((*x.shape[:-1], fw.out_channels), dtype=torch.float16, device=x.device)
+    if c != fw.in_channels:
+        raise BfError(f"the fused layer takes {fw.in_channels} input channels, got {c}")
+    n = fw.out_channels
+    total = geometry[0] * geometry[1] * math.ceil(c / cfg.block_k)
+    per_split = math.ceil(total / cfg.splits)
+    splits = math.ceil(total / per_split)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
+    bias = fw.bias if fw.bias is not None else fw.scale
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    _lowbit_conv_kernel[grid](
+        x, fw.words, fw.scale, bias, y, part, m, n, c, h, w, oh, ow, fw.half, per_split,
+        KH=geometry[0], KW=geometry[1], STRIDE=geometry[2], PAD=geometry[3], CODE_BITS=fw.code_bits,
+        HAS_BIAS=fw.bias is not None, SPLIT=splits > 1, SWAP=cfg.swap, GATHER=cfg.gather,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    if splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, fw.scale, bias, y, m * n, n, splits, HAS_BIAS=fw.bias is not None,
+                                                         BLOCK=block)  # fmt: skip
+    return y
