@@ -15,6 +15,7 @@ import numpy as np
 
 from bf.errors import BfError
 from bf.format.dequant_op import ABI_VERSION, DequantSpec
+from bf.format.packing import rows_and_len
 from bf.native import BUILD_HINT, DECODE, find_library
 
 GRID_CODES = {"balanced": 0, "plain": 1}
@@ -69,7 +70,7 @@ class DecodeLibrary:
     @staticmethod
     def _desc(spec: DequantSpec, scale_dtype: str, out_dtype: str) -> _Desc:
         p = spec.packing
-        row_len = int(np.prod(spec.shape[1:], dtype=np.int64))
+        row_len = rows_and_len(spec.shape)[1]
         return _Desc(spec.shape[0], row_len, spec.grid.bits, GRID_CODES[spec.grid.kind], p.levels, p.per_field, p.field_bits,
                      DTYPE_CODES[out_dtype], DTYPE_CODES[scale_dtype])  # fmt: skip
 

@@ -101,6 +101,7 @@ def export_model(
         import_tensorrt()
         find_plugin_library(req.plugin)
         compute_capability()
+    ckpt = None
     if Path(source).is_dir():  # the FP model itself, exported the same way: the reference for the runtime
         from bf.models.directory import ModelDir
 
@@ -112,7 +113,7 @@ def export_model(
         identity = {"source": str(Path(source).resolve()), "sha256": sha256_file(source), "quantized": True,
                     "base_model_hash": ckpt.base_model.get("hash")}  # fmt: skip
         log(f"loading {source} ({len(layers)} quantized layers)")
-    loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log)
+    loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt)  # the .bfq read once
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native)

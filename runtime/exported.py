@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from bf.errors import BfError
@@ -39,6 +40,13 @@ class ExportedModel:
             if not (root / f).exists():
                 raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
         return model
+
+    @cached_property
+    def tokenizer(self):
+        """The CLIP tokenizer of the export, loaded once (reading its vocabulary takes ~0.1 s)."""
+        from bf.runtime.tokenizer import ClipTokenizer
+
+        return ClipTokenizer(self.root / "tokenizer")
 
     @property
     def scheduler_config(self) -> dict:

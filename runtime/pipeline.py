@@ -16,7 +16,6 @@ import numpy as np
 from bf.errors import BfError
 from bf.runtime.exported import ExportedModel
 from bf.runtime.schedulers import make_scheduler
-from bf.runtime.tokenizer import ClipTokenizer
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,7 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    tokenizer = ClipTokenizer(model.root / "tokenizer")
-    (neg_ids, _), (ids, dropped) = tokenizer.encode(req.negative_prompt), tokenizer.encode(req.prompt)
+    (neg_ids, _), (ids, dropped) = model.tokenizer.encode(req.negative_prompt), model.tokenizer.encode(req.prompt)
     hidden = backend.text_encoder(np.array([neg_ids, ids], dtype=np.int64))
     k = req.num_images
     context = np.concatenate([np.repeat(hidden[:1], k, 0), np.repeat(hidden[1:], k, 0)])

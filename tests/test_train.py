@@ -58,6 +58,14 @@ def test_stage1_loss_goes_down(tmp_path):
     assert [v["stage1/loss"] for _, v in logged] == pytest.approx(losses, rel=1e-6)  # float32 in the event file
 
 
+def test_cuda_graph_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, checkpoint_every=100, cuda_graph=True)
+    with pytest.raises(BfError, match="--cuda-graph needs one CUDA GPU"):
+        train_student(frozen, _plan(frozen), cfg, tmp_path / "work", log_dir=tmp_path / "logs")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "logs").exists()
+
+
 def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, lr=1e-3, checkpoint_every=100)
     frozen = _frozen()

@@ -133,6 +133,10 @@ def train_student(
     Losses go to ``log_dir`` (default ``work``) as log.csv and a TensorBoard event file.
     """
     device = frozen.alphas_cumprod.device
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):  # before anything is written to work or log_dir
+        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
     teacher = frozen.teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     quants = attach_fake_quant(student, plan, cfg.init)
@@ -141,8 +145,6 @@ def train_student(
     opt = make_optimizer(student, cfg.lr)
     # Under torchrun every rank trains the same student on its own batches; DDP averages the
     # gradients, so the ranks stay identical and rank 0 alone writes state and log.
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_FILE
@@ -164,8 +166,6 @@ def train_student(
         csv_log, events = CsvLog(log_dir / LOG_FILE), EventLog(log_dir)
     steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
-        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
 
     def terms(stage: int, zt, t, cond, noise) -> tuple[torch.Tensor, ...]:
         with autocast:
