@@ -21,7 +21,7 @@ import torch
 
 from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
-from bf.export.components import build_components, example_inputs
+from bf.export.components import MAX_TOKENS, build_components, example_inputs
 from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
 from bf.export.onnx_graphs import GRAPHS, OPSET, UNET, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.sizes import unet_breakdown
@@ -194,7 +194,7 @@ def _manifest(identity: dict, layers: dict, req: ExportRequest, comps, graphs: d
         "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},
         "latent_channels": comps.latent_channels,
         "hidden_size": comps.hidden_size,
-        "max_tokens": 77,
+        "max_tokens": MAX_TOKENS,
         "graphs": graphs,
         "check": [c.to_json() for c in checks] if checks else None,
         "export_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},

@@ -37,16 +37,25 @@ def cuda_time_ms(call: Callable[[], object], runs: int, warmup: int) -> list[flo
     return times
 
 
+_timing_streams: dict[int, torch.cuda.Stream] = {}
+
+
 def graph_time_ms(call: Callable[[], object], reps: int = 10, replays: int = 5) -> float:
     """Milliseconds per call of ``call`` repeated ``reps`` times in one CUDA graph (median of
     ``replays`` replays): a kernel's time without the host's launch overhead."""
-    side = torch.cuda.Stream()
+    # One stream for every warm-up and capture: PyTorch keeps a cuBLAS workspace for each stream
+    # cuBLAS ever ran on, so a fresh stream per timing (hundreds, cycling through PyTorch's pool of
+    # 32) would leave up to 32 of them allocated.
+    device = torch.cuda.current_device()
+    if device not in _timing_streams:
+        _timing_streams[device] = torch.cuda.Stream(device)
+    side = _timing_streams[device]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles, autotunes and allocates outside the capture
         call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         for _ in range(reps):
             call()
     times = cuda_time_ms(graph.replay, replays, 1)

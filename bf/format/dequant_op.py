@@ -87,9 +87,6 @@ class DequantSpec:
             raise ValueError(f"{OP_TYPE}: packing {given} does not match a {grid.bits}-bit {grid.kind} grid ({p.name})")
         return spec
 
-    def codes_bytes(self) -> int:
-        return self.packing.nbytes(self.shape)
-
 
 def reference_dequant(codes: np.ndarray, scale: np.ndarray, spec: DequantSpec) -> np.ndarray:
     """The op's output in float32 (the reference every implementation is compared with)."""
