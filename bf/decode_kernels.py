@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from bf.errors import BfError
-from bf.format.dequant_op import ABI_VERSION, DequantSpec
+from bf.format.dequant_op import ABI_VERSION, DTYPES, DequantSpec
 from bf.format.packing import rows_and_len
 from bf.native import BUILD_HINT, DECODE, find_library
 
 GRID_CODES = {"balanced": 0, "plain": 1}
-DTYPE_CODES = {"float32": 1, "float16": 10, "bfloat16": 16}
+DTYPE_CODES = {name: code for code, name in DTYPES.items()}  # the C ABI numbers dtypes as ONNX does
 
 
 class _Desc(ctypes.Structure):

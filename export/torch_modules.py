@@ -14,9 +14,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from bf.format import QuantizedLayer
-from bf.format.dequant_op import DOMAIN, OP_TYPE, DequantSpec
+from bf.format.dequant_op import DOMAIN, DTYPES, OP_TYPE, DequantSpec
 
-ONNX_DTYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+ONNX_DTYPES = {getattr(torch, name): code for code, name in DTYPES.items()}  # the op's output dtype attribute
 
 
 class LowBitDequant(torch.autograd.Function):

@@ -31,6 +31,17 @@ def alphas_cumprod(config: dict) -> np.ndarray:
     return np.cumprod(F32(1.0) - betas, dtype=F32)
 
 
+def _leading(config: dict, n_train: int, steps: int) -> tuple[int, np.ndarray]:
+    """diffusers' "leading" spacing: the step ratio and the timesteps in increasing order."""
+    ratio = n_train // steps
+    return ratio, (np.arange(0, steps) * ratio).round().astype(np.int64) + int(config.get("steps_offset", 0))
+
+
+def _alpha_prev(ac: np.ndarray, prev: int, final: np.float32) -> np.float32:
+    """alphas_cumprod at the previous timestep; before the first one, the final alpha."""
+    return ac[prev] if prev >= 0 else final
+
+
 def _check_config(config: dict, spacing: str) -> None:
     kind = config.get("prediction_type", "epsilon")
     if kind != "epsilon":
@@ -47,9 +58,7 @@ class PNDM:
         self.ac = alphas_cumprod(config)
         self.n_train = len(self.ac)
         self.final = F32(1.0) if config.get("set_alpha_to_one", False) else self.ac[0]
-        self.steps = steps
-        self.ratio = self.n_train // steps
-        base = (np.arange(0, steps) * self.ratio).round().astype(np.int64) + int(config.get("steps_offset", 0))
+        self.ratio, base = _leading(config, self.n_train, steps)
         self.timesteps = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
         self.init_noise_sigma = 1.0
         self.ets: list[np.ndarray] = []
@@ -74,7 +83,7 @@ class PNDM:
         else:
             out = F32(1 / 24) * (F32(55) * ets[-1] - F32(59) * ets[-2] + F32(37) * ets[-3] - F32(9) * ets[-4])
         a_t = self.ac[timestep]
-        a_prev = self.ac[prev] if prev >= 0 else self.final
+        a_prev = _alpha_prev(self.ac, prev, self.final)
         b_t, b_prev = F32(1) - a_t, F32(1) - a_prev
         sample_coeff = (a_prev / a_t) ** F32(0.5)
         denom = a_t * b_prev ** F32(0.5) + (a_t * b_t * a_prev) ** F32(0.5)
@@ -90,16 +99,15 @@ class DDIM:
             raise ValueError("DDIM with clip_sample or thresholding is not supported")
         self.ac = alphas_cumprod(config)
         self.final = F32(1.0) if config.get("set_alpha_to_one", True) else self.ac[0]
-        self.ratio = len(self.ac) // steps
-        base = (np.arange(0, steps) * self.ratio).round()[::-1].copy().astype(np.int64)
-        self.timesteps = base + int(config.get("steps_offset", 0))
+        self.ratio, base = _leading(config, len(self.ac), steps)
+        self.timesteps = base[::-1].copy()
         self.init_noise_sigma = 1.0
 
     def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         timestep = int(self.timesteps[index])
         prev = timestep - self.ratio
         a_t = self.ac[timestep]
-        a_prev = self.ac[prev] if prev >= 0 else self.final
+        a_prev = _alpha_prev(self.ac, prev, self.final)
         x0 = (sample - (F32(1) - a_t) ** F32(0.5) * model_output) / a_t ** F32(0.5)
         return (a_prev ** F32(0.5) * x0 + (F32(1) - a_prev) ** F32(0.5) * model_output).astype(F32)
 
