@@ -68,6 +68,8 @@ class TorchBackend:
         weights = weights or ("streamed" if quantized else "fp")
         if weights not in WEIGHT_MODES:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
+        if fused not in (None, "off") and weights == "decoded":  # (the fp baseline has no codes: fused means nothing there)
+            raise BfError(f"fused={fused!r} runs on streamed weights, not weights='decoded'")
         if weights != "fp" and not quantized:
             raise BfError(f"{model.root} holds an FP model; weights={weights!r} needs a quantized export")
         source = Path(model.manifest["model"]["source"])

@@ -108,7 +108,7 @@ def _lowbit_conv_kernel(
 
 @triton.jit
 def _split_sum_kernel(part_ptr, s_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # splits x M x N may pass 2^31
     ok = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(SPLITS):

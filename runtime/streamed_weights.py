@@ -228,7 +228,9 @@ class StreamedLayer(nn.Module):
     that call's input): the fastest of the fused kernel's tile configurations, and, when
     ``fused_mode`` is "auto", that only if it beats decoding the weight and running cuDNN /
     cuBLAS on it. Each candidate is timed as a CUDA graph of a few back-to-back calls. A layer
-    that goes fused leaves the ring; one that does not drops its fused codes."""
+    that goes fused leaves the ring; one that does not drops its fused codes. The choice holds
+    for every later input shape (``chosen_for`` records the one it was made on), so make the
+    first forward the shape that matters."""
 
     def __init__(self, module: nn.Conv2d | nn.Linear, ring: WeightRing, index: int, fused=None, fused_mode: str = "auto"):
         super().__init__()

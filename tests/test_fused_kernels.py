@@ -1,5 +1,7 @@
 """Low-bit codes read directly by the matrix-product tiles (bf.runtime.fused_layout, bf.runtime.lowbit_gemm)."""
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -25,6 +27,11 @@ def test_fused_words_hold_every_code_in_kh_kw_in_order(levels):
     # a top code with its field's high bit set lands in the word's sign bit: the words must still hold it
     assert bool((fw.words < 0).any()) == (levels - 1 >= 1 << (fw.code_bits - 1))
     assert torch.equal(unpack_words(fw.words, fw.code_bits), codes.reshape(12, -1).to(torch.int64))
+    per_word, mask = 32 // fw.code_bits, (1 << fw.code_bits) - 1
+    for o, kh, kw, i in [(0, 0, 0, 0), (3, 1, 2, 5), (11, 2, 2, 31), (7, 2, 0, 17)]:  # K runs (kh, kw, in)
+        k = (kh * 3 + kw) * 32 + i
+        word = int(fw.words[k // per_word, o]) & 0xFFFFFFFF
+        assert (word >> (k % per_word * fw.code_bits)) & mask == codes[o, kh, kw, i]
     assert (fw.kernel, fw.stride, fw.padding, fw.in_channels, fw.out_channels, fw.half) == ((3, 3), 1, 1, 32, 12, levels // 2)
 
 
@@ -77,7 +84,7 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
     else:
         x = torch.randn(2, cin, size, size, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last)
     ref = _reference(kind, x, codes, scale, bias, levels, stride, pad)
-    for cfg in CONFIGS:
+    for cfg in (*CONFIGS, dataclasses.replace(CONFIGS[1], gather=True)):  # and the per-code word loads
         y = lowbit_forward(x, fw, cfg)
         assert y.shape == ref.shape and y.dtype == torch.float16
         assert kind == "linear" or y.is_contiguous(memory_format=torch.channels_last)

@@ -153,3 +153,13 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
         assert backend.decoded_layers > 100
         ours = generate(model, backend, req)
         assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35, options
+
+
+def test_torch_backend_refuses_fused_kernels_without_streamed_weights(exported_std):
+    from bf.errors import BfError
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+
+    model = ExportedModel.open(exported_std / "onnx")
+    with pytest.raises(BfError, match="fused='on' runs on streamed weights, not weights='decoded'"):
+        TorchBackend(model, device="cpu", weights="decoded", fused="on")

@@ -115,7 +115,7 @@ def test_fused_layers_leave_the_ring_and_compute_what_decoded_weights_do(native_
 
     decoded, streamed, ring = _tiny_streamed(native_build, monkeypatch, True, fused=mode)
     layers = {name: getattr(streamed.module, name) for name in ("a", "b", "c", "fc")}
-    assert layers["a"].fused is None  # 4 input channels: not a whole word of 1-bit codes
+    assert layers["a"].fused is None  # 4 input channels: not a whole word of 5-level codes (8 a word)
     assert all(layers[n].fused is not None for n in ("b", "c", "fc"))
     x = torch.randn(3, 4, 12, 12, device="cuda").half().contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -124,7 +124,11 @@ def test_fused_layers_leave_the_ring_and_compute_what_decoded_weights_do(native_
         fused = [n for n, m in layers.items() if m.config is not None]
         if mode == "on":
             assert fused == ["b", "c", "fc"] and ring.order == [0]
+            assert ring.buffer_bytes == 2 * 640 * 2  # shrunk from c's 1152 values to a's 576 (aligned to 640)
         assert all(layers[n].timings for n in ("b", "c", "fc"))
+        for n in ("b", "c", "fc") if mode == "auto" else ():  # auto keeps the fastest, decode + cuDNN included
+            timings = layers[n].timings
+            assert min(timings, key=timings.get) == (layers[n].config.name if n in fused else "decode+op")
         assert ring.order == [i for i, n in enumerate(layers) if n not in fused]
         assert all((ring.weights[i] is None) == (n in fused) for i, n in enumerate(layers))
         graphed = GraphedCall(streamed)
