@@ -32,7 +32,6 @@ class FusedWeight:
 
     words: torch.Tensor  # int32 [K / per_word, N]; K in (kh, kw, in) order
     scale: torch.Tensor  # float32 [N]
-    bias: torch.Tensor | None  # float16 [N]
     out_channels: int
     in_channels: int
     kernel: tuple[int, int]
@@ -43,7 +42,7 @@ class FusedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.words.numel() * 4 + self.scale.numel() * 4 + (0 if self.bias is None else self.bias.numel() * 2)
+        return self.words.numel() * 4 + self.scale.numel() * 4
 
 
 def fusable(module: torch.nn.Module, levels: int) -> str | None:
@@ -66,7 +65,7 @@ def fusable(module: torch.nn.Module, levels: int) -> str | None:
     return None
 
 
-def fused_weight(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, module: torch.nn.Module, levels: int) -> FusedWeight:
+def fused_weight(codes: torch.Tensor, scale: torch.Tensor, module: torch.nn.Module, levels: int) -> FusedWeight:
     """The fused layout of ``codes``: integer codes [out, kh, kw, in] (or [out, in]) in 0..levels-1."""
     bits = code_bits(levels)
     per_word = 32 // bits
@@ -84,7 +83,6 @@ def fused_weight(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
     return FusedWeight(
         words.contiguous(),
         scale.float().contiguous(),
-        None if bias is None else bias.detach().half().contiguous(),
         n,
         cin,
         kernel,

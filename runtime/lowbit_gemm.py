@@ -154,7 +154,7 @@ CONFIGS = (
 )
 
 
-def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig) -> torch.Tensor:
+def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output for ``x``: NHWC (channels-last NCHW tensor) for a convolution, [..., in] for a linear layer."""
     if x.dtype != torch.float16:
         raise BfError(f"the fused low-bit kernel takes float16 input, got {x.dtype}")
@@ -184,16 +184,17 @@ def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig) -> torch.T
     per_split = math.ceil(total / cfg.splits)
     splits = math.ceil(total / per_split)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
-    bias = fw.bias if fw.bias is not None else fw.scale
+    has_bias = bias is not None
+    bias = bias if has_bias else fw.scale  # a pointer the kernel never reads
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
     _lowbit_conv_kernel[grid](
         x, fw.words, fw.scale, bias, y, part, m, n, c, h, w, oh, ow, fw.half, per_split,
         KH=geometry[0], KW=geometry[1], STRIDE=geometry[2], PAD=geometry[3], CODE_BITS=fw.code_bits,
-        HAS_BIAS=fw.bias is not None, SPLIT=splits > 1, SWAP=cfg.swap, GATHER=cfg.gather,
+        HAS_BIAS=has_bias, SPLIT=splits > 1, SWAP=cfg.swap, GATHER=cfg.gather,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if splits > 1:
         block = 1024
-        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, fw.scale, bias, y, m * n, n, splits, HAS_BIAS=fw.bias is not None,
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, fw.scale, bias, y, m * n, n, splits, HAS_BIAS=has_bias,
                                                          BLOCK=block)  # fmt: skip
     return y

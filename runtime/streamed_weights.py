@@ -48,6 +48,11 @@ class PackedWeight:
         w = flat[: self.numel].view(self.spec.shape)
         return w.permute(0, 3, 1, 2) if self.channels_last else w
 
+    def decode(self, decoder, flat: torch.Tensor) -> torch.Tensor:
+        """Decoded (on the current stream) into the first numel elements of ``flat``: the module-shaped weight there."""
+        decoder.decode_cuda(self.codes, self.scale, self.spec, out=flat[: self.numel].view(self.spec.shape))
+        return self.view(flat)
+
 
 def channels_last_codes(layer: QuantizedLayer) -> np.ndarray:
     """A conv layer's codes with each row in (kh, kw, in) order instead of (in, kh, kw).
@@ -182,9 +187,7 @@ class WeightRing:
 
     def decode_alone(self, index: int) -> torch.Tensor:
         """Layer ``index``'s weight decoded on the current stream into the first slot (first forward only)."""
-        w = self.weights[index]
-        self.lib.decode_cuda(w.codes, w.scale, w.spec, out=self.buffers[0][: w.numel].view(w.spec.shape))
-        return w.view(self.buffers[0])
+        return self.weights[index].decode(self.lib, self.buffers[0])
 
     def acquire(self, index: int) -> torch.Tensor:
         """The decoded weight of layer ``index`` (called by the layer, in its forward)."""
@@ -246,6 +249,7 @@ class StreamedLayer(nn.Module):
         self.fused, self.fused_mode = fused, fused_mode
         self.decoded: torch.Tensor | None = None  # the weight, decoded once and kept (see stream_weights' keep_decoded)
         self.config = None  # the fused kernel's tile configuration, once chosen
+        self._run_fused = None  # lowbit_forward bound to the codes and that configuration
         self.timings: dict[str, float] = {}  # what the choice measured, in ms per call
         self.chosen_for: tuple[int, ...] = ()  # the input shape it measured
 
@@ -261,11 +265,10 @@ class StreamedLayer(nn.Module):
         if torch.cuda.is_current_stream_capturing():
             raise BfError("streamed weights: the first forward picks kernels and cannot run under CUDA graph capture")
         fw = self.fused
-        fw.bias = None if self.bias is None else self.bias.detach().half()
         self.chosen_for = tuple(x.shape)
         for cfg in CONFIGS:
             try:
-                self.timings[cfg.name] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg))
+                self.timings[cfg.name] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg, self.bias))
             except Exception as e:  # a tile that does not fit this GPU's shared memory or registers
                 if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
                     raise
@@ -278,18 +281,16 @@ class StreamedLayer(nn.Module):
                 self.fused = None
                 return
         self.config = next(c for c in CONFIGS if c.name == best)
+        self._run_fused = functools.partial(lowbit_forward, fw=fw, cfg=self.config)
         self.ring.drop(self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decoded is not None:
             return self.op(x, self.decoded, self.bias)
-        if self.fused is not None:
-            if self.config is None:
-                self._choose(x)
-            if self.config is not None:
-                from bf.runtime.lowbit_gemm import lowbit_forward
-
-                return lowbit_forward(x, self.fused, self.config)
+        if self.fused is not None and self.config is None:
+            self._choose(x)
+        if self.config is not None:
+            return self._run_fused(x, bias=self.bias)
         return self._streamed(x)
 
 
@@ -385,9 +386,7 @@ def stream_weights(
         layer = StreamedLayer(module, ring, index, fw, fused)
         if index in keep:
             w = entries[index]
-            flat = torch.empty(w.numel, dtype=dtype, device=w.codes.device)
-            ring.lib.decode_cuda(w.codes, w.scale, w.spec, out=flat.view(w.spec.shape))
-            layer.decoded = w.view(flat)
+            layer.decoded = w.decode(ring.lib, torch.empty(w.numel, dtype=dtype, device=w.codes.device))
         setattr(parent, child, layer)
     return RingForward(root, ring)
 
@@ -415,6 +414,6 @@ def _fused_weight(module: nn.Conv2d | nn.Linear, w: PackedWeight, ring: WeightRi
 
     if isinstance(module, nn.Conv2d) and not w.channels_last:
         return None  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
-    if w.spec.grid.levels > 256 or fusable(module, w.spec.grid.levels) is not None:
+    if fusable(module, w.spec.grid.levels) is not None:
         return None
-    return fused_weight(integer_codes(w, ring.lib), w.scale, None, module, w.spec.grid.levels)  # the bias is set once on the GPU
+    return fused_weight(integer_codes(w, ring.lib), w.scale, module, w.spec.grid.levels)

@@ -4,6 +4,7 @@ eager forward) and CUDA-event timing. Shared by the backend and scripts/bench_sd
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -37,30 +38,24 @@ def cuda_time_ms(call: Callable[[], object], runs: int, warmup: int) -> list[flo
     return times
 
 
-_timing_streams: dict[int, torch.cuda.Stream] = {}
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """The one stream every warm-up and capture of this module runs on. PyTorch keeps a cuBLAS
+    workspace for each stream cuBLAS ever ran on, so a fresh stream per capture (cycling through
+    PyTorch's pool of 32) would leave up to 32 of them allocated."""
+    device = torch.cuda.current_device()
+    if device not in _capture_streams:
+        _capture_streams[device] = torch.cuda.Stream(device)
+    return _capture_streams[device]
 
 
 def graph_time_ms(call: Callable[[], object], reps: int = 10, replays: int = 5) -> float:
     """Milliseconds per call of ``call`` repeated ``reps`` times in one CUDA graph (median of
     ``replays`` replays): a kernel's time without the host's launch overhead."""
-    # One stream for every warm-up and capture: PyTorch keeps a cuBLAS workspace for each stream
-    # cuBLAS ever ran on, so a fresh stream per timing (hundreds, cycling through PyTorch's pool of
-    # 32) would leave up to 32 of them allocated.
-    device = torch.cuda.current_device()
-    if device not in _timing_streams:
-        _timing_streams[device] = torch.cuda.Stream(device)
-    side = _timing_streams[device]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles, autotunes and allocates outside the capture
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for _ in range(reps):
-            call()
-    times = cuda_time_ms(graph.replay, replays, 1)
-    del graph
-    return sorted(times)[len(times) // 2] / reps
+    graphed = GraphedCall(lambda: [call() for _ in range(reps)], warmup=1)
+    return statistics.median(cuda_time_ms(graphed, replays, 1)) / reps
 
 
 class GraphedCall:
@@ -74,14 +69,14 @@ class GraphedCall:
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
         static = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
+        side = _capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuDNN/cuBLAS pick and cache their kernels outside the capture
             for _ in range(self.warmup):
                 self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             out = self.fn(*static)
         self.pool = graph.pool()
         return graph, static, out

@@ -44,21 +44,12 @@ LAYERS = [
     ("down0.attn.to_q", "linear", (2, 4096, 320), 320, 1, 1, 1),
     ("down2.resnet.conv 2-bit", "conv", (2, 1280, 16, 16), 1280, 3, 1, 2),
 ]
-GRID = [
-    TileConfig(128, 128, 64, 8, 3),
-    TileConfig(64, 128, 64, 4, 4),
-    TileConfig(128, 64, 64, 4, 4),
+GRID = [  # the runtime's configurations, and larger K tiles
+    *CONFIGS,
     TileConfig(128, 128, 128, 8, 3),
     TileConfig(64, 128, 128, 4, 3),
-    TileConfig(64, 64, 64, 4, 4, splits=4),
-    TileConfig(64, 128, 64, 4, 4, splits=8),
-    TileConfig(32, 64, 128, 4, 4, splits=8),
     TileConfig(64, 128, 128, 4, 3, splits=4),
     TileConfig(64, 128, 128, 4, 3, splits=8),
-    TileConfig(64, 128, 64, 4, 4, swap=True),
-    TileConfig(128, 128, 64, 8, 3, swap=True),
-    TileConfig(32, 128, 128, 4, 4, splits=4, swap=True),
-    TileConfig(64, 128, 64, 4, 4, splits=8, swap=True),
 ]
 
 
@@ -99,11 +90,11 @@ def main() -> None:
         lib.decode_cuda(packed, scale, spec, out=buf)
         fp16 = graph_time_ms(lambda op=op, buf=buf: op(buf))
         decode = graph_time_ms(lambda buf=buf, packed=packed, scale=scale, spec=spec: lib.decode_cuda(packed, scale, spec, out=buf))
-        fw = fused_weight(codes, scale, bias, module, g.levels)
+        fw = fused_weight(codes, scale, module, g.levels)
         fused = {}
         for cfg in grid:
             try:
-                fused[cfg.name] = graph_time_ms(lambda cfg=cfg, x=x, fw=fw: lowbit_forward(x, fw, cfg))
+                fused[cfg.name] = graph_time_ms(lambda cfg=cfg, x=x, fw=fw, bias=bias: lowbit_forward(x, fw, cfg, bias))
             except Exception as e:  # a tile this GPU cannot hold is a result, not a failure
                 fused[cfg.name] = f"{type(e).__name__}"
         ok = {c: t for c, t in fused.items() if isinstance(t, float)}

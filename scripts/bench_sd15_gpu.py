@@ -53,10 +53,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEV = "cuda"
 
 
-def time_ms(fn, iters: int, warmup: int = 3) -> list[float]:
-    return cuda_time_ms(fn, iters, warmup)
-
-
 def stats(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": len(times)}
 
@@ -73,14 +69,14 @@ def write_floor_ms(n: int = 860_000_000) -> dict:
     """What writing the quantized layers' FP16 weights (about n values) costs at best: a fill, and a copy."""
     buf, src = torch.empty(n, dtype=torch.float16, device=DEV), torch.ones(n, dtype=torch.float16, device=DEV)
     return {
-        "fp16_weights_fill_ms": statistics.median(time_ms(lambda: buf.fill_(1.0), 20, 3)),
-        "fp16_weights_copy_ms": statistics.median(time_ms(lambda: buf.copy_(src), 20, 3)),
+        "fp16_weights_fill_ms": statistics.median(cuda_time_ms(lambda: buf.fill_(1.0), 20, 3)),
+        "fp16_weights_copy_ms": statistics.median(cuda_time_ms(lambda: buf.copy_(src), 20, 3)),
     }
 
 
 def matmul_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
     a, b = torch.randn(n, n, device=DEV, dtype=dtype), torch.randn(n, n, device=DEV, dtype=dtype)
-    ms = statistics.median(time_ms(lambda: a @ b, 20, 5))
+    ms = statistics.median(cuda_time_ms(lambda: a @ b, 20, 5))
     return 2 * n**3 / ms / 1e9
 
 
@@ -107,9 +103,7 @@ def check_against_decoded(master, timesteps, packed: dict, cl: bool, lib, out: t
     cached = cache_time_features(copy.deepcopy(master), timesteps).to(DEV)
     for name, module in quantized_modules(cached.unet, packed).items():
         w = packed[name]
-        buf = torch.empty(w.numel, dtype=torch.float16, device=DEV)
-        lib.decode_cuda(w.codes, w.scale, w.spec, out=buf.view(w.spec.shape))
-        module.weight.data.copy_(w.view(buf))
+        module.weight.data.copy_(w.decode(lib, torch.empty(w.numel, dtype=torch.float16, device=DEV)))
     if cl:
         cached = cached.to(memory_format=torch.channels_last)
     sample, step, ctx = inputs
@@ -276,7 +270,7 @@ def main() -> None:
     unet = copy.deepcopy(master).to(DEV)
     t = torch.tensor(999, device=DEV)
     with torch.inference_mode():
-        configs["eager_fp16"] = stats(time_ms(lambda m=unet: m(sample, t, ctx).sample, args.iters))
+        configs["eager_fp16"] = stats(cuda_time_ms(lambda m=unet: m(sample, t, ctx).sample, args.iters, 3))
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
@@ -296,7 +290,7 @@ def main() -> None:
             cached = cached.to(memory_format=torch.channels_last)
         with torch.inference_mode():
             call = GraphedCall(unet_step(cached, cl, DEV))
-            configs[name] = stats(time_ms(lambda call=call: call(sample, step, ctx), args.iters))
+            configs[name] = stats(cuda_time_ms(lambda call=call: call(sample, step, ctx), args.iters, 3))
         configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
         print(f"{name}: {configs[name]['median_ms']:.2f} ms/step, peak {configs[name]['peak_mem_bytes'] / 1e9:.3f} GB", flush=True)
         del cached, call
@@ -344,7 +338,7 @@ def main() -> None:
                     configs[name]["layer_sums_ms"] = summary
                     print(f"  per-layer sums (isolated, ms): {summary}", flush=True)
                 call = GraphedCall(step_fn)
-                configs[name] = stats(time_ms(lambda call=call: call(sample, step, ctx), args.iters)) | configs.get(name, {})
+                configs[name] = stats(cuda_time_ms(lambda call=call: call(sample, step, ctx), args.iters, 3)) | configs.get(name, {})
                 out = call(sample, step, ctx).float()
             # the codes were allocated before `base`; fused layers hold their words instead (allocated after, so counted)
             kept = sum(w.codes.numel() + w.scale.numel() * 4 for w in ring.weights if w is not None)
@@ -358,7 +352,7 @@ def main() -> None:
             configs[name]["finite_output"] = bool(torch.isfinite(out).all())
             # the decode alone: every group into the ring in order, nothing else
             decode = GraphedCall(lambda x, ring=ring: (ring.decode_all(), x)[1], warmup=1)
-            configs[name]["decode_alone"] = stats(time_ms(lambda d=decode: d(step), args.iters))
+            configs[name]["decode_alone"] = stats(cuda_time_ms(lambda d=decode: d(step), args.iters, 3))
             print(f"{name}: {configs[name]['median_ms']:.2f} ms/step, peak {configs[name]['peak_mem_bytes'] / 1e9:.3f} GB, "
                   f"{configs[name]['fused_layers']} fused layers, "
                   f"ring {ring.buffer_bytes / 1e6:.0f} MB, {len(ring.groups)} decode launches taking "

@@ -22,7 +22,7 @@ def test_fused_words_hold_every_code_in_kh_kw_in_order(levels):
     conv = nn.Conv2d(32, 12, 3, padding=1)
     codes = torch.randint(0, levels, (12, 3, 3, 32), generator=gen).to(torch.uint8)
     codes[0, 0, 0, : 32 // code_bits(levels)] = levels - 1  # a word with its top bit set: negative as int32
-    fw = fused_weight(codes, torch.rand(12), None, conv, levels)
+    fw = fused_weight(codes, torch.rand(12), conv, levels)
     assert fw.words.dtype == torch.int32 and fw.words.shape == (9 * 32 * code_bits(levels) // 32, 12)
     # a top code with its field's high bit set lands in the word's sign bit: the words must still hold it
     assert bool((fw.words < 0).any()) == (levels - 1 >= 1 << (fw.code_bits - 1))
@@ -78,14 +78,14 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
     codes = torch.randint(0, levels, shape, device="cuda", generator=gen).to(torch.uint8)
     scale = torch.rand(cout, device="cuda", generator=gen) * 0.05 + 0.01
     bias = torch.randn(cout, device="cuda", generator=gen).half()
-    fw = fused_weight(codes, scale, bias, module, levels)
+    fw = fused_weight(codes, scale, module, levels)
     if kind == "linear":
         x = torch.randn(2, 77, cin, device="cuda", generator=gen).half()  # M = 154: not a multiple of any tile
     else:
         x = torch.randn(2, cin, size, size, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last)
     ref = _reference(kind, x, codes, scale, bias, levels, stride, pad)
     for cfg in (*CONFIGS, dataclasses.replace(CONFIGS[1], gather=True)):  # and the per-code word loads
-        y = lowbit_forward(x, fw, cfg)
+        y = lowbit_forward(x, fw, cfg, bias)
         assert y.shape == ref.shape and y.dtype == torch.float16
         assert kind == "linear" or y.is_contiguous(memory_format=torch.channels_last)
         err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -101,7 +101,7 @@ def test_the_fused_kernel_refuses_float32_and_wrong_channels():
     from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward
 
     lin = nn.Linear(64, 32)
-    fw = fused_weight(torch.zeros(32, 64, dtype=torch.uint8, device="cuda"), torch.ones(32, device="cuda"), None, lin, 3)
+    fw = fused_weight(torch.zeros(32, 64, dtype=torch.uint8, device="cuda"), torch.ones(32, device="cuda"), lin, 3)
     with pytest.raises(BfError, match="float16 input"):
         lowbit_forward(torch.randn(4, 64, device="cuda"), fw, CONFIGS[0])
     with pytest.raises(BfError, match="takes 64 input channels, got 48"):
