@@ -4,9 +4,12 @@
 #   2. scripts/bench_decode_gpu.py          (bandwidth per width, whole-UNet decode vs its floor)
 #   3. bf_plugin_harness                     (the IPluginV3 class, built against TensorRT's headers, driven directly)
 # Needs build/third_party/{tensorrt,onnxruntime} (carry them) and .whl/ for diffusers.
-# usage: scripts/run_issue6_gpu.sh OUT_DIR
+# With BASELINE_DIR (an earlier revision's plugins_trt/, e.g. from `git archive REV plugins_trt`, carried),
+# step 2 also times that revision's kernels in the same run, into decode_gpu_baseline.json.
+# usage: scripts/run_issue6_gpu.sh OUT_DIR [BASELINE_DIR]
 set -euo pipefail
 out=$1
+baseline=${2:-}
 mkdir -p "$out"
 repo=$PWD
 source scripts/device_env.sh
@@ -28,3 +31,10 @@ $build/bf_plugin_harness --json "$out/plugin_harness.json" | tail -5 | tee "$out
 
 echo "== 2. decode speed"
 (cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib $build/libbf_decode.so --out "$out/decode_gpu.json") | tee "$out/bench.txt"
+if [ -n "$baseline" ]; then
+  echo "== 2b. decode speed of the baseline, $baseline"
+  cmake -S "$baseline" -B /tmp/bfbase -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
+  cmake --build /tmp/bfbase -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
+  (cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib /tmp/bfbase/libbf_decode.so --out "$out/decode_gpu_baseline.json") \
+    | tee "$out/bench_baseline.txt"
+fi

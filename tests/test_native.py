@@ -181,6 +181,26 @@ def test_cuda_decoder_is_bit_exact(cuda_lib, grid):
 
 
 @pytest.mark.gpu
+def test_cuda_select_path_covers_every_byte_and_sign(cuda_lib):
+    """3-level weights into 16-bit outputs pick values by byte permutes from a table: every packed byte
+    value at every field position of a thread's chunk, scales of both signs (so -0.0 too), same bits."""
+    import torch
+
+    spec = DequantSpec((6, 243 * 5 * 8), Grid(1))  # a multiple of 8 values a row: the vector path
+    levels = np.stack([np.arange(243) // 3**t % 3 for t in range(5)], axis=1).reshape(-1)  # byte f's digits
+    rng = np.random.default_rng(11)
+    codes_int = np.stack([np.roll(np.repeat(levels.reshape(243, 5), 8, axis=0).reshape(-1), 5 * r) for r in range(6)])
+    codes = pack_codes(codes_int, spec.packing)
+    for scale in (np.array([0.05, -0.05, 1e-3, -7.0, 65504.0, -6e-8], np.float32), rng.normal(size=6).astype(np.float16)):
+        ref = reference_dequant(codes, scale.astype(np.float32), spec)
+        c, s = torch.from_numpy(codes).cuda(), torch.from_numpy(scale).cuda()
+        for dtype, want in [(torch.float16, ref.astype(np.float16).view(np.int16)), (torch.bfloat16, bfloat16_bits(ref).view(np.int16))]:
+            out = torch.full(spec.shape, float("nan"), dtype=dtype, device="cuda")
+            cuda_lib.decode_cuda(c, s, spec, out=out)
+            assert np.array_equal(out.view(torch.int16).cpu().numpy(), want), (dtype, scale.dtype)
+
+
+@pytest.mark.gpu
 def test_cuda_decoder_handles_unaligned_outputs(cuda_lib):
     """A destination that is not 16-byte aligned takes the one-value-per-thread kernel, same result."""
     import torch

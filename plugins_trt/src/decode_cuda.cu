@@ -7,6 +7,12 @@
 // thread). Levels become floats by the 2^23 trick (an FADD) instead of an integer conversion,
 // which runs at a quarter of the rate on recent GPUs.
 //
+// 3-level (1-bit balanced) weights into 16-bit outputs, three quarters of a 1.99-bit SD-v1.5 UNet,
+// take a select path instead: a row has only three output values, so a thread computes them once
+// (exactly as above) and picks each pair of outputs with one byte permute. The permute's selector
+// for a packed byte comes from a 256-entry table in shared memory, so the five base-3 digits are
+// not divided out one by one: a few instructions a value instead of about 16, the same bits.
+//
 // bf_decode_cuda: one launch per weight (what the TensorRT plugin's enqueue does).
 // bf_decode_cuda_batch: many weights per launch, one launch per packing present (the PyTorch
 // runtime's whole-UNet decode), so the hundreds of small SD-v1.5 weights do not each pay a
@@ -62,13 +68,33 @@ struct WeightArgs {
 // Shared memory a block stages its values in: 256 threads x up to 56 values of 2 bytes, or 40 of 4.
 constexpr int kStageBytes = 40 * 1024;
 
+// The select path's table: for a packed byte of five base-3 digits c, the byte (2c) | (2c+1) << 4
+// per digit, a permute selector nibble pair that picks 16-bit value c out of two 32-bit words.
+// Digits 0-3 in x, digit 4 in y. Bytes past 242 never reach a stored value; their digits stay <= 3.
+__device__ __forceinline__ uint2 select_entry(uint32_t f) {
+  uint32_t sel[5];
+#pragma unroll
+  for (int t = 0; t < 5; ++t) {
+    sel[t] = 0x10u + 0x22u * (t < 4 ? f % 3 : f);
+    f /= 3;
+  }
+  return make_uint2(sel[0] | sel[1] << 8 | sel[2] << 16 | sel[3] << 24, sel[4]);
+}
+
+template <typename OutT>
+__device__ __forceinline__ uint32_t bits16(OutT v) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(&v));
+}
+
 template <int B, bool PLAIN, typename OutT, bool VEC>
 struct Decoder {
   using P = Pack<B, PLAIN>;
   static constexpr int V = VEC ? int(16 / sizeof(OutT)) : 1;
   static constexpr int OUT = VEC ? Chunk<P::K, V>::OUT : P::K;
   static constexpr int M = OUT / P::K;
+  static constexpr bool SELECT = VEC && !PLAIN && B == 1 && sizeof(OutT) == 2;
   static_assert(!VEC || kThreads * OUT * sizeof(OutT) <= kStageBytes, "stage buffer too small");
+  static_assert(!SELECT || (P::L == 3 && P::K == 5 && P::F == 8 && OUT % 2 == 0), "select path: byte fields of five base-3 digits");
 
   // The output position of chunk c, and the number of its values inside its row.
   static __device__ __forceinline__ uint64_t position(const WeightArgs& w, uint32_t c, uint32_t& o, uint32_t& i0) {
@@ -77,7 +103,7 @@ struct Decoder {
     return uint64_t(o) * w.row_len + i0;
   }
 
-  static __device__ __forceinline__ void decode(const WeightArgs& w, uint32_t o, uint32_t i0, OutT (&vals)[OUT]) {
+  static __device__ __forceinline__ void decode(const WeightArgs& w, uint32_t o, uint32_t i0, OutT (&vals)[OUT], const uint2* table) {
     const float s = w.scale_f16 ? __half2float(static_cast<const __half*>(w.scale)[o]) : static_cast<const float*>(w.scale)[o];
     const uint64_t row_bit = uint64_t(o) * w.row_bits;
     const uint32_t j0 = i0 / P::K;
@@ -94,16 +120,33 @@ struct Decoder {
     for (int k = 0; k <= U; ++k) raw[k] = __ldg(w.words + min(w0 + k, w.last_word));
 #pragma unroll
     for (int k = 0; k < U; ++k) u[k] = __funnelshift_r(raw[k], raw[k + 1], sh);
+    if constexpr (SELECT) {
+      // The row's three outputs, computed as in the general path: values 0, 1 in lo, 2 in hi.
+      const auto level = [&](uint32_t code) { return from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s); };
+      const uint32_t lo = bits16(level(0)) | bits16(level(1)) << 16, hi = bits16(level(2));
+      uint2 e[M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const int b = m * P::F;
-      uint32_t f = b % 32 + P::F <= 32 ? (u[b / 32] >> (b % 32)) : uint32_t((uint64_t(u[b / 32 + 1]) << 32 | u[b / 32]) >> (b % 32));
-      f &= P::MASK;
+      for (int m = 0; m < M; ++m) e[m] = table[(u[m / 4] >> (8 * (m % 4))) & 0xffu];
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(vals);
 #pragma unroll
-      for (int t = 0; t < P::K; ++t) {
-        const uint32_t code = f % P::L;
-        f /= P::L;
-        vals[m * P::K + t] = from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s);
+      for (int p = 0; p < OUT / 2; ++p) {
+        const int a = 2 * p, b = 2 * p + 1;  // value a is digit a % 5 of field a / 5
+        const uint32_t ra = a % 5 < 4 ? e[a / 5].x : e[a / 5].y, rb = b % 5 < 4 ? e[b / 5].x : e[b / 5].y;
+        const uint32_t sel = __byte_perm(ra, rb, uint32_t(a % 5 < 4 ? a % 5 : 0) | uint32_t(4 + (b % 5 < 4 ? b % 5 : 0)) << 4);
+        pairs[p] = __byte_perm(lo, hi, sel);
+      }
+    } else {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const int b = m * P::F;
+        uint32_t f = b % 32 + P::F <= 32 ? (u[b / 32] >> (b % 32)) : uint32_t((uint64_t(u[b / 32 + 1]) << 32 | u[b / 32]) >> (b % 32));
+        f &= P::MASK;
+#pragma unroll
+        for (int t = 0; t < P::K; ++t) {
+          const uint32_t code = f % P::L;
+          f /= P::L;
+          vals[m * P::K + t] = from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s);
+        }
       }
     }
   }
@@ -111,7 +154,7 @@ struct Decoder {
   // The block's chunks cover one contiguous range of the output (a row's last chunk stops at
   // the row's end, where the next row begins). Threads decode into shared memory, then the block
   // writes the range with coalesced 16-byte stores: adjacent threads, adjacent addresses.
-  static __device__ __forceinline__ void run_block(const WeightArgs& w, uint32_t block, uint4* stage) {
+  static __device__ __forceinline__ void run_block(const WeightArgs& w, uint32_t block, uint4* stage, const uint2* table) {
     const uint32_t first = block * kThreads;
     const uint32_t c = first + threadIdx.x;
     OutT* out = static_cast<OutT*>(w.out);
@@ -125,7 +168,7 @@ struct Decoder {
       if (c < w.chunks) {
         const uint64_t pos = position(w, c, o, i0);
         alignas(16) OutT vals[OUT];
-        decode(w, o, i0, vals);
+        decode(w, o, i0, vals, table);
         OutT* dst = reinterpret_cast<OutT*>(stage) + (pos - start);
 #pragma unroll
         for (int v = 0; v < OUT / V; ++v) {
@@ -143,7 +186,7 @@ struct Decoder {
       uint32_t o, i0;
       const uint64_t pos = position(w, c, o, i0);
       OutT vals[OUT];
-      decode(w, o, i0, vals);
+      decode(w, o, i0, vals, table);
 #pragma unroll
       for (int t = 0; t < OUT; ++t) {
         if (i0 + t < w.row_len) out[pos + t] = vals[t];
@@ -152,11 +195,21 @@ struct Decoder {
   }
 };
 
+template <bool SELECT>
+__device__ __forceinline__ void fill_table(uint2* table) {
+  if constexpr (SELECT) {
+    for (uint32_t f = threadIdx.x; f < 256; f += kThreads) table[f] = select_entry(f);
+    __syncthreads();
+  }
+}
+
 template <int B, bool PLAIN, typename OutT, bool VEC>
 __global__ void __launch_bounds__(kThreads) decode_kernel(WeightArgs w) {
   using D = Decoder<B, PLAIN, OutT, VEC>;
   __shared__ uint4 stage[VEC ? kThreads * D::OUT * sizeof(OutT) / 16 : 1];
-  D::run_block(w, blockIdx.x, stage);
+  __shared__ uint2 table[D::SELECT ? 256 : 1];
+  fill_table<D::SELECT>(table);
+  D::run_block(w, blockIdx.x, stage, table);
 }
 
 // Batched: the weights' block ranges are consecutive; a block finds its weight by bisection
@@ -187,6 +240,8 @@ template <typename OutT, int KIND>
 __global__ void __launch_bounds__(kThreads) decode_batch_kernel(const __grid_constant__ Batch batch) {
   using D = Decoder<Kind<KIND>::BITS, Kind<KIND>::PLAIN, OutT, Kind<KIND>::VEC>;
   __shared__ uint4 stage[Kind<KIND>::VEC ? kThreads * D::OUT * sizeof(OutT) / 16 : 1];
+  __shared__ uint2 table[D::SELECT ? 256 : 1];
+  fill_table<D::SELECT>(table);
   for (uint32_t block = blockIdx.x; block < batch.blocks; block += gridDim.x) {
     int lo = 0, hi = batch.n - 1;
     while (lo < hi) {  // the last entry whose first_block <= block
@@ -194,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) decode_batch_kernel(const __grid_con
       if (batch.e[mid].first_block <= block) lo = mid;
       else hi = mid - 1;
     }
-    D::run_block(batch.e[lo].w, block - batch.e[lo].first_block, stage);
+    D::run_block(batch.e[lo].w, block - batch.e[lo].first_block, stage, table);
     __syncthreads();  // the next block's values go into the same stage
   }
 }
