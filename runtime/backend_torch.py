@@ -120,16 +120,13 @@ class TorchBackend:
     def _decode_quantized_weights(self, unet, layers: dict) -> int:
         """Every quantized weight, decoded from its packed codes by the CUDA kernels, in place (one batched launch)."""
         from bf.decode_kernels import load
-        from bf.format.dequant_op import DequantSpec
-        from bf.runtime.streamed_weights import quantized_modules
+        from bf.runtime.streamed_weights import packed_weight, quantized_modules
 
-        torch = self.torch
         modules = quantized_modules(unet.unet, layers)
-        weights = [(torch.from_numpy(layers[name].codes).to(self.device), torch.from_numpy(layers[name].scale).to(self.device),
-                    DequantSpec(layers[name].shape, layers[name].grid)) for name in modules]  # fmt: skip
-        load().decode_cuda_batch(weights, [m.weight.data for m in modules.values()])
-        torch.cuda.synchronize()
-        return len(weights)
+        packed = [packed_weight(layers[name], self.device, channels_last=False) for name in modules]
+        load().decode_cuda_batch([(w.codes, w.scale, w.spec) for w in packed], [m.weight.data for m in modules.values()])
+        self.torch.cuda.synchronize()
+        return len(packed)
 
     def unet_device(self, sample, step, context):
         """One UNet step on device tensors (step: a (1,) long tensor); the output may be reused by the next call."""

@@ -128,6 +128,11 @@ class WeightRing:
     def buffer_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
+    @property
+    def packed_bytes(self) -> int:
+        """Resident bytes of the packed codes and scales the ring decodes."""
+        return sum(w.codes.numel() + w.scale.numel() * w.scale.element_size() for w in self.weights if w is not None)
+
     def _plan(self, order: list[int]) -> None:
         """Groups of consecutive positions, each position's group and its offset in the group's slot."""
         self.groups: list[list[int]] = []
@@ -301,20 +306,25 @@ class RingForward(nn.Module):
         super().__init__()
         self.module, self.ring = module, ring
 
+    def _layers(self) -> list[StreamedLayer]:
+        return [m for m in self.module.modules() if isinstance(m, StreamedLayer)]
+
     @property
     def weight_bytes(self) -> int:
         """Resident bytes of the quantized layers' weights: packed codes and scales the ring decodes,
         weights kept decoded, and the fused layers' words (before the first forward, fusable layers hold both)."""
-        total = sum(w.codes.numel() + w.scale.numel() * 4 for w in self.ring.weights if w is not None)
-        for m in self.module.modules():
-            if isinstance(m, StreamedLayer):
-                total += (m.fused.nbytes if m.fused is not None else 0) + (m.decoded.nbytes if m.decoded is not None else 0)
-        return total
+        fused = sum(m.fused.nbytes for m in self._layers() if m.fused is not None)
+        return self.ring.packed_bytes + self.kept_decoded_bytes + fused
+
+    @property
+    def kept_decoded_bytes(self) -> int:
+        """Bytes of the weights kept decoded (stream_weights' keep_decoded)."""
+        return sum(m.decoded.nbytes for m in self._layers() if m.decoded is not None)
 
     @property
     def fused_layers(self) -> int:
         """Layers that run the fused low-bit kernel (known after the first forward)."""
-        return sum(1 for m in self.module.modules() if isinstance(m, StreamedLayer) and m.config is not None)
+        return sum(1 for m in self._layers() if m.config is not None)
 
     def forward(self, *args, **kwargs):
         self.ring.begin()

@@ -75,14 +75,13 @@ def main() -> None:
         spec = DequantSpec(stored, g)
         packed = torch.from_numpy(pack_codes(codes.cpu().numpy(), spec.packing)).to(dev)
         x = torch.randn(xshape, device=dev, generator=gen).half()
+        buf = torch.empty(stored, device=dev, dtype=torch.float16)
         if kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
-            buf = torch.empty(stored, device=dev, dtype=torch.float16)
 
             def op(w, x=x, stride=stride, k=k, bias=bias):
                 return F.conv2d(x, w.permute(0, 3, 1, 2), bias, stride, k // 2)
         else:
-            buf = torch.empty(stored, device=dev, dtype=torch.float16)
 
             def op(w, x=x, bias=bias):
                 return F.linear(x, w, bias)

@@ -32,6 +32,7 @@ import math
 import platform
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,29 @@ from bf.runtime.torch_graph import GraphedCall, cuda_time_ms, unet_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = "cuda"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One streamed configuration: layout, ring slots, grouped decode, fused mode, MB kept decoded,
+    decode stream priority and decode grid cap."""
+
+    channels_last: bool
+    slots: int
+    group: bool = True
+    fused: str = "off"
+    keep_mb: int = 0
+    priority: int = 0
+    blocks: int = 0
+
+    @property
+    def name(self) -> str:
+        """The configuration's key in the JSON (the names earlier runs used)."""
+        name = f"graph_streamed{'_channels_last' if self.channels_last else ''}_slots{self.slots}{'' if self.group else '_per_layer'}"
+        name += "" if self.fused == "off" else f"_fused_{self.fused}"
+        name += f"_keep{self.keep_mb}MB" if self.keep_mb else ""
+        name += "_high_priority" if self.priority else ""
+        return name + (f"_blocks{self.blocks}" if self.blocks else "")
 
 
 def stats(times: list[float]) -> dict:
@@ -122,6 +146,18 @@ def fused_choices(unet, bits: dict) -> list[dict]:
         for name, m in unet.named_modules()
         if isinstance(m, StreamedLayer) and m.timings
     ]  # fmt: skip
+
+
+def layer_sums(layers: list[dict]) -> dict:
+    """Per-layer timings of fused_choices summed: decode + op everywhere, the best fused tile everywhere, and what was chosen."""
+    sums = {"decode+op": 0.0, "fused": 0.0, "chosen": 0.0}
+    for layer in layers:
+        t = layer["timings_ms"]
+        best_fused = min(v for k, v in t.items() if k != "decode+op")
+        sums["fused"] += best_fused
+        sums["decode+op"] += t.get("decode+op", float("nan"))
+        sums["chosen"] += t.get(layer["choice"], best_fused)
+    return sums
 
 
 def summarize(res: dict) -> None:
@@ -295,27 +331,22 @@ def main() -> None:
         print(f"{name}: {configs[name]['median_ms']:.2f} ms/step, peak {configs[name]['peak_mem_bytes'] / 1e9:.3f} GB", flush=True)
         del cached, call
 
-    # (channels-last, slots, grouped decode, fused mode, MB kept decoded, decode stream priority, decode grid cap)
-    plans = [(False, 3, True, "off", 0, 0, 0)] + [(True, slots, True, "off", 0, 0, 0) for slots in args.slots]
-    plans += [(True, 3, False, "off", 0, 0, 0)] + [(True, 2, True, mode, 0, 0, 0) for mode in args.fused if mode != "off"]
-    plans += [(True, 2, True, "off", 0, -1, 0)] + [(True, slots, True, "off", mb, 0, 0) for mb, slots in args.keep]
+    plans = [Plan(False, 3)] + [Plan(True, slots) for slots in args.slots]
+    plans += [Plan(True, 3, group=False)] + [Plan(True, 2, fused=mode) for mode in args.fused if mode != "off"]
+    plans += [Plan(True, 2, priority=-1)] + [Plan(True, slots, keep_mb=mb) for mb, slots in args.keep]
     plans += [
-        (True, 2, True, "off", mb, 0, blocks) for blocks in args.decode_blocks for mb in (0, *sorted({mb for mb, _ in args.keep})[-1:])
+        Plan(True, 2, keep_mb=mb, blocks=blocks) for blocks in args.decode_blocks for mb in (0, *sorted({mb for mb, _ in args.keep})[-1:])
     ]
     for cl in layouts:
         packed = random_packed(shapes, bits, cl, seed=1)
         checked = False
-        for _, slots, group, fused, keep_mb, priority, blocks in [p for p in plans if p[0] == cl]:
-            name = f"graph_streamed{'_channels_last' if cl else ''}_slots{slots}{'' if group else '_per_layer'}"
-            name += "" if fused == "off" else f"_fused_{fused}"
-            name += (
-                (f"_keep{keep_mb}MB" if keep_mb else "") + ("_high_priority" if priority else "") + (f"_blocks{blocks}" if blocks else "")
-            )
+        for plan in [p for p in plans if p.channels_last == cl]:
+            name, fused, keep_mb = plan.name, plan.fused, plan.keep_mb
             base = clean()
             cached = cache_time_features(copy.deepcopy(master), timesteps)
-            model = stream_weights(cached, cached.unet, packed, device=DEV, channels_last=cl, slots=slots, decoder=lib, group=group,
-                                   fused=fused, keep_decoded=keep_mb * 2**20, priority=priority,
-                                   decode_blocks=blocks).to(DEV)  # fmt: skip
+            model = stream_weights(cached, cached.unet, packed, device=DEV, channels_last=cl, slots=plan.slots, decoder=lib,
+                                   group=plan.group, fused=fused, keep_decoded=keep_mb * 2**20, priority=plan.priority,
+                                   decode_blocks=plan.blocks).to(DEV)  # fmt: skip
             ring = model.ring
             if cl:
                 model = model.to(memory_format=torch.channels_last)
@@ -327,26 +358,17 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                     after_first = torch.cuda.memory_allocated() - base
-                    configs[name] = {"layers": fused_choices(cached.unet, bits), "mem_after_first_forward": after_first}
-                    summary = {"decode+op": 0.0, "fused": 0.0, "chosen": 0.0}
-                    for layer in configs[name]["layers"]:
-                        t = layer["timings_ms"]
-                        best_fused = min(v for k, v in t.items() if k != "decode+op")
-                        summary["fused"] += best_fused
-                        summary["decode+op"] += t.get("decode+op", float("nan"))
-                        summary["chosen"] += t.get(layer["choice"], best_fused)
-                    configs[name]["layer_sums_ms"] = summary
-                    print(f"  per-layer sums (isolated, ms): {summary}", flush=True)
+                    layers = fused_choices(cached.unet, bits)
+                    configs[name] = {"layers": layers, "mem_after_first_forward": after_first, "layer_sums_ms": layer_sums(layers)}
+                    print(f"  per-layer sums (isolated, ms): {configs[name]['layer_sums_ms']}", flush=True)
                 call = GraphedCall(step_fn)
                 configs[name] = stats(cuda_time_ms(lambda call=call: call(sample, step, ctx), args.iters, 3)) | configs.get(name, {})
                 out = call(sample, step, ctx).float()
             # the codes were allocated before `base`; fused layers hold their words instead (allocated after, so counted)
-            kept = sum(w.codes.numel() + w.scale.numel() * 4 for w in ring.weights if w is not None)
-            configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + kept
+            configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + ring.packed_bytes
             configs[name]["resident_unet_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) + model.weight_bytes
             configs[name]["fused_layers"] = model.fused_layers
-            configs[name]["kept_decoded_bytes"] = sum(m.decoded.nbytes for m in cached.unet.modules()
-                                                      if isinstance(m, StreamedLayer) and m.decoded is not None)  # fmt: skip
+            configs[name]["kept_decoded_bytes"] = model.kept_decoded_bytes
             configs[name]["ring_bytes"] = ring.buffer_bytes
             configs[name]["decode_launches"] = len(ring.groups)
             configs[name]["finite_output"] = bool(torch.isfinite(out).all())

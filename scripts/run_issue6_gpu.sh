@@ -29,12 +29,15 @@ echo "== 1. kernel correctness (pytest -m gpu)"
 echo "== 3. plugin harness"
 $build/bf_plugin_harness --json "$out/plugin_harness.json" | tail -5 | tee "$out/plugin_harness.txt"
 
+decode_speed() {  # BUILD_DIR NAME: bench_decode_gpu.py on that build's library, into NAME.json and NAME.txt
+  (cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib "$1/libbf_decode.so" --out "$out/$2.json") | tee "$out/$2.txt"
+}
+
 echo "== 2. decode speed"
-(cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib $build/libbf_decode.so --out "$out/decode_gpu.json") | tee "$out/bench.txt"
+decode_speed $build decode_gpu
 if [ -n "$baseline" ]; then
   echo "== 2b. decode speed of the baseline, $baseline"
   cmake -S "$baseline" -B /tmp/bfbase -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
   cmake --build /tmp/bfbase -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
-  (cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib /tmp/bfbase/libbf_decode.so --out "$out/decode_gpu_baseline.json") \
-    | tee "$out/bench_baseline.txt"
+  decode_speed /tmp/bfbase decode_gpu_baseline
 fi

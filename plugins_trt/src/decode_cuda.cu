@@ -103,11 +103,16 @@ struct Decoder {
     return uint64_t(o) * w.row_len + i0;
   }
 
+  // Code ``code``'s output for a row scaled by ``s``: the one expression both paths use, so they give the same bits.
+  static __device__ __forceinline__ OutT level(uint32_t code, float s) {
+    constexpr float kBias = 8388608.0f - float(P::QMIN);  // 2^23 + code, minus this, is code + qmin exactly
+    return from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s);
+  }
+
   static __device__ __forceinline__ void decode(const WeightArgs& w, uint32_t o, uint32_t i0, OutT (&vals)[OUT], const uint2* table) {
     const float s = w.scale_f16 ? __half2float(static_cast<const __half*>(w.scale)[o]) : static_cast<const float*>(w.scale)[o];
     const uint64_t row_bit = uint64_t(o) * w.row_bits;
     const uint32_t j0 = i0 / P::K;
-    constexpr float kBias = 8388608.0f - float(P::QMIN);  // 2^23 + code, minus this, is code + qmin exactly
     // The thread's M fields are one run of M*F bits: load the aligned words around it once and
     // shift them so the run starts at bit 0; every field is then at a compile-time bit offset.
     // Words past the buffer are clamped to its last one: they only feed fields past the row's
@@ -121,9 +126,8 @@ struct Decoder {
 #pragma unroll
     for (int k = 0; k < U; ++k) u[k] = __funnelshift_r(raw[k], raw[k + 1], sh);
     if constexpr (SELECT) {
-      // The row's three outputs, computed as in the general path: values 0, 1 in lo, 2 in hi.
-      const auto level = [&](uint32_t code) { return from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s); };
-      const uint32_t lo = bits16(level(0)) | bits16(level(1)) << 16, hi = bits16(level(2));
+      // The row's three outputs: values 0, 1 in lo, 2 in hi.
+      const uint32_t lo = bits16(level(0, s)) | bits16(level(1, s)) << 16, hi = bits16(level(2, s));
       uint2 e[M];
 #pragma unroll
       for (int m = 0; m < M; ++m) e[m] = table[(u[m / 4] >> (8 * (m % 4))) & 0xffu];
@@ -145,7 +149,7 @@ struct Decoder {
         for (int t = 0; t < P::K; ++t) {
           const uint32_t code = f % P::L;
           f /= P::L;
-          vals[m * P::K + t] = from_float<OutT>((__uint_as_float(0x4B000000u | code) - kBias) * s);
+          vals[m * P::K + t] = level(code, s);
         }
       }
     }
