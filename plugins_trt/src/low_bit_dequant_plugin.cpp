@@ -163,7 +163,10 @@ bool LowBitDequantPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTe
   if (inOut == nullptr || nbInputs != 2 || nbOutputs != 1 || pos < 0 || pos > 2) return false;
   PluginTensorDesc const& d = inOut[pos].desc;
   if (d.format != TensorFormat::kLINEAR) return false;
-  if (pos == 0) return d.type == DataType::kUINT8;
+  // The codes are bytes: uint8 as the ONNX op declares them, or int8 holding the same bits. TensorRT-RTX
+  // refuses uint8 plugin tensors ("UInt8 datatype formats are not supported") and its ONNX parser turns
+  // uint8 initializers into int32 constants, so graphs built for it carry the codes as int8.
+  if (pos == 0) return d.type == DataType::kUINT8 || d.type == DataType::kINT8;
   if (pos == 1) return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
   return d.type == trt_type(mDesc.out_dtype);
 }

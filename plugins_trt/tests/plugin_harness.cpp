@@ -252,8 +252,11 @@ CaseResult run_case(std::mt19937& rng, int bits, bool plain, int out_dtype, int 
                             tensor(std::vector<int64_t>(shape.begin(), shape.end()), trt_type(out_dtype))};
   DynamicPluginTensorDesc dio[3] = {dynamic(io[0]), dynamic(io[1]), dynamic(io[2])};
   for (int pos = 0; pos < 3; ++pos) check(build->supportsFormatCombination(pos, dio, 2, 1), tag + ": accepts its formats");
+  DynamicPluginTensorDesc int8_codes[3] = {dio[0], dio[1], dio[2]};
+  int8_codes[0].desc.type = DataType::kINT8;
+  check(build->supportsFormatCombination(0, int8_codes, 2, 1), tag + ": accepts int8 codes (the same bytes)");
   DynamicPluginTensorDesc wrong[3] = {dio[0], dio[1], dio[2]};
-  wrong[0].desc.type = DataType::kINT8;
+  wrong[0].desc.type = DataType::kINT32;
   wrong[1].desc.type = DataType::kBF16;
   wrong[2].desc.type = out_dtype == BF_DTYPE_FLOAT32 ? DataType::kHALF : DataType::kFLOAT;
   for (int pos = 0; pos < 3; ++pos) check(!build->supportsFormatCombination(pos, wrong, 2, 1), tag + ": refuses wrong types");
