@@ -9,8 +9,10 @@ DEMO ?= demo
 .PHONY: install demo test lint clean plugins ort-headers
 
 # Native libraries of plugins_trt/ (see plugins_trt/README.md). The TensorRT plugin is built when
-# TensorRT's headers are found: TENSORRT_ROOT=/opt/tensorrt or TENSORRT_INCLUDE_DIR=.../include.
+# TensorRT's headers are found: TENSORRT_ROOT=/opt/tensorrt or TENSORRT_INCLUDE_DIR=.../include. With
+# TensorRT for RTX installed in the venv, the plugin links to it and its parser's alias library is built.
 PLUGIN_BUILD ?= plugins_trt/build
+TENSORRT_RTX_LIB_DIR ?= $(shell $(BIN)/python -c "import os, tensorrt_rtx_libs as m; print(os.path.dirname(m.__file__))" 2>/dev/null)
 CUDA_ARCHS ?= 75-real;80-real;86-real;89-real;90
 # ONNX Runtime's C API header, for the custom-op library: from Debian's libonnxruntime-dev (pinned).
 ORT_DEB_URL := http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb
@@ -47,7 +49,8 @@ ort-headers: $(ORT_INCLUDE)/onnxruntime_c_api.h
 
 plugins: ort-headers
 	cmake -S plugins_trt -B $(PLUGIN_BUILD) -DBF_CUDA_ARCHITECTURES='$(CUDA_ARCHS)' -DORT_INCLUDE_DIR=$(abspath $(ORT_INCLUDE)) \
-		$(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR))
+		$(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) $(if $(TENSORRT_INCLUDE_DIR),-DTENSORRT_INCLUDE_DIR=$(TENSORRT_INCLUDE_DIR)) \
+		$(if $(TENSORRT_RTX_LIB_DIR),-DTENSORRT_RTX_LIB_DIR=$(TENSORRT_RTX_LIB_DIR))
 	cmake --build $(PLUGIN_BUILD) -j
 
 lint: install

@@ -427,9 +427,11 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
 
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(["onnx", "onnx-std", "trt"]), default="onnx", show_default=True,
-              help="onnx: custom dequant ops (for the TensorRT plugin); onnx-std: standard operators only (any ONNX runtime); "
-                   "trt: onnx plus TensorRT engines.")  # fmt: skip
+@click.option("--target", type=click.Choice(["onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx"]), default="onnx", show_default=True,
+              help="onnx: custom dequant ops over the packed codes (TensorRT plugin, ONNX Runtime op library); onnx-std: "
+                   "standard decode operators (any ONNX runtime but TensorRT); onnx-qdq: DequantizeLinear over INT4/INT8 "
+                   "constants (any ONNX runtime, TensorRT); trt: graphs plus TensorRT engines for this machine's GPU; "
+                   "trt-rtx: graphs plus TensorRT for RTX engines, built on any machine for --gpu-arch.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (must not exist or be empty).")
 @click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True,
               help="Sampler the UNet's time-feature table is built for.")  # fmt: skip
@@ -437,34 +439,44 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
 @click.option("--height", type=click.IntRange(8), default=None, help="Image height [default: the model's native size].")
 @click.option("--width", type=click.IntRange(8), default=None, help="Image width [default: the model's native size].")
 @click.option("--batch", type=click.IntRange(1), default=2, show_default=True, help="Largest batch of the TensorRT profiles.")
-@click.option("--fp16/--fp32", "fp16", default=None, help="TensorRT engine precision [default: fp16 for trt]; ONNX graphs are float32.")
+@click.option("--fp16/--fp32", "fp16", default=None,
+              help="Engine precision [default: fp16 for trt and trt-rtx]; the ONNX graphs are float32.")  # fmt: skip
+@click.option("--weights", type=click.Choice(["plugin", "qdq"]), default=None,
+              help="trt, trt-rtx: how the engines hold the quantized weights. plugin: packed codes decoded by the "
+                   "LowBitDequant plugin; qdq: INT4/INT8 constants (no plugin) [default: plugin for trt, qdq for trt-rtx].")  # fmt: skip
+@click.option("--gpu-arch", "gpu_arch", default=None, metavar="CC[,CC...]",
+              help="trt-rtx: compute capabilities to build for, e.g. 86,89,120 (RTX 30/40/50 series) [default: 86,89,120].")  # fmt: skip
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Run the graphs in ONNX Runtime against PyTorch; under 40 dB PSNR (fp32; 30 dB fp16) the export fails.")  # fmt: skip
+              help="Run the graphs in ONNX Runtime against PyTorch; under 40 dB PSNR the export fails.")  # fmt: skip
 @click.option("--base-model", type=click.Path(path_type=Path), default=None, help="Base model directory, if it moved.")
-@click.option("--plugin", type=click.Path(path_type=Path), default=None, help="TensorRT plugin library (--target trt).")
+@click.option("--plugin", type=click.Path(path_type=Path), default=None, help="TensorRT plugin library (--weights plugin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, fp16, check, base_model, plugin, as_json) -> None:
-    """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder).
+def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, fp16, weights, gpu_arch, check, base_model, plugin,
+               as_json) -> None:  # fmt: skip
+    """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder), and engines.
 
     CHECKPOINT may also be an FP model directory: the same graphs without quantization, the
     reference to compare a quantized export with (bf infer runs both).
 
     \b
     Writes text_encoder.onnx, unet.onnx, vae_decoder.onnx, tokenizer/, scheduler/ and
-    manifest.json. Every quantized weight of unet.onnx is one bitsfusion::LowBitDequant
-    node over its packed codes (onnx-std: the same decode in standard operators), and the
-    UNet takes a step index into a time-feature table built for --scheduler and --steps.
+    manifest.json (plus engines/ for trt and trt-rtx). Every quantized weight of unet.onnx is
+    one bitsfusion::LowBitDequant node over its packed codes (onnx-std: the same decode in
+    standard operators; onnx-qdq: DequantizeLinear), and the UNet takes a step index into a
+    time-feature table built for --scheduler and --steps.
     """
     from tqdm import tqdm
 
     from bf.export.run import ExportRequest, export_model
 
-    precision = ("fp16" if target == "trt" else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
+    engines = target in ("trt", "trt-rtx")
+    precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
+    archs = tuple(a.strip().removeprefix("sm_").replace(".", "") for a in gpu_arch.split(",")) if gpu_arch else ()
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
-                        precision=precision, check=check, plugin=plugin)  # fmt: skip
+                        precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs)  # fmt: skip
     from bf.export.onnx_graphs import GRAPHS
 
-    stages = len(GRAPHS) * (2 if check else 1)  # trace each graph, then check each
+    stages = len(GRAPHS) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
     bar = tqdm(total=stages, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
 
     def progress(stage: str) -> None:
@@ -581,7 +593,9 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         write_png(path, image, {"bf": json.dumps(result.settings), **meta})
     _log(f"wrote {', '.join(map(str, paths))}")
     if as_json:
-        click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "timings": result.timings}, indent=1))
+        execution = {"backend": runner.name, "provider": getattr(runner, "provider", None)}  # ort: the execution provider it took
+        click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "execution": execution,
+                               "timings": result.timings}, indent=1))  # fmt: skip
 
 
 def _cached_export(source: Path, key: str, target: str, **settings) -> Path:

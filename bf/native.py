@@ -5,6 +5,8 @@
 - ``libbf_trt_plugin.so``: the TensorRT plugin of the dequant op (``bf export --target trt``,
   the TensorRT runtime backend).
 - ``libbf_ort_op.so``: the same op for ONNX Runtime, to run custom-op graphs without lowering.
+- ``libbf_trt_rtx_alias.so``: built beside the plugin when TensorRT for RTX is found; its ONNX parser
+  opens ``libtensorrt_rtx.so`` by a name its wheel does not ship (plugins_trt/src/trt_rtx_alias.cpp).
 
 Each is searched in order: an explicit path, its environment variable, the installed package
 (``bf/lib``), the source tree's ``plugins_trt/build``.
@@ -31,6 +33,7 @@ class NativeLibrary:
 DECODE = NativeLibrary("libbf_decode.so", "BF_DECODE_LIB", "decode kernel library")
 TRT_PLUGIN = NativeLibrary("libbf_trt_plugin.so", "BF_PLUGIN_LIB", "TensorRT plugin library")
 ORT_OP = NativeLibrary("libbf_ort_op.so", "BF_ORT_OP_LIB", "ONNX Runtime custom-op library")
+TRT_RTX_ALIAS = NativeLibrary("libbf_trt_rtx_alias.so", "BF_TRT_RTX_ALIAS_LIB", "TensorRT for RTX alias library")
 
 
 def candidate_paths(lib: NativeLibrary, explicit: Path | None = None) -> list[Path]:
@@ -62,6 +65,11 @@ def register_trt_plugin(trt, explicit: Path | None = None) -> Path:
     from bf.format.dequant_op import OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 
     path = find_plugin_library(explicit)
+    if trt.__name__ == "tensorrt_rtx":  # before the parser meets a plugin node; next to the plugin first
+        import ctypes
+
+        alias = path.parent / TRT_RTX_ALIAS.file_name
+        ctypes.CDLL(str(alias if alias.is_file() else find_library(TRT_RTX_ALIAS)), mode=ctypes.RTLD_GLOBAL)
     registry = trt.get_plugin_registry()
     try:
         registry.load_library(str(path))

@@ -1,5 +1,4 @@
-"""bf.export: ONNX graphs and TensorRT engines from a packed checkpoint (issue 5).
+"""bf.export: ONNX graphs and TensorRT engines from a packed checkpoint (``bf export``).
 
-Imports ``bf.format``; never imports ``bf.trainer`` or ``bf.runtime``. Empty until
-the export issue lands: there is no ``bf export`` command yet.
+Imports ``bf.format`` and the shared ``bf`` modules; never imports ``bf.trainer`` or ``bf.runtime``.
 """

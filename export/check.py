@@ -27,8 +27,10 @@ def psnr_db(out: np.ndarray, ref: np.ndarray) -> float:
 def ort_session(model: onnx.ModelProto | str, providers: list[str] | None = None):
     import onnxruntime as ort
 
+    from bf.ort_options import session_options
+
     src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(src, session_options(ort), providers=providers or ["CPUExecutionProvider"])
 
 
 @dataclass

@@ -34,6 +34,7 @@ def node_attributes(node: onnx.NodeProto) -> dict:
 
 SHARED_PREFIX = "bf_dequant"
 LOWERED_PREFIX = "dq"  # node names of lowered op k start with dq<k>/
+QDQ_PREFIX = "qdq"  # onnx-qdq: weight k is qdq<k>/weight (DequantizeLinear) or qdq<k>/weight_float (257 levels)
 
 
 class _Builder:
@@ -147,12 +148,15 @@ def dequant_inputs(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """Names of the packed-codes and scale initializers of every dequant op, lowered or not.
 
     A lowered op reads its codes in its ``<prefix>/body`` Slice and its scales in its
-    ``<prefix>/scale_f32`` Cast (names given by ``lower_dequant``)."""
+    ``<prefix>/scale_f32`` Cast (names given by ``lower_dequant``); a qdq weight's integer
+    levels (or float weight) count as its codes."""
     codes, scales = set(), set()
     for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type == OP_TYPE:
+        if (n.domain == DOMAIN and n.op_type == OP_TYPE) or (n.op_type == "DequantizeLinear" and n.name.startswith(QDQ_PREFIX)):
             codes.add(n.input[0])
             scales.add(n.input[1])
+        elif n.name.startswith(QDQ_PREFIX) and n.name.endswith("/weight_float"):
+            codes.add(n.input[0])
         elif n.name.startswith(LOWERED_PREFIX):
             if n.name.endswith("/body"):
                 codes.add(n.input[0])

@@ -53,25 +53,29 @@ GRAPHS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, spec: GraphSpec) -> onnx.ModelProto:
-    """The traced graph, in memory (the caller decides where and how it is written)."""
-    import io
+    """The traced graph, in memory (the caller decides where and how it is written).
 
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            module.eval(),
-            args,
-            buf,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=list(spec.inputs),
-            output_names=list(spec.outputs),
-            dynamic_axes=spec.dynamic,
-            custom_opsets={DOMAIN: OP_VERSION} if any(isinstance(m, LowBitWeight) for m in module.modules()) else None,
-            do_constant_folding=True,
-        )
-    model = onnx.load_from_string(buf.getvalue())
+    Traced into a scratch file, not a buffer: a full-size FP UNet is over protobuf's 2 GiB, which
+    the exporter can only write with its weights as external data beside a file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bf-trace-") as scratch:
+        path = Path(scratch) / spec.file
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic,
+                custom_opsets={DOMAIN: OP_VERSION} if any(isinstance(m, LowBitWeight) for m in module.modules()) else None,
+                do_constant_folding=True,
+            )
+        model = onnx.load(str(path))  # with its external data, if the exporter wrote any
     model.ir_version = IR_VERSION
     return model
 

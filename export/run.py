@@ -23,7 +23,8 @@ from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
 from bf.export.components import MAX_TOKENS, build_components, example_inputs
 from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
-from bf.export.onnx_graphs import GRAPHS, OPSET, UNET, save_graph, store_exact_fp16, trace_to_onnx
+from bf.export.onnx_graphs import GRAPHS, UNET, save_graph, store_exact_fp16, trace_to_onnx
+from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
@@ -31,8 +32,12 @@ from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "bf.export"
 EXPORT_VERSION = 1
-TARGETS = ("onnx", "onnx-std", "trt")
+TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
+ENGINE_TARGETS = ("trt", "trt-rtx")
 PRECISIONS = ("fp32", "fp16")
+WEIGHTS = ("plugin", "qdq")  # how an engine target's graphs carry the quantized weights
+# The graph form each target writes: custom LowBitDequant ops, standard decode ops, or DequantizeLinear.
+GRAPH_FORMS = {"onnx": "custom", "onnx-std": "std", "onnx-qdq": "qdq"}
 
 
 @dataclass(frozen=True)
@@ -45,21 +50,42 @@ class ExportRequest:
     batch: int = 2  # largest batch the engines are built for (2: one prompt with classifier-free guidance)
     precision: str = "fp32"  # of the TensorRT engines; the ONNX graphs are float32 (see validate)
     check: bool = True
-    plugin: Path | None = None  # TensorRT plugin library (--target trt)
+    plugin: Path | None = None  # TensorRT plugin library (--weights plugin)
+    weights: str | None = None  # engine targets: plugin or qdq (default: see default_weights)
+    gpu_archs: tuple[str, ...] = ()  # trt-rtx: compute capabilities to build for, as "86"
 
     def validate(self) -> None:
         if self.target not in TARGETS:
             raise BfError(f"--target {self.target}: expected one of {', '.join(TARGETS)}")
+        if self.weights is not None and self.target not in ENGINE_TARGETS:
+            raise BfError(
+                f"--weights applies to the engine targets ({', '.join(ENGINE_TARGETS)}); --target {self.target} fixes the graph form"
+            )
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise BfError(f"--weights {self.weights}: expected one of {', '.join(WEIGHTS)}")
+        if self.gpu_archs and self.target != "trt-rtx":
+            raise BfError("--gpu-arch applies to --target trt-rtx (--target trt builds for the GPU it runs on)")
         if any(v is not None and (v % 8 or v < 8) for v in (self.height, self.width)):
             raise BfError(f"--height {self.height} --width {self.width}: both must be positive multiples of 8")
         if self.precision not in PRECISIONS:
             raise BfError(f"precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
-        if self.precision == "fp16" and self.target != "trt":
+        if self.precision == "fp16" and self.target not in ENGINE_TARGETS:
             # Tracing a float16 model on the CPU leaves float32 islands (attention) in the graph that ONNX
-            # Runtime rejects; TensorRT builds fp16 engines from float32 graphs, which is what --target trt does.
-            raise BfError("--fp16 applies to TensorRT engines only (--target trt); ONNX graphs are exported in float32")
+            # Runtime rejects; the engine targets build fp16 engines from a float16 copy of the checked float32 graphs.
+            raise BfError("--fp16 applies to TensorRT engines only (--target trt or trt-rtx); ONNX graphs are exported in float32")
         if self.steps < 1 or self.batch < 1:
             raise BfError("--steps and --batch must be at least 1")
+
+
+def default_weights(target: str) -> str:
+    """trt: the plugin (packed codes in the engine); trt-rtx: qdq, which its ONNX parser takes (see README's support matrix)."""
+    return "plugin" if target == "trt" else "qdq"
+
+
+def graph_form(req: ExportRequest) -> str:
+    if req.target in ENGINE_TARGETS:
+        return "custom" if (req.weights or default_weights(req.target)) == "plugin" else "qdq"
+    return GRAPH_FORMS[req.target]
 
 
 def sha256_file(path: Path) -> str:
@@ -94,13 +120,14 @@ def export_model(
     req.validate()
     if out.exists() and any(out.iterdir()):
         raise BfError(f"{out} exists and is not empty; choose another --out or remove it")
-    if req.target == "trt":  # before minutes of tracing: what the engines need must be there
-        from bf.export.tensorrt_engines import compute_capability, import_tensorrt
-        from bf.native import find_plugin_library
+    if req.target in ENGINE_TARGETS:  # before minutes of tracing: what the engines need must be there
+        from bf.export.tensorrt_engines import prepare
+        from bf.tensorrt_flavors import DEFAULT_RTX_ARCHS
 
-        import_tensorrt()
-        find_plugin_library(req.plugin)
-        compute_capability()
+        req = replace(req, weights=req.weights or default_weights(req.target),
+                      gpu_archs=req.gpu_archs or (DEFAULT_RTX_ARCHS if req.target == "trt-rtx" else ()))  # fmt: skip
+        engine_gpus = prepare(req)
+    form = graph_form(req)
     ckpt = None
     if Path(source).is_dir():  # the FP model itself, exported the same way: the reference for the runtime
         from bf.models.directory import ModelDir
@@ -134,21 +161,25 @@ def export_model(
             store_exact_fp16(model, keep=dequant_inputs(model)[1])
             custom = count_dequant_nodes(model)
             std = lower_graph(model) if custom else model
-            deployed = std if req.target == "onnx-std" else model
-            onnx.checker.check_model(deployed)
+            deployed = {"custom": model, "std": std, "qdq": lower_graph_qdq(model) if custom else model}[form]
             files = save_graph(deployed, tmp / spec.file)
+            onnx.checker.check_model(str(files[0]) if len(files) > 1 else deployed)  # past 2 GiB only a file can be checked
             log(f"{spec.file}: {custom} dequant ops, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB ({time.time() - t0:.1f}s)")
             if req.check:
                 progress(f"checking {spec.name}")
                 with torch.no_grad():
                     ref = module(*args).numpy()
-                checks.append(check_graph(spec.name, std, inputs[spec.name], ref, "float32"))
+                # The custom-op graph is checked through its standard lowering (same decode, no op library needed).
+                checked = deployed if form == "qdq" else std
+                checks.append(check_graph(spec.name, checked, inputs[spec.name], ref, "float32"))
             graphs[spec.name] = {
                 "file": spec.file,
                 "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
                 "inputs": _io(deployed.graph.input),
                 "outputs": _io(deployed.graph.output),
-                "dequant_ops": custom if req.target != "onnx-std" else 0,
+                "dequant_ops": custom if form == "custom" else 0,
+                "qdq_weights": qdq_nodes(deployed) if form == "qdq" else 0,
+                "opset": next(o.version for o in deployed.opset_import if o.domain in ("", "ai.onnx")),
             }
             if spec is UNET:
                 graphs[spec.name]["size_breakdown"] = unet_breakdown(deployed, sum(f.stat().st_size for f in files))
@@ -158,11 +189,12 @@ def export_model(
             raise_on_failures(checks)
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_config(tmp / "scheduler")
-        manifest = _manifest(identity, layers, req, comps, graphs, checks)
-        if req.target == "trt":
+        manifest = _manifest(identity, layers, req, form, comps, graphs, checks)
+        if req.target in ENGINE_TARGETS:
             from bf.export.tensorrt_engines import build_engines
 
-            manifest["engines"] = build_engines(tmp, manifest, req, log)
+            progress("building engines")
+            manifest["engines"] = build_engines(tmp, manifest, req, engine_gpus, log)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         umask = os.umask(0)
         os.umask(umask)
@@ -176,7 +208,7 @@ def export_model(
     return manifest
 
 
-def _manifest(identity: dict, layers: dict, req: ExportRequest, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
+def _manifest(identity: dict, layers: dict, req: ExportRequest, form: str, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
     from bf import __version__
 
     return {
@@ -186,9 +218,10 @@ def _manifest(identity: dict, layers: dict, req: ExportRequest, comps, graphs: d
         "target": req.target,
         "precision": req.precision,  # of the engines
         "graph_dtype": "float32",
-        "opset": OPSET,
+        "graph_form": form,  # custom: LowBitDequant ops; std: standard decode ops; qdq: DequantizeLinear over INT4/INT8
+        "opset": graphs["unet"]["opset"],
         "op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": OP_VERSION},
-        "plugin": None if req.target == "onnx-std" else {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE},
+        "plugin": {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE} if form == "custom" else None,
         "model": identity,
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
         "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},
@@ -197,6 +230,6 @@ def _manifest(identity: dict, layers: dict, req: ExportRequest, comps, graphs: d
         "max_tokens": MAX_TOKENS,
         "graphs": graphs,
         "check": [c.to_json() for c in checks] if checks else None,
-        "export_settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()},
+        "export_settings": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(req).items()},
         "packed_unet_bytes": sum(ly.stored_bytes for ly in layers.values()),
     }

@@ -1,8 +1,13 @@
-"""``--target trt``: one TensorRT engine per graph, with the TensorRT 10 builder API.
+"""``--target trt`` and ``--target trt-rtx``: one engine per exported graph, one code path.
 
-Kept thin on purpose: it consumes the ONNX graphs (checked by ``--check``) and the plugin
-library (checked by plugins_trt's own tests) and only drives the builder. Engines are cached
-under a key of graph hash, export settings, TensorRT version and GPU compute capability.
+TensorRT builds for the GPU it runs on; TensorRT for RTX builds ahead of time, on a CPU too,
+for the compute capabilities given with ``--gpu-arch``. Both networks are strongly typed, so an
+fp16 engine is built from a float16 copy of the graph (``bf.export.fp16_graph``). The quantized
+weights reach the builder either as ``DequantizeLinear`` over INT4/INT8 constants (``--weights
+qdq``) or as LowBitDequant plugin nodes over the packed codes (``--weights plugin``).
+
+Engines are cached under a key of graph hash, export settings, TensorRT flavour and version and
+target GPUs, so exporting the same model again does not build again.
 """
 
 from __future__ import annotations
@@ -11,33 +16,47 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from bf.atomic import atomic_path
 from bf.errors import BfError
-from bf.native import register_trt_plugin
+from bf.export.fp16_graph import to_fp16
+from bf.format.dequant_op import DOMAIN, OP_TYPE
+from bf.native import find_plugin_library, register_trt_plugin
+from bf.tensorrt_flavors import FLAVORS, make_logger, rtx_archs
 
 CACHE_DIR = Path(os.environ.get("BF_ENGINE_CACHE", Path.home() / ".cache" / "bf" / "engines"))
 WORKSPACE_BYTES = 8 << 30
+MIN_LATENT = 8  # the smallest latent side of the profiles (TensorRT's shape analysis refuses 1 at the up-block concat)
 
 
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BfError("--target trt needs TensorRT's Python package: pip install 'bf[trt]' (on a machine with an NVIDIA GPU)") from None
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise BfError(f"TensorRT {trt.__version__} is too old: bf needs TensorRT 10 or newer (pip install 'bf[trt]')")
-    return trt
+def prepare(req) -> list[str]:
+    """Everything the engines need, checked before minutes of tracing: the TensorRT module, the
+    plugin library for ``--weights plugin``, and the target GPUs (names like "86")."""
+    flavor = FLAVORS[req.target]
+    trt = flavor.load()
+    if req.weights == "plugin":
+        find_plugin_library(req.plugin)
+    if req.target == "trt-rtx":
+        rtx_archs(trt, req.gpu_archs)
+        return list(req.gpu_archs)
+    return [local_compute_capability()]
 
 
-def compute_capability() -> str:
+def local_compute_capability() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise BfError("--target trt builds engines for the GPU it runs on, and no CUDA GPU is visible")
+        raise BfError("--target trt builds engines for the GPU it runs on, and no CUDA GPU is visible; --target trt-rtx builds on a CPU")
     major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+    return f"{major}{minor}"
 
 
 def profile_shapes(manifest: dict, graph: str) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -47,65 +66,108 @@ def profile_shapes(manifest: dict, graph: str) -> dict[str, tuple[tuple, tuple, 
     h, w = img["height"] // img["latent_scale"], img["width"] // img["latent_scale"]
     c, tokens, hidden = manifest["latent_channels"], manifest["max_tokens"], manifest["hidden_size"]
     opt_b = min(2, b)
+    lo = (min(MIN_LATENT, h), min(MIN_LATENT, w))
     if graph == "text_encoder":
         return {"input_ids": ((1, tokens), (opt_b, tokens), (b, tokens))}
     if graph == "unet":
         return {
-            "sample": ((1, c, 8, 8), (opt_b, c, h, w), (b, c, h, w)),
+            "sample": ((1, c, *lo), (opt_b, c, h, w), (b, c, h, w)),
             "encoder_hidden_states": ((1, tokens, hidden), (opt_b, tokens, hidden), (b, tokens, hidden)),
         }
-    return {"latent": ((1, c, 8, 8), (1, c, h, w), (b, c, h, w))}
+    return {"latent": ((1, c, *lo), (1, c, h, w), (b, c, h, w))}
 
 
-def build_engines(out: Path, manifest: dict, req, log=lambda m: None) -> dict:
-    trt = import_tensorrt()
-    cc = compute_capability()
-    logger = trt.Logger(trt.Logger.WARNING)
-    trt.init_libnvinfer_plugins(logger, "")
+def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda m: None) -> dict:
+    """Build (or take from the cache) the engine of every graph in ``out``; the manifest's ``engines``."""
+    flavor = FLAVORS[req.target]
+    trt = flavor.load()
+    logger = make_logger(trt, log)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    plugin = register_trt_plugin(trt, req.plugin)
+    # The plugin library is copied beside the engines, not serialized into them (that would add its
+    # size to every engine); the trt backend registers it from there before deserializing.
+    plugin = register_trt_plugin(trt, req.plugin) if req.weights == "plugin" else None
     (out / "engines").mkdir(exist_ok=True)
-    shutil.copy2(plugin, out / "engines" / plugin.name)
+    if plugin is not None:
+        shutil.copy2(plugin, out / "engines" / plugin.name)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    timing_path = CACHE_DIR / f"timing-{trt.__version__}-{cc}.cache"
+    tag = f"{flavor.module}-{trt.__version__}-{'_'.join(targets)}"
+    timing_path = CACHE_DIR / f"timing-{tag}.cache"
     engines = {}
     for name, graph in manifest["graphs"].items():
-        key_src = {"graph": graph["files"], "settings": manifest["export_settings"], "trt": trt.__version__, "gpu": cc}
+        key_src = {"graph": graph["files"], "settings": manifest["export_settings"], "runtime": flavor.module, "version": trt.__version__,
+                   "gpus": targets}  # fmt: skip
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         cached = CACHE_DIR / f"{name}-{key}.plan"
+        t0 = time.time()
         if not cached.is_file():
-            log(f"building the {name} engine (TensorRT {trt.__version__}, {cc}); minutes for a full-size UNet")
-            plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, plugin, timing_path)
+            log(f"building the {name} engine ({flavor.label} {trt.__version__}, {manifest['precision']}, for {', '.join(targets)}); "
+                "minutes for a full-size UNet")  # fmt: skip
+            plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, req, targets, timing_path)
             with atomic_path(cached) as tmp:
                 tmp.write_bytes(plan)
+            log(f"{name} engine: {len(plan) / 1e6:.1f} MB in {time.time() - t0:.0f} s")
         else:
             log(f"{name} engine: cached ({cached.name})")
         shutil.copy2(cached, out / "engines" / f"{name}.plan")
-        engines[name] = {"file": f"engines/{name}.plan", "cache_key": key, "tensorrt": trt.__version__, "gpu": cc}
-    return {"plugin": f"engines/{plugin.name}", **engines}
+        engines[name] = {"file": f"engines/{name}.plan", "bytes": cached.stat().st_size, "cache_key": key, "runtime": flavor.module,
+                         "tensorrt": trt.__version__, "gpus": targets, "seconds": round(time.time() - t0, 2)}  # fmt: skip
+    return {"plugin": f"engines/{plugin.name}" if plugin else None, **engines}
 
 
-def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str, plugin: Path, timing_path: Path) -> bytes:
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+def codes_as_int8(model: onnx.ModelProto) -> None:
+    """The LowBitDequant nodes' packed codes as int8 (the same bytes), in place: TensorRT for RTX takes
+    no uint8 plugin tensors and its parser widens uint8 constants to int32; the plugin reads either."""
+    codes = {n.input[0] for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE}
+    for t in model.graph.initializer:
+        if t.name in codes and t.data_type == onnx.TensorProto.UINT8:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).view(np.int8), t.name))
+
+
+def _graph_for_builder(onnx_path: Path, precision: str, scratch: Path) -> Path:
+    """The file the builder parses: the exported graph with int8 codes, as float16 for an fp16 engine."""
+    model = onnx.load(str(onnx_path))  # external data loaded from beside onnx_path
+    if precision == "fp16":
+        model = to_fp16(model, copy=False)
+    codes_as_int8(model)
+    path = scratch / onnx_path.name
+    if model.ByteSize() > 1_800_000_000:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, path)
+    return path
+
+
+def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str, req, targets, timing_path: Path) -> bytes:
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BfError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    with tempfile.TemporaryDirectory(prefix="bf-fp16-") as scratch:
+        path = _graph_for_builder(onnx_path, manifest["precision"], Path(scratch))
+        if not parser.parse_from_file(str(path)):
+            errors = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
+            raise BfError(f"{req.target}: {FLAVORS[req.target].label} cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if manifest["precision"] == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    if req.target == "trt-rtx":
+        archs = rtx_archs(trt, tuple(targets))
+        config.num_compute_capabilities = len(archs)
+        for i, cc in enumerate(archs):
+            config.set_compute_capability(cc, i)
     profile = builder.create_optimization_profile()
     for inp, (lo, opt, hi) in profile_shapes(manifest, name).items():
         profile.set_shape(inp, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    if hasattr(config, "plugins_to_serialize"):  # TensorRT >= 10.0: the plugin travels inside the engine
-        config.plugins_to_serialize = [str(plugin)]
+    timed = req.target == "trt"  # TensorRT for RTX times nothing ahead of time: it has no timing cache to keep
+    if timed:
+        cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise BfError(f"TensorRT failed to build the {name} engine (see its log above)")
-    with atomic_path(timing_path) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        for msg in logger.held:
+            print(msg, file=sys.stderr)
+        raise BfError(f"{FLAVORS[req.target].label} failed to build the {name} engine (see its log above)")
+    if timed:
+        with atomic_path(timing_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     return bytes(plan)

@@ -1,4 +1,4 @@
-"""bf.runtime: the lean deployment runtime (issue 7, in progress).
+"""bf.runtime: the lean deployment runtime.
 
 Imports ``bf.format``; never imports ``bf.trainer`` or ``bf.export``, and never
 imports torch, diffusers or transformers on its ONNX Runtime and TensorRT paths.

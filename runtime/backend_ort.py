@@ -1,7 +1,8 @@
 """The ONNX Runtime backend: the exported graphs in onnxruntime (CPU, or CUDA with onnxruntime-gpu).
 
-``onnx-std`` exports run as they are; ``onnx`` exports (custom dequant ops) need the op library
-built from plugins_trt (libbf_ort_op.so, found as bf.native describes).
+``onnx-std`` and ``onnx-qdq`` exports run as they are (DequantizeLinear is an op of the CUDA
+execution provider too); ``onnx`` exports (custom dequant ops) need the op library built from
+plugins_trt (libbf_ort_op.so, found as bf.native describes), which runs on the CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +11,23 @@ import numpy as np
 
 from bf.errors import BfError
 from bf.native import ORT_OP, find_library
+from bf.ort_options import session_options
 from bf.runtime.exported import ExportedModel
+
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def choose_providers(available: list[str], gpus: int | None, custom_ops: bool) -> list[str]:
+    """CUDA first when onnxruntime-gpu is installed and a GPU is visible or cannot be ruled out
+    (``gpus`` None), and the graphs need no CPU-only custom op; then the CPU."""
+    if CUDA_EP in available and gpus != 0 and not custom_ops:
+        return [CUDA_EP, CPU_EP]
+    return [CPU_EP]
+
+
+def graph_form(manifest: dict) -> str:
+    """custom, std or qdq; manifests written before graph_form existed name it by target."""
+    return manifest.get("graph_form") or ("std" if manifest["target"] == "onnx-std" else "custom")
 
 
 class OrtBackend:
@@ -21,16 +38,21 @@ class OrtBackend:
             import onnxruntime as ort
         except ImportError:
             raise BfError("the ort backend needs onnxruntime: pip install 'bf[export]'") from None
-        options = ort.SessionOptions()
-        if model.manifest["target"] != "onnx-std":  # custom dequant ops in the graphs
+        options = session_options(ort)
+        custom = graph_form(model.manifest) == "custom"
+        if custom:  # custom dequant ops in the graphs
             options.register_custom_ops_library(str(find_library(ORT_OP)))
-        available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if providers is None:
+            from bf.runtime.cuda_runtime import gpu_count
+
+            available = ort.get_available_providers()
+            providers = choose_providers(available, gpu_count() if CUDA_EP in available else 0, custom)
         self.sessions = {
             name: ort.InferenceSession(str(model.root / graph["file"]), options, providers=providers)
             for name, graph in model.manifest["graphs"].items()
         }
-        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        self.provider = self.sessions["unet"].get_providers()[0]  # what ONNX Runtime actually took
+        self.device = "cuda" if self.provider == CUDA_EP else "cpu"
 
     def text_encoder(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["text_encoder"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]

@@ -1,10 +1,10 @@
-"""The TensorRT backend: the engines `bf export --target trt` built, with the LowBitDequant plugin,
-through the TensorRT 10 Python API (deserialize, execution context, execute_async_v3) and the
-CUDA runtime through ctypes; no torch.
+"""The TensorRT backend: the engines of a ``--target trt`` or ``--target trt-rtx`` export, through
+TensorRT's Python API (``tensorrt`` or ``tensorrt_rtx``, same family: deserialize, execution
+context, execute_async_v3) and the CUDA runtime through ctypes; no torch.
 
-Written against TensorRT's documented API and tested only where TensorRT is installed
-(tests/test_runtime_trt.py skips elsewhere): TensorRT cannot be installed on the machines this
-was written on. Everything it consumes (graphs, plugin op, kernels) is checked elsewhere.
+Before anything is loaded, the engines' target GPUs (in the manifest) are compared with this
+GPU: a TensorRT engine runs on the GPU it was built on, a TensorRT for RTX engine on the RTX-class
+compute capabilities it was built for, and anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -13,16 +13,31 @@ import numpy as np
 
 from bf.errors import BfError
 from bf.native import register_trt_plugin
-from bf.runtime.cuda_runtime import CudaRuntime
-from bf.runtime.exported import ExportedModel
+from bf.runtime.cuda_runtime import CudaRuntime, gpu_count
+from bf.runtime.exported import GRAPHS, ExportedModel
+from bf.tensorrt_flavors import RTX_ARCHS, RUNTIME_MODULES, TENSORRT, arch_name, make_logger
 
 
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BfError("the trt backend needs TensorRT's Python package: pip install 'bf[trt]' (on a machine with an NVIDIA GPU)") from None
-    return trt
+def engine_gpus(engine: dict) -> list[str]:
+    """The compute capabilities an engine was built for ("86"); older manifests wrote one "gpu": "sm_86"."""
+    return [arch_name(g) for g in engine.get("gpus") or [engine["gpu"]]]
+
+
+def check_engines_fit(model: ExportedModel, engines: dict, local_cc: str) -> None:
+    """Refuse, in one line, engines that were not built for this GPU (``local_cc`` like "sm_90")."""
+    here = arch_name(local_cc)
+    for name in GRAPHS:
+        e = engines[name]
+        flavor = RUNTIME_MODULES.get(e.get("runtime", TENSORRT.module), TENSORRT)
+        gpus = engine_gpus(e)
+        if here not in gpus:
+            if flavor is TENSORRT:
+                raise BfError(f"{model.root}: the {name} engine was built for TensorRT {e['tensorrt']} on sm_{gpus[0]}, this GPU is "
+                              f"{local_cc}; export again on this machine with --target trt, or use --backend torch")  # fmt: skip
+            again = (f"export again with --target trt-rtx --gpu-arch {here}, or" if here in RTX_ARCHS else
+                     f"{flavor.label} does not build for it (RTX-class GPUs: {', '.join(RTX_ARCHS)}):")  # fmt: skip
+            raise BfError(f"{model.root}: the {flavor.label} engines were built for compute capability {', '.join(gpus)} and this GPU "
+                          f"is {local_cc}; {again} use --backend torch or ort")  # fmt: skip
 
 
 class TrtBackend:
@@ -31,26 +46,28 @@ class TrtBackend:
     def __init__(self, model: ExportedModel, cuda_graph: bool = False):
         engines = model.manifest.get("engines")
         if not engines:
-            raise BfError(f"{model.root} has no TensorRT engines; export with --target trt, or use --backend ort")
-        trt = import_tensorrt()
+            raise BfError(f"{model.root} has no TensorRT engines; export with --target trt or trt-rtx, or use --backend ort")
+        if not gpu_count():
+            raise BfError("the trt backend runs TensorRT engines on a CUDA GPU and none is visible here; use --backend ort")
         self.cuda = CudaRuntime()
-        here = {"tensorrt": trt.__version__, "gpu": self.cuda.compute_capability()}
-        for name in ("text_encoder", "unet", "vae_decoder"):
-            built = {k: engines[name][k] for k in ("tensorrt", "gpu")}
-            if built != here:
-                raise BfError(
-                    f"{model.root}: the {name} engine was built for TensorRT {built['tensorrt']} on {built['gpu']}, this machine has "
-                    f"TensorRT {here['tensorrt']} on {here['gpu']}; export again here with --target trt"
-                )
-        register_trt_plugin(trt, model.root / engines["plugin"])
+        check_engines_fit(model, engines, self.cuda.compute_capability())
+        flavor = RUNTIME_MODULES.get(engines["unet"].get("runtime", TENSORRT.module), TENSORRT)
+        trt = flavor.load(f"--backend trt on {flavor.label} engines")
+        if flavor is TENSORRT and engines["unet"]["tensorrt"] != trt.__version__:
+            raise BfError(f"{model.root}: the engines were built with TensorRT {engines['unet']['tensorrt']}, this machine has TensorRT "
+                          f"{trt.__version__}; export again here with --target trt")  # fmt: skip
+        if engines.get("plugin"):
+            register_trt_plugin(trt, model.root / engines["plugin"])
         self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = make_logger(trt, lambda m: None)
         runtime = trt.Runtime(self.logger)
         self.contexts = {}
-        for name in ("text_encoder", "unet", "vae_decoder"):
+        for name in GRAPHS:
             engine = runtime.deserialize_cuda_engine((model.root / engines[name]["file"]).read_bytes())
             if engine is None:
-                raise BfError(f"TensorRT could not load {engines[name]['file']} (see its log); export again here with --target trt")
+                why = "; ".join(self.logger.held) or "see its log"
+                raise BfError(f"{flavor.label} {trt.__version__} could not load {engines[name]['file']} ({why}); "
+                              f"export again with this {flavor.label}")  # fmt: skip
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             self.contexts[name] = (engine, engine.create_execution_context(), outputs)

@@ -15,16 +15,30 @@ LIBRARY_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12")
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
 
 
+def _open_cudart():
+    names = [n for n in (ctypes.util.find_library("cudart"), *LIBRARY_NAMES) if n]
+    for name in names:
+        try:
+            return ctypes.CDLL(name), names
+        except OSError:
+            continue
+    return None, names
+
+
+def gpu_count() -> int | None:
+    """CUDA GPUs visible to this process: 0 without a driver or device, None when no CUDA runtime
+    library is on the loader's path to ask (onnxruntime-gpu may bring its own)."""
+    lib, _ = _open_cudart()
+    if lib is None:
+        return None
+    n = ctypes.c_int(0)
+    return n.value if lib.cudaGetDeviceCount(ctypes.byref(n)) == 0 else 0
+
+
 class CudaRuntime:
     def __init__(self):
-        names = [n for n in (ctypes.util.find_library("cudart"), *LIBRARY_NAMES) if n]
-        for name in names:
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
+        self.lib, names = _open_cudart()
+        if self.lib is None:
             raise BfError(
                 f"CUDA runtime library not found ({', '.join(names)}); install the CUDA runtime (pip install nvidia-cuda-runtime)"
             )

@@ -1,4 +1,4 @@
-"""The ablation table of issue 4 (the paper's Table 4, on the shipped model).
+"""The ablation table (the paper's Table 4, on the shipped model).
 
 Every row is one ``bf train`` command with the same number of training steps; each
 adds one technique to the row above. All rows are evaluated with ``bf eval`` against

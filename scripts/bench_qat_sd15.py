@@ -1,6 +1,6 @@
 """Stage I QAT step of the full-size SD-v1.5 UNet against a plain bf16 fine-tuning step.
 
-Issue 4's throughput target: on one H100/H200, at 512x512 with the same batch, the
+The QAT throughput target: on one H100/H200, at 512x512 with the same batch, the
 Stage I step (frozen teacher + fake-quantized student, noise and feature distillation)
 against a plain fine-tuning step of the same UNet (noise loss only): at most 1.3x the
 time and 1.2x the peak memory. Every mode is measured in this one run, with the same

@@ -1,4 +1,4 @@
-"""Issue 8's figures: the full-size SD-v1.5 UNet at the 1.99-bit mix against FP16, on one GPU.
+"""The full-size SD-v1.5 UNet at the 1.99-bit mix against FP16, on one GPU.
 
 Random weights (speed and memory do not depend on the values), 512x512, batch 2 (one image
 with classifier-free guidance), fp16. Every configuration is measured in this one run:

@@ -1,5 +1,5 @@
-"""The TensorRT backend: what runs without TensorRT (its refusals, the ctypes CUDA runtime on a GPU);
-the engine runs skip where TensorRT is absent (it cannot be installed on this project's machines)."""
+"""The TensorRT backend: what runs without a GPU its engines can use (its refusals; the ctypes CUDA
+runtime on a GPU); the engine runs skip where TensorRT, or an RTX-class GPU for TensorRT for RTX, is absent."""
 
 import json
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bf.errors import BfError
-from bf.runtime.backend_trt import TrtBackend
-from bf.runtime.exported import ExportedModel
+from bf.runtime.backend_trt import TrtBackend, check_engines_fit
+from bf.runtime.exported import GRAPHS, ExportedModel
 
 
 def fake_export(tmp_path, engines=None) -> ExportedModel:
@@ -16,27 +16,42 @@ def fake_export(tmp_path, engines=None) -> ExportedModel:
 
 
 def test_an_export_without_engines_is_refused(tmp_path):
-    with pytest.raises(BfError, match="has no TensorRT engines; export with --target trt, or use --backend ort"):
+    with pytest.raises(BfError, match="has no TensorRT engines; export with --target trt or trt-rtx, or use --backend ort"):
         TrtBackend(fake_export(tmp_path))
 
 
-def test_engines_for_another_gpu_or_tensorrt_are_refused(tmp_path):
-    trt = pytest.importorskip("tensorrt")
-    engines = {n: {"file": f"engines/{n}.plan", "tensorrt": "0.0.0", "gpu": "sm_00"} for n in ("text_encoder", "unet", "vae_decoder")}
-    with pytest.raises(BfError, match=f"built for TensorRT 0.0.0 on sm_00, this machine has TensorRT {trt.__version__}"):
-        TrtBackend(fake_export(tmp_path, {**engines, "plugin": "engines/libbf_trt_plugin.so"}))
+def rtx_engines(gpus):
+    return {n: {"file": f"engines/{n}.plan", "runtime": "tensorrt_rtx", "tensorrt": "1.7.1.116", "gpus": gpus} for n in GRAPHS}
 
 
-def test_without_tensorrt_the_error_names_the_install(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
+def test_rtx_engines_on_a_gpu_they_were_not_built_for_are_refused_in_one_line(tmp_path):
+    model = fake_export(tmp_path, rtx_engines(["86", "89", "120"]))
+    check_engines_fit(model, model.manifest["engines"], "sm_89")  # one of its targets: accepted
+    with pytest.raises(BfError) as e:
+        check_engines_fit(model, model.manifest["engines"], "sm_90")  # an H100/H200
+    msg = str(e.value)
+    assert "TensorRT for RTX engines were built for compute capability 86, 89, 120 and this GPU is sm_90" in msg
+    assert "TensorRT for RTX does not build for it (RTX-class GPUs: 75, 80, 86, 89, 120, 121): use --backend torch or ort" in msg
+    assert "\n" not in msg
+    with pytest.raises(BfError, match="sm_120; export again with --target trt-rtx --gpu-arch 120, or use --backend torch or ort"):
+        check_engines_fit(model, rtx_engines(["86"]), "sm_120")
 
-        pytest.skip("TensorRT is installed")
-    except ImportError:
-        pass
-    engines = {"plugin": "x", **{n: {"tensorrt": "10", "gpu": "sm_90"} for n in ("text_encoder", "unet", "vae_decoder")}}
-    with pytest.raises(BfError, match=r"needs TensorRT's Python package: pip install 'bf\[trt\]'"):
-        TrtBackend(fake_export(tmp_path, engines))
+
+def test_tensorrt_engines_run_only_on_the_gpu_they_were_built_on(tmp_path):
+    old = {n: {"file": f"engines/{n}.plan", "tensorrt": "10.9", "gpu": "sm_86"} for n in GRAPHS}  # manifests before "gpus"
+    model = fake_export(tmp_path, old)
+    check_engines_fit(model, old, "sm_86")
+    with pytest.raises(BfError, match=r"built for TensorRT 10\.9 on sm_86, this GPU is sm_90; export again on this machine"):
+        check_engines_fit(model, old, "sm_90")
+
+
+def test_without_a_gpu_the_trt_backend_says_so_first(tmp_path):
+    from bf.runtime.cuda_runtime import gpu_count
+
+    if gpu_count():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(BfError, match="runs TensorRT engines on a CUDA GPU and none is visible here; use --backend ort"):
+        TrtBackend(fake_export(tmp_path, rtx_engines(["86"])))
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements and checks in one call of a machine with no internet:
+# The SD-v1.5 GPU measurements and checks in one call of a machine with no internet:
 #   0. pytest -m gpu               the fused low-bit kernels (Triton) against float64 references
 #   1. scripts/bench_sd15_gpu.py   SD-v1.5 UNet at 1.99 bits vs FP16: size, step time, decode, peak memory
 #   2. pytest -m gpu               streamed weights (and fused layers), torch backend vs ort, CUDA graph calls of the trt backend
 #   3. bf bench --backend torch    the command on the shipped model (JSON and plot)
-# Needs .whl/ for diffusers (carry it). usage: scripts/run_issue8_gpu.sh OUT_DIR [bench_sd15_gpu.py args]
+# Needs .whl/ for diffusers (carry it). usage: scripts/run_sd15_bench_gpu.sh OUT_DIR [bench_sd15_gpu.py args]
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"

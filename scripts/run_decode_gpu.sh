@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 6's three GPU verifications in one call of a machine with no internet (see plugins_trt/README.md):
+# The decode kernels' three GPU verifications in one call of a machine with no internet (see plugins_trt/README.md):
 #   1. pytest -m gpu tests/test_native.py   (CUDA decode bit for bit against the numpy reference)
 #   2. scripts/bench_decode_gpu.py          (bandwidth per width, whole-UNet decode vs its floor)
 #   3. bf_plugin_harness                     (the IPluginV3 class, built against TensorRT's headers, driven directly)
 # Needs build/third_party/{tensorrt,onnxruntime} (carry them) and .whl/ for diffusers.
 # With BASELINE_DIR (an earlier revision's plugins_trt/, e.g. from `git archive REV plugins_trt`, carried),
 # step 2 also times that revision's kernels in the same run, into decode_gpu_baseline.json.
-# usage: scripts/run_issue6_gpu.sh OUT_DIR [BASELINE_DIR]
+# usage: scripts/run_decode_gpu.sh OUT_DIR [BASELINE_DIR]
 set -euo pipefail
 out=$1
 baseline=${2:-}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs behind issue 4's figures, one phase per call of a machine with no internet:
+# The GPU runs behind the ablation's figures, one phase per call of a machine with no internet:
 #   analyze  bf analyze of the shipped model (8 workers) -> results/shapes_analysis.json (+ .png),
 #            bf allocate 1.99 bits -> results/shapes_recipe_1.99.json
 #   train    the ablation rows in $ROWS (scripts/ablation.py --phase train), STEPS steps each at batch $BATCH;
@@ -7,11 +7,11 @@
 #   eval     the ablation rows at CFG 3.5/5.5/7.5/9.5 (.rows/ holds the train phase's tars when the machine is new),
 #            then scripts/bench_qat_sd15.py -> results/qat_sd15_throughput.json
 #   budgets  the same rows trained 0 steps (PTQ) and STEPS steps -> results/ablation_steps{0,STEPS}.json
-# usage: scripts/run_issue4_gpu.sh PHASE OUT_DIR [STEPS]
+# usage: scripts/run_ablation_gpu.sh PHASE OUT_DIR [STEPS]
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
 phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256} rows=${ROWS:-lsq2,balance,altinit,mixed}
-work=${WORK:-/tmp/issue4}
+work=${WORK:-/tmp/ablation}
 mkdir -p "$out" "$work"
 source scripts/device_env.sh
 repo=$PWD
