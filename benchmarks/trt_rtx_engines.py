@@ -105,7 +105,7 @@ def main() -> None:
             engines = {g: e for g, e in manifest["engines"].items() if g != "plugin"}
             rows[variant] = {
                 "engine_bytes": {g: e["bytes"] for g, e in engines.items()},
-                "build_seconds": {g: e["seconds"] for g, e in engines.items()},
+                "build_seconds": {g: e["build_seconds"] for g, e in engines.items()},  # None: the same graph, from the cache
                 "onnx_unet_bytes": manifest["graphs"]["unet"]["size_breakdown"]["total"],
                 "export_seconds": round(seconds, 1),
                 "peak_rss_bytes": peak,
@@ -125,7 +125,7 @@ def main() -> None:
         for variant, r in rows.items():
             e, b = r["engine_bytes"], r["build_seconds"]
             print(f"{name:8} {variant:7} {e['unet'] / 1e6:10.1f}MB {r['unet_engine_vs_fp16']:8.3f} {e['text_encoder'] / 1e6:8.1f}MB "
-                  f"{e['vae_decoder'] / 1e6:7.1f}MB {b['unet']:10.1f}s {r['peak_rss_bytes'] / 2**30:7.1f}GiB")  # fmt: skip
+                  f"{e['vae_decoder'] / 1e6:7.1f}MB {b['unet'] or 0:10.1f}s {r['peak_rss_bytes'] / 2**30:7.1f}GiB")  # fmt: skip
     print(f"wrote {args.out}")
 
 

@@ -443,7 +443,8 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
               help="Engine precision [default: fp16 for trt and trt-rtx]; the ONNX graphs are float32.")  # fmt: skip
 @click.option("--weights", type=click.Choice(["plugin", "qdq"]), default=None,
               help="trt, trt-rtx: how the engines hold the quantized weights. plugin: packed codes decoded by the "
-                   "LowBitDequant plugin; qdq: INT4/INT8 constants (no plugin) [default: plugin for trt, qdq for trt-rtx].")  # fmt: skip
+                   "LowBitDequant plugin (half the engine size; needs the plugin built, see plugins_trt/README.md); qdq: INT4/INT8 "
+                   "constants, no plugin.  [default: qdq]")  # fmt: skip
 @click.option("--gpu-arch", "gpu_arch", default=None, metavar="CC[,CC...]",
               help="trt-rtx: compute capabilities to build for, e.g. 86,89,120 (RTX 30/40/50 series) [default: 86,89,120].")  # fmt: skip
 @click.option("--check/--no-check", default=True, show_default=True,

@@ -51,7 +51,7 @@ class ExportRequest:
     precision: str = "fp32"  # of the TensorRT engines; the ONNX graphs are float32 (see validate)
     check: bool = True
     plugin: Path | None = None  # TensorRT plugin library (--weights plugin)
-    weights: str | None = None  # engine targets: plugin or qdq (default: see default_weights)
+    weights: str | None = None  # engine targets: plugin or qdq (default: DEFAULT_WEIGHTS)
     gpu_archs: tuple[str, ...] = ()  # trt-rtx: compute capabilities to build for, as "86"
 
     def validate(self) -> None:
@@ -77,14 +77,14 @@ class ExportRequest:
             raise BfError("--steps and --batch must be at least 1")
 
 
-def default_weights(target: str) -> str:
-    """trt: the plugin (packed codes in the engine); trt-rtx: qdq, which its ONNX parser takes (see README's support matrix)."""
-    return "plugin" if target == "trt" else "qdq"
+# qdq needs nothing but TensorRT; plugin engines are half the size but need libbf_trt_plugin.so built
+# against TensorRT's headers, which no package installs.
+DEFAULT_WEIGHTS = "qdq"
 
 
 def graph_form(req: ExportRequest) -> str:
     if req.target in ENGINE_TARGETS:
-        return "custom" if (req.weights or default_weights(req.target)) == "plugin" else "qdq"
+        return "custom" if (req.weights or DEFAULT_WEIGHTS) == "plugin" else "qdq"
     return GRAPH_FORMS[req.target]
 
 
@@ -124,7 +124,7 @@ def export_model(
         from bf.export.tensorrt_engines import prepare
         from bf.tensorrt_flavors import DEFAULT_RTX_ARCHS
 
-        req = replace(req, weights=req.weights or default_weights(req.target),
+        req = replace(req, weights=req.weights or DEFAULT_WEIGHTS,
                       gpu_archs=req.gpu_archs or (DEFAULT_RTX_ARCHS if req.target == "trt-rtx" else ()))  # fmt: skip
         engine_gpus = prepare(req)
     form = graph_form(req)
@@ -160,8 +160,13 @@ def export_model(
             model = trace_to_onnx(module, args, spec)
             store_exact_fp16(model, keep=dequant_inputs(model)[1])
             custom = count_dequant_nodes(model)
-            std = lower_graph(model) if custom else model
-            deployed = {"custom": model, "std": std, "qdq": lower_graph_qdq(model) if custom else model}[form]
+
+            def lowered(as_form: str, model=model, custom=custom) -> onnx.ModelProto:
+                if not custom or as_form == "custom":
+                    return model
+                return lower_graph(model) if as_form == "std" else lower_graph_qdq(model)
+
+            deployed = lowered(form)
             files = save_graph(deployed, tmp / spec.file)
             onnx.checker.check_model(str(files[0]) if len(files) > 1 else deployed)  # past 2 GiB only a file can be checked
             log(f"{spec.file}: {custom} dequant ops, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB ({time.time() - t0:.1f}s)")
@@ -170,7 +175,7 @@ def export_model(
                 with torch.no_grad():
                     ref = module(*args).numpy()
                 # The custom-op graph is checked through its standard lowering (same decode, no op library needed).
-                checked = deployed if form == "qdq" else std
+                checked = lowered("std") if form == "custom" else deployed
                 checks.append(check_graph(spec.name, checked, inputs[spec.name], ref, "float32"))
             graphs[spec.name] = {
                 "file": spec.file,

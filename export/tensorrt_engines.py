@@ -94,14 +94,15 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tag = f"{flavor.module}-{trt.__version__}-{'_'.join(targets)}"
     timing_path = CACHE_DIR / f"timing-{tag}.cache"
+    plugin_hash = hashlib.sha256(plugin.read_bytes()).hexdigest() if plugin else None  # a rebuilt plugin may serialize otherwise
     engines = {}
     for name, graph in manifest["graphs"].items():
         key_src = {"graph": graph["files"], "settings": manifest["export_settings"], "runtime": flavor.module, "version": trt.__version__,
-                   "gpus": targets}  # fmt: skip
+                   "gpus": targets, "plugin": plugin_hash}  # fmt: skip
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         cached = CACHE_DIR / f"{name}-{key}.plan"
-        t0 = time.time()
-        if not cached.is_file():
+        t0, hit = time.time(), cached.is_file()
+        if not hit:
             log(f"building the {name} engine ({flavor.label} {trt.__version__}, {manifest['precision']}, for {', '.join(targets)}); "
                 "minutes for a full-size UNet")  # fmt: skip
             plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, req, targets, timing_path)
@@ -111,8 +112,9 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
         else:
             log(f"{name} engine: cached ({cached.name})")
         shutil.copy2(cached, out / "engines" / f"{name}.plan")
+        seconds = None if hit else round(time.time() - t0, 2)
         engines[name] = {"file": f"engines/{name}.plan", "bytes": cached.stat().st_size, "cache_key": key, "runtime": flavor.module,
-                         "tensorrt": trt.__version__, "gpus": targets, "seconds": round(time.time() - t0, 2)}  # fmt: skip
+                         "tensorrt": trt.__version__, "gpus": targets, "build_seconds": seconds, "cached": hit}  # fmt: skip
     return {"plugin": f"engines/{plugin.name}" if plugin else None, **engines}
 
 

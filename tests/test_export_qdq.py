@@ -195,13 +195,20 @@ def test_a_missing_tensorrt_package_names_its_extra():
         TensorRTFlavor("trt-rtx", "no_such_module", "TensorRT for RTX", "trt-rtx", 1).load()
 
 
-def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(qdq_export, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny", "shipped"])
+def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(model, qdq_export, tmp_path, monkeypatch):
+    """The tiny model at every qdq form, and the shipped model at its 1.99-bit recipe, exported as a user
+    would for RTX 30 and 50 series GPUs."""
     trt = pytest.importorskip("tensorrt_rtx")
-    from conftest import run_bf
+    from conftest import REPO, run_bf
 
-    tmp, _ = qdq_export
     monkeypatch.setenv("BF_ENGINE_CACHE", str(tmp_path / "cache"))
-    args = ["export", tmp / "m.bfq", "--target", "trt-rtx", "--gpu-arch", "86,120", "--steps", "4", "--no-check", "--json"]
+    bfq = qdq_export[0] / "m.bfq"
+    if model == "shipped":
+        bfq = tmp_path / "m.bfq"
+        r = run_bf("quantize", "--recipe", REPO / "results" / "shapes_recipe_1.99.json", "--out", bfq)
+        assert r.returncode == 0, r.stderr
+    args = ["export", bfq, "--target", "trt-rtx", "--gpu-arch", "86,120", "--steps", "4", "--no-check", "--json"]
     r = run_bf(*args, "--out", tmp_path / "e1")
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
