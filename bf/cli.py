@@ -443,8 +443,8 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
               help="Engine precision [default: fp16 for trt and trt-rtx]; the ONNX graphs are float32.")  # fmt: skip
 @click.option("--weights", type=click.Choice(["plugin", "qdq"]), default=None,
               help="trt, trt-rtx: how the engines hold the quantized weights. plugin: packed codes decoded by the "
-                   "LowBitDequant plugin (half the engine size; needs the plugin built, see plugins_trt/README.md); qdq: INT4/INT8 "
-                   "constants, no plugin.  [default: qdq]")  # fmt: skip
+                   "LowBitDequant plugin (about half the UNet engine at SD-v1.5 size; needs the plugin built, see "
+                   "plugins_trt/README.md); qdq: INT4/INT8 constants, no plugin.  [default: qdq]")  # fmt: skip
 @click.option("--gpu-arch", "gpu_arch", default=None, metavar="CC[,CC...]",
               help="trt-rtx: compute capabilities to build for, e.g. 86,89,120 (RTX 30/40/50 series) [default: 86,89,120].")  # fmt: skip
 @click.option("--check/--no-check", default=True, show_default=True,
@@ -472,7 +472,9 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
 
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
-    archs = tuple(a.strip().removeprefix("sm_").replace(".", "") for a in gpu_arch.split(",")) if gpu_arch else ()
+    from bf.tensorrt_flavors import arch_name
+
+    archs = tuple(arch_name(a) for a in gpu_arch.split(",")) if gpu_arch else ()
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
                         precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs)  # fmt: skip
     from bf.export.onnx_graphs import GRAPHS
@@ -603,7 +605,7 @@ def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
     """``bf export SOURCE`` into the cache once per (source, target, settings)."""
     from bf.export.run import ExportRequest, export_model
 
-    out = CACHE_DIR / "-".join([key, target, *(str(v) for v in settings.values()), bf.__version__])
+    out = CACHE_DIR / "-".join([key, target, *("_".join(v) if isinstance(v, tuple) else str(v) for v in settings.values()), bf.__version__])
     if (out / "manifest.json").is_file():
         return out
     _log(f"exporting {source} ({target}) to {out} (once)")
@@ -635,7 +637,13 @@ def _baseline_export(model, backend: str) -> Path:
     settings = {"scheduler": m["scheduler"]["name"], "steps": m["scheduler"]["steps"], "height": m["image"]["height"],
                 "width": m["image"]["width"]}  # fmt: skip
     key = "fp-" + base.content_hash(COMPONENTS).removeprefix("sha256:")[:16]  # the UNet too: it is what the baseline runs
-    return _cached_export(base.root, key, "trt" if backend == "trt" else "onnx-std", **settings)
+    target = "onnx-std"
+    if backend == "trt":  # the same flavour, precision and target GPUs as the engines it is compared with
+        target = m["target"] if m["target"] in ("trt", "trt-rtx") else "trt"
+        settings["precision"] = m["precision"]
+        if target == "trt-rtx":
+            settings["gpu_archs"] = tuple(m["export_settings"].get("gpu_archs") or ())
+    return _cached_export(base.root, key, target, **settings)
 
 
 def _open_backend(backend: str, model, weights: str | None = None, cuda_graph: bool | None = None, fused: str | None = None,

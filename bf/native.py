@@ -60,21 +60,38 @@ def find_plugin_library(explicit: Path | None = None) -> Path:
     return find_library(TRT_PLUGIN, explicit)
 
 
-def register_trt_plugin(trt, explicit: Path | None = None) -> Path:
-    """Load the plugin library into TensorRT's registry and check its creator is the one this bf needs."""
+def find_trt_rtx_alias(plugin: Path) -> Path:
+    """The alias library next to ``plugin``, else where libraries are looked for."""
+    alias = Path(plugin).parent / TRT_RTX_ALIAS.file_name
+    return alias if alias.is_file() else find_library(TRT_RTX_ALIAS)
+
+
+def register_trt_plugin(trt, explicit: Path | None = None, for_parser: bool = False) -> Path:
+    """Load the plugin library into TensorRT's registry and check its creator is the one this bf needs.
+
+    ``for_parser``: TensorRT for RTX's ONNX parser will meet plugin nodes, so its alias library is
+    loaded first. Create a TensorRT logger (a Builder or Runtime) before calling: TensorRT for RTX's
+    ``load_library`` fails without one."""
+    import ctypes
+
     from bf.format.dequant_op import OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 
     path = find_plugin_library(explicit)
-    if trt.__name__ == "tensorrt_rtx":  # before the parser meets a plugin node; next to the plugin first
-        import ctypes
-
-        alias = path.parent / TRT_RTX_ALIAS.file_name
-        ctypes.CDLL(str(alias if alias.is_file() else find_library(TRT_RTX_ALIAS)), mode=ctypes.RTLD_GLOBAL)
+    if for_parser and trt.__name__ == "tensorrt_rtx":
+        alias = find_trt_rtx_alias(path)
+        try:
+            ctypes.CDLL(str(alias), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise BfError(f"{alias} could not be loaded ({e}); {BUILD_HINT}") from None
     registry = trt.get_plugin_registry()
     try:
-        registry.load_library(str(path))
+        handle = registry.load_library(str(path))
     except Exception as e:  # TensorRT raises its own types; the message is what matters
         raise BfError(f"TensorRT {trt.__version__} could not load {path}: {e}; rebuild it against this TensorRT ({BUILD_HINT})") from None
+    if handle is None and registry.get_creator(OP_TYPE, str(OP_VERSION), PLUGIN_NAMESPACE) is None:
+        raise BfError(
+            f"{trt.__name__} {trt.__version__} could not load {path} (see its log); rebuild it against this TensorRT ({BUILD_HINT})"
+        )
     if registry.get_creator(OP_TYPE, str(OP_VERSION), PLUGIN_NAMESPACE) is None:
         raise BfError(f"{path} does not provide {OP_TYPE} version {OP_VERSION}: it was built for another bf; {BUILD_HINT}")
     return path

@@ -78,8 +78,8 @@ def rtx_archs(trt, archs: tuple[str, ...]) -> list:
 
 
 def arch_name(cc: str) -> str:
-    """'sm_86' or '86' -> '86'."""
-    return cc.removeprefix("sm_")
+    """'sm_86', '8.6' or '86' -> '86'."""
+    return cc.strip().removeprefix("sm_").replace(".", "")
 
 
 # What TensorRT for RTX logs as errors while it builds on a machine without a usable GPU, although
@@ -88,14 +88,16 @@ NO_GPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "cudaErro
 
 
 def make_logger(trt, emit, min_severity=None):
-    """A TensorRT logger that sends warnings and errors to ``emit`` (one line each), holding back the
-    no-GPU probe errors above in ``logger.held`` (printed by the caller if the build fails)."""
+    """A TensorRT logger that sends warnings and errors to ``emit`` (one line each) and keeps the errors in
+    ``logger.errors`` (for the one-line error that follows a failure), holding back the no-GPU probe
+    errors above in ``logger.held`` (printed by the caller if the build fails)."""
     threshold = trt.Logger.WARNING if min_severity is None else min_severity
 
     class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.held: list[str] = []
+            self.errors: list[str] = []
 
         def log(self, severity, msg):
             if severity > threshold:  # lower values are more severe
@@ -103,6 +105,9 @@ def make_logger(trt, emit, min_severity=None):
             if any(s in msg for s in NO_GPU_NOISE):
                 self.held.append(msg)
                 return
-            emit(f"{'error' if severity <= trt.Logger.ERROR else 'warning'} ({trt.__name__}): {msg.strip().splitlines()[0]}")
+            line = msg.strip().splitlines()[0] if msg.strip() else ""
+            if severity <= trt.Logger.ERROR:
+                self.errors.append(line)
+            emit(f"{'error' if severity <= trt.Logger.ERROR else 'warning'} ({trt.__name__}): {line}")
 
     return _Logger()

@@ -41,6 +41,7 @@ def to_fp16(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
         out.CopyFrom(model)
     g = out.graph
     keep = {n.input[i] for n in g.node for i in KEEP_FLOAT_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
+    graph_inputs = {vi.name for vi in g.input}
     inits = []
     for t in g.initializer:
         inits.append(_to_half(t) if t.data_type == FLOAT and t.name not in keep else t)
@@ -61,7 +62,11 @@ def to_fp16(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
                     a.t.CopyFrom(_to_half(a.t))
     # Float inputs: a Cast to float16 right after each; float outputs: a Cast back before each.
     renamed_in = {vi.name: f"{vi.name}__fp16" for vi in g.input if vi.type.tensor_type.elem_type == FLOAT}
-    renamed_out = {vi.name: f"{vi.name}__fp16" for vi in g.output if vi.type.tensor_type.elem_type == FLOAT}
+    # An output that is a graph input is passed through as it is; every other float output gets a Cast back.
+    renamed_out = {vi.name: f"{vi.name}__fp16" for vi in g.output if vi.type.tensor_type.elem_type == FLOAT and vi.name not in graph_inputs}
+    for t in g.initializer:  # an output that is a constant: the constant is renamed like a node's output
+        if t.name in renamed_out:
+            t.name = renamed_out[t.name]
     for n in g.node:
         for i, name in enumerate(n.input):
             if name in renamed_in:

@@ -25,11 +25,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+import bf
 from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.export.fp16_graph import to_fp16
+from bf.export.onnx_graphs import save_graph
+from bf.export.run import sha256_file
 from bf.format.dequant_op import DOMAIN, OP_TYPE
-from bf.native import find_plugin_library, register_trt_plugin
+from bf.native import find_plugin_library, find_trt_rtx_alias, register_trt_plugin
 from bf.tensorrt_flavors import FLAVORS, make_logger, rtx_archs
 
 CACHE_DIR = Path(os.environ.get("BF_ENGINE_CACHE", Path.home() / ".cache" / "bf" / "engines"))
@@ -43,7 +46,9 @@ def prepare(req) -> list[str]:
     flavor = FLAVORS[req.target]
     trt = flavor.load()
     if req.weights == "plugin":
-        find_plugin_library(req.plugin)
+        plugin = find_plugin_library(req.plugin)
+        if req.target == "trt-rtx":
+            find_trt_rtx_alias(plugin)
     if req.target == "trt-rtx":
         rtx_archs(trt, req.gpu_archs)
         return list(req.gpu_archs)
@@ -87,25 +92,28 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
     builder = trt.Builder(logger)
     # The plugin library is copied beside the engines, not serialized into them (that would add its
     # size to every engine); the trt backend registers it from there before deserializing.
-    plugin = register_trt_plugin(trt, req.plugin) if req.weights == "plugin" else None
+    plugin = register_trt_plugin(trt, req.plugin, for_parser=True) if req.weights == "plugin" else None
     (out / "engines").mkdir(exist_ok=True)
     if plugin is not None:
         shutil.copy2(plugin, out / "engines" / plugin.name)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tag = f"{flavor.module}-{trt.__version__}-{'_'.join(targets)}"
     timing_path = CACHE_DIR / f"timing-{tag}.cache"
-    plugin_hash = hashlib.sha256(plugin.read_bytes()).hexdigest() if plugin else None  # a rebuilt plugin may serialize otherwise
+    archs = rtx_archs(trt, tuple(targets)) if req.target == "trt-rtx" else None
+    settings = {k: v for k, v in manifest["export_settings"].items() if k != "check"}
+    # bf's version: the float16 copy, the profiles and the plugin's field layout are made by this code
+    common = {"settings": settings, "runtime": flavor.module, "version": trt.__version__, "gpus": targets, "bf": bf.__version__,
+              "plugin": sha256_file(plugin) if plugin else None}  # fmt: skip
     engines = {}
     for name, graph in manifest["graphs"].items():
-        key_src = {"graph": graph["files"], "settings": manifest["export_settings"], "runtime": flavor.module, "version": trt.__version__,
-                   "gpus": targets, "plugin": plugin_hash}  # fmt: skip
+        key_src = {"graph": graph["files"], **common}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         cached = CACHE_DIR / f"{name}-{key}.plan"
         t0, hit = time.time(), cached.is_file()
         if not hit:
             log(f"building the {name} engine ({flavor.label} {trt.__version__}, {manifest['precision']}, for {', '.join(targets)}); "
                 "minutes for a full-size UNet")  # fmt: skip
-            plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, req, targets, timing_path)
+            plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, req, archs, timing_path)
             with atomic_path(cached) as tmp:
                 tmp.write_bytes(plan)
             log(f"{name} engine: {len(plan) / 1e6:.1f} MB in {time.time() - t0:.0f} s")
@@ -133,15 +141,10 @@ def _graph_for_builder(onnx_path: Path, precision: str, scratch: Path) -> Path:
     if precision == "fp16":
         model = to_fp16(model, copy=False)
     codes_as_int8(model)
-    path = scratch / onnx_path.name
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, path)
-    return path
+    return save_graph(model, scratch / onnx_path.name)[0]
 
 
-def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str, req, targets, timing_path: Path) -> bytes:
+def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str, req, archs: list | None, timing_path: Path) -> bytes:
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory(prefix="bf-fp16-") as scratch:
@@ -151,8 +154,7 @@ def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str,
             raise BfError(f"{req.target}: {FLAVORS[req.target].label} cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if req.target == "trt-rtx":
-        archs = rtx_archs(trt, tuple(targets))
+    if archs is not None:  # trt-rtx
         config.num_compute_capabilities = len(archs)
         for i, cc in enumerate(archs):
             config.set_compute_capability(cc, i)

@@ -9,6 +9,8 @@ compute capabilities it was built for, and anything else is refused in one line.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from bf.errors import BfError
@@ -47,7 +49,7 @@ class TrtBackend:
         engines = model.manifest.get("engines")
         if not engines:
             raise BfError(f"{model.root} has no TensorRT engines; export with --target trt or trt-rtx, or use --backend ort")
-        if not gpu_count():
+        if gpu_count() == 0:  # None: no CUDA runtime library to ask; CudaRuntime says what to install
             raise BfError("the trt backend runs TensorRT engines on a CUDA GPU and none is visible here; use --backend ort")
         self.cuda = CudaRuntime()
         check_engines_fit(model, engines, self.cuda.compute_capability())
@@ -56,16 +58,16 @@ class TrtBackend:
         if flavor is TENSORRT and engines["unet"]["tensorrt"] != trt.__version__:
             raise BfError(f"{model.root}: the engines were built with TensorRT {engines['unet']['tensorrt']}, this machine has TensorRT "
                           f"{trt.__version__}; export again here with --target trt")  # fmt: skip
+        self.trt = trt
+        self.logger = make_logger(trt, lambda m: print(m, file=sys.stderr))
+        runtime = trt.Runtime(self.logger)  # a logger must exist before a plugin library is loaded
         if engines.get("plugin"):
             register_trt_plugin(trt, model.root / engines["plugin"])
-        self.trt = trt
-        self.logger = make_logger(trt, lambda m: None)
-        runtime = trt.Runtime(self.logger)
         self.contexts = {}
         for name in GRAPHS:
             engine = runtime.deserialize_cuda_engine((model.root / engines[name]["file"]).read_bytes())
             if engine is None:
-                why = "; ".join(self.logger.held) or "see its log"
+                why = "; ".join(self.logger.errors + self.logger.held) or "see its log"
                 raise BfError(f"{flavor.label} {trt.__version__} could not load {engines[name]['file']} ({why}); "
                               f"export again with this {flavor.label}")  # fmt: skip
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from bf.errors import BfError  # noqa: E402
+from bf.export.fp16_graph import to_fp16  # noqa: E402
 from bf.export.qdq_lowering import lower_graph_qdq, qdq_form  # noqa: E402
 from bf.format import Grid, QuantizedLayer  # noqa: E402
 from bf.format.dequant_op import DOMAIN, OP_TYPE, DequantSpec  # noqa: E402
@@ -142,23 +143,40 @@ def test_onnx_qdq_export_is_checked_and_equals_the_standard_lowering(qdq_export)
 
 def test_the_float16_copy_keeps_float32_io_and_resize_scales(qdq_export):
     from bf.export.check import psnr_db
-    from bf.export.fp16_graph import to_fp16
 
-    tmp, _ = qdq_export
+    tmp, manifest = qdq_export
     for graph in ("unet", "vae_decoder"):
         m = onnx.load(tmp / "qdq" / f"{graph}.onnx")
         h = to_fp16(m)
-        onnx.checker.check_model(h)
+        onnx.checker.check_model(h, full_check=True)
         assert [i.type.tensor_type.elem_type for i in h.graph.input] == [i.type.tensor_type.elem_type for i in m.graph.input]
         assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in h.graph.output)
         floats = [t.name for t in h.graph.initializer if t.data_type == TensorProto.FLOAT]
         resize_inputs = {n.input[i] for n in h.graph.node if n.op_type == "Resize" for i in (1, 2) if i < len(n.input)}
         assert set(floats) <= resize_inputs, floats
     rng = np.random.default_rng(2)
-    latent = (rng.standard_normal((1, 4, 8, 8)) * 3).astype(np.float32)
-    m = onnx.load(tmp / "qdq" / "vae_decoder.onnx")
-    ref, half = run(m, {"latent": latent})[0], run(to_fp16(m), {"latent": latent})[0]
-    assert psnr_db(half, ref) >= 30  # the export's float16 floor
+    feeds = {
+        "vae_decoder": {"latent": (rng.standard_normal((1, 4, 8, 8)) * 3).astype(np.float32)},
+        "unet": {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32), "step": np.array([1]),
+                 "encoder_hidden_states": rng.standard_normal((2, 77, manifest["hidden_size"])).astype(np.float32)},
+    }  # fmt: skip
+    for graph, feed in feeds.items():
+        m = onnx.load(tmp / "qdq" / f"{graph}.onnx")
+        ref, half = run(m, feed)[0], run(to_fp16(m), feed)[0]
+        assert psnr_db(half, ref) >= 30, graph  # the export's float16 floor
+
+
+def test_the_float16_copy_passes_through_outputs_that_no_node_computes():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "c", "y")]
+    cv = np.array([1.5, -2.0], np.float32)
+    c = numpy_helper.from_array(cv, "c")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g", [x], outs, initializer=[c])
+    h = to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8))
+    onnx.checker.check_model(h, full_check=True)
+    a = np.array([0.25, 3.0], np.float32)
+    got_x, got_c, got_y = run(h, {"x": a})
+    assert np.array_equal(got_x, a) and np.array_equal(got_c, cv) and np.array_equal(got_y, a + cv)
 
 
 def test_engine_option_refusals(qdq_export, tmp_path):
@@ -226,18 +244,26 @@ def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(model, qdq_export, tmp
     again = run_bf(*args, "--out", tmp_path / "e2")
     assert again.returncode == 0 and again.stderr.count("engine: cached") == 3, again.stderr
     assert json.loads(again.stdout)["engines"]["unet"]["cache_key"] == m["engines"]["unet"]["cache_key"]
+    if model == "tiny":  # other target GPUs are other engines
+        other = run_bf(*[a if a != "86,120" else "89" for a in args], "--out", tmp_path / "e3")
+        assert other.returncode == 0 and "engine: cached" not in other.stderr, other.stderr
+        assert json.loads(other.stdout)["engines"]["unet"]["gpus"] == ["89"]
 
 
 def test_ort_backend_runs_a_qdq_export_and_reports_its_provider(qdq_export, tmp_path):
     from conftest import run_bf
     from PIL import Image
 
+    from bf.runtime.backend_ort import choose_providers
+    from bf.runtime.cuda_runtime import gpu_count
+
     tmp, _ = qdq_export
     images = {}
     for form in ("qdq", "std"):
         r = run_bf("infer", tmp / form, "--prompt", "a red circle", "--steps", "4", "--out", tmp_path / f"{form}.png", "--json")
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["execution"] == {"backend": "ort", "provider": "CPUExecutionProvider"}
+        expected = choose_providers(ort.get_available_providers(), gpu_count(), custom_ops=False)[0]
+        assert json.loads(r.stdout)["execution"] == {"backend": "ort", "provider": expected}
         images[form] = np.asarray(Image.open(tmp_path / f"{form}.png"), dtype=np.int16)
     assert np.abs(images["qdq"] - images["std"]).max() <= 1  # the same weights, computed in float32
 

@@ -249,7 +249,7 @@ def test_tensorrt_registration_errors_name_the_fix(tmp_path, monkeypatch):
 
     def trt_with(load, creator):
         registry = SimpleNamespace(load_library=load, get_creator=lambda name, version, ns: creator)
-        return SimpleNamespace(__version__="10.9.0", get_plugin_registry=lambda: registry)
+        return SimpleNamespace(__name__="tensorrt", __version__="10.9.0", get_plugin_registry=lambda: registry)
 
     def refuse(path):
         raise RuntimeError("undefined symbol: _ZN8nvinfer1")
@@ -259,5 +259,7 @@ def test_tensorrt_registration_errors_name_the_fix(tmp_path, monkeypatch):
         register_trt_plugin(trt_with(refuse, None), lib)
     with pytest.raises(BfError, match=r"does not provide LowBitDequant version 1: it was built for another bf"):
         register_trt_plugin(trt_with(lambda p: object(), None), lib)
+    with pytest.raises(BfError, match=r"tensorrt 10\.9\.0 could not load .* \(see its log\); rebuild it against this TensorRT"):
+        register_trt_plugin(trt_with(lambda p: None, None), lib)  # load_library's failure without an exception
     with pytest.raises(BfError, match=r"no such file .*make plugins"):
         register_trt_plugin(trt_with(lambda p: object(), object()), tmp_path / "missing.so")
