@@ -541,13 +541,14 @@ FUSED_OPTION = click.option(
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default="", help="What to steer away from (the unconditional prompt).")
 @click.option("--steps", type=int, default=None, help="Sampling steps [default: what the model was exported for].")
-@click.option("--cfg", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the initial noise (NumPy): same image on every backend.")
+@click.option("--cfg", type=click.FloatRange(0), default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1024, show_default=True,
+              help="Seed of the initial noise (NumPy): same image on every backend. Image i of --num-images uses seed + i.")  # fmt: skip
 @click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default=None,
               help="Sampler [default: the one the model was exported for].")  # fmt: skip
 @click.option("--height", type=int, default=None, help="Image height [default: the export's].")
 @click.option("--width", type=int, default=None, help="Image width [default: the export's].")
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt (one batch).")
+@click.option("--num-images", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt (one batch).")
 @click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
               help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt: the TensorRT engines of a --target trt export "
                    "(needs bf[trt]). torch: PyTorch on a CUDA GPU, weights decoded by plugins_trt's kernels (needs bf[train] "
@@ -577,6 +578,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
 
     if not prompt.strip():
         raise BfError("--prompt is empty; say what to draw")
+    _check_png_out(out)
     model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export())
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     bar = tqdm(total=None, desc="sampling", unit="step", disable=None, file=sys.stderr)
@@ -591,14 +593,25 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     if result.dropped_tokens:
         _log(f"warning: the prompt is longer than 75 tokens; the last {result.dropped_tokens} were dropped")
     paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(num_images)]
-    meta = {k: str(v) for k, v in result.settings.items()}
-    for path, image in zip(paths, result.images, strict=True):
-        write_png(path, image, {"bf": json.dumps(result.settings), **meta})
+    for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
+        settings = {**result.settings, "seed": seed + i}  # what reproduces this image alone
+        write_png(path, image, {"bf": json.dumps(settings), **{k: str(v) for k, v in settings.items()}})
     _log(f"wrote {', '.join(map(str, paths))}")
     if as_json:
         execution = {"backend": runner.name, "provider": getattr(runner, "provider", None)}  # ort: the execution provider it took
         click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "execution": execution,
                                "timings": result.timings}, indent=1))  # fmt: skip
+
+
+def _check_png_out(out: Path) -> None:
+    """Before any work: bf infer writes PNG files into a directory that exists and can be written."""
+    if out.suffix.lower() != ".png":
+        raise BfError(f"--out {out}: bf infer writes PNG images; give a .png file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise BfError(f"--out {out}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise BfError(f"--out {out}: directory {parent} is not writable; choose another --out")
 
 
 def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
@@ -620,7 +633,7 @@ def _bench_target(target: Path | None, backend: str) -> Path:
     if target.is_file():  # a .bfq: exported once into the cache
         from bf.export.run import sha256_file
 
-        return _cached_export(target, sha256_file(target)[:16], "trt" if backend == "trt" else "onnx-std")
+        return _cached_export(target, sha256_file(target).removeprefix("sha256:")[:16], "trt" if backend == "trt" else "onnx-std")
     return target
 
 

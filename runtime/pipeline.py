@@ -67,7 +67,9 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     sampler = make_scheduler(name, model.scheduler_config, steps)
     if not np.array_equal(sampler.timesteps, np.asarray(m["scheduler"]["timesteps"])):
         raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
-    latents = initial_latents(req.seed, (k, m["latent_channels"], height // scale, width // scale), sampler.init_noise_sigma)
+    # Image i starts from seed + i alone, so any image of a batch is reproduced by its own seed with --num-images 1.
+    shape = (1, m["latent_channels"], height // scale, width // scale)
+    latents = np.concatenate([initial_latents(req.seed + i, shape, sampler.init_noise_sigma) for i in range(k)])
     start = latents.copy()
     t0 = time.perf_counter()
     for i in range(len(sampler.timesteps)):

@@ -238,3 +238,15 @@ def test_cli_unwritable_output_and_damaged_weights(tiny_model, tmp_path):
         run_bf("quantize", "--model", d, "--bits", "2", "--out", tmp_path / "x.bfq"), "down_blocks.0.resnets.0.conv1.weight", "NaN"
     )
     assert not (tmp_path / "x.bfq").exists()
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(tmp_path):
+    from bf.errors import BfError
+    from bf.evaluate.run import prompt_sets
+
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(b"a red circle\n\xff\xfe a blue square\n")
+    with pytest.raises(BfError, match=r"prompts.txt: not a UTF-8 text file \(byte 13\); save the prompts as UTF-8"):
+        prompt_sets(str(f))
+    f.write_text("a red circle\nune étoile bleue\n", encoding="utf-8")
+    assert [p for s in prompt_sets(str(f)) for p in s.prompts] == ["a red circle", "une étoile bleue"]

@@ -113,6 +113,30 @@ def test_bad_input_gets_one_line(exported_std, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.png").exists()
+    for out, message in [(tmp_path / "x.jpg", "bf infer writes PNG images; give a .png file name"),
+                         (tmp_path / "no" / "x.png", "does not exist; create it first")]:  # fmt: skip
+        r = run_bf("infer", d, "--prompt", "x", "--out", out)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: --out {out}") and message in lines[0], r.stderr
+        assert not out.exists()
+    for option, value in [("--seed", "-1"), ("--cfg", "-3"), ("--num-images", "0")]:  # refused by click before any work
+        r = run_bf("infer", d, "--prompt", "x", option, value, "--out", tmp_path / "x.png")
+        assert r.returncode == 2 and f"Invalid value for '{option}'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_each_image_of_a_batch_is_reproduced_by_its_own_seed(exported_std, tmp_path):
+    from PIL import Image
+
+    d = exported_std / "onnx"
+    r = run_bf("infer", d, "--prompt", PROMPT, "--seed", "5", "--num-images", "2", "--out", tmp_path / "b.png")
+    assert r.returncode == 0, r.stderr
+    assert [png_text(tmp_path / f"b-{i}.png")["seed"] for i in (1, 2)] == ["5", "6"]
+    r = run_bf("infer", d, "--prompt", PROMPT, "--seed", "6", "--out", tmp_path / "one.png")
+    assert r.returncode == 0, r.stderr
+    second, alone = (np.asarray(Image.open(tmp_path / f), dtype=np.int16) for f in ("b-2.png", "one.png"))
+    assert np.abs(second - alone).max() <= 1  # batched or alone: the same latents, float rounding apart
+    first = np.asarray(Image.open(tmp_path / "b-1.png"), dtype=np.int16)
+    assert np.abs(first - alone).mean() > 5  # different seeds, different images
 
 
 def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):

@@ -47,7 +47,10 @@ def prompt_sets(spec: str, limit: int | None = None) -> list[PromptSet]:
         path = Path(spec)
         if not path.is_file():
             raise BfError(f"--prompts {spec}: neither '{SHAPES_TEST}' nor a prompt file (one prompt per line)")
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise BfError(f"{path}: not a UTF-8 text file (byte {e.start}); save the prompts as UTF-8, one per line") from None
         if not lines:
             raise BfError(f"{path}: no prompts in the file")
         by_split: dict[str, PromptSet] = {}
