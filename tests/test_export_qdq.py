@@ -302,3 +302,18 @@ def test_plugin_engines_build_with_tensorrt_for_rtx(qdq_export, tmp_path, monkey
     m = json.loads(r.stdout)
     assert m["graph_form"] == "custom" and m["graphs"]["unet"]["dequant_ops"] > 0
     assert (tmp_path / "e" / m["engines"]["plugin"]).is_file() and m["engines"]["unet"]["bytes"] > 1000
+
+
+def test_tensorrt_log_lines_reach_the_user_without_the_no_gpu_probe_noise():
+    trt = pytest.importorskip("tensorrt_rtx")
+    from bf.tensorrt_flavors import make_logger
+
+    shown = []
+    logger = make_logger(trt, shown.append)
+    logger.log(trt.Logger.WARNING, "ModelImporter.cpp:1071: Make sure input step has Int64 binding.")  # bf binds int64
+    logger.log(trt.Logger.ERROR, "Error Code 1: Cuda Runtime (cudaError 35: CUDA driver version is insufficient)")
+    logger.log(trt.Logger.WARNING, "a warning\nwith detail")
+    logger.log(trt.Logger.ERROR, "an error")
+    logger.log(trt.Logger.INFO, "chatter")
+    assert shown == ["warning (tensorrt_rtx): a warning", "error (tensorrt_rtx): an error"]
+    assert logger.errors == ["an error"] and len(logger.held) == 1  # the probe error is shown only if the build fails
