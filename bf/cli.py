@@ -579,6 +579,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     if not prompt.strip():
         raise BfError("--prompt is empty; say what to draw")
     _check_png_out(out)
+    _check_gpu_backend(backend)
     model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export())
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     bar = tqdm(total=None, desc="sampling", unit="step", disable=None, file=sys.stderr)
@@ -601,6 +602,14 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         execution = {"backend": runner.name, "provider": getattr(runner, "provider", None)}  # ort: the execution provider it took
         click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "execution": execution,
                                "timings": result.timings}, indent=1))  # fmt: skip
+
+
+def _check_gpu_backend(backend: str) -> None:
+    """Before any export or load: the GPU backends need a visible CUDA GPU."""
+    from bf.runtime.cuda_runtime import gpu_count
+
+    if backend in ("torch", "trt") and gpu_count() == 0:
+        raise BfError(f"--backend {backend} runs on a CUDA GPU and none is visible here; use --backend ort")
 
 
 def _check_png_out(out: Path) -> None:
@@ -719,6 +728,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
         raise click.BadParameter(f"{batch_text!r}: expected comma-separated batch sizes, e.g. 1,2") from None
     if not batches or min(batches) < 1:
         raise click.BadParameter(f"{batch_text!r}: batch sizes must be at least 1")
+    _check_gpu_backend(backend)
     model = ExportedModel.open(_bench_target(target, backend))
     if steps is not None:
         model.check_sampler(model.manifest["scheduler"]["name"], steps)

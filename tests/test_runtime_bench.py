@@ -63,3 +63,16 @@ def test_bench_bad_input_gets_one_line(quantized_bfq, tmp_path):
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     r = bench(tmp_path / "nowhere", cache=tmp_path / "cache")
     assert r.returncode == 1 and "no manifest.json" in r.stderr.strip().splitlines()[-1]
+
+
+def test_gpu_backends_without_a_gpu_stop_before_any_export(quantized_bfq, tmp_path):
+    from bf.runtime.cuda_runtime import gpu_count
+
+    if gpu_count() != 0:
+        pytest.skip("a GPU is visible, or no CUDA runtime library to ask")
+    for backend in ("torch", "trt"):
+        r = bench(quantized_bfq, "--backend", backend, cache=tmp_path / "cache")
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"error: --backend {backend} runs on a CUDA GPU and none is visible here; use --backend ort"
+        ], r.stderr
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing exported
