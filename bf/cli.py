@@ -52,13 +52,19 @@ def _log(msg: str) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(bf.__version__, prog_name="bf")
 def main() -> None:
-    """bf: BitsFusion toolchain. Quantize a Stable Diffusion UNet to ~2 bits per weight.
+    """bf: BitsFusion toolchain. Quantize a Stable Diffusion UNet to ~2 bits per weight, export and run it.
+
+    Without --model, every command uses the small text-to-image model shipped in the package.
 
     \b
     Typical flow:
-      bf random-model --arch sd15-tiny --out tiny        # a model, no download needed
-      bf quantize --model tiny --bits 2 --out tiny.bfq   # post-training quantization
-      bf inspect tiny.bfq                                # sizes and bits per layer
+      bf quantize --bits 2 --out m.bfq               # post-training quantization, seconds on a CPU
+      bf train --out m.bfq                           # or the BitsFusion recipe (analysis + QAT; a GPU job)
+      bf inspect m.bfq                               # sizes and bits per layer
+      bf export m.bfq --target onnx-std --out onnx   # ONNX graphs, checked against PyTorch
+      bf export m.bfq --target trt-rtx --out rtx     # TensorRT for RTX engines, built on any machine
+      bf infer onnx --prompt "a red circle" --out img.png
+      bf bench onnx                                  # sizes and latency against the FP model
     """
 
 
