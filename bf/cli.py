@@ -588,7 +588,8 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     _check_gpu_backend(backend)
     model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export())
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
-    bar = tqdm(total=None, desc="sampling", unit="step", disable=None, file=sys.stderr)
+    # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
+    bar = tqdm(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)
 
     def progress(i: int, n: int) -> None:
         bar.total = n
