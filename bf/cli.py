@@ -503,15 +503,15 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
 
 
 CACHE_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf"))
-SHIPPED_INFER_DIR = CACHE_DIR / f"shipped-2bit-onnx-std-{bf.__version__}"
 SHIPPED_BFQ = CACHE_DIR / f"shipped-2bit-{bf.__version__}.bfq"  # kept: the torch backend and bf bench's baseline read it
 
 
-def _shipped_export() -> Path:
-    """The shipped model at 2 bits, exported once (onnx-std, PNDM 50 steps) into the cache."""
-    manifest = SHIPPED_INFER_DIR / "manifest.json"
+def _shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:
+    """The shipped model at 2 bits, exported (onnx-std) into the cache once per sampler and step count."""
+    out = CACHE_DIR / f"shipped-2bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
+    manifest = out / "manifest.json"
     if manifest.is_file() and Path(json.loads(manifest.read_text())["model"]["source"]).is_file():
-        return SHIPPED_INFER_DIR
+        return out
     import shutil
 
     from bf.export.run import ExportRequest, export_model
@@ -519,13 +519,14 @@ def _shipped_export() -> Path:
     from bf.models.shipped import model_source
     from bf.trainer.pipeline import QuantizeRequest, quantize_model
 
-    _log(f"no model directory given: quantizing the shipped model to 2 bits and exporting it to {SHIPPED_INFER_DIR} (once)")
+    _log(f"no model directory given: exporting the shipped model at 2 bits for {scheduler}, {steps} steps to {out} (once)")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     if not SHIPPED_BFQ.is_file():
+        _log("quantizing the shipped model to 2 bits (once)")
         quantize_model(ModelDir.open(model_source(None)), QuantizeRequest(bits=2, bundle=True), log=_log).save(SHIPPED_BFQ)
-    shutil.rmtree(SHIPPED_INFER_DIR, ignore_errors=True)  # an export from an older cache whose .bfq is gone
-    export_model(SHIPPED_BFQ, SHIPPED_INFER_DIR, ExportRequest(target="onnx-std"), log=_log)
-    return SHIPPED_INFER_DIR
+    shutil.rmtree(out, ignore_errors=True)  # an export from an older cache whose .bfq is gone
+    export_model(SHIPPED_BFQ, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps), log=_log)
+    return out
 
 
 # bf infer and bf bench, torch backend
@@ -586,7 +587,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         raise BfError("--prompt is empty; say what to draw")
     _check_png_out(out)
     _check_gpu_backend(backend)
-    model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export())
+    model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export(scheduler or "pndm", steps or 50))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
     bar = tqdm(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)

@@ -155,6 +155,14 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     assert [p.suffix for p in env_cache.iterdir() if p.is_file()] == [".bfq"]  # kept for the torch backend and bf bench's baseline
     assert json.loads((exported / "manifest.json").read_text())["target"] == "onnx-std"
     assert json.loads(r.stdout)["settings"]["height"] == 128
+    # Another sampler or step count: bf exports its own cache again instead of asking the user to.
+    r = subprocess.run(
+        [sys.executable, "-m", "bf.cli", "infer", "--prompt", PROMPT, "--steps", "4", "--scheduler", "ddim",
+         "--out", str(tmp_path / "d.png"), "--json"], capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["settings"]["steps"], json.loads(r.stdout)["settings"]["scheduler"]) == (4, "ddim")
+    assert len([p for p in env_cache.iterdir() if p.is_dir()]) == 2 and "quantizing" not in r.stderr  # the .bfq reused
 
 
 @pytest.mark.gpu
