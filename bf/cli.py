@@ -40,9 +40,9 @@ _EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train", "mat
 
 
 def _progress(desc: str):
-    from tqdm import tqdm
+    from bf.progress import progress_bar
 
-    return lambda it: tqdm(it, desc=desc, unit="layer", disable=None, file=sys.stderr)
+    return lambda it: progress_bar(it, desc=desc, unit="layer", disable=None, file=sys.stderr)
 
 
 def _log(msg: str) -> None:
@@ -212,11 +212,11 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
     models, --layers / --limit / --steps for quick looks.
     """
     import torch
-    from tqdm import tqdm
 
     from bf.models.directory import ModelDir
     from bf.models.pipeline import load_model
     from bf.models.shipped import model_source
+    from bf.progress import progress_bar
     from bf.trainer.analyze import AnalyzeConfig, check_resumable, parse_shard
     from bf.trainer.analyze import analyze as run_analysis
 
@@ -244,7 +244,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         check_clip_dir(clip_dir)
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
     check_resumable(out, cfg, model, resume)
-    bar = tqdm(desc="analyze", unit="layer", disable=None, file=sys.stderr)
+    bar = progress_bar(desc="analyze", unit="layer", disable=None, file=sys.stderr)
     if workers > 1:
         from bf.trainer.analyze_workers import run_workers
 
@@ -376,13 +376,13 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         log_dir=log_dir,
     )
     work = work or out.with_name(out.name + ".work")
-    from tqdm import tqdm
+    from bf.progress import progress_bar
 
-    bars: dict[int, tqdm] = {}
+    bars: dict[int, object] = {}
 
     def progress(stage, step, info):
         if stage not in bars:
-            bars[stage] = tqdm(
+            bars[stage] = progress_bar(
                 total=info["steps"], initial=step - 1, desc=f"Stage {'I' if stage == 1 else 'II'}", disable=None, file=sys.stderr
             )
         bars[stage].update(1)
@@ -472,9 +472,8 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     standard operators; onnx-qdq: DequantizeLinear), and the UNet takes a step index into a
     time-feature table built for --scheduler and --steps.
     """
-    from tqdm import tqdm
-
     from bf.export.run import ExportRequest, export_model
+    from bf.progress import progress_bar
 
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
@@ -486,7 +485,7 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     from bf.export.onnx_graphs import GRAPHS
 
     stages = len(GRAPHS) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
-    bar = tqdm(total=stages, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
+    bar = progress_bar(total=stages, desc="export", disable=None, file=sys.stderr, bar_format="{desc}: {n}/{total} {postfix}")
 
     def progress(stage: str) -> None:
         bar.set_postfix_str(stage)
@@ -577,8 +576,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     No torch, diffusers or transformers are imported on the ort backend. The PNG carries the
     prompt, negative prompt, seed, steps, cfg, scheduler and model hash in its metadata.
     """
-    from tqdm import tqdm
-
+    from bf.progress import progress_bar
     from bf.runtime.exported import ExportedModel
     from bf.runtime.pipeline import GenerationRequest, generate
     from bf.runtime.png import write_png
@@ -590,7 +588,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export(scheduler or "pndm", steps or 50))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
-    bar = tqdm(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)
+    bar = progress_bar(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)
 
     def progress(i: int, n: int) -> None:
         bar.total = n
@@ -725,8 +723,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     """
     import dataclasses
 
-    from tqdm import tqdm
-
+    from bf.progress import progress_bar
     from bf.runtime.bench import BenchRequest, bench_model, environment, format_report, ratios
     from bf.runtime.exported import ExportedModel
 
@@ -746,7 +743,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
         _log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"
     options = {"weights": weights if quantized else "fp", "cuda_graph": cuda_graph, "fused": fused, "keep_decoded": keep_decoded}
-    bar = tqdm(total=None, desc="bench", disable=None, file=sys.stderr, bar_format="{desc}: {postfix}")
+    bar = progress_bar(total=None, desc="bench", disable=None, file=sys.stderr, bar_format="{desc}: {postfix}")
 
     def run(label: str, model, **options) -> dict:
         runner = _open_backend(backend, model, **options)
@@ -866,11 +863,11 @@ def eval_cmd(
     diffusers pipeline with its dequantized UNet.
     """
     import torch
-    from tqdm import tqdm
 
     from bf.evaluate.run import EvalConfig, evaluate, prompt_sets
     from bf.models.pipeline import load_model
     from bf.models.shipped import model_source
+    from bf.progress import progress_bar
     from bf.report import format_eval_table, save_eval_grid
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -891,7 +888,7 @@ def eval_cmd(
 
         clip = ClipScorer(clip_dir, device)
     total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * (len(loaded) + (ref is not None))
-    with tqdm(total=total, desc="generate", unit="img", disable=None, file=sys.stderr) as bar:
+    with progress_bar(total=total, desc="generate", unit="img", disable=None, file=sys.stderr) as bar:
         results, generated = evaluate(loaded, ref, cfg, clip, progress=bar.update)
     click.echo(format_eval_table(results))
     if json_out is not None:

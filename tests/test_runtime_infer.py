@@ -195,3 +195,14 @@ def test_torch_backend_refuses_fused_kernels_without_streamed_weights(exported_s
     model = ExportedModel.open(exported_std / "onnx")
     with pytest.raises(BfError, match="fused='on' runs on streamed weights, not weights='decoded'"):
         TorchBackend(model, device="cpu", weights="decoded", fused="on")
+
+
+def test_progress_shows_in_logs_when_stderr_is_not_a_terminal(exported_std, tmp_path):
+    import os
+
+    env = {**os.environ, "BF_PROGRESS_SECONDS": "0", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "bf.cli", "infer", str(exported_std / "onnx"), "--prompt", PROMPT, "--out",
+                        str(tmp_path / "p.png")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("sampling: ")]
+    assert len(lines) == 12 and lines[0].startswith("sampling: 1/11 UNet calls") and "done in" in lines[-1], r.stderr

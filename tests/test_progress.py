@@ -1,0 +1,30 @@
+"""Progress lines when stderr is not a terminal (logs, CI, pipes)."""
+
+import io
+
+from bf import progress
+from bf.progress import LogProgress, progress_bar
+
+
+def test_log_progress_writes_count_rate_and_time_left(monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    out = io.StringIO()
+    bar = LogProgress(desc="sampling", total=4, unit="UNet call", file=out)
+    bar.update(1)
+    bar.set_postfix(loss="0.25")
+    bar.update(1)
+    bar.close()
+    bar.close()  # once only
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("sampling: 1/4 UNet calls, ") and "left" in lines[0]
+    assert lines[1].startswith("sampling: 2/4 UNet calls, ") and lines[1].endswith("loss=0.25")
+    assert lines[2].startswith("sampling: 2/4 UNet calls, ") and "done in 0:00" in lines[2]
+
+
+def test_lines_are_spaced_by_the_interval_and_iterables_are_counted(monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 3600.0)
+    out = io.StringIO()
+    assert list(progress_bar(range(5), desc="quantize", unit="layer", file=out, disable=None)) == [0, 1, 2, 3, 4]
+    assert len(out.getvalue().splitlines()) == 1  # no line within the hour, then the closing one
+    assert out.getvalue().startswith("quantize: 5/5 layers, ") and "done in" in out.getvalue()
