@@ -143,6 +143,10 @@ def test_bf_train_cli_on_an_fp16_model(tmp_path):
     assert {ly.grid.bits for ly in ckpt.layers.values()} == {2, 8}
     assert ckpt.recipe["training"]["stage1_steps"] == 2
     assert (tmp_path / "q.bfq.work" / "log.csv").read_text().count("\n") == 4
+    r = run_bf(*args, "--uniform-bits", "2", "--resume", "--work", tmp_path / "fresh", "--out", tmp_path / "y.bfq")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].endswith("holds no training state (state.safetensors) to continue; "
+                                                                              "run without --resume to start"), r.stderr  # fmt: skip
+    assert "encoding" not in r.stderr and not (tmp_path / "fresh").exists()  # refused before any work
     r = run_bf(*args, "--uniform-bits", "2", "--recipe", tmp_path / "r.json", "--out", tmp_path / "x.bfq")
     assert r.returncode == 1 and "at most one of --recipe and --uniform-bits" in r.stderr and not (tmp_path / "x.bfq").exists()
     (tmp_path / "r.json").write_text(json.dumps(uniform_recipe({"conv_in": (4, 4, 3, 3)}, 2, "balanced")))

@@ -20,7 +20,7 @@ from bf.models.directory import ModelDir, bundle_from_model_dir
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import load_latents
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
-from bf.trainer.train import Frozen, TrainConfig, pack_student, train_student
+from bf.trainer.train import Frozen, TrainConfig, check_work, pack_student, train_student
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ def train_model(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    check_work(work, resume)  # before the models load and the images are encoded
     device = torch.device(req.device)
     unet_config = model.config("unet")
     teacher = UNet2DConditionModel.from_pretrained(model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device)

@@ -118,6 +118,15 @@ class CsvLog:
         self.f.close()
 
 
+def check_work(work: Path, resume: bool) -> None:
+    """--resume needs a saved state in ``work``, and a run without it must not overwrite one."""
+    state = work / STATE_FILE
+    if resume and not state.is_file():
+        raise BfError(f"--resume: {work} holds no training state ({STATE_FILE}) to continue; run without --resume to start")
+    if not resume and state.exists():
+        raise BfError(f"{work} has a training state; pass --resume to continue it, or use another --work")
+
+
 def train_student(
     frozen: Frozen,
     plan: dict[str, Grid],
@@ -150,9 +159,8 @@ def train_student(
     state_path = work / STATE_FILE
     digest = cfg.digest(plan)
     start = {"stage": _stages(cfg)[0][0] if _stages(cfg) else 2, "step": 0}
-    if state_path.exists():
-        if not resume:
-            raise BfError(f"{work} has a training state; pass --resume to continue it, or use another --work")
+    check_work(work, resume)
+    if resume:
         meta = load_state(state_path, student, opt)
         if meta.get("digest") != digest:
             raise BfError(f"{state_path} was made with other settings or another recipe; use them again, or another --work")
