@@ -99,6 +99,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # log.csv continues: every step once, in order, as in the uninterrupted run, and its clock does not restart
+    rows = [r.split(",") for r in (tmp_path / "b" / "log.csv").read_text().splitlines()]
+    full_rows = [r.split(",") for r in (tmp_path / "a" / "log.csv").read_text().splitlines()]
+    assert (
+        [r[:2] for r in rows]
+        == [r[:2] for r in full_rows]
+        == [["stage", "step"], *[[str(s), str(i)] for s, n in ((1, 3), (2, 2)) for i in range(1, n + 1)]]
+    )
+    assert [r[2] for r in rows] == [r[2] for r in full_rows]  # the same losses
+    seconds = [float(r[-1]) for r in rows[1:]]
+    assert seconds == sorted(seconds)
 
 
 def test_nan_loss_stops_with_the_last_good_state_named(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.format import Checkpoint, Grid
 from bf.provenance import provenance
@@ -101,17 +102,25 @@ def _stages(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 
 class CsvLog:
-    def __init__(self, path: Path):
-        new = not path.exists()
+    """log.csv: one row per step. ``resume_at`` (stage, step) of a resumed run keeps the rows up to the
+    saved state (later ones are trained again and rewritten) and continues their seconds column."""
+
+    HEADER = ("stage", "step", "loss", "noise", "feature", "lr", "seconds")
+
+    def __init__(self, path: Path, resume_at: tuple[int, int] | None = None):
+        kept = []
+        if resume_at is not None and path.is_file():
+            with open(path, newline="") as f:
+                kept = [r for r in list(csv.reader(f))[1:] if len(r) == len(self.HEADER) and (int(r[0]), int(r[1])) <= resume_at]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # a fresh run starts a fresh log
+            csv.writer(f).writerows([self.HEADER, *kept])
+        self.seconds_before = float(kept[-1][-1]) if kept else 0.0
         self.f = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
         self.w = csv.writer(self.f)
-        if new:
-            self.w.writerow(["stage", "step", "loss", "noise", "feature", "lr", "seconds"])
 
     def write(self, stage, step, loss, parts, lr, seconds):
-        self.w.writerow(
-            [stage, step, f"{loss:.6g}", f"{parts.get('noise', 0):.6g}", f"{parts.get('feature', 0):.6g}", lr, f"{seconds:.2f}"]
-        )
+        self.w.writerow([stage, step, f"{loss:.6g}", f"{parts.get('noise', 0):.6g}", f"{parts.get('feature', 0):.6g}", lr,
+                         f"{self.seconds_before + seconds:.2f}"])  # fmt: skip
         self.f.flush()
 
     def close(self):
@@ -171,7 +180,7 @@ def train_student(
     log_dir = log_dir or work
     if rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
-        csv_log, events = CsvLog(log_dir / LOG_FILE), EventLog(log_dir)
+        csv_log, events = CsvLog(log_dir / LOG_FILE, (start["stage"], start["step"]) if resume else None), EventLog(log_dir)
     steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
