@@ -1,8 +1,14 @@
-"""Atomic writes: a reader never sees a half-written file or directory."""
+"""Atomic writes: a reader never sees a half-written file or directory.
+
+Temporaries are named ``.<name>.<pid>-<random>.tmp`` beside the final path. A process killed
+(SIGKILL) before it could clean up leaves one behind; the next write of the same path removes
+those whose process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -17,6 +23,34 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Temporaries of ``final`` left by processes that no longer run (removed; returned)."""
+    removed = []
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*-*.tmp") if final.parent.is_dir() else ():
+        pid = p.name[len(final.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _prefix(final: Path) -> str:
+    return f".{final.name}.{os.getpid()}-"
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` on success.
@@ -27,7 +61,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale(final)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -45,16 +80,19 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; move it into place on success.
 
-    The directory gets 0o777 less the umask, not mkdtemp's 0700. With ``overwrite``,
-    the old directory is first renamed to a fresh unique name, and only that name is
-    deleted: a fixed name such as ``.name.old`` could belong to someone else.
+    The directory gets 0o777 less the umask, not mkdtemp's 0700. An empty ``final`` is
+    replaced. With ``overwrite``, a full one is first renamed to a fresh unique name, and
+    only that name is deleted: a fixed name such as ``.name.old`` could belong to someone else.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+            final.rmdir()
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +16,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from bf.atomic import atomic_dir
 from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
 from bf.export.components import MAX_TOKENS, build_components, example_inputs
@@ -148,9 +146,7 @@ def export_model(
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
     inputs = example_inputs(comps, check_batch, req.height, req.width)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # an empty out is replaced; nothing of a failed or killed export stays
         graphs, checks = {}, []
         for spec in GRAPHS:
             progress(f"tracing {spec.name}")
@@ -203,15 +199,6 @@ def export_model(
             progress("building engines")
             manifest["engines"] = build_engines(tmp, manifest, req, engine_gpus, log)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700; what is inside was made with the umask
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -133,6 +133,39 @@ def test_atomic_dir_permissions_and_old_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", "model"]
 
 
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+
+    from bf.atomic import atomic_path
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process now
+    stale_file = tmp_path / f".m.bfq.{dead.pid}-abc.tmp"
+    stale_dir = tmp_path / f".model.{dead.pid}-def.tmp"
+    live = tmp_path / f".m.bfq.{os.getpid()}-ghi.tmp"  # a writer that still runs (this one)
+    other = tmp_path / ".m.bfq.notes.tmp"  # not a name the writers make
+    stale_file.write_bytes(b"")  # what a SIGKILL during a state save leaves
+    stale_dir.mkdir()
+    (stale_dir / "unet.onnx").write_bytes(b"x")
+    for p in (live, other):
+        p.write_bytes(b"")
+    with atomic_path(tmp_path / "m.bfq") as tmp:
+        tmp.write_bytes(b"new")
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "m.bfq", "model"])
+
+
+def test_an_empty_directory_is_replaced_and_a_full_one_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a"]
+    with pytest.raises(FileExistsError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "b").write_text("2")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temporary went too
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     import safetensors.numpy
 

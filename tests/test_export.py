@@ -190,7 +190,7 @@ def test_a_failed_check_leaves_nothing_behind(exported, monkeypatch):
     monkeypatch.setitem(check.PSNR_FLOOR_DB, "float32", 1000.0)
     with pytest.raises(BfError, match=r"export check failed: ONNX Runtime differs from PyTorch: text_encoder .* dB short"):
         export_model(tmp / "m.bfq", tmp / "again", ExportRequest(steps=2))
-    assert not (tmp / "again").exists() and not list(tmp.glob(".again.partial-*"))
+    assert not (tmp / "again").exists() and not list(tmp.glob(".again.*"))
 
 
 def test_bad_input_gets_one_line(exported, tmp_path):

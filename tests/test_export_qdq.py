@@ -201,7 +201,7 @@ def test_engine_option_refusals(qdq_export, tmp_path):
         r = run_bf("export", tmp / "m.bfq", "--out", tmp_path / "x", "--steps", "4", *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr)
-        assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial-*"))
+        assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
 def test_a_missing_tensorrt_package_names_its_extra():
