@@ -112,6 +112,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert seconds == sorted(seconds)
 
 
+def test_a_bad_learned_scale_stops_at_the_next_checkpoint_with_the_last_good_state(tmp_path, monkeypatch):
+    from bf.trainer import train as train_module
+
+    real_step, calls = train_module.optimizer_step, []
+
+    def step_then_break_scales(loss, opt):  # the second step drives every parameter, scales too, below zero
+        real_step(loss, opt)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.copy_(-p.abs() - 1)
+
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_break_scales)
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=4, stage2_steps=0, batch_size=2, checkpoint_every=1)
+    with pytest.raises(BfError, match=rf"at Stage 1 step 2, \d+ learned scale\(s\) are not positive and finite; stopped, "
+                                      rf"the last good state is {tmp_path / STATE_FILE} \(try a lower --lr"):  # fmt: skip
+        train_student(frozen, _plan(frozen), cfg, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / STATE_FILE), "np") as f:
+        assert json.loads(f.metadata()["bf"])["meta"]["step"] == 1  # the state before the bad step, not after it
+
+
 def test_nan_loss_stops_with_the_last_good_state_named(tmp_path):
     frozen = _frozen(nan=True)
     cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, checkpoint_every=1)

@@ -127,6 +127,11 @@ class CsvLog:
         self.f.close()
 
 
+def bad_scales(quants: dict) -> int:
+    """How many learned scales are not positive and finite (one device sync)."""
+    return int(sum((~torch.isfinite(fq.scale) | (fq.scale <= 0)).sum() for fq in quants.values())) if quants else 0
+
+
 def check_work(work: Path, resume: bool) -> None:
     """--resume needs a saved state in ``work``, and a run without it must not overwrite one."""
     state = work / STATE_FILE
@@ -221,6 +226,13 @@ def train_student(
                 csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
                 events.scalars(steps_before[stage] + step, {f"stage{stage}/{k}": v for k, v in parts.items()})
                 if step % cfg.checkpoint_every == 0 or step == steps:
+                    # A state is saved only while every learned scale can still be packed, so the run stops
+                    # within one checkpoint interval of a bad scale, not at packing after the last step.
+                    bad = bad_scales(quants)
+                    if bad:
+                        where = state_path if state_path.exists() else "none was saved yet"
+                        raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not positive and finite; stopped, "
+                                      f"the last good state is {where} (try a lower --lr, then --resume)")  # fmt: skip
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
     finally:
         if rank == 0:
