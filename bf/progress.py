@@ -51,6 +51,10 @@ class LogProgress:
             self.last = now
             self._line(now)
 
+    def refresh(self) -> None:
+        """After ``n`` was set directly: a line if the interval has passed."""
+        self.update(0)
+
     def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         self.postfix = s
 

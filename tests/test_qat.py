@@ -73,12 +73,20 @@ def test_fake_quant_at_init_equals_ptq_and_export_round_trips():
     # and the model is really quantized: 5 levels per row at 2 bits
     w = unet.get_submodule(next(iter(plan))).weight.detach()
     assert max(len(torch.unique(row)) for row in w.reshape(w.shape[0], -1)) <= 5
+    # a scale trained through zero is the same weight with the levels negated: packed exactly, with |s|
+    with torch.no_grad():
+        for fq in quants.values():
+            fq.scale[::2] *= -1
+    flipped = export_layers(unet, quants)
+    for name in plan:
+        assert (flipped[name].scale > 0).all()
+        np.testing.assert_array_equal(flipped[name].dequantize(), unet.get_submodule(name).weight.detach().numpy())
     # a diverged scale is a one-line error for the CLI, not a traceback
     from bf.errors import BfError
 
     with torch.no_grad():
         next(iter(quants.values())).scale[0] = float("nan")
-    with pytest.raises(BfError, match=r"1 learned scale\(s\) are not positive and finite; retrain"):
+    with pytest.raises(BfError, match=r"1 learned scale\(s\) are not finite or are zero; retrain"):
         export_layers(unet, quants)
 
 

@@ -74,10 +74,17 @@ def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[s
     for name, fq in quants.items():
         w = latent_weight(unet, name).detach().float().cpu()
         s = fq.scale.detach().float().cpu()
-        if not torch.isfinite(s).all() or (s <= 0).any():
-            bad = int((~torch.isfinite(s) | (s <= 0)).sum())
-            raise BfError(f"{name}: {bad} learned scale(s) are not positive and finite; retrain from an earlier state with a lower --lr")
+        if not torch.isfinite(s).all() or (s == 0).any():
+            bad = int((~torch.isfinite(s) | (s == 0)).sum())
+            raise BfError(f"{name}: {bad} learned scale(s) are not finite or are zero; retrain from an earlier state with a lower --lr")
         q = quantize_levels(w, s, fq.grid)
+        # Training may carry a scale through zero: s * q is the same weight as |s| * -q, which the
+        # format stores (exact on the symmetric balanced grid; on a plain grid while -q stays on it).
+        flip = (s < 0).view(-1, *([1] * (q.dim() - 1)))
+        q, s = torch.where(flip, -q, q), s.abs()
+        if q.min() < fq.grid.qmin or q.max() > fq.grid.qmax:
+            raise BfError(f"{name}: a negative learned scale on the {fq.grid.kind} grid has no positive equivalent; retrain from an "
+                          "earlier state with a lower --lr")  # fmt: skip
         out[name] = QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), fq.grid)
     return out
 

@@ -128,8 +128,9 @@ class CsvLog:
 
 
 def bad_scales(quants: dict) -> int:
-    """How many learned scales are not positive and finite (one device sync)."""
-    return int(sum((~torch.isfinite(fq.scale) | (fq.scale <= 0)).sum() for fq in quants.values())) if quants else 0
+    """How many learned scales are not finite or are zero, which no packing holds (one device sync);
+    a negative one is packed as its absolute value with the levels negated (see export_layers)."""
+    return int(sum((~torch.isfinite(fq.scale) | (fq.scale == 0)).sum() for fq in quants.values())) if quants else 0
 
 
 def check_work(work: Path, resume: bool) -> None:
@@ -231,7 +232,7 @@ def train_student(
                     bad = bad_scales(quants)
                     if bad:
                         where = state_path if state_path.exists() else "none was saved yet"
-                        raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not positive and finite; stopped, "
+                        raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not finite or are zero; stopped, "
                                       f"the last good state is {where} (try a lower --lr, then --resume)")  # fmt: skip
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
     finally:
