@@ -23,7 +23,7 @@ def _duration(seconds: float) -> str:
 class LogProgress:
     """The part of tqdm's interface bf uses, as periodic log lines."""
 
-    def __init__(self, iterable=None, desc: str = "", total: int | None = None, unit: str = "it", initial: int = 0, file=None, **_):
+    def __init__(self, iterable=None, desc: str = "", total: int | None = None, unit: str = "", initial: int = 0, file=None, **_):
         self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             self.total = len(iterable)
@@ -65,7 +65,8 @@ class LogProgress:
         elapsed = now - self.t0
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
-        parts = [f"{self.desc}: {count} {self.unit}{'' if self.unit.endswith('s') else 's'}", f"{rate:.3g}/s"]
+        units = f" {self.unit}{'' if self.unit.endswith('s') else 's'}" if self.unit else ""  # tqdm's "it" reads as nothing here
+        parts = [f"{self.desc}: {count}{units}", f"{rate:.3g}/s"]
         if done:
             parts.append(f"done in {_duration(elapsed)}")
         else:

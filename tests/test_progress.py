@@ -28,3 +28,12 @@ def test_lines_are_spaced_by_the_interval_and_iterables_are_counted(monkeypatch)
     assert list(progress_bar(range(5), desc="quantize", unit="layer", file=out, disable=None)) == [0, 1, 2, 3, 4]
     assert len(out.getvalue().splitlines()) == 1  # no line within the hour, then the closing one
     assert out.getvalue().startswith("quantize: 5/5 layers, ") and "done in" in out.getvalue()
+
+
+def test_a_bar_without_a_unit_counts_plainly(monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    out = io.StringIO()
+    bar = progress_bar(total=6, desc="export", file=out, bar_format="{desc}: {n}/{total} {postfix}")
+    bar.set_postfix_str("tracing unet")
+    bar.update(2)
+    assert out.getvalue().startswith("export: 2/6, ") and out.getvalue().rstrip().endswith("tracing unet")
