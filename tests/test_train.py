@@ -93,8 +93,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         train_student(_frozen(), plan, cfg, tmp_path / "b", progress=interrupt)
     with pytest.raises(BfError, match="pass --resume"):
         train_student(_frozen(), plan, cfg, tmp_path / "b")
-    with pytest.raises(BfError, match="other settings"):
+    with pytest.raises(BfError, match=r"was made with other settings: lr 0\.001 \(now 0\.002\); use them again"):
         train_student(_frozen(), plan, TrainConfig(**{**cfg.__dict__, "lr": 2e-3}), tmp_path / "b", resume=True)
+    with pytest.raises(BfError, match=r"was made with another recipe \(other layers or bit widths\)"):
+        train_student(_frozen(), _plan(frozen, 3), cfg, tmp_path / "b", resume=True)
     resumed, _ = train_student(_frozen(), plan, cfg, tmp_path / "b", resume=True)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()

@@ -51,10 +51,13 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute block activations in the backward pass: less memory, about 30% more time
     cuda_graph: bool = False  # replay each stage's step from a CUDA graph (trainer/graph_step.py); one process only
 
+    def same_run(self) -> dict:
+        """The settings that make two runs the same run (saved with the state, to name what differs)."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_IN_DIGEST}
+
     def digest(self, plan: dict[str, Grid]) -> str:
         """Hash of everything that makes two runs the same run (resume refuses a different one)."""
-        same_run = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_DIGEST}
-        canon = json.dumps({"cfg": same_run, "plan": {k: [g.bits, g.kind] for k, g in sorted(plan.items())}}, sort_keys=True)
+        canon = json.dumps({"cfg": self.same_run(), "plan": {k: [g.bits, g.kind] for k, g in sorted(plan.items())}}, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -127,6 +130,15 @@ class CsvLog:
         self.f.close()
 
 
+def _differences(saved: dict | None, now: dict) -> str:
+    """What differs between a saved state's settings and this run's, in words."""
+    if saved is None:  # a state saved before the settings were kept
+        return "other settings or another recipe"
+    now = json.loads(json.dumps(now))  # as saved: tuples become lists
+    diff = [f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return "other settings: " + ", ".join(diff) if diff else "another recipe (other layers or bit widths)"
+
+
 def bad_scales(quants: dict) -> int:
     """How many learned scales are not finite or are zero, which no packing holds (one device sync);
     a negative one is packed as its absolute value with the levels negated (see export_layers)."""
@@ -178,7 +190,9 @@ def train_student(
     if resume:
         meta = load_state(state_path, student, opt)
         if meta.get("digest") != digest:
-            raise BfError(f"{state_path} was made with other settings or another recipe; use them again, or another --work")
+            raise BfError(
+                f"{state_path} was made with {_differences(meta.get('settings'), cfg.same_run())}; use them again, or another --work"
+            )
         start = {"stage": meta["stage"], "step": meta["step"]}
         log(f"resuming at Stage {start['stage']}, step {start['step']}")
     forward = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student  # after loading: every rank equal
@@ -234,7 +248,7 @@ def train_student(
                         where = state_path if state_path.exists() else "none was saved yet"
                         raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not finite or are zero; stopped, "
                                       f"the last good state is {where} (try a lower --lr, then --resume)")  # fmt: skip
-                    save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest})
+                    save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest, "settings": cfg.same_run()})
     finally:
         if rank == 0:
             csv_log.close()
