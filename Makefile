@@ -31,7 +31,7 @@ install: $(BIN)/.installed
 # The shipped model (no --model): quantize to 2 bits, inspect, compare both on a few test prompts, export to ONNX and to
 # TensorRT for RTX engines (built on this CPU), generate, bench.
 demo: install
-	$(BIN)/bf quantize --bits 2 --out $(DEMO)/shapes-2bit.bfq
+	$(BIN)/bf quantize --bits 2 --out $(DEMO)/shapes-2bit.bfq --force
 	$(BIN)/bf inspect $(DEMO)/shapes-2bit.bfq
 	$(BIN)/bf eval --model shipped --model $(DEMO)/shapes-2bit.bfq --reference shipped --cfg 7.5 --limit 6 \
 		--json $(DEMO)/eval.json --grid $(DEMO)/eval.png

@@ -125,9 +125,11 @@ def random_model(arch: str, seed: int, dtype: str, out: Path, force: bool) -> No
     "--bundle", is_flag=True, help="Also embed text encoder and VAE (fp16), tokenizer and scheduler: one file is enough to export."
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq file to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def quantize(
-    model_dir: str | None, bits: int | None, recipe: Path | None, grid: str | None, init: str, iters: int, bundle: bool, out: Path
-) -> None:
+    model_dir: str | None, bits: int | None, recipe: Path | None, grid: str | None, init: str, iters: int, bundle: bool, out: Path,
+    force: bool,
+) -> None:  # fmt: skip
     """Post-training quantization of the UNet into a packed .bfq checkpoint.
 
     Every conv/linear weight except the time-embedding layers is quantized per
@@ -140,6 +142,7 @@ def quantize(
     from bf.trainer.pipeline import QuantizeRequest, quantize_model
     from bf.trainer.ptq import PTQConfig
 
+    _check_new_file(out, force)
     model = ModelDir.open(model_source(model_dir))
     req = QuantizeRequest(bits=bits, recipe=recipe, grid=grid, ptq=PTQConfig(init=init, iters=iters), bundle=bundle)
     ckpt = quantize_model(model, req, progress=_progress("quantize"), log=_log)
@@ -338,6 +341,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
     from bf.trainer.run import TrainRequest, train_model
     from bf.trainer.train import TrainConfig
 
+    _check_writable_file(out)  # before hours of training
     model = ModelDir.open(model_source(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank = 0
@@ -608,6 +612,21 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
         execution = {"backend": runner.name, "provider": getattr(runner, "provider", None)}  # ort: the execution provider it took
         click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "execution": execution,
                                "timings": result.timings}, indent=1))  # fmt: skip
+
+
+def _check_new_file(out: Path, force: bool) -> None:
+    """Before any work: --out is new (or --force) and its directory can be written (made if missing)."""
+    if out.exists() and not force and not out.is_dir():
+        raise BfError(f"{out} already exists; pass --force to replace it")
+    _check_writable_file(out)
+
+
+def _check_writable_file(out: Path) -> None:
+    if out.is_dir():
+        raise BfError(f"--out {out} is a directory; give a file name")
+    parent = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BfError(f"--out {out}: {parent} is not a writable directory; choose another --out")
 
 
 def _check_gpu_backend(backend: str) -> None:

@@ -6,7 +6,7 @@ set -euo pipefail
 work=${1:-$(mktemp -d)}
 models=(--model shipped)
 for b in 2 3 4; do
-  bf quantize --bits "$b" --grid plain --init minmax --out "$work/plain-minmax-${b}bit.bfq"
+  bf quantize --bits "$b" --grid plain --init minmax --out "$work/plain-minmax-${b}bit.bfq" --force
   models+=(--model "$work/plain-minmax-${b}bit.bfq")
 done
 time bf eval "${models[@]}" --reference shipped --cfg 7.5 --seeds 2 \

@@ -40,7 +40,7 @@ def main() -> None:
     for bits in [int(b) for b in args.bits.split(",")]:
         out = args.work / f"sd15-{bits}bit.bfq"
         t0 = time.perf_counter()
-        bf("quantize", "--model", str(model), "--bits", str(bits), "--out", str(out))
+        bf("quantize", "--model", str(model), "--bits", str(bits), "--out", str(out), "--force")
         seconds = time.perf_counter() - t0
         s = json.loads(bf("inspect", str(out), "--json"))
         width = next(w for w in s["by_width"] if w["bits"] == bits)

@@ -1,6 +1,8 @@
 """The CLI end to end, as a user runs it: random-model -> quantize -> inspect."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +252,24 @@ def test_a_prompt_file_that_is_not_utf8_is_one_line(tmp_path):
         prompt_sets(str(f))
     f.write_text("a red circle\nune étoile bleue\n", encoding="utf-8")
     assert [p for s in prompt_sets(str(f)) for p in s.prompts] == ["a red circle", "une étoile bleue"]
+
+
+def test_quantize_refuses_to_overwrite_and_checks_out_before_work(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "m.bfq"
+    out.write_bytes(b"mine")
+    r = run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", out)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {out} already exists; pass --force to replace it"]
+    assert out.read_bytes() == b"mine"
+    assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", out, "--force").returncode == 0
+    assert out.read_bytes()[:8] != b"mine"
+    _one_line_error(run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp_path), "is a directory; give a file name")
+    # an unwritable directory (as root every directory is writable, so os.access is made to say no)
+    import bf.cli
+    from bf.errors import BfError
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "sub" else real_access(p, mode))
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(BfError, match=r"sub is not a writable directory; choose another --out"):
+        bf.cli._check_writable_file(tmp_path / "sub" / "deeper" / "m.bfq")
+    bf.cli._check_writable_file(tmp_path / "new" / "m.bfq")  # a directory to be made under a writable one is fine
