@@ -587,9 +587,11 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
 
     if not prompt.strip():
         raise BfError("--prompt is empty; say what to draw")
+    if steps is not None and steps < 1:  # before the shipped model is exported for it
+        raise BfError(f"--steps {steps}: must be at least 1")
     _check_png_out(out)
     _check_gpu_backend(backend)
-    model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export(scheduler or "pndm", steps or 50))
+    model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export(scheduler or "pndm", 50 if steps is None else steps))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
     bar = progress_bar(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)
