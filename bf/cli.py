@@ -624,6 +624,7 @@ def _check_new_file(out: Path, force: bool) -> None:
 
 
 def _check_writable_file(out: Path) -> None:
+    """--out is not a directory, and the nearest existing directory above it can be written."""
     if out.is_dir():
         raise BfError(f"--out {out} is a directory; give a file name")
     parent = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
@@ -643,11 +644,9 @@ def _check_png_out(out: Path) -> None:
     """Before any work: bf infer writes PNG files into a directory that exists and can be written."""
     if out.suffix.lower() != ".png":
         raise BfError(f"--out {out}: bf infer writes PNG images; give a .png file name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise BfError(f"--out {out}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise BfError(f"--out {out}: directory {parent} is not writable; choose another --out")
+    if not out.parent.is_dir():  # unlike the other commands' --out, no directories are made for images
+        raise BfError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    _check_writable_file(out)
 
 
 def _cached_export(source: Path, key: str, target: str, **settings) -> Path:

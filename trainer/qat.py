@@ -68,14 +68,20 @@ def latent_weight(unet: nn.Module, name: str) -> torch.Tensor:
     return unet.get_submodule(name).parametrizations.weight.original
 
 
+def unpackable_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Mask of learned scales no packing holds: not finite, or zero. A negative scale packs as its
+    absolute value with the levels negated (export_layers)."""
+    return ~torch.isfinite(scale) | (scale == 0)
+
+
 def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[str, QuantizedLayer]:
     """Packed layers from the latent weights and learned scales: the levels the forward used."""
     out = {}
     for name, fq in quants.items():
         w = latent_weight(unet, name).detach().float().cpu()
         s = fq.scale.detach().float().cpu()
-        if not torch.isfinite(s).all() or (s == 0).any():
-            bad = int((~torch.isfinite(s) | (s == 0)).sum())
+        bad = int(unpackable_scales(s).sum())
+        if bad:
             raise BfError(f"{name}: {bad} learned scale(s) are not finite or are zero; retrain from an earlier state with a lower --lr")
         q = quantize_levels(w, s, fq.grid)
         # Training may carry a scale through zero: s * q is the same weight as |s| * -q, which the

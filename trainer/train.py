@@ -27,7 +27,17 @@ from bf.trainer.data import LatentSet
 from bf.trainer.event_log import EventLog
 from bf.trainer.graph_step import GraphedStep
 from bf.trainer.ptq import kept_tensors
-from bf.trainer.qat import LossConfig, attach_fake_quant, drop_text, export_layers, loss_parts, sample_timesteps, stage1_terms, stage2_terms
+from bf.trainer.qat import (
+    LossConfig,
+    attach_fake_quant,
+    drop_text,
+    export_layers,
+    loss_parts,
+    sample_timesteps,
+    stage1_terms,
+    stage2_terms,
+    unpackable_scales,
+)
 from bf.trainer.train_state import load_state, save_state
 
 STATE_FILE = "state.safetensors"
@@ -140,9 +150,8 @@ def _differences(saved: dict | None, now: dict) -> str:
 
 
 def bad_scales(quants: dict) -> int:
-    """How many learned scales are not finite or are zero, which no packing holds (one device sync);
-    a negative one is packed as its absolute value with the levels negated (see export_layers)."""
-    return int(sum((~torch.isfinite(fq.scale) | (fq.scale == 0)).sum() for fq in quants.values())) if quants else 0
+    """How many learned scales no packing holds (one device sync)."""
+    return int(sum(unpackable_scales(fq.scale).sum() for fq in quants.values())) if quants else 0
 
 
 def check_work(work: Path, resume: bool) -> None:
