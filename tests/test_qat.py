@@ -12,13 +12,16 @@ from bf.format import Grid, candidate_layers  # noqa: E402
 from bf.models.architectures import TINY_UNET  # noqa: E402
 from bf.trainer.ptq import PTQConfig, quantize_weight  # noqa: E402
 from bf.trainer.qat import (  # noqa: E402
+    SCALE_FLOOR,
     LossConfig,
     attach_fake_quant,
     block_names,
     capture_blocks,
     drop_text,
     export_layers,
+    hold_scales,
     sample_timesteps,
+    scale_health,
     stage1_loss,
     stage2_loss,
 )
@@ -73,20 +76,27 @@ def test_fake_quant_at_init_equals_ptq_and_export_round_trips():
     # and the model is really quantized: 5 levels per row at 2 bits
     w = unet.get_submodule(next(iter(plan))).weight.detach()
     assert max(len(torch.unique(row)) for row in w.reshape(w.shape[0], -1)) <= 5
-    # a scale trained through zero is the same weight with the levels negated: packed exactly, with |s|
+    # a scale stepped below its floor (a fraction of its initial value) is put back on it: positive by construction
+    before = {name: fq.scale.detach().clone() for name, fq in quants.items()}
     with torch.no_grad():
         for fq in quants.values():
             fq.scale[::2] *= -1
-    flipped = export_layers(unet, quants)
+    flipped = sum(len(fq.scale[::2]) for fq in quants.values())
+    assert scale_health(quants) == (flipped, flipped)  # unpackable until held
+    hold_scales(quants)
+    for name, fq in quants.items():
+        torch.testing.assert_close(fq.scale[::2], before[name][::2] * SCALE_FLOOR, rtol=1e-6, atol=0)
+        assert torch.equal(fq.scale[1::2], before[name][1::2])
+    held = export_layers(unet, quants)
     for name in plan:
-        assert (flipped[name].scale > 0).all()
-        np.testing.assert_array_equal(flipped[name].dequantize(), unet.get_submodule(name).weight.detach().numpy())
+        assert (held[name].scale > 0).all()
+        np.testing.assert_array_equal(held[name].dequantize(), unet.get_submodule(name).weight.detach().numpy())
     # a diverged scale is a one-line error for the CLI, not a traceback
     from bf.errors import BfError
 
     with torch.no_grad():
         next(iter(quants.values())).scale[0] = float("nan")
-    with pytest.raises(BfError, match=r"1 learned scale\(s\) are not finite or are zero; retrain"):
+    with pytest.raises(BfError, match=r"1 learned scale\(s\) are not positive and finite; retrain"):
         export_layers(unet, quants)
 
 

@@ -131,7 +131,7 @@ def test_a_bad_learned_scale_stops_at_the_next_checkpoint_with_the_last_good_sta
     monkeypatch.setattr(train_module, "optimizer_step", step_then_break_scales)
     frozen = _frozen()
     cfg = TrainConfig(stage1_steps=4, stage2_steps=0, batch_size=2, checkpoint_every=1)
-    with pytest.raises(BfError, match=rf"at Stage 1 step 2, \d+ learned scale\(s\) are not finite or are zero; stopped, "
+    with pytest.raises(BfError, match=rf"at Stage 1 step 2, \d+ learned scale\(s\) are not finite; stopped, "
                                       rf"the last good state is {tmp_path / STATE_FILE} \(try a lower --lr"):  # fmt: skip
         train_student(frozen, _plan(frozen), cfg, tmp_path)
     from safetensors import safe_open
@@ -281,3 +281,20 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path):
     assert max((s1[k] - gs[k]).abs().max().item() for k in s1) <= 5 * noise_w + 1e-6
     with pytest.raises(BfError, match="--cuda-graph needs one CUDA GPU"):
         train_student(_frozen(), plan, TrainConfig(**{**cfg.__dict__, "cuda_graph": True}), tmp_path / "cpu")
+
+
+def test_a_rate_larger_than_the_scales_holds_them_at_their_floor_and_packs(tmp_path):
+    """AdamW steps a scale by about --lr: with a rate above the scales they would cross zero; they are held instead."""
+    from bf.trainer.qat import SCALE_FLOOR, scale_health
+    from bf.trainer.train import pack_student
+
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=2, stage2_steps=0, batch_size=2, lr=0.1, checkpoint_every=2)
+    messages = []
+    student, quants = train_student(frozen, _plan(frozen), cfg, tmp_path, log=messages.append)
+    bad, held = scale_health(quants)
+    assert bad == 0 and held > 0
+    assert any(f"learned scale(s) held at their floor ({SCALE_FLOOR:g} of the initial scale" in m for m in messages)
+    assert min(float(fq.scale.min()) for fq in quants.values()) > 0
+    ckpt = pack_student(student, quants, dict(TINY_UNET), {"path": "tiny", "hash": "0"}, {})
+    assert all((layer.scale > 0).all() for layer in ckpt.layers.values())

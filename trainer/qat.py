@@ -27,6 +27,10 @@ TIMESTEP_SAMPLING = ("beta", "uniform")
 BETA_ALPHA, BETA_BETA = 3.0, 1.0
 DEFAULT_FEATURE_WEIGHT = 0.01
 DEFAULT_P_UNCOND = 0.1
+# AdamW moves a scale by about --lr per step whatever its size, so a scale smaller than the rate
+# could step through zero to a weight no packing stores: every scale is held at or above this
+# fraction of its initial value (hold_scales, after each optimizer step).
+SCALE_FLOOR = 1e-3
 
 
 def sample_timesteps(batch: int, mode: str = "beta", n_train: int = 1000, generator: torch.Generator | None = None, device=None):
@@ -46,7 +50,11 @@ class FakeQuantWeight(nn.Module):
     def __init__(self, weight: torch.Tensor, grid: Grid, init: str = "alt"):
         super().__init__()
         self.grid = grid
-        self.scale = nn.Parameter(init_scale(weight.detach().float(), grid, init).to(weight.dtype))
+        s0 = init_scale(weight.detach().float(), grid, init)
+        self.scale = nn.Parameter(s0.to(weight.dtype))
+        # Positive and representable in the weight's dtype; never above the initial scale.
+        tiny = torch.full_like(s0, torch.finfo(weight.dtype).tiny)
+        self.register_buffer("floor", torch.maximum(s0 * SCALE_FLOOR, torch.minimum(tiny, s0)).to(weight.dtype), persistent=False)
         self.grad_scale = lsq_grad_scale(weight, grid)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -68,10 +76,26 @@ def latent_weight(unet: nn.Module, name: str) -> torch.Tensor:
     return unet.get_submodule(name).parametrizations.weight.original
 
 
+def hold_scales(quants: dict[str, FakeQuantWeight]) -> None:
+    """Puts every learned scale below its floor back on it: positive by construction. One fused
+    update over all layers, capturable in a CUDA graph; a NaN stays NaN (and stops the run)."""
+    if quants:
+        with torch.no_grad():
+            torch._foreach_maximum_([fq.scale for fq in quants.values()], [fq.floor for fq in quants.values()])
+
+
+def scale_health(quants: dict[str, FakeQuantWeight]) -> tuple[int, int]:
+    """(scales no packing holds: not finite, scales held at their floor now), with one device sync."""
+    if not quants:
+        return 0, 0
+    counts = torch.stack([torch.stack([unpackable_scales(fq.scale).sum(), (fq.scale <= fq.floor).sum()]) for fq in quants.values()]).sum(0)
+    bad, held = counts.tolist()
+    return int(bad), int(held)
+
+
 def unpackable_scales(scale: torch.Tensor) -> torch.Tensor:
-    """Mask of learned scales no packing holds: not finite, or zero. A negative scale packs as its
-    absolute value with the levels negated (export_layers)."""
-    return ~torch.isfinite(scale) | (scale == 0)
+    """Mask of learned scales no packing holds: not finite, or not positive."""
+    return ~torch.isfinite(scale) | (scale <= 0)
 
 
 def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[str, QuantizedLayer]:
@@ -82,15 +106,8 @@ def export_layers(unet: nn.Module, quants: dict[str, FakeQuantWeight]) -> dict[s
         s = fq.scale.detach().float().cpu()
         bad = int(unpackable_scales(s).sum())
         if bad:
-            raise BfError(f"{name}: {bad} learned scale(s) are not finite or are zero; retrain from an earlier state with a lower --lr")
+            raise BfError(f"{name}: {bad} learned scale(s) are not positive and finite; retrain from an earlier state with a lower --lr")
         q = quantize_levels(w, s, fq.grid)
-        # Training may carry a scale through zero: s * q is the same weight as |s| * -q, which the
-        # format stores (exact on the symmetric balanced grid; on a plain grid while -q stays on it).
-        flip = (s < 0).view(-1, *([1] * (q.dim() - 1)))
-        q, s = torch.where(flip, -q, q), s.abs()
-        if q.min() < fq.grid.qmin or q.max() > fq.grid.qmax:
-            raise BfError(f"{name}: a negative learned scale on the {fq.grid.kind} grid has no positive equivalent; retrain from an "
-                          "earlier state with a lower --lr")  # fmt: skip
         out[name] = QuantizedLayer.from_levels(name, q.to(torch.int16).numpy(), s.numpy(), fq.grid)
     return out
 

@@ -19,6 +19,7 @@ from bf.format import Checkpoint, candidate_layers, quantizable_layers
 from bf.models.directory import ModelDir, bundle_from_model_dir
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import load_latents
+from bf.trainer.qat import scale_health
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
 from bf.trainer.train import Frozen, TrainConfig, check_work, pack_student, train_student
 
@@ -136,5 +137,9 @@ def train_model(
     frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
     student, quants = train_student(frozen, plan, req.train, work, resume, progress, log, req.log_dir)
-    meta = {**recipe, "init": req.train.init, "training": {"data": req.data, "images": len(data.captions), **asdict(req.train)}}
+    _, held = scale_health(quants)
+    if held:
+        log(f"{held} learned scale(s) ended at their floor (weights of those rows are near zero)")
+    training = {"data": req.data, "images": len(data.captions), **asdict(req.train), "scales_at_floor": held}
+    meta = {**recipe, "init": req.train.init, "training": training}
     return pack_student(student, quants, unet_config, base, meta, bundle_from_model_dir(model) if req.bundle else None)

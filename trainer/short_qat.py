@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from bf.format import Grid, QuantizedLayer
 from bf.trainer.data import load_latents
-from bf.trainer.qat import LossConfig, attach_fake_quant, export_layers, stage1_loss
+from bf.trainer.qat import LossConfig, attach_fake_quant, export_layers, hold_scales, stage1_loss
 from bf.trainer.run import TextEncoder, training_alphas_cumprod
 from bf.trainer.train import Frozen, noisy_batch, optimizer_step
 
@@ -65,6 +65,7 @@ class ShortQAT:
                 zt, t, cond, _noise = noisy_batch(self.frozen, empty, self.cfg.batch_size, loss_cfg, g, self.device)
                 loss, _ = stage1_loss(unet, self.frozen.teacher, zt, t, cond, loss_cfg)
                 optimizer_step(loss, opt)
+                hold_scales(quants)
             return export_layers(unet, quants)[name]
         finally:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

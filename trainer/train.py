@@ -28,15 +28,17 @@ from bf.trainer.event_log import EventLog
 from bf.trainer.graph_step import GraphedStep
 from bf.trainer.ptq import kept_tensors
 from bf.trainer.qat import (
+    SCALE_FLOOR,
     LossConfig,
     attach_fake_quant,
     drop_text,
     export_layers,
+    hold_scales,
     loss_parts,
     sample_timesteps,
+    scale_health,
     stage1_terms,
     stage2_terms,
-    unpackable_scales,
 )
 from bf.trainer.train_state import load_state, save_state
 
@@ -149,11 +151,6 @@ def _differences(saved: dict | None, now: dict) -> str:
     return "other settings: " + ", ".join(diff) if diff else "another recipe (other layers or bit widths)"
 
 
-def bad_scales(quants: dict) -> int:
-    """How many learned scales no packing holds (one device sync)."""
-    return int(sum(unpackable_scales(fq.scale).sum() for fq in quants.values())) if quants else 0
-
-
 def check_work(work: Path, resume: bool) -> None:
     """--resume needs a saved state in ``work``, and a run without it must not overwrite one."""
     state = work / STATE_FILE
@@ -219,7 +216,12 @@ def train_student(
                 return stage1_terms(forward, teacher, zt, t, cond, cfg.loss)
             return stage2_terms(forward, zt, t, cond, noise)
 
+    def update(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        optimizer_step(loss, opt)
+        hold_scales(quants)
+
     graphs: dict[int, GraphedStep] = {}
+    held_before = 0
     t0 = time.time()
     try:
         for stage, steps in _stages(cfg):
@@ -231,7 +233,7 @@ def train_student(
                 zt, t, cond, noise = noisy_batch(frozen, empty, cfg.batch_size, cfg.loss, g, device)
                 if cfg.cuda_graph:  # the step runs before its loss is seen: a NaN stops the run with the last saved state
                     if stage not in graphs:
-                        graphs[stage] = GraphedStep(lambda *b, stage=stage: terms(stage, *b), opt, optimizer_step, (zt, t, cond, noise))
+                        graphs[stage] = GraphedStep(lambda *b, stage=stage: terms(stage, *b), opt, update, (zt, t, cond, noise))
                     parts = loss_parts(stage, graphs[stage](zt, t, cond, noise))
                 else:
                     step_terms = terms(stage, zt, t, cond, noise)
@@ -243,7 +245,7 @@ def train_student(
                         "(try a lower --lr, then --resume)"
                     )
                 if not cfg.cuda_graph:
-                    optimizer_step(step_terms[0], opt)
+                    update(step_terms[0], opt)
                 progress(stage, step, {"steps": steps, "loss": value, **parts})
                 if rank != 0:
                     continue
@@ -252,11 +254,15 @@ def train_student(
                 if step % cfg.checkpoint_every == 0 or step == steps:
                     # A state is saved only while every learned scale can still be packed, so the run stops
                     # within one checkpoint interval of a bad scale, not at packing after the last step.
-                    bad = bad_scales(quants)
+                    bad, held = scale_health(quants)
                     if bad:
                         where = state_path if state_path.exists() else "none was saved yet"
-                        raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not finite or are zero; stopped, "
+                        raise BfError(f"at Stage {stage} step {step}, {bad} learned scale(s) are not finite; stopped, "
                                       f"the last good state is {where} (try a lower --lr, then --resume)")  # fmt: skip
+                    if held != held_before:
+                        log(f"Stage {stage} step {step}: {held} learned scale(s) held at their floor "
+                            f"({SCALE_FLOOR:g} of the initial scale; a lower --lr moves scales less per step)")  # fmt: skip
+                        held_before = held
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest, "settings": cfg.same_run()})
     finally:
         if rank == 0:
