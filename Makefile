@@ -28,15 +28,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The shipped model (no --model): quantize to 2 bits, inspect, compare both on a few test prompts, export to ONNX and to
-# TensorRT for RTX engines (built on this CPU), generate, bench.
+# The shipped model (no --model) and its shipped BitsFusion model (1.99 bits, trained with bf train's defaults): a 2-bit
+# post-training quantization as a control, inspect, compare all three on the first 4 test prompts of each split, export
+# the 1.99-bit model to ONNX and to TensorRT for RTX engines (built on this CPU), generate, bench.
 demo: install
 	$(BIN)/bf quantize --bits 2 --out $(DEMO)/shapes-2bit.bfq --force
-	$(BIN)/bf inspect $(DEMO)/shapes-2bit.bfq
-	$(BIN)/bf eval --model shipped --model $(DEMO)/shapes-2bit.bfq --reference shipped --cfg 7.5 --limit 6 \
+	$(BIN)/bf inspect shipped-1.99bit
+	$(BIN)/bf eval --model shipped --model shipped-1.99bit --model $(DEMO)/shapes-2bit.bfq --reference shipped --cfg 7.5 --limit 4 \
 		--json $(DEMO)/eval.json --grid $(DEMO)/eval.png
-	rm -rf $(DEMO)/onnx && $(BIN)/bf export $(DEMO)/shapes-2bit.bfq --target onnx-std --out $(DEMO)/onnx
-	rm -rf $(DEMO)/rtx && $(BIN)/bf export $(DEMO)/shapes-2bit.bfq --target trt-rtx --out $(DEMO)/rtx
+	rm -rf $(DEMO)/onnx && $(BIN)/bf export shipped-1.99bit --target onnx-std --out $(DEMO)/onnx
+	rm -rf $(DEMO)/rtx && $(BIN)/bf export shipped-1.99bit --target trt-rtx --out $(DEMO)/rtx
 	$(BIN)/bf infer $(DEMO)/onnx --prompt "a red circle above a blue square" --out $(DEMO)/infer.png
 	$(BIN)/bf bench $(DEMO)/onnx --runs 5 --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
 

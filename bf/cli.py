@@ -467,7 +467,8 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder), and engines.
 
     CHECKPOINT may also be an FP model directory: the same graphs without quantization, the
-    reference to compare a quantized export with (bf infer runs both).
+    reference to compare a quantized export with (bf infer runs both). The words shipped-1.99bit
+    and shipped name the shipped BitsFusion model and the shipped FP model.
 
     \b
     Writes text_encoder.onnx, unet.onnx, vae_decoder.onnx, tokenizer/, scheduler/ and
@@ -477,8 +478,10 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     time-feature table built for --scheduler and --steps.
     """
     from bf.export.run import ExportRequest, export_model
+    from bf.models.shipped import model_source
     from bf.progress import progress_bar
 
+    checkpoint = model_source(checkpoint)
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
     from bf.tensorrt_flavors import arch_name
@@ -506,29 +509,20 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
 
 
 CACHE_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf"))
-SHIPPED_BFQ = CACHE_DIR / f"shipped-2bit-{bf.__version__}.bfq"  # kept: the torch backend and bf bench's baseline read it
 
 
 def _shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:
-    """The shipped model at 2 bits, exported (onnx-std) into the cache once per sampler and step count."""
-    out = CACHE_DIR / f"shipped-2bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
-    manifest = out / "manifest.json"
-    if manifest.is_file() and Path(json.loads(manifest.read_text())["model"]["source"]).is_file():
-        return out
-    import shutil
-
+    """The shipped 1.99-bit model, exported (onnx-std) into the cache once per sampler and step count."""
     from bf.export.run import ExportRequest, export_model
-    from bf.models.directory import ModelDir
-    from bf.models.shipped import model_source
-    from bf.trainer.pipeline import QuantizeRequest, quantize_model
+    from bf.models.shipped import shipped_bfq
 
-    _log(f"no model directory given: exporting the shipped model at 2 bits for {scheduler}, {steps} steps to {out} (once)")
+    source = shipped_bfq()
+    out = CACHE_DIR / f"shipped-1.99bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
+    if (out / "manifest.json").is_file():
+        return out
+    _log(f"no model directory given: exporting the shipped 1.99-bit model for {scheduler}, {steps} steps to {out} (once)")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    if not SHIPPED_BFQ.is_file():
-        _log("quantizing the shipped model to 2 bits (once)")
-        quantize_model(ModelDir.open(model_source(None)), QuantizeRequest(bits=2, bundle=True), log=_log).save(SHIPPED_BFQ)
-    shutil.rmtree(out, ignore_errors=True)  # an export from an older cache whose .bfq is gone
-    export_model(SHIPPED_BFQ, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps), log=_log)
+    export_model(source, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps), log=_log)
     return out
 
 
@@ -574,7 +568,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
               keep_decoded, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
-    Without MODEL_DIR: the shipped model, quantized to 2 bits and exported on first use.
+    Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
 
     \b
     No torch, diffusers or transformers are imported on the ort backend. The PNG carries the
@@ -663,8 +657,11 @@ def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
 
 
 def _bench_target(target: Path | None, backend: str) -> Path:
+    from bf.models.shipped import model_source
+
     if target is None:
         return _shipped_export()
+    target = model_source(target)
     if target.is_file():  # a .bfq: exported once into the cache
         from bf.export.run import sha256_file
 
@@ -736,8 +733,9 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
               keep_decoded, json_out, plot) -> None:  # fmt: skip
     """Size, latency per stage and GPU memory of an exported model, next to its FP baseline.
 
-    TARGET: a bf export directory, or a .bfq (exported once into the cache). Without it: the
-    shipped model, quantized to 2 bits. Reports the deployed artifact sizes, the median time of
+    TARGET: a bf export directory, or a .bfq (exported once into the cache; shipped-1.99bit names
+    the shipped one). Without it: the
+    shipped 1.99-bit BitsFusion model. Reports the deployed artifact sizes, the median time of
     the text encoder, one UNet step per --batch and the VAE decoder, a full generation over the
     export's steps and, on the torch backend, peak GPU memory while the UNet steps.
     """
@@ -822,11 +820,13 @@ def inspect(checkpoint: Path, as_json: bool, layers: bool, no_verify: bool) -> N
     bits per cached time feature for a 50-step table, over all conv/linear weights);
     stored_bits_per_weight is what the disk holds (packed codes and scales). The
     time-embedding layers, kept for training and replaced by a table at export, are
-    not counted in unet_bytes.
+    not counted in unet_bytes. CHECKPOINT shipped-1.99bit: the shipped BitsFusion model.
     """
     from bf.format import Checkpoint, summarize
+    from bf.models.shipped import model_source
     from bf.report import format_summary
 
+    checkpoint = model_source(checkpoint)
     ckpt = Checkpoint.load(checkpoint, verify=not no_verify)
     s = summarize(ckpt, checkpoint.stat().st_size)
     if as_json:
@@ -882,6 +882,8 @@ def eval_cmd(
     reference's images for the same seeds. A .bfq is evaluated through the same
     diffusers pipeline with its dequantized UNet.
     """
+    import dataclasses
+
     import torch
 
     from bf.evaluate.run import EvalConfig, evaluate, prompt_sets
@@ -899,15 +901,20 @@ def eval_cmd(
     for i, m in enumerate(loaded):
         if labels.count(m.label) > 1:
             m.label = f"{m.label}#{i}"
-    ref = load_model(model_source(reference), scheduler, device, base_model, log=_log) if reference else None
-    if ref is not None:
+    ref = None
+    if reference:
+        ref_source = model_source(reference)
+        same = [m for s, m in zip(sources, loaded, strict=True) if s.resolve() == ref_source.resolve()]
+        # A reference that is also evaluated shares its pipeline: its images are generated once.
+        ref = dataclasses.replace(same[0]) if same else load_model(ref_source, scheduler, device, base_model, log=_log)
         ref.label = f"reference:{ref.label}"
     clip = None
     if clip_dir is not None:
         from bf.evaluate.clip_score import ClipScorer
 
         clip = ClipScorer(clip_dir, device)
-    total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * (len(loaded) + (ref is not None))
+    pipes = {id(m.pipe) for m in [*loaded, *([ref] if ref is not None else [])]}
+    total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * len(pipes)
     with progress_bar(total=total, desc="generate", unit="img", disable=None, file=sys.stderr) as bar:
         results, generated = evaluate(loaded, ref, cfg, clip, progress=bar.update)
     click.echo(format_eval_table(results))

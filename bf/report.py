@@ -52,17 +52,20 @@ def format_eval_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save_eval_grid(path: Path, sets, generated, models, reference, cfg, rows_per_split: int = 4) -> None:
-    """Rows: the first prompts of each split; columns: reference then each model at each CFG scale (first seed)."""
+def save_eval_grid(path: Path, sets, generated, models, reference, cfg) -> None:
+    """Rows: every prompt evaluated; columns: the reference, then each other model, at each CFG scale (first seed).
+
+    A model that is also the reference has one column, the reference's."""
     from bf.evaluate.grid import save_grid
 
-    columns = [(m, scale) for m in ([reference] if reference is not None else []) + list(models) for scale in cfg.cfgs]
+    shown = ([reference] if reference is not None else []) + [m for m in models if reference is None or m.pipe is not reference.pipe]
+    columns = [(m, scale) for m in shown for scale in cfg.cfgs]
     rows, cells = [], []
     for ps in sets:
-        for i, prompt in enumerate(ps.prompts[:rows_per_split]):
-            rows.append(prompt)
+        for i, prompt in enumerate(ps.prompts):
+            rows.append(f"[{ps.split}] {prompt}")
             cells.append([generated[(m.label, scale, ps.split)].images[i * cfg.seeds] for m, scale in columns])
-    save_grid(path, rows, [f"{m.label} cfg {scale:g}" for m, scale in columns], cells)
+    save_grid(path, rows, [f"{m.label}\ncfg {scale:g}" for m, scale in columns], cells)
 
 
 def format_allocation(recipe: dict, out: Path) -> str:

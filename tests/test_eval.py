@@ -47,8 +47,23 @@ def test_eval_identical_models_and_outputs(tiny_model, tmp_path):
     from PIL import Image
 
     img = Image.open(grid)
-    assert img.format == "PNG" and img.size[1] > 3 * 64
+    # one column (the model is the reference: generated once, shown once), a row per prompt of each split,
+    # 64-pixel images enlarged to 128, a two-line header
+    assert img.format == "PNG" and img.size == (200 + 132, 32 + 3 * 132)
+    assert "generate: 3/3" in r.stderr  # 3 prompts, not 6
     assert "overall" in r.stdout and "heldout" in r.stdout
+
+
+def test_grid_wraps_long_headers_and_labels_instead_of_cutting_them(tmp_path):
+    from PIL import Image
+
+    from bf.evaluate.grid import save_grid
+
+    cells = [[np.zeros((64, 64, 3), np.uint8)] * 2]
+    long = "reference:a-model-with-a-rather-long-name.bfq\ncfg 7.5"
+    save_grid(tmp_path / "g.png", ["a red circle above a blue square " * 3], [long, "m\ncfg 7.5"], cells)
+    # 128-pixel columns hold 21 characters: the 45-character name takes 3 lines, "cfg 7.5" a 4th
+    assert Image.open(tmp_path / "g.png").size == (200 + 2 * 132, 4 * 12 + 8 + 132)
 
 
 def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):

@@ -150,10 +150,16 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
             capture_output=True, text=True, env=env,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
-    assert r.stderr.count("quantizing the shipped model") == 0  # the second call used the cache
-    (exported,) = [p for p in env_cache.iterdir() if p.is_dir()]
-    assert [p.suffix for p in env_cache.iterdir() if p.is_file()] == [".bfq"]  # kept for the torch backend and bf bench's baseline
-    assert json.loads((exported / "manifest.json").read_text())["target"] == "onnx-std"
+    assert "exporting the shipped 1.99-bit model" not in r.stderr  # the second call used the cache
+    (exported,) = list(env_cache.iterdir())
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["target"] == "onnx-std" and manifest["model"]["source"].endswith("bf/assets/shapes-sd-1.99bit.bfq")
+    from bf.export.run import sha256_file
+    from bf.format import read_header
+    from bf.models.shipped import shipped_bfq
+
+    assert manifest["model"]["sha256"] == sha256_file(shipped_bfq())
+    assert read_header(shipped_bfq())["recipe"]["target_bits"] == 1.99  # the shipped BitsFusion model, not a PTQ
     assert json.loads(r.stdout)["settings"]["height"] == 128
     # Another sampler or step count: bf exports its own cache again instead of asking the user to.
     r = subprocess.run(
@@ -162,7 +168,7 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (json.loads(r.stdout)["settings"]["steps"], json.loads(r.stdout)["settings"]["scheduler"]) == (4, "ddim")
-    assert len([p for p in env_cache.iterdir() if p.is_dir()]) == 2 and "quantizing" not in r.stderr  # the .bfq reused
+    assert len(list(env_cache.iterdir())) == 2
 
 
 @pytest.mark.gpu

@@ -71,13 +71,15 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
     sets = prompt_sets(cfg.prompts, cfg.limit)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     generated: dict[tuple[str, float, str], Generated] = {}
+    by_pipe: dict[tuple[int, float, str], Generated] = {}  # a model that is also the reference is generated once
 
     def run(model, scale, ps):
-        key = (model.label, scale, ps.split)
-        if key not in generated:
+        key, same = (model.label, scale, ps.split), (id(model.pipe), scale, ps.split)
+        if same not in by_pipe:
             jobs = [(p, s) for p in ps.prompts for s in seeds]
             imgs, lats = generate(model.pipe, jobs, scale, cfg.steps, cfg.batch_size, on_batch=progress or (lambda n: None))
-            generated[key] = Generated(imgs, lats)
+            by_pipe[same] = Generated(imgs, lats)
+        generated[key] = by_pipe[same]
         return generated[key]
 
     results = []

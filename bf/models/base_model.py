@@ -38,7 +38,7 @@ def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = N
         return model.root
     if ckpt.bundle is not None:
         return extract_bundle(ckpt.bundle, Path(tempfile.mkdtemp(prefix="bf-bundle-")))
-    path = Path(ckpt.base_model.get("path", ""))
+    path = _recorded_or_shipped(ckpt.base_model)
     if not path.is_dir():
         raise BfError(f"{source}: its base model {path} is not there; pass --base-model DIR, or quantize with --bundle")
     model = ModelDir.open(path, BASE_COMPONENTS)
@@ -47,9 +47,22 @@ def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = N
     return path
 
 
+def _recorded_or_shipped(base_model: dict) -> Path:
+    """The directory a .bfq records it was quantized from; where that is gone (a .bfq made on another
+    machine, the shipped one included) and its hash is the shipped model's, the shipped model."""
+    path = Path(base_model.get("path") or "")
+    if not path.is_dir():
+        from bf.models.shipped import shipped_model_dir
+
+        shipped = shipped_model_dir()
+        if ModelDir.open(shipped).content_hash() == base_model.get("hash"):
+            return shipped
+    return path
+
+
 def quantized_from(bfq: Path) -> ModelDir:
     """The full FP model directory (UNet included) a .bfq was quantized from: the baseline it is compared with."""
-    path = Path(read_header(bfq)["base_model"].get("path") or "")
+    path = _recorded_or_shipped(read_header(bfq)["base_model"])
     try:
         return ModelDir.open(path)
     except BfError as e:
