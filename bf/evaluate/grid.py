@@ -9,7 +9,6 @@ import numpy as np
 
 from bf.atomic import atomic_path
 
-
 MIN_CELL = 128  # small images are enlarged (nearest neighbour) so labels and shapes stay readable
 CHAR_W, LINE_H = 6, 12  # PIL's default bitmap font
 
