@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test lint clean plugins ort-headers
+.PHONY: install demo test lint clean plugins ort-headers ort-op
 
 # Native libraries of plugins_trt/ (see plugins_trt/README.md). The TensorRT plugin is built when
 # TensorRT's headers are found: TENSORRT_ROOT=/opt/tensorrt or TENSORRT_INCLUDE_DIR=.../include. With
@@ -26,7 +26,19 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed
+# Installing also builds the ONNX Runtime op library (C++ only, seconds), so that bf infer runs the default
+# bf export target (custom ops) with no further step; without cmake or a C++ compiler it says so and goes on.
+install: $(BIN)/.installed ort-op
+
+ort-op: $(PLUGIN_BUILD)/libbf_ort_op.so
+
+$(PLUGIN_BUILD)/libbf_ort_op.so: $(wildcard plugins_trt/src/*.cpp plugins_trt/include/*.h) plugins_trt/CMakeLists.txt
+	@if command -v cmake >/dev/null && command -v c++ >/dev/null; then \
+		$(MAKE) --no-print-directory ort-headers && \
+		cmake -S plugins_trt -B $(PLUGIN_BUILD) -DORT_INCLUDE_DIR=$(abspath $(ORT_INCLUDE)) >/dev/null && \
+		cmake --build $(PLUGIN_BUILD) -j --target bf_ort_op >/dev/null && echo "built $@" \
+		|| echo "note: building $@ failed (see 'make ort-op'); bf infer will run onnx-std and onnx-qdq exports only"; \
+	else echo "note: cmake or a C++ compiler is missing, so $@ was not built; bf infer will run onnx-std and onnx-qdq exports, not the default custom-op one"; fi
 
 # The shipped model (no --model) and its shipped BitsFusion model (1.99 bits, trained with bf train's defaults): a 2-bit
 # post-training quantization as a control, inspect, compare all three on the first 4 test prompts of each split, export
