@@ -302,6 +302,8 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="AdamW, constant.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=250, show_default=True, help="Steps between saved states.")
+@click.option("--checkpoint-minutes", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Also save a state when this long has passed since the last one (a kill loses at most this much).")  # fmt: skip
 @click.option("--work", type=click.Path(path_type=Path), default=None, help="Work directory (state, log.csv, recipe). Default: OUT.work/")
 @click.option("--resume", is_flag=True, help="Continue from the state in --work.")
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="log.csv and TensorBoard events. Default: --work.")
@@ -316,8 +318,8 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
 @click.option("--bundle", is_flag=True, help="Embed text encoder, VAE and small files in the .bfq.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write.")
 def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, grid, init, no_feature_distill, timesteps, no_stage2,
-          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, work, log_dir, resume, bf16, grad_checkpoint, cuda_graph,
-          device, bundle, out) -> None:  # fmt: skip
+          stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, checkpoint_minutes, work, log_dir, resume, bf16,
+          grad_checkpoint, cuda_graph, device, bundle, out) -> None:  # fmt: skip
     """Quantization-aware training: a model and data in, a low-bit .bfq out.
 
     \b
@@ -362,6 +364,7 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
         init=init,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
         bf16=bf16,
         grad_checkpoint=grad_checkpoint,
         cuda_graph=cuda_graph,

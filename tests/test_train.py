@@ -86,7 +86,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, _ = train_student(frozen, plan, cfg, tmp_path / "a")
 
     def interrupt(stage, step, info):
-        if (stage, step) == (2, 1):  # after the Stage I state at step 3, before Stage II's first save
+        if (stage, step) == (2, 2):  # Stage II step 1 logged, not saved: the state is Stage I step 3
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -112,6 +112,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [r[2] for r in rows] == [r[2] for r in full_rows]  # the same losses
     seconds = [float(r[-1]) for r in rows[1:]]
     assert seconds == sorted(seconds)
+    # and so does the TensorBoard file: one file, every step once (the interrupted step 4 dropped, then trained again)
+    from bf.trainer.event_log import read_records, record_step
+
+    (events,) = (tmp_path / "b").glob("events.out.tfevents.*")
+    assert [record_step(r) for r in read_records(events)] == [0, 1, 2, 3, 4, 5]
 
 
 def test_a_bad_learned_scale_stops_at_the_next_checkpoint_with_the_last_good_state(tmp_path, monkeypatch):

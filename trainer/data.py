@@ -9,6 +9,7 @@ the model's resolution. Unreadable images are skipped and counted, not fatal.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def read_image_captions(root: Path, size: int, limit: int | None = None) -> tupl
     return np.stack(images), captions, skipped
 
 
-def render_shapes(n: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]:
+def render_shapes(n: int, seed: int, size: int, progress: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, list[str]]:
     """Training scenes (never a held-out pair) rendered at the model's resolution."""
     from bf.shapes.render import render
     from bf.shapes.scenes import caption, sample_scene
@@ -96,6 +97,7 @@ def render_shapes(n: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]:
         scene = sample_scene(rng)
         images.append(render(scene, rng, resolution=size))
         captions.append(caption(scene, rng))
+        progress(1)
     return np.stack(images), captions
 
 
@@ -111,12 +113,20 @@ def encode_images(vae, images_u8: np.ndarray, batch: int = 64, progress: Callabl
 
 
 def load_latents(spec: str, vae, size: int, n: int, seed: int = 0, log: Callable[[str], None] = lambda m: None) -> LatentSet:
-    """The training set as latents: ``shapes`` (``n`` rendered images) or a directory."""
+    """The training set as latents: ``shapes`` (``n`` rendered images) or a directory.
+
+    Rendering and encoding show progress (a bar on a terminal, lines in a log): 20000 images
+    take minutes on a CPU."""
+    from bf.progress import progress_bar
+
     if spec == "shapes":
-        images, captions = render_shapes(n, seed, size)
+        with progress_bar(total=n, desc="render", unit="img", disable=None, file=sys.stderr) as bar:
+            images, captions = render_shapes(n, seed, size, bar.update)
         skipped = 0
     else:
         images, captions, skipped = read_image_captions(Path(spec), size, n)
         if skipped:
             log(f"skipped {skipped} unreadable image(s) in {spec}")
-    return LatentSet(encode_images(vae, images), captions, skipped)
+    with progress_bar(total=len(images), desc="encode", unit="img", disable=None, file=sys.stderr) as bar:
+        latents = encode_images(vae, images, progress=bar.update)
+    return LatentSet(latents, captions, skipped)

@@ -85,16 +85,48 @@ def read_records(path: Path) -> list[bytes]:
     return out
 
 
-class EventLog:
-    """Appends scalars to a new ``events.out.tfevents.*`` file in ``log_dir``."""
+def record_step(data: bytes) -> int | None:
+    """The step of an ``Event`` as :func:`event` writes it (wall_time, then step), else None."""
+    if len(data) < 11 or data[0] != 0x09 or data[9] != 0x10:
+        return None
+    step, shift = 0, 0
+    for b in data[10:]:
+        step |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return step
+    return None
 
-    def __init__(self, log_dir: Path):
+
+class EventLog:
+    """Appends scalars to an ``events.out.tfevents.*`` file in ``log_dir``.
+
+    ``resume_step``: a resumed run continues the run's file instead of starting a second one
+    (TensorBoard would draw both): records after that step, which the run trains again, are
+    dropped, and the run's earlier files are merged into the one it appends to. A fresh run
+    removes the directory's event files, as it rewrites log.csv."""
+
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         self.path = log_dir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
+        kept = [record(event(now, 0, file_version="brain.Event:2"))]
+        old = sorted(log_dir.glob("events.out.tfevents.*"))
+        if resume_step is not None and old:
+            self.path = old[0]
+            kept = []
+            for f in old:
+                for data in read_records(f):
+                    step = record_step(data)
+                    if (step == 0 and not kept) or (step is not None and 0 < step <= resume_step):
+                        kept.append(record(data))
+        from bf.atomic import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            tmp.write_bytes(b"".join(kept))
+        for f in old[1:] if resume_step is not None else old:  # a fresh run replaces the log, like log.csv
+            f.unlink()
         self.f = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole run
-        self.f.write(record(event(now, 0, file_version="brain.Event:2")))
-        self.f.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.f.write(record(event(time.time(), step, values)))

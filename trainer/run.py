@@ -112,10 +112,21 @@ def train_model(
     progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
     log: Callable[[str], None] = lambda m: None,
 ) -> Checkpoint:
+
+    check_work(work, resume)  # before the models load and the images are encoded
+    created = not work.exists()
+    try:
+        return _train_model(model, req, work, resume, progress, log)
+    except BaseException:
+        if created and work.is_dir() and not any(work.iterdir()):  # a failed start leaves no empty directory
+            work.rmdir()
+        raise
+
+
+def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, progress, log) -> Checkpoint:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    check_work(work, resume)  # before the models load and the images are encoded
     device = torch.device(req.device)
     unet_config = model.config("unet")
     teacher = UNet2DConditionModel.from_pretrained(model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device)

@@ -46,7 +46,7 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "log.csv"
 
 
-_NOT_IN_DIGEST = ("checkpoint_every", "grad_checkpoint", "cuda_graph")  # change how a run goes, not what it computes
+_NOT_IN_DIGEST = ("checkpoint_every", "checkpoint_minutes", "grad_checkpoint", "cuda_graph")  # change how a run goes, not what it computes
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class TrainConfig:
     init: str = "alt"
     seed: int = 0
     checkpoint_every: int = 250
+    checkpoint_minutes: float = 5.0  # a state is also saved when this long has passed since the last one
     bf16: bool = False  # autocast on CUDA
     grad_checkpoint: bool = False  # recompute block activations in the backward pass: less memory, about 30% more time
     cuda_graph: bool = False  # replay each stage's step from a CUDA graph (trainer/graph_step.py); one process only
@@ -204,10 +205,11 @@ def train_student(
     forward = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student  # after loading: every rank equal
     empty = frozen.encode_text([""])
     log_dir = log_dir or work
+    steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
     if rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
-        csv_log, events = CsvLog(log_dir / LOG_FILE, (start["stage"], start["step"]) if resume else None), EventLog(log_dir)
-    steps_before = {1: 0, 2: cfg.stage1_steps}  # TensorBoard: one x axis over both stages
+        csv_log = CsvLog(log_dir / LOG_FILE, (start["stage"], start["step"]) if resume else None)
+        events = EventLog(log_dir, steps_before[start["stage"]] + start["step"] if resume else None)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
     def terms(stage: int, zt, t, cond, noise) -> tuple[torch.Tensor, ...]:
@@ -222,7 +224,7 @@ def train_student(
 
     graphs: dict[int, GraphedStep] = {}
     held_before = 0
-    t0 = time.time()
+    t0, saved_at = time.time(), time.monotonic()
     try:
         for stage, steps in _stages(cfg):
             if stage < start["stage"]:
@@ -251,7 +253,9 @@ def train_student(
                     continue
                 csv_log.write(stage, step, value, parts, cfg.lr, time.time() - t0)
                 events.scalars(steps_before[stage] + step, {f"stage{stage}/{k}": v for k, v in parts.items()})
-                if step % cfg.checkpoint_every == 0 or step == steps:
+                # By steps, and by time: on a CPU 250 default steps of the shipped model take about 11 minutes.
+                due = time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes
+                if step % cfg.checkpoint_every == 0 or step == steps or due:
                     # A state is saved only while every learned scale can still be packed, so the run stops
                     # within one checkpoint interval of a bad scale, not at packing after the last step.
                     bad, held = scale_health(quants)
@@ -264,6 +268,7 @@ def train_student(
                             f"({SCALE_FLOOR:g} of the initial scale; a lower --lr moves scales less per step)")  # fmt: skip
                         held_before = held
                     save_state(state_path, student, opt, {"stage": stage, "step": step, "digest": digest, "settings": cfg.same_run()})
+                    saved_at = time.monotonic()
     finally:
         if rank == 0:
             csv_log.close()
