@@ -14,7 +14,22 @@ from bf.errors import BfError
 
 
 class _Group(click.Group):
-    """Turns BfError (and a missing optional dependency) into one line on stderr."""
+    """Turns BfError, a missing optional dependency and a usage error into one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:  # click's own is four lines (usage, hint, blank, error)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return their exit code
 
     def invoke(self, ctx: click.Context):
         try:
@@ -66,6 +81,11 @@ def main() -> None:
       bf infer onnx --prompt "a red circle" --out img.png
       bf bench onnx                                  # sizes and latency against the FP model
     """
+    # transformers and diffusers print optional-dependency advice (torchvision), weight-loading bars and,
+    # for a long prompt, its whole truncated tail: bf says what matters in its own lines.
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command("random-model")
@@ -226,6 +246,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
     shard_kn = parse_shard(shard) if shard is not None else None
     if workers > 1 and shard_kn is not None:
         raise BfError("give --workers or --shard, not both")
+    _check_outputs(out, plot)
     root = ModelDir.open(model_source(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = AnalyzeConfig(
@@ -429,6 +450,7 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
     from bf.trainer.allocate import allocate as allocate_bits
     from bf.trainer.allocate import load_analysis
 
+    _check_outputs(out)
     recipe = allocate_bits(load_analysis(analysis), target_bits, eta=eta, grid=grid, source=str(analysis))
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(recipe, indent=1))
@@ -485,6 +507,9 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     from bf.progress import progress_bar
 
     checkpoint = model_source(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise BfError(f"--out {out} is a file; give a directory that does not exist or is empty")
+    _check_writable_parent(out)
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
     from bf.tensorrt_flavors import arch_name
@@ -590,6 +615,8 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     _check_gpu_backend(backend)
     model = ExportedModel.open(model_dir if model_dir is not None else _shipped_export(scheduler or "pndm", 50 if steps is None else steps))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
+    if warning := model.size_warning(height, width):
+        _log(warning)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
     bar = progress_bar(total=None, desc="sampling", unit="UNet call", disable=None, file=sys.stderr)
 
@@ -620,10 +647,21 @@ def _check_new_file(out: Path, force: bool) -> None:
     _check_writable_file(out)
 
 
+def _check_outputs(*outs: Path | None) -> None:
+    """Before any work: every output file given (not None, not '-' for stdout) can be written."""
+    for out in outs:
+        if out is not None and str(out) != "-":
+            _check_writable_file(out)
+
+
 def _check_writable_file(out: Path) -> None:
     """--out is not a directory, and the nearest existing directory above it can be written."""
     if out.is_dir():
         raise BfError(f"--out {out} is a directory; give a file name")
+    _check_writable_parent(out)
+
+
+def _check_writable_parent(out: Path) -> None:
     parent = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise BfError(f"--out {out}: {parent} is not a writable directory; choose another --out")
@@ -754,6 +792,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
         raise click.BadParameter(f"{batch_text!r}: expected comma-separated batch sizes, e.g. 1,2") from None
     if not batches or min(batches) < 1:
         raise click.BadParameter(f"{batch_text!r}: batch sizes must be at least 1")
+    _check_outputs(json_out, plot)
     _check_gpu_backend(backend)
     model = ExportedModel.open(_bench_target(target, backend))
     if steps is not None:
@@ -897,9 +936,15 @@ def eval_cmd(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = EvalConfig(prompts=prompts, cfgs=_floats(cfgs), seeds=seeds, seed=seed, steps=steps, batch_size=batch_size, limit=limit)
+    _check_outputs(json_out, grid_out)
     sets = prompt_sets(prompts, limit)  # fail on a bad prompt file before loading models
     sources = [model_source(m) for m in models] or [model_source(None)]
     loaded = [load_model(s, scheduler, device, base_model, log=_log) for s in sources]
+    tok = loaded[0].pipe.tokenizer
+    long = [p for ps in sets for p in ps.prompts if len(tok(p).input_ids) > tok.model_max_length]
+    if long:
+        _log(f"warning: {len(long)} prompt(s) longer than {tok.model_max_length - 2} tokens are cut there "
+             f"(the first: {long[0][:60]!r}...)")  # fmt: skip
     labels = [m.label for m in loaded]
     for i, m in enumerate(loaded):
         if labels.count(m.label) > 1:

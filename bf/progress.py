@@ -14,7 +14,7 @@ import time
 INTERVAL_S = float(os.environ.get("BF_PROGRESS_SECONDS", "5"))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
@@ -68,11 +68,11 @@ class LogProgress:
         units = f" {self.unit}{'' if self.unit.endswith('s') else 's'}" if self.unit else ""  # tqdm's "it" reads as nothing here
         parts = [f"{self.desc}: {count}{units}", f"{rate:.3g}/s"]
         if done:
-            parts.append(f"done in {_duration(elapsed)}")
+            parts.append(f"done in {duration(elapsed)}")
         else:
-            parts.append(f"elapsed {_duration(elapsed)}")
+            parts.append(f"elapsed {duration(elapsed)}")
             if self.total and rate > 0:
-                parts.append(f"about {_duration((self.total - self.n) / rate)} left")
+                parts.append(f"about {duration((self.total - self.n) / rate)} left")
         if self.postfix:
             parts.append(self.postfix)
         print(", ".join(parts), file=self.file, flush=True)

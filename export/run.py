@@ -26,6 +26,7 @@ from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
+from bf.native_size import far_from_native
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "bf.export"
@@ -142,6 +143,8 @@ def export_model(
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native)
+    if warning := far_from_native(req.height, req.width, native):
+        log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
@@ -192,7 +195,7 @@ def export_model(
             raise_on_failures(checks)
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_config(tmp / "scheduler")
-        manifest = _manifest(identity, layers, req, form, comps, graphs, checks)
+        manifest = _manifest(identity, layers, req, form, comps, graphs, checks, native)
         if req.target in ENGINE_TARGETS:
             from bf.export.tensorrt_engines import build_engines
 
@@ -202,7 +205,9 @@ def export_model(
     return manifest
 
 
-def _manifest(identity: dict, layers: dict, req: ExportRequest, form: str, comps, graphs: dict, checks: list[GraphCheck]) -> dict:
+def _manifest(
+    identity: dict, layers: dict, req: ExportRequest, form: str, comps, graphs: dict, checks: list[GraphCheck], native: int
+) -> dict:
     from bf import __version__
 
     return {
@@ -218,7 +223,7 @@ def _manifest(identity: dict, layers: dict, req: ExportRequest, form: str, comps
         "plugin": {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE} if form == "custom" else None,
         "model": identity,
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
-        "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale},
+        "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale, "native": native},
         "latent_channels": comps.latent_channels,
         "hidden_size": comps.hidden_size,
         "max_tokens": MAX_TOKENS,

@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from bf.errors import BfError
+from bf.native_size import far_from_native
 
 FORMAT, FORMAT_VERSION = "bf.export", 1
 GRAPHS = ("text_encoder", "unet", "vae_decoder")
@@ -69,3 +70,10 @@ class ExportedModel:
         if height <= 0 or width <= 0 or height % scale or width % scale:
             raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
         return height, width
+
+    def size_warning(self, height: int | None, width: int | None) -> str | None:
+        """A line for a size far (beyond 2x either way) from the model's native one (exports that do not
+        record it: the export's size)."""
+        image = self.manifest["image"]
+        native = image.get("native") or max(image["height"], image["width"])
+        return far_from_native(height or image["height"], width or image["width"], native)

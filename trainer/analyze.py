@@ -206,6 +206,12 @@ def analyze(
 
     todo = [n for n in names if n not in result["layers"]]
     log(f"{len(names) - len(todo)} of {len(names)} layers already analysed; {len(todo)} to go, {len(cfg.bits)} widths each")
+    if todo:  # each width of each layer generates the FP model's images again
+        from bf.progress import duration
+
+        estimate = len(todo) * len(cfg.bits) * (time.time() - t0)
+        log(f"about {duration(estimate)} for them at the FP model's pace" + (" plus the QAT steps" if cfg.qat_steps else "")
+            + ("; --workers N runs N at once" if shard is None else ""))  # fmt: skip
     ptq = PTQConfig(init=cfg.init)
     tuner = None
     if cfg.qat_steps > 0 and todo:

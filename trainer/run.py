@@ -7,6 +7,7 @@ into the work directory and resumable) allocated to ``--target-bits``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,16 +88,18 @@ def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest,
         from bf.trainer.analyze import AnalyzeConfig, analyze
 
         out = work / "analysis.json"
-        log(f"no --analysis given: analysing every layer into {out} (resumable with --resume)")
+        log(f"no --recipe or --analysis given: analysing every layer into {out} first (resumable with --resume; a GPU job "
+            "for real models, see bf analyze --workers)")  # fmt: skip
         loaded = load_model(model.root, device=req.device)
-        analysis = analyze(
-            loaded.pipe,
-            base,
-            AnalyzeConfig(),
-            out,
-            resume or out.exists(),
-            log=log,
-        )
+        from bf.progress import progress_bar
+
+        with progress_bar(desc="analyze", unit="layer", disable=None, file=sys.stderr) as bar:
+
+            def progress(done: int, total: int, name: str) -> None:
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            analysis = analyze(loaded.pipe, base, AnalyzeConfig(), out, resume or out.exists(), progress=progress, log=log)
     recipe = allocate(analysis, req.target_bits, eta=req.eta, grid=grid, source=str(req.analysis or "analysis"))
     with atomic_path(work / "recipe.json") as tmp:
         tmp.write_text(json.dumps(recipe, indent=1))

@@ -1,0 +1,12 @@
+"""How far an image size is from the one a model was trained at (export and runtime both warn)."""
+
+from __future__ import annotations
+
+FAR = 2  # beyond this factor either way, a diffusion model's images degrade (repeated or cut-off objects)
+
+
+def far_from_native(height: int, width: int, native: int) -> str | None:
+    """A warning line for a size beyond FAR x the native one either way, else None."""
+    if max(height, width) > FAR * native or min(height, width) * FAR < native:
+        return f"warning: {height}x{width} is far from the {native}x{native} this model was trained at; its images there are likely poor"
+    return None
