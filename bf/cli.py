@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -179,9 +180,9 @@ def _bits_list(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated bit widths, e.g. 1,2,3") from None
+        raise click.BadParameter(f"{text!r}: expected comma-separated bit widths, e.g. 1,2,3", param_hint="--bits") from None
     if not bits or not all(1 <= b <= 8 for b in bits):
-        raise click.BadParameter(f"{text!r}: widths must be in 1..8")
+        raise click.BadParameter(f"{text!r}: widths must be in 1..8", param_hint="--bits")
     return bits
 
 
@@ -246,7 +247,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
     shard_kn = parse_shard(shard) if shard is not None else None
     if workers > 1 and shard_kn is not None:
         raise BfError("give --workers or --shard, not both")
-    _check_outputs(out, plot)
+    _check_outputs(out=out, plot=plot)
     root = ModelDir.open(model_source(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = AnalyzeConfig(
@@ -266,6 +267,16 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         from bf.evaluate.clip_score import check_clip_dir
 
         check_clip_dir(clip_dir)
+    if layer_regex is not None:
+        import re
+
+        try:
+            re.compile(layer_regex)
+        except re.error as e:
+            raise BfError(f"--layers {layer_regex!r}: not a regular expression ({e})") from None
+    from bf.evaluate.run import prompt_sets
+
+    prompt_sets(prompts, limit)  # a bad prompt file fails here, not after the model loads
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
     check_resumable(out, cfg, model, resume)
     bar = progress_bar(desc="analyze", unit="layer", disable=None, file=sys.stderr)
@@ -450,7 +461,7 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
     from bf.trainer.allocate import allocate as allocate_bits
     from bf.trainer.allocate import load_analysis
 
-    _check_outputs(out)
+    _check_outputs(out=out)
     recipe = allocate_bits(load_analysis(analysis), target_bits, eta=eta, grid=grid, source=str(analysis))
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(recipe, indent=1))
@@ -647,24 +658,25 @@ def _check_new_file(out: Path, force: bool) -> None:
     _check_writable_file(out)
 
 
-def _check_outputs(*outs: Path | None) -> None:
-    """Before any work: every output file given (not None, not '-' for stdout) can be written."""
-    for out in outs:
+def _check_outputs(**outs: Path | None) -> None:
+    """Before any work: every output file given (not None, not '-' for stdout) can be written.
+    Keywords are option names without dashes (json_out= for --json)."""
+    for option, out in outs.items():
         if out is not None and str(out) != "-":
-            _check_writable_file(out)
+            _check_writable_file(out, "--" + option.removesuffix("_out").replace("_", "-"))
 
 
-def _check_writable_file(out: Path) -> None:
-    """--out is not a directory, and the nearest existing directory above it can be written."""
+def _check_writable_file(out: Path, option: str = "--out") -> None:
+    """``out`` is not a directory, and the nearest existing directory above it can be written."""
     if out.is_dir():
-        raise BfError(f"--out {out} is a directory; give a file name")
-    _check_writable_parent(out)
+        raise BfError(f"{option} {out} is a directory; give a file name")
+    _check_writable_parent(out, option)
 
 
-def _check_writable_parent(out: Path) -> None:
+def _check_writable_parent(out: Path, option: str = "--out") -> None:
     parent = next(p for p in (out.parent.absolute(), *out.parent.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise BfError(f"--out {out}: {parent} is not a writable directory; choose another --out")
+        raise BfError(f"{option} {out}: {parent} is not a writable directory; choose another {option}")
 
 
 def _check_gpu_backend(backend: str) -> None:
@@ -789,10 +801,10 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     try:
         batches = tuple(sorted({int(b) for b in batch_text.split(",") if b.strip()}))
     except ValueError:
-        raise click.BadParameter(f"{batch_text!r}: expected comma-separated batch sizes, e.g. 1,2") from None
+        raise click.BadParameter(f"{batch_text!r}: expected comma-separated batch sizes, e.g. 1,2", param_hint="--batch") from None
     if not batches or min(batches) < 1:
-        raise click.BadParameter(f"{batch_text!r}: batch sizes must be at least 1")
-    _check_outputs(json_out, plot)
+        raise click.BadParameter(f"{batch_text!r}: batch sizes must be at least 1", param_hint="--batch")
+    _check_outputs(json_out=json_out, plot=plot)
     _check_gpu_backend(backend)
     model = ExportedModel.open(_bench_target(target, backend))
     if steps is not None:
@@ -878,10 +890,14 @@ def inspect(checkpoint: Path, as_json: bool, layers: bool, no_verify: bool) -> N
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    """--cfg of bf eval: guidance scales, comma-separated, each at least 0."""
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint="--cfg") from None
+    if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r}: give one or more finite guidance scales of at least 0", param_hint="--cfg")
+    return values
 
 
 @main.command("eval")
@@ -936,7 +952,7 @@ def eval_cmd(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = EvalConfig(prompts=prompts, cfgs=_floats(cfgs), seeds=seeds, seed=seed, steps=steps, batch_size=batch_size, limit=limit)
-    _check_outputs(json_out, grid_out)
+    _check_outputs(json_out=json_out, grid_out=grid_out)
     sets = prompt_sets(prompts, limit)  # fail on a bad prompt file before loading models
     sources = [model_source(m) for m in models] or [model_source(None)]
     loaded = [load_model(s, scheduler, device, base_model, log=_log) for s in sources]

@@ -64,8 +64,9 @@ class ExportRequest:
             raise BfError(f"--weights {self.weights}: expected one of {', '.join(WEIGHTS)}")
         if self.gpu_archs and self.target != "trt-rtx":
             raise BfError("--gpu-arch applies to --target trt-rtx (--target trt builds for the GPU it runs on)")
-        if any(v is not None and (v % 8 or v < 8) for v in (self.height, self.width)):
-            raise BfError(f"--height {self.height} --width {self.width}: both must be positive multiples of 8")
+        for name, v in (("--height", self.height), ("--width", self.width)):
+            if v is not None and (v % 8 or v < 8):
+                raise BfError(f"{name} {v}: image sizes must be positive multiples of 8")
         if self.precision not in PRECISIONS:
             raise BfError(f"precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.target not in ENGINE_TARGETS:

@@ -67,12 +67,21 @@ def load_image(path: Path, size: int) -> np.ndarray | None:
         return None
 
 
-def read_image_captions(root: Path, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str], int]:
+def check_data(spec: str, limit: int | None = None) -> list[tuple[Path, str]]:
+    """The image-caption pairs of ``--data`` (none for ``shapes``), before any model loads."""
+    if spec == "shapes":
+        return []
+    root = Path(spec)
     if not root.is_dir():
         raise BfError(f"--data {root}: not a directory (image files with same-name .txt captions, or a .jsonl), nor 'shapes'")
     pairs = _pairs_from_dir(root)[:limit]
     if not pairs:
         raise BfError(f"--data {root}: no image-caption pairs (image files with same-name .txt captions, or a .jsonl)")
+    return pairs
+
+
+def read_image_captions(root: Path, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str], int]:
+    pairs = check_data(str(root), limit)
     images, captions, skipped = [], [], 0
     for path, cap in pairs:
         img = load_image(path, size)

@@ -19,7 +19,7 @@ from bf.errors import BfError
 from bf.format import Checkpoint, candidate_layers, quantizable_layers
 from bf.models.directory import ModelDir, bundle_from_model_dir
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
-from bf.trainer.data import load_latents
+from bf.trainer.data import check_data, load_latents
 from bf.trainer.qat import scale_health
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
 from bf.trainer.train import Frozen, TrainConfig, check_work, pack_student, train_student
@@ -117,6 +117,9 @@ def train_model(
 ) -> Checkpoint:
 
     check_work(work, resume)  # before the models load and the images are encoded
+    check_data(req.data, req.images)
+    if req.train.cuda_graph and not req.device.startswith("cuda"):
+        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
     created = not work.exists()
     try:
         return _train_model(model, req, work, resume, progress, log)
