@@ -18,6 +18,9 @@ class _Group(click.Group):
     """Turns BfError, a missing optional dependency and a usage error into one line on stderr."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from bf.provenance import set_command
+
+        set_command(sys.argv[1:] if args is None else list(args))
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -547,21 +550,21 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
         click.echo(json.dumps(manifest, indent=1))
 
 
-CACHE_DIR = Path(os.environ.get("BF_CACHE", Path.home() / ".cache" / "bf"))
-
-
 def _shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:
     """The shipped 1.99-bit model, exported (onnx-std) into the cache once per sampler and step count."""
     from bf.export.run import ExportRequest, export_model
     from bf.models.shipped import shipped_bfq
 
     source = shipped_bfq()
-    out = CACHE_DIR / f"shipped-1.99bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
+    from bf.cache import cache_root
+
+    out = cache_root() / f"shipped-1.99bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
     if (out / "manifest.json").is_file():
         return out
     _log(f"no model directory given: exporting the shipped 1.99-bit model for {scheduler}, {steps} steps to {out} (once)")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    export_model(source, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps), log=_log)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    # Unchecked like every export bf makes for its cache: the shipped model's export is checked by bf's tests.
+    export_model(source, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps, check=False), log=_log)
     return out
 
 
@@ -698,9 +701,12 @@ def _check_png_out(out: Path) -> None:
 
 def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
     """``bf export SOURCE`` into the cache once per (source, target, settings)."""
+    from bf.cache import cache_root
     from bf.export.run import ExportRequest, export_model
 
-    out = CACHE_DIR / "-".join([key, target, *("_".join(v) if isinstance(v, tuple) else str(v) for v in settings.values()), bf.__version__])
+    out = cache_root() / "-".join(
+        [key, target, *("_".join(v) if isinstance(v, tuple) else str(v) for v in settings.values()), bf.__version__]
+    )
     if (out / "manifest.json").is_file():
         return out
     _log(f"exporting {source} ({target}) to {out} (once)")

@@ -9,6 +9,13 @@ from importlib import metadata
 
 import bf
 
+_command_args: list[str] | None = None  # set by the CLI for the command it runs; else this process's argv
+
+
+def set_command(args: list[str]) -> None:
+    global _command_args
+    _command_args = [str(a) for a in args]
+
 
 def provenance(extra_packages: tuple[str, ...] = ("torch", "diffusers", "numpy", "safetensors")) -> dict:
     versions = {}
@@ -18,7 +25,7 @@ def provenance(extra_packages: tuple[str, ...] = ("torch", "diffusers", "numpy",
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {
-        "command": " ".join(["bf", *sys.argv[1:]]),
+        "command": " ".join(["bf", *(sys.argv[1:] if _command_args is None else _command_args)]),
         "bf": bf.__version__,
         "python": platform.python_version(),
         "versions": versions,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from onnx import numpy_helper
 
 import bf
 from bf.atomic import atomic_path
+from bf.cache import engine_cache
 from bf.errors import BfError
 from bf.export.fp16_graph import to_fp16
 from bf.export.onnx_graphs import save_graph
@@ -35,7 +35,6 @@ from bf.format.dequant_op import DOMAIN, OP_TYPE
 from bf.native import find_plugin_library, find_trt_rtx_alias, register_trt_plugin
 from bf.tensorrt_flavors import FLAVORS, make_logger, rtx_archs
 
-CACHE_DIR = Path(os.environ.get("BF_ENGINE_CACHE", Path.home() / ".cache" / "bf" / "engines"))
 WORKSPACE_BYTES = 8 << 30
 MIN_LATENT = 8  # the smallest latent side of the profiles (TensorRT's shape analysis refuses 1 at the up-block concat)
 
@@ -96,9 +95,10 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
     (out / "engines").mkdir(exist_ok=True)
     if plugin is not None:
         shutil.copy2(plugin, out / "engines" / plugin.name)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    cache = engine_cache()
+    cache.mkdir(parents=True, exist_ok=True)
     tag = f"{flavor.module}-{trt.__version__}-{'_'.join(targets)}"
-    timing_path = CACHE_DIR / f"timing-{tag}.cache"
+    timing_path = cache / f"timing-{tag}.cache"
     archs = rtx_archs(trt, tuple(targets)) if req.target == "trt-rtx" else None
     settings = {k: v for k, v in manifest["export_settings"].items() if k != "check"}
     # bf's version: the float16 copy, the profiles and the plugin's field layout are made by this code
@@ -108,7 +108,7 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
     for name, graph in manifest["graphs"].items():
         key_src = {"graph": graph["files"], **common}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
-        cached = CACHE_DIR / f"{name}-{key}.plan"
+        cached = cache / f"{name}-{key}.plan"
         t0, hit = time.time(), cached.is_file()
         if not hit:
             log(f"building the {name} engine ({flavor.label} {trt.__version__}, {manifest['precision']}, for {', '.join(targets)}); "

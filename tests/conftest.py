@@ -19,8 +19,41 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def run_bf(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI in a subprocess, as a user would."""
+def run_bf(*args: str, cwd: Path | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in this process, as a user would from a shell: exit code, stdout and stderr.
+
+    In-process because starting Python and importing torch costs seconds per call; an exception that
+    escapes the CLI is written to stderr as the traceback a user would see. Tests of what only a
+    process shows (signals, import isolation) start one with ``run_bf_process``. ``cache``: bf's cache
+    directory for this call (what $BF_CACHE sets for a process)."""
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from bf import cli
+
+    old, old_cache = Path.cwd(), os.environ.get("BF_CACHE")
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        if cache is not None:
+            os.environ["BF_CACHE"] = str(cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = CliRunner().invoke(cli.main, [str(a) for a in args], prog_name="bf")
+    finally:
+        os.chdir(old)
+        if cache is not None:
+            os.environ.pop("BF_CACHE") if old_cache is None else os.environ.update(BF_CACHE=old_cache)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["bf", *map(str, args)], r.exit_code, r.stdout, stderr)
+
+
+def run_bf_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a subprocess."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "bf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
 

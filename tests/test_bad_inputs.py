@@ -106,7 +106,7 @@ def test_bad_input_gets_one_error_line_and_leaves_nothing(args, code, message, i
             pytest.skip("a GPU is visible")
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setattr(cli, "CACHE_DIR", cache)
+    monkeypatch.setenv("BF_CACHE", str(cache))
     monkeypatch.chdir(inputs)
     before, cache_before = _tree(inputs), _tree(cache)
     result = CliRunner().invoke(cli.main, args)

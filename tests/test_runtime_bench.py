@@ -1,9 +1,6 @@
 """bf bench on the CPU with ort: the report's format (figures are not asserted, only that they are there and sane)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,8 +12,7 @@ from conftest import run_bf
 
 
 def bench(*args, cache):
-    env = {**os.environ, "BF_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "bf.cli", "bench", *map(str, args)], capture_output=True, text=True, env=env)
+    return run_bf("bench", *args, cache=cache)
 
 
 @pytest.fixture(scope="module")

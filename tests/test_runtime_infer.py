@@ -140,15 +140,11 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_seed(exported_std, tmp_p
 
 
 def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
-    env_cache = tmp_path / "cache"
-    import os
+    from conftest import run_bf
 
-    env = {**os.environ, "BF_CACHE": str(env_cache), "PYTHONWARNINGS": "ignore"}
+    env_cache = tmp_path / "cache"
     for _ in range(2):
-        r = subprocess.run(
-            [sys.executable, "-m", "bf.cli", "infer", "--prompt", PROMPT, "--steps", "50", "--out", str(tmp_path / "s.png"), "--json"],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
+        r = run_bf("infer", "--prompt", PROMPT, "--steps", "50", "--out", tmp_path / "s.png", "--json", cache=env_cache)
         assert r.returncode == 0, r.stderr
     assert "exporting the shipped 1.99-bit model" not in r.stderr  # the second call used the cache
     (exported,) = list(env_cache.iterdir())
@@ -162,10 +158,7 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     assert read_header(shipped_bfq())["recipe"]["target_bits"] == 1.99  # the shipped BitsFusion model, not a PTQ
     assert json.loads(r.stdout)["settings"]["height"] == 128
     # Another sampler or step count: bf exports its own cache again instead of asking the user to.
-    r = subprocess.run(
-        [sys.executable, "-m", "bf.cli", "infer", "--prompt", PROMPT, "--steps", "4", "--scheduler", "ddim",
-         "--out", str(tmp_path / "d.png"), "--json"], capture_output=True, text=True, env=env,
-    )  # fmt: skip
+    r = run_bf("infer", "--prompt", PROMPT, "--steps", "4", "--scheduler", "ddim", "--out", tmp_path / "d.png", "--json", cache=env_cache)
     assert r.returncode == 0, r.stderr
     assert (json.loads(r.stdout)["settings"]["steps"], json.loads(r.stdout)["settings"]["scheduler"]) == (4, "ddim")
     assert len(list(env_cache.iterdir())) == 2
