@@ -21,6 +21,12 @@ class _Group(click.Group):
         from bf.provenance import set_command
 
         set_command(sys.argv[1:] if args is None else list(args))
+        try:
+            return self._main(args, prog_name, complete_var, standalone_mode, **extra)
+        finally:
+            set_command(None)
+
+    def _main(self, args, prog_name, complete_var, standalone_mode, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -28,6 +34,9 @@ class _Group(click.Group):
         except click.exceptions.Abort:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as e:  # plain `bf`: the help, not an error
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as e:  # click's own is four lines (usage, hint, blank, error)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -244,7 +253,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
     from bf.models.pipeline import load_model
     from bf.models.shipped import model_source
     from bf.progress import progress_bar
-    from bf.trainer.analyze import AnalyzeConfig, check_resumable, parse_shard
+    from bf.trainer.analyze import AnalyzeConfig, check_resumable, layer_pattern, parse_shard
     from bf.trainer.analyze import analyze as run_analysis
 
     shard_kn = parse_shard(shard) if shard is not None else None
@@ -270,13 +279,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         from bf.evaluate.clip_score import check_clip_dir
 
         check_clip_dir(clip_dir)
-    if layer_regex is not None:
-        import re
-
-        try:
-            re.compile(layer_regex)
-        except re.error as e:
-            raise BfError(f"--layers {layer_regex!r}: not a regular expression ({e})") from None
+    layer_pattern(layer_regex)
     from bf.evaluate.run import prompt_sets
 
     prompt_sets(prompts, limit)  # a bad prompt file fails here, not after the model loads
@@ -552,20 +555,9 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
 
 def _shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:
     """The shipped 1.99-bit model, exported (onnx-std) into the cache once per sampler and step count."""
-    from bf.export.run import ExportRequest, export_model
     from bf.models.shipped import shipped_bfq
 
-    source = shipped_bfq()
-    from bf.cache import cache_root
-
-    out = cache_root() / f"shipped-1.99bit-onnx-std-{scheduler}-{steps}-{bf.__version__}"
-    if (out / "manifest.json").is_file():
-        return out
-    _log(f"no model directory given: exporting the shipped 1.99-bit model for {scheduler}, {steps} steps to {out} (once)")
-    cache_root().mkdir(parents=True, exist_ok=True)
-    # Unchecked like every export bf makes for its cache: the shipped model's export is checked by bf's tests.
-    export_model(source, out, ExportRequest(target="onnx-std", scheduler=scheduler, steps=steps, check=False), log=_log)
-    return out
+    return _cached_bfq_export(shipped_bfq(), "onnx-std", scheduler=scheduler, steps=steps)
 
 
 # bf infer and bf bench, torch backend
@@ -715,6 +707,13 @@ def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
     return out
 
 
+def _cached_bfq_export(bfq: Path, target: str, **settings) -> Path:
+    """A .bfq exported once into the cache, keyed by its content (a retrained file is exported again)."""
+    from bf.export.run import sha256_file
+
+    return _cached_export(bfq, sha256_file(bfq).removeprefix("sha256:")[:16], target, **settings)
+
+
 def _bench_target(target: Path | None, backend: str) -> Path:
     from bf.models.shipped import model_source
 
@@ -722,9 +721,7 @@ def _bench_target(target: Path | None, backend: str) -> Path:
         return _shipped_export()
     target = model_source(target)
     if target.is_file():  # a .bfq: exported once into the cache
-        from bf.export.run import sha256_file
-
-        return _cached_export(target, sha256_file(target).removeprefix("sha256:")[:16], "trt" if backend == "trt" else "onnx-std")
+        return _cached_bfq_export(target, "trt" if backend == "trt" else "onnx-std")
     return target
 
 

@@ -12,9 +12,10 @@ import bf
 _command_args: list[str] | None = None  # set by the CLI for the command it runs; else this process's argv
 
 
-def set_command(args: list[str]) -> None:
+def set_command(args: list[str] | None) -> None:
+    """The command line the CLI is running (None when it returns)."""
     global _command_args
-    _command_args = [str(a) for a in args]
+    _command_args = None if args is None else [str(a) for a in args]
 
 
 def provenance(extra_packages: tuple[str, ...] = ("torch", "diffusers", "numpy", "safetensors")) -> dict:

@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ def run_bf(*args: str, cwd: Path | None = None, cache: Path | None = None) -> su
 
     In-process because starting Python and importing torch costs seconds per call; an exception that
     escapes the CLI is written to stderr as the traceback a user would see. Tests of what only a
-    process shows (signals, import isolation) start one with ``run_bf_process``. ``cache``: bf's cache
+    process shows (signals, import isolation) start one themselves. ``cache``: bf's cache
     directory for this call (what $BF_CACHE sets for a process)."""
     import traceback
     import warnings
@@ -50,12 +49,6 @@ def run_bf(*args: str, cwd: Path | None = None, cache: Path | None = None) -> su
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         stderr += "".join(traceback.format_exception(r.exception))
     return subprocess.CompletedProcess(["bf", *map(str, args)], r.exit_code, r.stdout, stderr)
-
-
-def run_bf_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI in a subprocess."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "bf.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 ORT_HEADERS = REPO / "build" / "third_party" / "onnxruntime" / "usr" / "include" / "onnxruntime"

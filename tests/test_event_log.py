@@ -1,5 +1,6 @@
 """TensorBoard event files written without TensorBoard: CRC-32C, TFRecord framing, the Event fields."""
 
+import os
 import struct
 
 import pytest
@@ -80,3 +81,34 @@ def test_event_fields_decode_with_an_independent_reader(tmp_path):
     assert struct.unpack("<d", next(v for n, w, v in head if n == 1))[0] > 1.7e9  # wall time, seconds
     assert [scalars_of(r) for r in rest] == [(3, {"stage1/loss": 0.5, "stage1/noise": pytest.approx(1e-3)}), (300, {"stage2/loss": 2.0})]
     assert log.path.name.startswith("events.out.tfevents.")
+
+
+def test_resume_keeps_one_record_per_step_survives_a_cut_file_and_leaves_other_runs_alone(tmp_path):
+    logs = tmp_path / "logs"
+    other = EventLog(logs, "other")  # another run in the same log directory
+    other.scalars(1, {"loss": 9.0})
+    other.close()
+    first = EventLog(logs, "mine")
+    for step in range(1, 6):
+        first.scalars(step, {"loss": float(step)})
+    first.close()
+    second = EventLog(logs, "mine")  # a fresh run of "mine" replaces its file, not "other"'s
+    for step in range(1, 5):
+        second.scalars(step, {"loss": 10.0 + step})
+    second.close()
+    (older,) = [f for f in logs.iterdir() if f.name.endswith(".mine")]
+    # an old-format second file of the same run (steps trained again), then a kill cut the last record
+    newer = logs / (older.name.replace(".mine", "") + "x.mine")
+    newer.write_bytes(record(event(2.0, 3, {"loss": 30.0})) + record(event(2.0, 4, {"loss": 40.0}))[:-3])
+    os.utime(newer, (older.stat().st_mtime + 1,) * 2)
+    resumed = EventLog(logs, "mine", resume_step=3)
+    resumed.scalars(4, {"loss": 44.0})
+    resumed.close()
+    (mine,) = [f for f in logs.iterdir() if f.name.endswith(".mine")]
+    assert [scalars_of(r) for r in read_records(mine)[1:]] == [
+        (1, {"loss": 11.0}),
+        (2, {"loss": 12.0}),
+        (3, {"loss": 30.0}),
+        (4, {"loss": 44.0}),
+    ]
+    assert [scalars_of(r) for r in read_records(other.path)[1:]] == [(1, {"loss": 9.0})]

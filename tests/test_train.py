@@ -303,3 +303,15 @@ def test_a_rate_larger_than_the_scales_holds_them_at_their_floor_and_packs(tmp_p
     assert min(float(fq.scale.min()) for fq in quants.values()) > 0
     ckpt = pack_student(student, quants, dict(TINY_UNET), {"path": "tiny", "hash": "0"}, {})
     assert all((layer.scale > 0).all() for layer in ckpt.layers.values())
+
+
+def test_a_state_is_also_saved_when_checkpoint_minutes_have_passed(tmp_path, monkeypatch):
+    from bf.trainer import train as train_module
+
+    saved = []
+    real_save = train_module.save_state
+    monkeypatch.setattr(train_module, "save_state", lambda path, *a: (saved.append(a[-1]["step"]), real_save(path, *a)))
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=3, stage2_steps=0, batch_size=2, checkpoint_every=100, checkpoint_minutes=1e-9)
+    train_student(frozen, _plan(frozen), cfg, tmp_path)
+    assert saved == [1, 2, 3]  # every step: the interval has always passed (by steps alone: only the last)

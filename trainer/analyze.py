@@ -153,6 +153,16 @@ def merge_analyses(parts: list[tuple[str, dict]]) -> dict:
     return merged
 
 
+def layer_pattern(regex: str | None) -> re.Pattern | None:
+    """--layers compiled, or a one-line error."""
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise BfError(f"--layers {regex!r}: not a regular expression ({e})") from None
+
+
 def analyze(
     pipe,
     model: dict,
@@ -169,10 +179,7 @@ def analyze(
     candidates = list(candidate_layers(shapes))
     names = candidates
     if cfg.layers:
-        try:
-            pattern = re.compile(cfg.layers)
-        except re.error as e:
-            raise BfError(f"--layers {cfg.layers!r}: not a regular expression ({e})") from None
+        pattern = layer_pattern(cfg.layers)
         names = [n for n in names if pattern.search(n)]
         if not names:
             raise BfError(f"--layers {cfg.layers!r} matches no candidate layer (e.g. {candidates[0]})")

@@ -69,9 +69,10 @@ def load_image(path: Path, size: int) -> np.ndarray | None:
 
 def check_data(spec: str, limit: int | None = None) -> list[tuple[Path, str]]:
     """The image-caption pairs of ``--data`` (none for ``shapes``), before any model loads."""
-    if spec == "shapes":
-        return []
-    root = Path(spec)
+    return [] if spec == "shapes" else _pairs(Path(spec), limit)
+
+
+def _pairs(root: Path, limit: int | None) -> list[tuple[Path, str]]:
     if not root.is_dir():
         raise BfError(f"--data {root}: not a directory (image files with same-name .txt captions, or a .jsonl), nor 'shapes'")
     pairs = _pairs_from_dir(root)[:limit]
@@ -81,7 +82,7 @@ def check_data(spec: str, limit: int | None = None) -> list[tuple[Path, str]]:
 
 
 def read_image_captions(root: Path, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str], int]:
-    pairs = check_data(str(root), limit)
+    pairs = _pairs(root, limit)
     images, captions, skipped = [], [], 0
     for path, cap in pairs:
         img = load_image(path, size)

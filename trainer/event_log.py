@@ -70,16 +70,22 @@ def record(data: bytes) -> bytes:
     return length + struct.pack("<I", _masked(length)) + data + struct.pack("<I", _masked(data))
 
 
-def read_records(path: Path) -> list[bytes]:
-    """The records of an event file, CRCs checked (for tests and for reading a run back)."""
+def read_records(path: Path, strict: bool = True) -> list[bytes]:
+    """The records of an event file, CRCs checked. ``strict=False`` stops at the first short or damaged
+    record (a file cut by a kill or a full disk) instead of raising."""
     buf, out, i = path.read_bytes(), [], 0
     while i < len(buf):
-        (n,) = struct.unpack_from("<Q", buf, i)
-        if struct.unpack_from("<I", buf, i + 8)[0] != _masked(buf[i : i + 8]):
-            raise ValueError(f"{path}: corrupt record length at byte {i}")
-        data = buf[i + 12 : i + 12 + n]
-        if struct.unpack_from("<I", buf, i + 12 + n)[0] != _masked(data):
-            raise ValueError(f"{path}: corrupt record at byte {i}")
+        try:
+            (n,) = struct.unpack_from("<Q", buf, i)
+            if struct.unpack_from("<I", buf, i + 8)[0] != _masked(buf[i : i + 8]):
+                raise ValueError(f"{path}: corrupt record length at byte {i}")
+            data = buf[i + 12 : i + 12 + n]
+            if len(data) != n or struct.unpack_from("<I", buf, i + 12 + n)[0] != _masked(data):
+                raise ValueError(f"{path}: corrupt record at byte {i}")
+        except (ValueError, struct.error):
+            if strict:
+                raise
+            break
         out.append(data)
         i += 16 + n
     return out
@@ -99,33 +105,35 @@ def record_step(data: bytes) -> int | None:
 
 
 class EventLog:
-    """Appends scalars to an ``events.out.tfevents.*`` file in ``log_dir``.
+    """Appends scalars to this run's ``events.out.tfevents.*.<run>`` file in ``log_dir``.
 
-    ``resume_step``: a resumed run continues the run's file instead of starting a second one
-    (TensorBoard would draw both): records after that step, which the run trains again, are
-    dropped, and the run's earlier files are merged into the one it appends to. A fresh run
-    removes the directory's event files, as it rewrites log.csv."""
+    ``run`` names the run (bf train: its work directory), so runs sharing a log directory, as
+    TensorBoard's layout of one parent directory has them, never touch each other's files.
+    ``resume_step``: a resumed run continues its file instead of starting a second one (TensorBoard
+    would draw both): records after that step, which the run trains again, are dropped, one record
+    is kept per step (the latest), and the run's earlier files are merged into the one it appends to.
+    A fresh run removes its earlier files, as it rewrites log.csv."""
 
-    def __init__(self, log_dir: Path, resume_step: int | None = None):
+    def __init__(self, log_dir: Path, run: str = "run", resume_step: int | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        self.path = log_dir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
-        kept = [record(event(now, 0, file_version="brain.Event:2"))]
-        old = sorted(log_dir.glob("events.out.tfevents.*"))
+        self.path = log_dir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{run}"
+        kept = {0: record(event(now, 0, file_version="brain.Event:2"))}
+        old = sorted(log_dir.glob(f"events.out.tfevents.*.{run}"), key=lambda f: f.stat().st_mtime)
         if resume_step is not None and old:
-            self.path = old[0]
-            kept = []
-            for f in old:
-                for data in read_records(f):
+            self.path = old[-1]
+            for f in old:  # later files win: they hold the steps trained again
+                for data in read_records(f, strict=False):
                     step = record_step(data)
-                    if (step == 0 and not kept) or (step is not None and 0 < step <= resume_step):
-                        kept.append(record(data))
+                    if step is not None and step <= resume_step:
+                        kept[step] = record(data)
         from bf.atomic import atomic_path
 
         with atomic_path(self.path) as tmp:
-            tmp.write_bytes(b"".join(kept))
-        for f in old[1:] if resume_step is not None else old:  # a fresh run replaces the log, like log.csv
-            f.unlink()
+            tmp.write_bytes(b"".join(kept[k] for k in sorted(kept)))
+        for f in old:
+            if f != self.path:
+                f.unlink()
         self.f = open(self.path, "ab")  # noqa: SIM115 - kept open for the whole run
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -54,7 +54,8 @@ class FakeQuantWeight(nn.Module):
         self.scale = nn.Parameter(s0.to(weight.dtype))
         # Positive and representable in the weight's dtype; never above the initial scale.
         tiny = torch.full_like(s0, torch.finfo(weight.dtype).tiny)
-        self.register_buffer("floor", torch.maximum(s0 * SCALE_FLOOR, torch.minimum(tiny, s0)).to(weight.dtype), persistent=False)
+        # A plain attribute, not a buffer: DistributedDataParallel would broadcast a buffer every step.
+        self.floor = torch.maximum(s0 * SCALE_FLOOR, torch.minimum(tiny, s0)).to(weight.dtype)
         self.grad_scale = lsq_grad_scale(weight, grid)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import check_data, load_latents
 from bf.trainer.qat import scale_health
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
-from bf.trainer.train import Frozen, TrainConfig, check_work, pack_student, train_student
+from bf.trainer.train import Frozen, TrainConfig, check_cuda_graph, check_work, pack_student, train_student
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,10 @@ def train_model(
 
     check_work(work, resume)  # before the models load and the images are encoded
     check_data(req.data, req.images)
-    if req.train.cuda_graph and not req.device.startswith("cuda"):
-        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
+    dist = torch.distributed
+    check_cuda_graph(
+        req.train, torch.device(req.device).type, dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    )
     created = not work.exists()
     try:
         return _train_model(model, req, work, resume, progress, log)

@@ -152,6 +152,11 @@ def _differences(saved: dict | None, now: dict) -> str:
     return "other settings: " + ", ".join(diff) if diff else "another recipe (other layers or bit widths)"
 
 
+def check_cuda_graph(cfg: TrainConfig, device_type: str, world: int) -> None:
+    if cfg.cuda_graph and (device_type != "cuda" or world > 1):
+        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
+
+
 def check_work(work: Path, resume: bool) -> None:
     """--resume needs a saved state in ``work``, and a run without it must not overwrite one."""
     state = work / STATE_FILE
@@ -178,8 +183,7 @@ def train_student(
     device = frozen.alphas_cumprod.device
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):  # before anything is written to work or log_dir
-        raise BfError("--cuda-graph needs one CUDA GPU and one process (not CPU, not torchrun)")
+    check_cuda_graph(cfg, device.type, world)  # before anything is written to work or log_dir
     teacher = frozen.teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     quants = attach_fake_quant(student, plan, cfg.init)
@@ -209,7 +213,8 @@ def train_student(
     if rank == 0:
         log_dir.mkdir(parents=True, exist_ok=True)
         csv_log = CsvLog(log_dir / LOG_FILE, (start["stage"], start["step"]) if resume else None)
-        events = EventLog(log_dir, steps_before[start["stage"]] + start["step"] if resume else None)
+        run = "bf-" + hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:8]  # this work directory's run
+        events = EventLog(log_dir, run, steps_before[start["stage"]] + start["step"] if resume else None)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
     def terms(stage: int, zt, t, cond, noise) -> tuple[torch.Tensor, ...]:

@@ -50,14 +50,17 @@ def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = N
 def _recorded_or_shipped(base_model: dict) -> Path:
     """The directory a .bfq records it was quantized from; where that is gone (a .bfq made on another
     machine, the shipped one included) and its hash is the shipped model's, the shipped model."""
-    path = Path(base_model.get("path") or "")
-    if not path.is_dir():
-        from bf.models.shipped import shipped_model_dir
+    recorded = base_model.get("path")
+    path = Path(recorded) if recorded else None
+    if path is not None and path.is_dir():
+        return path
+    from bf.models.shipped import shipped_model_dir
 
+    try:
         shipped = shipped_model_dir()
-        if ModelDir.open(shipped).content_hash() == base_model.get("hash"):
-            return shipped
-    return path
+    except BfError:  # an install without the shipped model: the caller reports the recorded path
+        return path or Path("<no base model recorded>")
+    return shipped if ModelDir.open(shipped).content_hash() == base_model.get("hash") else path or Path("<no base model recorded>")
 
 
 def quantized_from(bfq: Path) -> ModelDir:
