@@ -54,7 +54,7 @@ def test_sd15_architecture_is_exact():
         unet = UNet2DConditionModel(**SD15_UNET)
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     time_params = sum(p.numel() for n, p in unet.named_parameters() if n.startswith("time_embedding.") or ".time_emb_proj." in n)
-    assert round(time_params / 1e6, 1) == 27.9  # RECIPE section 4
+    assert round(time_params / 1e6, 1) == 27.9  # docs/RECIPE.md section 4
 
 
 def _copy(src, dst):

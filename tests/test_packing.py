@@ -147,7 +147,7 @@ def _sd15_shapes():
 
 def test_stored_bits_on_sd15_architecture_meet_limits():
     layers = candidate_layers(_sd15_shapes())
-    assert len(layers) == 256  # RECIPE section 3
+    assert len(layers) == 256  # docs/RECIPE.md section 3
     params = sum(math.prod(s) for s in layers.values())
     for bits, limit in LIMITS.items():
         for kind in ("balanced", "plain"):

@@ -1,4 +1,4 @@
-"""Mixed-precision bit allocation from a per-layer analysis (RECIPE section 3).
+"""Mixed-precision bit allocation from a per-layer analysis (docs/RECIPE.md section 3).
 
 Sensitivity ``S(i, b) = MSE(i, b) * N_i^-eta``; a layer gets the smallest width in
 {1, 2, 3} whose sensitivity is under the threshold ``S_o``, else 4. Layers whose 3-bit

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity analysis (RECIPE section 3): ``bf analyze``.
+"""Per-layer sensitivity analysis (docs/RECIPE.md section 3): ``bf analyze``.
 
 Every candidate layer alone is quantized (balanced grid, alternating init) to each
 analysed width, everything else stays full precision; images generated with fixed

@@ -1,4 +1,4 @@
-"""Quantization-aware training pieces (RECIPE section 5).
+"""Quantization-aware training pieces (docs/RECIPE.md section 5).
 
 A UNet gets a fake-quant parametrization on every planned weight: the latent FP weight
 stays a parameter, and a per-output-channel scale (initialised by min-max or the

@@ -1,4 +1,4 @@
-"""Per-output-channel uniform quantizer in torch: levels, scale init, fake-quant (RECIPE 1-2).
+"""Per-output-channel uniform quantizer in torch: levels, scale init, fake-quant (docs/RECIPE.md sections 1-2).
 
 Weights are viewed as rows (one per output channel). ``quantize_levels`` is the one
 rounding rule used everywhere: ``clip(round_half_even(w / s), qmin, qmax)``.
@@ -67,7 +67,7 @@ def alternating_scale(
     s0: torch.Tensor | None = None,
     history: list[float] | None = None,
 ) -> torch.Tensor:
-    """Lloyd-style alternation (RECIPE 2): q = round(w/s) for fixed s, s = <w,q>/<q,q> for fixed q.
+    """Lloyd-style alternation (docs/RECIPE.md section 2): q = round(w/s) for fixed s, s = <w,q>/<q,q> for fixed q.
 
     Each half-step minimises ``||s q - w||^2`` over one variable, so the objective
     never increases. Starts from min-max unless ``s0`` is given. If ``history`` is a

@@ -1,4 +1,4 @@
-"""A short QAT of one layer alone, for ``bf analyze --qat-steps K`` (RECIPE section 3).
+"""A short QAT of one layer alone, for ``bf analyze --qat-steps K`` (docs/RECIPE.md section 3).
 
 Post-training quantization alone overstates the sensitivity of layers that a few
 steps of training would fix; the paper analyses layers after a short QAT. Here only

@@ -1,4 +1,4 @@
-"""Two-stage quantization-aware training (RECIPE section 5) and packing the result.
+"""Two-stage quantization-aware training (docs/RECIPE.md section 5) and packing the result.
 
 Stage I distils the fake-quantized student from the frozen FP teacher; Stage II trains
 it on the true noise. Batches are drawn from a generator seeded by (seed, stage, step),

@@ -34,5 +34,5 @@ def quantizable_layers(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
 
 
 def candidate_layers(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Layers the mixed-precision analysis chooses bits for (RECIPE section 3)."""
+    """Layers the mixed-precision analysis chooses bits for (docs/RECIPE.md section 3)."""
     return {m: s for m, s in quantizable_layers(shapes).items() if m not in EDGE_LAYERS}

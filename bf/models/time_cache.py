@@ -1,4 +1,4 @@
-"""Time-embedding pre-computing and caching (RECIPE section 4).
+"""Time-embedding pre-computing and caching (docs/RECIPE.md section 4).
 
 For a sampler and step count, every ResBlock's projected time feature
 ``time_emb_proj(silu(time_embedding(time_proj(t))))`` is computed once for each timestep
