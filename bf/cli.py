@@ -172,8 +172,8 @@ def quantize(
     from bf.format import summarize
     from bf.models.directory import ModelDir
     from bf.models.shipped import model_source
-    from bf.trainer.pipeline import QuantizeRequest, quantize_model
     from bf.trainer.ptq import PTQConfig
+    from bf.trainer.quantize_model import QuantizeRequest, quantize_model
 
     _check_new_file(out, force)
     model = ModelDir.open(model_source(model_dir))
@@ -249,8 +249,8 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
     """
     import torch
 
+    from bf.models.diffusers_pipeline import load_model
     from bf.models.directory import ModelDir
-    from bf.models.pipeline import load_model
     from bf.models.shipped import model_source
     from bf.progress import progress_bar
     from bf.trainer.analyze import AnalyzeConfig, check_resumable, layer_pattern, parse_shard
@@ -280,7 +280,7 @@ def analyze(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
 
         check_clip_dir(clip_dir)
     layer_pattern(layer_regex)
-    from bf.evaluate.run import prompt_sets
+    from bf.evaluate.evaluation import prompt_sets
 
     prompt_sets(prompts, limit)  # a bad prompt file fails here, not after the model loads
     model = {"path": str(root.root.resolve()), "hash": root.content_hash()}
@@ -378,8 +378,8 @@ def train(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, 
     from bf.models.directory import ModelDir
     from bf.models.shipped import model_source
     from bf.trainer.qat import DEFAULT_FEATURE_WEIGHT, LossConfig
-    from bf.trainer.run import TrainRequest, train_model
     from bf.trainer.train import TrainConfig
+    from bf.trainer.training_run import TrainRequest, train_model
 
     _check_writable_file(out)  # before hours of training
     model = ModelDir.open(model_source(model_dir))
@@ -519,7 +519,7 @@ def export_cmd(checkpoint, target, out, scheduler, steps, height, width, batch, 
     standard operators; onnx-qdq: DequantizeLinear), and the UNet takes a step index into a
     time-feature table built for --scheduler and --steps.
     """
-    from bf.export.run import ExportRequest, export_model
+    from bf.export.exporter import ExportRequest, export_model
     from bf.models.shipped import model_source
     from bf.progress import progress_bar
 
@@ -610,7 +610,7 @@ def infer_cmd(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, h
     """
     from bf.progress import progress_bar
     from bf.runtime.exported import ExportedModel
-    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, generate
     from bf.runtime.png import write_png
 
     if not prompt.strip():
@@ -694,7 +694,7 @@ def _check_png_out(out: Path) -> None:
 def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
     """``bf export SOURCE`` into the cache once per (source, target, settings)."""
     from bf.cache import cache_root
-    from bf.export.run import ExportRequest, export_model
+    from bf.export.exporter import ExportRequest, export_model
 
     out = cache_root() / "-".join(
         [key, target, *("_".join(v) if isinstance(v, tuple) else str(v) for v in settings.values()), bf.__version__]
@@ -709,7 +709,7 @@ def _cached_export(source: Path, key: str, target: str, **settings) -> Path:
 
 def _cached_bfq_export(bfq: Path, target: str, **settings) -> Path:
     """A .bfq exported once into the cache, keyed by its content (a retrained file is exported again)."""
-    from bf.export.run import sha256_file
+    from bf.export.exporter import sha256_file
 
     return _cached_export(bfq, sha256_file(bfq).removeprefix("sha256:")[:16], target, **settings)
 
@@ -947,8 +947,8 @@ def eval_cmd(
 
     import torch
 
-    from bf.evaluate.run import EvalConfig, evaluate, prompt_sets
-    from bf.models.pipeline import load_model
+    from bf.evaluate.evaluation import EvalConfig, evaluate, prompt_sets
+    from bf.models.diffusers_pipeline import load_model
     from bf.models.shipped import model_source
     from bf.progress import progress_bar
     from bf.report import format_eval_table, save_eval_grid

@@ -56,7 +56,7 @@ def save_eval_grid(path: Path, sets, generated, models, reference, cfg) -> None:
     """Rows: every prompt evaluated; columns: the reference, then each other model, at each CFG scale (first seed).
 
     A model that is also the reference has one column, the reference's."""
-    from bf.evaluate.grid import save_grid
+    from bf.evaluate.image_grid import save_grid
 
     shown = ([reference] if reference is not None else []) + [m for m in models if reference is None or m.pipe is not reference.pipe]
     columns = [(m, scale) for m in shown for scale in cfg.cfgs]

@@ -28,9 +28,9 @@ import bf
 from bf.atomic import atomic_path
 from bf.cache import engine_cache
 from bf.errors import BfError
+from bf.export.exporter import sha256_file
 from bf.export.fp16_graph import to_fp16
 from bf.export.onnx_graphs import save_graph
-from bf.export.run import sha256_file
 from bf.format.dequant_op import DOMAIN, OP_TYPE
 from bf.native import find_plugin_library, find_trt_rtx_alias, register_trt_plugin
 from bf.tensorrt_flavors import FLAVORS, make_logger, rtx_archs

@@ -56,8 +56,8 @@ class TorchBackend:
         try:
             import torch
 
+            from bf.models.diffusers_pipeline import load_model
             from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
-            from bf.models.pipeline import load_model
             from bf.models.time_cache import cache_time_features
             from bf.runtime.torch_graph import GraphedCall, unet_step
         except ImportError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bf.runtime.exported import ExportedModel
-from bf.runtime.pipeline import GenerationRequest, generate
+from bf.runtime.generation import GenerationRequest, generate
 
 STAGES = ("text_encoder", "unet_step", "vae_decoder")
 

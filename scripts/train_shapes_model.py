@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from bf.evaluate.grid import save_grid
-from bf.evaluate.run import EvalConfig, evaluate
+from bf.evaluate.evaluation import EvalConfig, evaluate
+from bf.evaluate.image_grid import save_grid
 from bf.models.architectures import SD15_SCHEDULER, SHAPES_TEXT_ENCODER, SHAPES_UNET, SHAPES_VAE
-from bf.models.pipeline import LoadedModel, assemble_pipeline, make_scheduler
+from bf.models.diffusers_pipeline import LoadedModel, assemble_pipeline, make_scheduler
 from bf.models.tokenizer_files import write_tokenizer_dir
 from bf.shapes.render import training_example
 

@@ -16,7 +16,7 @@ CFG = AnalyzeConfig(limit=1, steps=2, batch_size=8)
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    from bf.models.pipeline import load_model
+    from bf.models.diffusers_pipeline import load_model
 
     return load_model(tiny_model).pipe
 
@@ -82,6 +82,7 @@ def test_shards_partition_the_layers_and_merge_back(pipe, tmp_path):
             parse_shard(bad)
 
 
+@pytest.mark.slow
 def test_workers_cli_merges_parts_and_leaves_none_behind(tiny_model, tmp_path):
     from conftest import run_bf
 

@@ -197,7 +197,7 @@ def test_binary_recipe_is_a_one_line_error(tmp_path):
 def test_broken_unet_config_fails_before_quantizing(tiny_model, tmp_path, monkeypatch):
     import shutil
 
-    import bf.trainer.pipeline as pipeline
+    import bf.trainer.quantize_model as pipeline
     from bf.errors import BfError
 
     d = tmp_path / "m"
@@ -244,7 +244,7 @@ def test_cli_unwritable_output_and_damaged_weights(tiny_model, tmp_path):
 
 def test_a_prompt_file_that_is_not_utf8_is_one_line(tmp_path):
     from bf.errors import BfError
-    from bf.evaluate.run import prompt_sets
+    from bf.evaluate.evaluation import prompt_sets
 
     f = tmp_path / "prompts.txt"
     f.write_bytes(b"a red circle\n\xff\xfe a blue square\n")

@@ -57,7 +57,7 @@ def test_eval_identical_models_and_outputs(tiny_model, tmp_path):
 def test_grid_wraps_long_headers_and_labels_instead_of_cutting_them(tmp_path):
     from PIL import Image
 
-    from bf.evaluate.grid import save_grid
+    from bf.evaluate.image_grid import save_grid
 
     cells = [[np.zeros((64, 64, 3), np.uint8)] * 2]
     long = "reference:a-model-with-a-rather-long-name.bfq\ncfg 7.5"

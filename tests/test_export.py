@@ -118,7 +118,7 @@ def test_export_writes_packed_graphs_that_match_pytorch(exported):
 def test_unet_graph_by_step_index_equals_the_diffusers_unet_at_that_timestep(exported):
     from bf.export.check import psnr_db
     from bf.export.lowering import lower_graph
-    from bf.models.pipeline import load_model
+    from bf.models.diffusers_pipeline import load_model
 
     tmp, manifest, _ = exported
     unet = load_model(tmp / "m.bfq").pipe.unet
@@ -184,7 +184,7 @@ def test_custom_op_graph_runs_in_onnxruntime_with_the_op_library(exported, ort_o
 
 def test_a_failed_check_leaves_nothing_behind(exported, monkeypatch):
     from bf.export import check
-    from bf.export.run import ExportRequest, export_model
+    from bf.export.exporter import ExportRequest, export_model
 
     tmp, _, _ = exported
     monkeypatch.setitem(check.PSNR_FLOOR_DB, "float32", 1000.0)

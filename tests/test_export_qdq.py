@@ -213,6 +213,7 @@ def test_a_missing_tensorrt_package_names_its_extra():
         TensorRTFlavor("trt-rtx", "no_such_module", "TensorRT for RTX", "trt-rtx", 1).load()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "shipped"])
 def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(model, qdq_export, tmp_path, monkeypatch):
     """The tiny model at every qdq form, and the shipped model at its 1.99-bit recipe, exported as a user
@@ -281,6 +282,7 @@ def test_ort_takes_the_cuda_provider_only_where_it_can_run_the_graphs():
     assert graph_form({"target": "trt-rtx", "graph_form": "qdq"}) == "qdq"
 
 
+@pytest.mark.slow
 def test_plugin_engines_build_with_tensorrt_for_rtx(qdq_export, tmp_path, monkeypatch):
     """Where the plugin was built against TensorRT for RTX (make plugins with TensorRT's headers): the
     UNet engine holds the packed codes through LowBitDequant plugin nodes."""

@@ -22,6 +22,7 @@ def quantized_bfq(tiny_model, tmp_path_factory):
     return tmp / "m.bfq"
 
 
+@pytest.mark.slow
 def test_bench_a_bfq_against_its_fp_baseline_writes_json_and_plot(quantized_bfq, tmp_path):
     r = bench(quantized_bfq, "--batch", "1,2", "--runs", "2", "--warmup", "1", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png",
               cache=tmp_path / "cache")  # fmt: skip

@@ -42,10 +42,10 @@ def png_text(path) -> dict[str, str]:
 
 
 def test_ort_matches_the_diffusers_pipeline_on_the_dequantized_model(exported_std):
-    from bf.models.pipeline import load_model
+    from bf.models.diffusers_pipeline import load_model
     from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.exported import ExportedModel
-    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, generate
 
     model = ExportedModel.open(exported_std / "onnx")
     ours = generate(model, OrtBackend(model), GenerationRequest(PROMPT, seed=7))
@@ -57,10 +57,10 @@ def test_ort_matches_the_diffusers_pipeline_on_the_dequantized_model(exported_st
 
 
 def test_the_fp_model_exported_and_run_by_ort_matches_diffusers(tiny_model, tmp_path):
-    from bf.models.pipeline import load_model
+    from bf.models.diffusers_pipeline import load_model
     from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.exported import ExportedModel
-    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, generate
 
     r = run_bf("export", tiny_model, "--target", "onnx-std", "--out", tmp_path / "fp", "--steps", "8", "--scheduler", "dpmpp2m")
     assert r.returncode == 0, r.stderr
@@ -90,7 +90,7 @@ def test_bf_infer_writes_a_png_with_its_settings(exported_std):
 def test_the_ort_path_imports_no_torch(exported_std):
     code = (
         "import sys; from bf.runtime.backend_ort import OrtBackend; from bf.runtime.exported import ExportedModel; "
-        "from bf.runtime.pipeline import GenerationRequest, generate; "
+        "from bf.runtime.generation import GenerationRequest, generate; "
         f"m = ExportedModel.open({str(exported_std / 'onnx')!r}); generate(m, OrtBackend(m), GenerationRequest('x', steps=10)); "
         "bad = [n for n in ('torch', 'diffusers', 'transformers') if n in sys.modules]; assert not bad, bad"
     )
@@ -139,6 +139,7 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_seed(exported_std, tmp_p
     assert np.abs(first - alone).mean() > 5  # different seeds, different images
 
 
+@pytest.mark.slow
 def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     from conftest import run_bf
 
@@ -150,7 +151,7 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     (exported,) = list(env_cache.iterdir())
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["target"] == "onnx-std" and manifest["model"]["source"].endswith("bf/assets/shapes-sd-1.99bit.bfq")
-    from bf.export.run import sha256_file
+    from bf.export.exporter import sha256_file
     from bf.format import read_header
     from bf.models.shipped import shipped_bfq
 
@@ -172,7 +173,7 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
     from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
-    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, generate
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     model = ExportedModel.open(exported_std / "onnx")

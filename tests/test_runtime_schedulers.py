@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from bf.models.architectures import ARCHITECTURES  # noqa: E402
-from bf.models.pipeline import make_scheduler as diffusers_scheduler  # noqa: E402
+from bf.models.diffusers_pipeline import make_scheduler as diffusers_scheduler  # noqa: E402
 from bf.models.shipped import shipped_model_dir  # noqa: E402
 from bf.runtime.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 

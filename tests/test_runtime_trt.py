@@ -88,7 +88,7 @@ def test_trt_backend_runs_an_export(tmp_path):
     from bf.models.architectures import ARCHITECTURES
     from bf.models.random_model import write_random_model
     from bf.runtime.backend_ort import OrtBackend
-    from bf.runtime.pipeline import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, generate
 
     write_random_model(ARCHITECTURES["sd15-tiny"], tmp_path / "tiny", seed=0, log=lambda m: None)
     assert run_bf("quantize", "--model", tmp_path / "tiny", "--bits", "2", "--out", tmp_path / "m.bfq").returncode == 0

@@ -27,6 +27,7 @@ def test_training_examples_are_deterministic():
     assert a_img.shape == (128, 128, 3) and a_img.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_heldout_pairs_never_appear_in_training():
     words = {f"{c} {s}" for s, c in HELDOUT_PAIRS}
     for i in range(4000):

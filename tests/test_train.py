@@ -199,6 +199,7 @@ def test_bf_train_cli_on_an_fp16_model(tmp_path):
     assert not (tmp_path / "x.bfq").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
     import json
     import os
@@ -224,7 +225,7 @@ def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
 def test_training_noise_schedule_is_the_models():
     """SD-v1.5's scaled_linear betas, not DDPM's default linear ones."""
     from bf.models.architectures import SD15_SCHEDULER
-    from bf.trainer.run import training_alphas_cumprod
+    from bf.trainer.frozen import training_alphas_cumprod
 
     acp = training_alphas_cumprod(SD15_SCHEDULER)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
@@ -234,7 +235,7 @@ def test_training_noise_schedule_is_the_models():
 
 def test_text_encoder_cache_overflow_keeps_every_caption_of_the_batch():
     """A batch that overflows the cache once lost its already-cached captions (KeyError on the GPU run)."""
-    from bf.trainer.run import TextEncoder
+    from bf.trainer.frozen import TextEncoder
 
     class Tok:
         model_max_length = 4

@@ -17,6 +17,7 @@ from bf.format import Checkpoint
 from tests.conftest import REPO, run_bf
 
 
+@pytest.mark.slow
 def test_train_at_its_defaults_on_the_shipped_model_gives_a_1_99_bit_bfq(tmp_path):
     """Batch 64, lr 1e-4, the committed 1.99-bit recipe; steps and images shortened for CI."""
     out = tmp_path / "m.bfq"
@@ -46,6 +47,7 @@ def _rows(work):
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_gives_the_uninterrupted_weights(tiny_model, tmp_path):
     common = ["--model", tiny_model, "--images", "16", "--uniform-bits", "2", "--stage1-steps", "6", "--stage2-steps", "4",
               "--batch-size", "8", "--checkpoint-every", "1"]  # fmt: skip

@@ -23,9 +23,9 @@ import torch
 
 from bf.atomic import atomic_path
 from bf.errors import BfError
+from bf.evaluate.evaluation import prompt_sets
 from bf.evaluate.generate import generate
 from bf.evaluate.metrics import accuracy, fidelity
-from bf.evaluate.run import prompt_sets
 from bf.format import EDGE_LAYERS, Grid, candidate_layers
 from bf.format.summary import TIME_TABLE_STEPS, time_layer_counts
 from bf.trainer.allocate import ANALYSED_BITS, ANALYSIS_FORMAT, ANALYSIS_VERSION

@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 
 from bf.format import Grid, QuantizedLayer
 from bf.trainer.data import load_latents
+from bf.trainer.frozen import TextEncoder, training_alphas_cumprod
 from bf.trainer.qat import LossConfig, attach_fake_quant, export_layers, hold_scales, stage1_loss
-from bf.trainer.run import TextEncoder, training_alphas_cumprod
 from bf.trainer.train import Frozen, noisy_batch, optimizer_step
 
 

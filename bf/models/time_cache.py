@@ -15,7 +15,7 @@ from torch import nn
 
 def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -> torch.Tensor:
     """The timesteps the sampler feeds the UNet, in call order (PNDM repeats one)."""
-    from bf.models.pipeline import make_scheduler
+    from bf.models.diffusers_pipeline import make_scheduler
 
     sched = make_scheduler(scheduler_name, scheduler_config)
     sched.set_timesteps(steps)

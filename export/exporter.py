@@ -115,7 +115,7 @@ def export_model(
     progress: Callable[[str], None] = lambda stage: None,
 ) -> dict:
     """Export ``source`` (a .bfq, or an FP model directory as the reference) into ``out``; returns the manifest."""
-    from bf.models.pipeline import load_model
+    from bf.models.diffusers_pipeline import load_model
 
     req.validate()
     if out.exists() and any(out.iterdir()):

@@ -20,6 +20,7 @@ from bf.format import Checkpoint, candidate_layers, quantizable_layers
 from bf.models.directory import ModelDir, bundle_from_model_dir
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import check_data, load_latents
+from bf.trainer.frozen import TextEncoder, training_alphas_cumprod
 from bf.trainer.qat import scale_health
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
 from bf.trainer.train import Frozen, TrainConfig, check_cuda_graph, check_work, pack_student, train_student
@@ -41,36 +42,6 @@ class TrainRequest:
     log_dir: Path | None = None  # log.csv and TensorBoard events; default: the work directory
 
 
-class TextEncoder:
-    """Captions to hidden states with a frozen CLIP text encoder; repeated captions are cached."""
-
-    def __init__(self, tokenizer, model, device, max_cached: int = 4096):
-        self.tok, self.model, self.device, self.cache, self.max = tokenizer, model.to(device).eval(), device, {}, max_cached
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        todo = sorted({c for c in captions if c not in self.cache})
-        if todo:
-            if len(self.cache) + len(todo) > self.max:
-                self.cache.clear()  # whole batch recomputed: its already-cached captions went with the rest
-                todo = sorted(set(captions))
-            ids = self.tok(todo, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            hidden = self.model(ids.to(self.device)).last_hidden_state
-            self.cache.update(zip(todo, hidden, strict=True))
-        return torch.stack([self.cache[c] for c in captions])
-
-
-def training_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
-    """The model's training noise schedule (one alpha-bar per timestep) from its sampler config.
-
-    ``from_config`` reads every key the sampler shares with DDPM (beta_schedule included)
-    and ignores sampler-only ones.
-    """
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod
-
-
 def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
     """``base``: the model's path and content hash (hashing a real model takes a while: once per run)."""
     sources = [x is not None for x in (req.recipe, req.uniform_bits)]
@@ -84,7 +55,7 @@ def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest,
     if req.analysis is not None:
         analysis = load_analysis(req.analysis)
     else:
-        from bf.models.pipeline import load_model
+        from bf.models.diffusers_pipeline import load_model
         from bf.trainer.analyze import AnalyzeConfig, analyze
 
         out = work / "analysis.json"
