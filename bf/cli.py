@@ -730,20 +730,19 @@ def _baseline_export(model, backend: str) -> Path:
     from bf.models.base_model import quantized_from
     from bf.models.directory import COMPONENTS
 
-    source = Path(model.manifest["model"]["source"])
+    source = Path(model.manifest.model.source)
     if not source.is_file():
         raise BfError(f"{model.root} was exported from {source}, which is gone; the baseline is its base model (or pass --baseline none)")
     base = quantized_from(source)
     m = model.manifest
-    settings = {"scheduler": m["scheduler"]["name"], "steps": m["scheduler"]["steps"], "height": m["image"]["height"],
-                "width": m["image"]["width"]}  # fmt: skip
+    settings = {"scheduler": m.scheduler.name, "steps": m.scheduler.steps, "height": m.image.height, "width": m.image.width}
     key = "fp-" + base.content_hash(COMPONENTS).removeprefix("sha256:")[:16]  # the UNet too: it is what the baseline runs
     target = "onnx-std"
     if backend == "trt":  # the same flavour, precision and target GPUs as the engines it is compared with
-        target = m["target"] if m["target"] in ("trt", "trt-rtx") else "trt"
-        settings["precision"] = m["precision"]
+        target = m.target if m.target in ("trt", "trt-rtx") else "trt"
+        settings["precision"] = m.precision
         if target == "trt-rtx":
-            settings["gpu_archs"] = tuple(m["export_settings"].get("gpu_archs") or ())
+            settings["gpu_archs"] = tuple(m.raw.get("export_settings", {}).get("gpu_archs") or ())
     return _cached_export(base.root, key, target, **settings)
 
 
@@ -811,9 +810,9 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
     _check_gpu_backend(backend)
     model = ExportedModel.open(_bench_target(target, backend))
     if steps is not None:
-        model.check_sampler(model.manifest["scheduler"]["name"], steps)
+        model.check_sampler(model.manifest.scheduler.name, steps)
     req = BenchRequest(batches=batches, height=height, width=width, runs=runs, warmup=warmup, end_to_end=not no_end_to_end)
-    quantized = bool(model.manifest["model"].get("quantized"))
+    quantized = model.manifest.model.quantized
     if baseline == "fp16" and not quantized:
         _log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"

@@ -7,7 +7,6 @@ the check passed, so a failed or interrupted export leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -26,11 +25,10 @@ from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
+from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_json
 from bf.native_size import far_from_native
 
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = "bf.export"
-EXPORT_VERSION = 1
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
 ENGINE_TARGETS = ("trt", "trt-rtx")
 PRECISIONS = ("fp32", "fp16")
@@ -202,7 +200,7 @@ def export_model(
 
             progress("building engines")
             manifest["engines"] = build_engines(tmp, manifest, req, engine_gpus, log)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(manifest_json(manifest))  # refused here if a reader would refuse it
     return manifest
 
 

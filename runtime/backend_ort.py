@@ -25,11 +25,6 @@ def choose_providers(available: list[str], gpus: int | None, custom_ops: bool) -
     return [CPU_EP]
 
 
-def graph_form(manifest: dict) -> str:
-    """custom, std or qdq; manifests written before graph_form existed name it by target."""
-    return manifest.get("graph_form") or ("std" if manifest["target"] == "onnx-std" else "custom")
-
-
 class OrtBackend:
     name = "ort"
 
@@ -39,7 +34,7 @@ class OrtBackend:
         except ImportError:
             raise BfError("the ort backend needs onnxruntime: pip install 'bf[export]'") from None
         options = session_options(ort)
-        custom = graph_form(model.manifest) == "custom"
+        custom = model.manifest.graph_form == "custom"
         if custom:  # custom dequant ops in the graphs
             options.register_custom_ops_library(str(find_library(ORT_OP)))
         if providers is None:
@@ -49,7 +44,7 @@ class OrtBackend:
             providers = choose_providers(available, gpu_count() if CUDA_EP in available else 0, custom)
         self.sessions = {
             name: ort.InferenceSession(str(model.root / graph["file"]), options, providers=providers)
-            for name, graph in model.manifest["graphs"].items()
+            for name, graph in model.manifest.graphs.items()
         }
         self.provider = self.sessions["unet"].get_providers()[0]  # what ONNX Runtime actually took
         self.device = "cuda" if self.provider == CUDA_EP else "cpu"

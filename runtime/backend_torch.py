@@ -64,7 +64,7 @@ class TorchBackend:
             raise BfError("the torch backend needs PyTorch and diffusers: pip install 'bf[train]'") from None
         if device == "cuda" and not torch.cuda.is_available():
             raise BfError("the torch backend runs on a CUDA GPU and none is visible; use --backend ort")
-        quantized = bool(model.manifest["model"].get("quantized"))
+        quantized = model.manifest.model.quantized
         weights = weights or ("streamed" if quantized else "fp")
         if weights not in WEIGHT_MODES:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
@@ -72,7 +72,7 @@ class TorchBackend:
             raise BfError(f"fused={fused!r} runs on streamed weights, not weights='decoded'")
         if weights != "fp" and not quantized:
             raise BfError(f"{model.root} holds an FP model; weights={weights!r} needs a quantized export")
-        source = Path(model.manifest["model"]["source"])
+        source = Path(model.manifest.model.source)
         if not source.exists():
             raise BfError(f"the torch backend runs the model {model.root} was exported from, and {source} is gone")
         if weights == "fp" and quantized:
@@ -85,8 +85,8 @@ class TorchBackend:
             from bf.format import Checkpoint
 
             ckpt = Checkpoint.load(source)  # once: the pipeline and the packed layers both come from it
-        pipe = load_model(source, scheduler=model.manifest["scheduler"]["name"], checkpoint=ckpt).pipe
-        timesteps = torch.as_tensor(model.manifest["scheduler"]["timesteps"])
+        pipe = load_model(source, scheduler=model.manifest.scheduler.name, checkpoint=ckpt).pipe
+        timesteps = torch.as_tensor(model.manifest.scheduler.timesteps)
         unet = cache_time_features(pipe.unet.float().eval(), timesteps)
         self.ring = None
         self.decoded_layers = 0

@@ -46,7 +46,7 @@ class TrtBackend:
     name = "trt"
 
     def __init__(self, model: ExportedModel, cuda_graph: bool = False):
-        engines = model.manifest.get("engines")
+        engines = model.manifest.engines
         if not engines:
             raise BfError(f"{model.root} has no TensorRT engines; export with --target trt or trt-rtx, or use --backend ort")
         if gpu_count() == 0:  # None: no CUDA runtime library to ask; CudaRuntime says what to install

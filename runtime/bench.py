@@ -34,15 +34,15 @@ class BenchRequest:
 
 def artifact_sizes(model: ExportedModel) -> dict:
     m = model.manifest
-    files = {name: sum(f["bytes"] for f in g["files"].values()) for name, g in m["graphs"].items()}
-    built = {n: e for n, e in (m.get("engines") or {}).items() if isinstance(e, dict) and "file" in e}  # "plugin" is a file name
+    files = {name: sum(f["bytes"] for f in g["files"].values()) for name, g in m.graphs.items()}
+    built = {n: e for n, e in (m.engines or {}).items() if isinstance(e, dict) and "file" in e}  # "plugin" is a file name
     engines = {n: (model.root / e["file"]).stat().st_size for n, e in built.items()}
     return {
-        "packed_unet_bytes": m.get("packed_unet_bytes") or None,  # codes and scales of the quantized layers (None: FP model)
+        "packed_unet_bytes": m.raw.get("packed_unet_bytes") or None,  # codes and scales of the quantized layers (None: FP model)
         "graph_bytes": files,
         "engine_bytes": engines or None,
         "unet_deployed_bytes": engines.get("unet") or files["unet"],
-        "unet_deployed_as": "TensorRT engine" if engines.get("unet") else f"ONNX ({m.get('graph_dtype', 'float32')})",
+        "unet_deployed_as": "TensorRT engine" if engines.get("unet") else f"ONNX ({m.raw.get('graph_dtype', 'float32')})",
     }
 
 
@@ -50,12 +50,12 @@ def stage_inputs(model: ExportedModel, batch: int, height: int, width: int) -> d
     """Inputs of the three stages: one prompt pair, a UNet batch, and the VAE's images (half the UNet batch)."""
     m = model.manifest
     rng = np.random.default_rng(0)
-    scale = m["image"]["latent_scale"]
-    latent = (m["latent_channels"], height // scale, width // scale)
+    scale = m.image.latent_scale
+    latent = (m.latent_channels, height // scale, width // scale)
     return {
-        "input_ids": np.zeros((2, m["max_tokens"]), dtype=np.int64),
+        "input_ids": np.zeros((2, m.max_tokens), dtype=np.int64),
         "sample": rng.standard_normal((batch, *latent)).astype(np.float32),
-        "context": rng.standard_normal((batch, m["max_tokens"], m["hidden_size"])).astype(np.float32),
+        "context": rng.standard_normal((batch, m.max_tokens, m.hidden_size)).astype(np.float32),
         "latent": rng.standard_normal((max(1, batch // 2), *latent)).astype(np.float32),
     }
 
@@ -112,13 +112,13 @@ def bench_backend(model: ExportedModel, backend, req: BenchRequest, progress=lam
         out["unet_peak_mem_bytes"] = {b: p - mem["text_vae_bytes"] for b, p in peaks.items()}  # without text encoder and VAE
     if req.end_to_end:
         batch = max(req.batches)
-        progress(f"end to end ({m['scheduler']['steps']} steps)")
+        progress(f"end to end ({m.scheduler.steps} steps)")
         gen_req = GenerationRequest("a photo of a cat", height=height, width=width, num_images=max(1, batch // 2))
         runs = []
         for _ in range(2):  # the faster of two: the first may still pay one-time costs (allocations, kernel choice)
             timings = generate(model, backend, gen_req).timings
             runs.append({"seconds": sum(v for k, v in timings.items() if k.endswith("_s")), **timings})
-        out["end_to_end"] = {"images": gen_req.num_images, "steps": m["scheduler"]["steps"], **min(runs, key=lambda r: r["seconds"])}
+        out["end_to_end"] = {"images": gen_req.num_images, "steps": m.scheduler.steps, **min(runs, key=lambda r: r["seconds"])}
     return out
 
 

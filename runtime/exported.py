@@ -8,39 +8,27 @@ from functools import cached_property
 from pathlib import Path
 
 from bf.errors import BfError
+from bf.format.export_manifest import GRAPHS, ExportManifest, read_manifest
 from bf.native_size import far_from_native
-
-FORMAT, FORMAT_VERSION = "bf.export", 1
-GRAPHS = ("text_encoder", "unet", "vae_decoder")
 
 
 @dataclass
 class ExportedModel:
     root: Path
-    manifest: dict
+    manifest: ExportManifest
 
     @classmethod
     def open(cls, root: Path) -> ExportedModel:
         root = Path(root)
-        path = root / "manifest.json"
-        if not path.is_file():
-            raise BfError(f"{root}: no manifest.json; is this a 'bf export' output directory?")
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError as e:
-            raise BfError(f"{path} is not valid JSON ({e}); export again with 'bf export'") from None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            got = f"{manifest.get('format')} v{manifest.get('format_version')}"
-            raise BfError(f"{path}: format {got}, this bf reads {FORMAT} v{FORMAT_VERSION}; export again with this bf")
-        model = cls(root, manifest)
+        manifest = read_manifest(root)
         for name in GRAPHS:
-            for f in manifest["graphs"][name]["files"]:
+            for f in manifest.graphs[name]["files"]:
                 if not (root / f).is_file():
                     raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
         for f in ("tokenizer", "scheduler/scheduler_config.json"):
             if not (root / f).exists():
                 raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
-        return model
+        return cls(root, manifest)
 
     @cached_property
     def tokenizer(self):
@@ -55,18 +43,18 @@ class ExportedModel:
 
     def check_sampler(self, name: str, steps: int) -> None:
         """The UNet reads a time-feature table built for one scheduler and step count."""
-        m = self.manifest["scheduler"]
-        if (name, steps) != (m["name"], m["steps"]):
-            bfq = self.manifest["model"].get("source", "M.bfq")
+        m = self.manifest.scheduler
+        if (name, steps) != (m.name, m.steps):
+            bfq = self.manifest.model.source or "M.bfq"
             raise BfError(
-                f"{self.root} was exported for {m['name']} with {m['steps']} steps, not {name} with {steps}; "
+                f"{self.root} was exported for {m.name} with {m.steps} steps, not {name} with {steps}; "
                 f"export again: bf export {bfq} --scheduler {name} --steps {steps} --out DIR"
             )
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The image size to run at (default: the export's), checked against the latent scale."""
-        image = self.manifest["image"]
-        height, width, scale = height or image["height"], width or image["width"], image["latent_scale"]
+        image = self.manifest.image
+        height, width, scale = height or image.height, width or image.width, image.latent_scale
         if height <= 0 or width <= 0 or height % scale or width % scale:
             raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
         return height, width
@@ -74,6 +62,6 @@ class ExportedModel:
     def size_warning(self, height: int | None, width: int | None) -> str | None:
         """A line for a size far (beyond 2x either way) from the model's native one (exports that do not
         record it: the export's size)."""
-        image = self.manifest["image"]
-        native = image.get("native") or max(image["height"], image["width"])
-        return far_from_native(height or image["height"], width or image["width"], native)
+        image = self.manifest.image
+        native = image.native or max(image.height, image.width)
+        return far_from_native(height or image.height, width or image.width, native)

@@ -46,13 +46,13 @@ def initial_latents(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarr
 
 def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
     m = model.manifest
-    name = req.scheduler or m["scheduler"]["name"]
-    steps = m["scheduler"]["steps"] if req.steps is None else req.steps
+    name = req.scheduler or m.scheduler.name
+    steps = m.scheduler.steps if req.steps is None else req.steps
     if steps < 1:
         raise BfError(f"--steps {steps}: must be at least 1")
     model.check_sampler(name, steps)
     height, width = model.image_size(req.height, req.width)
-    scale = m["image"]["latent_scale"]
+    scale = m.image.latent_scale
     if req.num_images < 1:
         raise BfError(f"--num-images {req.num_images}: must be at least 1")
     timings: dict[str, float] = {}
@@ -65,10 +65,10 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     sampler = make_scheduler(name, model.scheduler_config, steps)
-    if not np.array_equal(sampler.timesteps, np.asarray(m["scheduler"]["timesteps"])):
+    if not np.array_equal(sampler.timesteps, np.asarray(m.scheduler.timesteps)):
         raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
     # Image i starts from seed + i alone, so any image of a batch is reproduced by its own seed with --num-images 1.
-    shape = (1, m["latent_channels"], height // scale, width // scale)
+    shape = (1, m.latent_channels, height // scale, width // scale)
     latents = np.concatenate([initial_latents(req.seed + i, shape, sampler.init_noise_sigma) for i in range(k)])
     start = latents.copy()
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
         "scheduler": name,
         "height": height,
         "width": width,
-        "model_sha256": m["model"].get("sha256"),
+        "model_sha256": m.model.sha256,
         "backend": getattr(backend, "name", "?"),
     }
     return Generation(images, start, timings, dropped, settings)

@@ -270,7 +270,7 @@ def test_ort_backend_runs_a_qdq_export_and_reports_its_provider(qdq_export, tmp_
 
 
 def test_ort_takes_the_cuda_provider_only_where_it_can_run_the_graphs():
-    from bf.runtime.backend_ort import CPU_EP, CUDA_EP, choose_providers, graph_form
+    from bf.runtime.backend_ort import CPU_EP, CUDA_EP, choose_providers
 
     gpu_build = [CUDA_EP, CPU_EP]
     assert choose_providers(gpu_build, 1, custom_ops=False) == [CUDA_EP, CPU_EP]
@@ -278,8 +278,6 @@ def test_ort_takes_the_cuda_provider_only_where_it_can_run_the_graphs():
     assert choose_providers(gpu_build, 0, custom_ops=False) == [CPU_EP]  # no GPU visible
     assert choose_providers(gpu_build, 1, custom_ops=True) == [CPU_EP]  # the op library is CPU-only
     assert choose_providers([CPU_EP], 1, custom_ops=False) == [CPU_EP]  # the CPU wheel
-    assert graph_form({"target": "onnx-std"}) == "std" and graph_form({"target": "trt"}) == "custom"  # manifests before graph_form
-    assert graph_form({"target": "trt-rtx", "graph_form": "qdq"}) == "qdq"
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def test_the_fp_model_exported_and_run_by_ort_matches_diffusers(tiny_model, tmp_
     r = run_bf("export", tiny_model, "--target", "onnx-std", "--out", tmp_path / "fp", "--steps", "8", "--scheduler", "dpmpp2m")
     assert r.returncode == 0, r.stderr
     model = ExportedModel.open(tmp_path / "fp")
-    assert model.manifest["model"]["quantized"] is False and model.manifest["graphs"]["unet"]["dequant_ops"] == 0
+    assert model.manifest.model.quantized is False and model.manifest.graphs["unet"]["dequant_ops"] == 0
     ours = generate(model, OrtBackend(model), GenerationRequest(PROMPT, seed=11, cfg=5.0))
     pipe = load_model(tiny_model, scheduler="dpmpp2m").pipe
     h, w = ours.images.shape[1:3]

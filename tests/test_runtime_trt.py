@@ -13,7 +13,10 @@ from bf.runtime.exported import GRAPHS, ExportedModel
 
 
 def fake_export(tmp_path, engines=None) -> ExportedModel:
-    return ExportedModel(tmp_path, {"target": "onnx", "engines": engines})
+    from bf.format.export_manifest import ExportManifest
+    from tests.test_export_manifest import MINIMAL
+
+    return ExportedModel(tmp_path, ExportManifest.from_json({**MINIMAL, "target": "onnx", "engines": engines}))
 
 
 def test_an_export_without_engines_is_refused(tmp_path):
@@ -27,9 +30,9 @@ def rtx_engines(gpus):
 
 def test_rtx_engines_on_a_gpu_they_were_not_built_for_are_refused_in_one_line(tmp_path):
     model = fake_export(tmp_path, rtx_engines(["86", "89", "120"]))
-    check_engines_fit(model, model.manifest["engines"], "sm_89")  # one of its targets: accepted
+    check_engines_fit(model, model.manifest.engines, "sm_89")  # one of its targets: accepted
     with pytest.raises(BfError) as e:
-        check_engines_fit(model, model.manifest["engines"], "sm_90")  # an H100/H200
+        check_engines_fit(model, model.manifest.engines, "sm_90")  # an H100/H200
     msg = str(e.value)
     assert "TensorRT for RTX engines were built for compute capability 86, 89, 120 and this GPU is sm_90" in msg
     assert "TensorRT for RTX does not build for it (RTX-class GPUs: 75, 80, 86, 89, 120, 121): use --backend torch or ort" in msg
