@@ -17,7 +17,6 @@ EXPORT_FORMAT, EXPORT_VERSION = "bf.export", 1
 GRAPHS = ("text_encoder", "unet", "vae_decoder")
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
 GRAPH_FORMS = ("custom", "std", "qdq")
-SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
 
 
 @dataclass(frozen=True)
