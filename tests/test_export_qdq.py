@@ -219,15 +219,16 @@ def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(model, qdq_export, tmp
     """The tiny model at every qdq form, and the shipped model at its 1.99-bit recipe, exported as a user
     would for RTX 30 and 50 series GPUs."""
     trt = pytest.importorskip("tensorrt_rtx")
-    from conftest import REPO, run_bf
+    from conftest import run_bf
 
     monkeypatch.setenv("BF_ENGINE_CACHE", str(tmp_path / "cache"))
     bfq = qdq_export[0] / "m.bfq"
-    if model == "shipped":
-        bfq = tmp_path / "m.bfq"
-        r = run_bf("quantize", "--recipe", REPO / "results" / "shapes_recipe_1.99.json", "--out", bfq)
-        assert r.returncode == 0, r.stderr
-    args = ["export", bfq, "--target", "trt-rtx", "--gpu-arch", "86,120", "--steps", "4", "--no-check", "--json"]
+    if model == "shipped":  # the shipped BitsFusion model, at its 1.99-bit recipe
+        from bf.models.shipped import shipped_bfq
+
+        bfq = shipped_bfq()
+    archs = ["86", "120"]
+    args = ["export", bfq, "--target", "trt-rtx", "--gpu-arch", ",".join(archs), "--steps", "4", "--no-check", "--json"]
     r = run_bf(*args, "--out", tmp_path / "e1")
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
@@ -236,7 +237,7 @@ def test_trt_rtx_engines_build_on_this_cpu_and_are_cached(model, qdq_export, tmp
     malformed = int(trt.EngineInvalidityDiagnostics.MALFORMED_ENGINE) | int(trt.EngineInvalidityDiagnostics.VERSION_MISMATCH)
     for g in ("text_encoder", "unet", "vae_decoder"):
         e = m["engines"][g]
-        assert e["runtime"] == "tensorrt_rtx" and e["gpus"] == ["86", "120"] and e["tensorrt"] == trt.__version__
+        assert e["runtime"] == "tensorrt_rtx" and e["gpus"] == archs and e["tensorrt"] == trt.__version__
         blob = (tmp_path / "e1" / e["file"]).read_bytes()
         assert len(blob) == e["bytes"] > 1000
         # No GPU here: the runtime cannot deserialize, but it reads the header (a corrupt one is MALFORMED).
