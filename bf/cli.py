@@ -12,6 +12,7 @@ import click
 
 import bf
 from bf.errors import BfError
+from bf.scheduler_names import SCHEDULERS
 
 
 class _Group(click.Group):
@@ -205,7 +206,7 @@ def _bits_list(text: str) -> tuple[int, ...]:
 @click.option("--limit", type=click.IntRange(1), default=4, show_default=True, help="Prompts per split.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--cfg", "cfg_scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps per image.")
 @click.option("--layers", "layer_regex", default=None, help="Only layers whose name matches this regular expression.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -485,7 +486,7 @@ def allocate(analysis: Path, target_bits: float, eta: float, grid: str, out: Pat
                    "constants (any ONNX runtime, TensorRT); trt: graphs plus TensorRT engines for this machine's GPU; "
                    "trt-rtx: graphs plus TensorRT for RTX engines, built on any machine for --gpu-arch.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (must not exist or be empty).")
-@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True,
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True,
               help="Sampler the UNet's time-feature table is built for.")  # fmt: skip
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps the table is built for.")
 @click.option("--height", type=click.IntRange(8), default=None, help="Image height [default: the model's native size].")
@@ -582,7 +583,7 @@ FUSED_OPTION = click.option(
 @click.option("--cfg", type=click.FloatRange(0), default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1024, show_default=True,
               help="Seed of the initial noise (NumPy): same image on every backend. Image i of --num-images uses seed + i.")  # fmt: skip
-@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default=None,
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
               help="Sampler [default: the one the model was exported for].")  # fmt: skip
 @click.option("--height", type=int, default=None, help="Image height [default: the export's].")
 @click.option("--width", type=int, default=None, help="Image width [default: the export's].")
@@ -920,7 +921,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--cfg", "cfgs", default="3.5,5.5,7.5,9.5", show_default=True, help="Classifier-free guidance scales.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the first image of every prompt.")
-@click.option("--scheduler", type=click.Choice(["pndm", "ddim", "dpmpp2m"]), default="pndm", show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Use only the first N prompts of each split.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)

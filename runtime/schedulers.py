@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
+from bf.scheduler_names import SCHEDULERS
+
 F32 = np.float32
 
 

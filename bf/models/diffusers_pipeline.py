@@ -8,8 +8,7 @@ from pathlib import Path
 from bf.format import Checkpoint
 from bf.models.base_model import resolve_base_model
 from bf.models.directory import ModelDir
-
-SCHEDULERS = ("pndm", "ddim", "dpmpp2m")
+from bf.scheduler_names import SCHEDULERS
 
 
 @dataclass
