@@ -1,6 +1,6 @@
 """Every command over a table of bad inputs: exit code, one `error:` line, no traceback, nothing written.
 
-Run in-process (click's runner) from a directory holding the inputs; the directory and bf's cache are
+Run in-process (``run_bf``) from a directory holding the inputs; the directory and bf's cache are
 compared before and after each case.
 """
 
@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from bf import cli
+from tests.conftest import run_bf
 
 USAGE = 2  # click's exit code for a bad option value or a missing option; bf's own errors exit 1
 
@@ -98,7 +97,7 @@ def inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("args", "code", "message"), CASES, ids=[" ".join(c[0])[:60] for c in CASES])
-def test_bad_input_gets_one_error_line_and_leaves_nothing(args, code, message, inputs, tmp_path, monkeypatch):
+def test_bad_input_gets_one_error_line_and_leaves_nothing(args, code, message, inputs, tmp_path):
     if "none is visible here" in message:
         from bf.runtime.cuda_runtime import gpu_count
 
@@ -106,12 +105,9 @@ def test_bad_input_gets_one_error_line_and_leaves_nothing(args, code, message, i
             pytest.skip("a GPU is visible")
     cache = tmp_path / "cache"
     cache.mkdir()
-    monkeypatch.setenv("BF_CACHE", str(cache))
-    monkeypatch.chdir(inputs)
     before, cache_before = _tree(inputs), _tree(cache)
-    result = CliRunner().invoke(cli.main, args)
-    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception (a traceback)
+    result = run_bf(*args, cwd=inputs, cache=cache)  # an uncaught exception comes back as a traceback in stderr
+    assert result.returncode == code, (result.stdout, result.stderr)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert lines == errors, result.stderr  # the error alone: every check comes before any work that prints
