@@ -14,7 +14,7 @@ Streamed layers may instead run a fused kernel that reads the codes in its matri
 both and keep the faster, "on" fuses every layer the kernel can run, "off" (the default: on
 SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
 (``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
-``keep_decoded_mb`` keeps that many MB of the largest weights decoded (memory for speed).
+``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class TorchBackend:
 
     def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
                  cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
-                 keep_decoded_mb: int = 0):  # fmt: skip
+                 keep_decoded_bytes: int = 0):  # fmt: skip
         try:
             import torch
 
@@ -96,7 +96,7 @@ class TorchBackend:
 
             self.fused = _fused_mode(fused, channels_last, dtype)
             unet = stream_weights(unet, unet.unet, ckpt.layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots,
-                                  fused=self.fused, keep_decoded=keep_decoded_mb * 2**20)  # fmt: skip
+                                  fused=self.fused, keep_decoded_bytes=keep_decoded_bytes)  # fmt: skip
             unet = unet.to(device, self.dtype)
             self.ring = unet.ring
             self.decoded_layers = len(self.ring.weights)

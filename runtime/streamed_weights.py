@@ -252,7 +252,7 @@ class StreamedLayer(nn.Module):
         else:
             self.op = F.linear
         self.fused, self.fused_mode = fused, fused_mode
-        self.decoded: torch.Tensor | None = None  # the weight, decoded once and kept (see stream_weights' keep_decoded)
+        self.decoded: torch.Tensor | None = None  # the weight, decoded once and kept (see stream_weights' keep_decoded_bytes)
         self.config = None  # the fused kernel's tile configuration, once chosen
         self._run_fused = None  # lowbit_forward bound to the codes and that configuration
         self.timings: dict[str, float] = {}  # what the choice measured, in ms per call
@@ -318,7 +318,7 @@ class RingForward(nn.Module):
 
     @property
     def kept_decoded_bytes(self) -> int:
-        """Bytes of the weights kept decoded (stream_weights' keep_decoded)."""
+        """Bytes of the weights kept decoded (stream_weights' keep_decoded_bytes)."""
         return sum(m.decoded.nbytes for m in self._layers() if m.decoded is not None)
 
     @property
@@ -355,7 +355,7 @@ def quantized_modules(owner: nn.Module, names) -> dict[str, nn.Conv2d | nn.Linea
 def stream_weights(
     root: nn.Module, owner: nn.Module, layers: dict[str, QuantizedLayer | PackedWeight], *, device: str = "cuda",
     dtype: torch.dtype = torch.float16, channels_last: bool = False, slots: int = 3, decoder=None, group: bool = True,
-    fused: str = "off", keep_decoded: int = 0, priority: int = 0, decode_blocks: int = 0,
+    fused: str = "off", keep_decoded_bytes: int = 0, priority: int = 0, decode_blocks: int = 0,
 ) -> RingForward:  # fmt: skip
     """``root`` wrapped to run with its weight ring, after replacing (in place) every Conv2d /
     Linear of ``owner`` named in ``layers`` (see quantized_modules) by a streamed one.
@@ -364,7 +364,7 @@ def stream_weights(
     low-bit kernel can take (bf.runtime.lowbit_gemm; float16, convolutions channels-last) on
     it; "auto" does so only where the first forward measures it faster (see StreamedLayer).
 
-    ``keep_decoded``: bytes of decoded weights to keep resident instead of decoding them every
+    ``keep_decoded_bytes``: bytes of decoded weights to keep resident instead of decoding them every
     forward, largest weights first (memory for speed: what is kept is not decoded again, and
     leaves the ring). ``priority``: the decode stream's CUDA priority (-1: high). ``decode_blocks``:
     cap on each decode launch's grid (0: none), so decoding shares the GPU with the compute
@@ -386,7 +386,8 @@ def stream_weights(
         if tuple(pw.view(torch.empty(pw.numel, device="meta")).shape) != tuple(module.weight.shape):
             raise BfError(f"streamed weights: {name} holds a {pw.spec.shape} weight, the model's is {tuple(module.weight.shape)}")
         entries.append(pw)
-    keep = _largest_within(entries, keep_decoded // torch.tensor([], dtype=dtype).element_size())
+    # the budget is in bytes; the weights are counted in elements of the decoded dtype
+    keep = _largest_within(entries, keep_decoded_bytes // torch.tensor([], dtype=dtype).element_size())
     ring = WeightRing([None if i in keep else w for i, w in enumerate(entries)], dtype=dtype, slots=slots, decoder=decoder, group=group,
                       priority=priority, max_blocks=decode_blocks)  # fmt: skip
     for index, (name, module) in enumerate(modules.items()):

@@ -104,12 +104,12 @@ def test_workers_cli_merges_parts_and_leaves_none_behind(tiny_model, tmp_path):
 
 
 def test_workers_refuse_leftover_parts_without_resume(tmp_path):
-    from bf.trainer.analyze_workers import run_workers
+    from bf.trainer.analyze_workers import AnalyzeJob, run_workers
 
     out = tmp_path / "a.json"
     (tmp_path / "a.json.part1of3").write_text("{}")  # an interrupted run with --workers 3
     with pytest.raises(BfError, match=r"a\.json\.part1of3 is left from an interrupted analysis; pass --resume"):
-        run_workers(lambda k, n, part, r: ["false"], 2, out, resume=False)
+        run_workers(AnalyzeJob("tiny", {"path": "tiny", "hash": "h1"}, AnalyzeConfig(), "cpu"), 2, out, resume=False)
 
 
 def test_short_qat_starts_from_ptq_lowers_the_distillation_loss_and_restores_the_model(pipe):

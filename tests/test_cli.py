@@ -264,12 +264,12 @@ def test_quantize_refuses_to_overwrite_and_checks_out_before_work(tiny_model, tm
     assert out.read_bytes()[:8] != b"mine"
     _one_line_error(run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp_path), "is a directory; give a file name")
     # an unwritable directory (as root every directory is writable, so os.access is made to say no)
-    import bf.cli
+    from bf.cli.checks import check_writable_file
     from bf.errors import BfError
 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "sub" else real_access(p, mode))
     (tmp_path / "sub").mkdir()
     with pytest.raises(BfError, match=r"sub is not a writable directory; choose another --out"):
-        bf.cli._check_writable_file(tmp_path / "sub" / "deeper" / "m.bfq")
-    bf.cli._check_writable_file(tmp_path / "new" / "m.bfq")  # a directory to be made under a writable one is fine
+        check_writable_file(tmp_path / "sub" / "deeper" / "m.bfq")
+    check_writable_file(tmp_path / "new" / "m.bfq")  # a directory to be made under a writable one is fine

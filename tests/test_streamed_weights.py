@@ -60,7 +60,7 @@ def _tiny_streamed(native_build, monkeypatch, channels_last: bool, slots: int = 
     decoded, streamed = copy.deepcopy(base).cuda().half(), copy.deepcopy(base)
     lib = load(native_build / "libbf_decode.so")
     streamed = stream_weights(streamed, streamed, layers, channels_last=channels_last, slots=slots, decoder=lib, group=group,
-                              fused=fused, keep_decoded=keep).cuda().half()  # fmt: skip
+                              fused=fused, keep_decoded_bytes=keep).cuda().half()  # fmt: skip
     ring = streamed.ring
     if channels_last:
         streamed = streamed.to(memory_format=torch.channels_last)

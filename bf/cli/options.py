@@ -1,0 +1,28 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+import click
+
+MODEL_OPTION = click.option("--model", "model_dir", default=None, help="Model directory or 'shipped'. Default: the shipped model.")
+DEVICE_OPTION = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+
+# bf infer and bf bench, torch backend
+KEEP_DECODED_OPTION = click.option(
+    "--keep-decoded", type=click.IntRange(0), default=0, show_default=True, metavar="MB",
+    help="torch, streamed weights: keep this many MB of the largest weights decoded instead of decoding them every step "
+         "(GPU memory for speed).",
+)  # fmt: skip
+FUSED_OPTION = click.option(
+    "--fused", type=click.Choice(["auto", "on", "off"]), default=None,
+    help="torch, streamed weights: run layers on the fused low-bit kernel (Triton), which reads the codes in its matrix tiles "
+         "instead of decoding them first (needs Triton). auto: where each layer's first call measures it faster "
+         "[default: off].",
+)  # fmt: skip
+
+
+def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int):
+    """The runtime's BackendOptions from the command line's (--keep-decoded is in MB there, bytes from here on)."""
+    from bf.runtime.backend_options import BackendOptions
+
+    return BackendOptions(weights=weights, cuda_graph=cuda_graph, fused=fused, keep_decoded_bytes=keep_decoded_mb * 2**20)
