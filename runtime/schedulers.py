@@ -3,7 +3,7 @@ diffusers runs it with ``skip_prk_steps``), DDIM (eta 0) and DPM-Solver++ 2M.
 
 Each follows diffusers' implementation (0.31-0.42) step for step, from the exported
 ``scheduler/scheduler_config.json``, in float32: fed the same model outputs, the latents agree
-with diffusers' within 1e-5 at every step (tests/test_runtime_schedulers.py). The runtime drives
+with diffusers' within 1e-5 at every step (tests/runtime/test_runtime_schedulers.py). The runtime drives
 the UNet by step index, so ``step`` takes the index of the call; ``timesteps`` are the values the
 exported time-feature table was built for.
 """

@@ -3,7 +3,7 @@
 NFC, whitespace runs to one space, lowercase; split into special tokens, contractions, letter
 runs, single digits and runs of other symbols; bytes mapped to printable characters; BPE with
 the ``</w>`` end-of-word mark; ``<|startoftext|>`` + up to 75 tokens + ``<|endoftext|>``,
-padded with ``<|endoftext|>`` to 77. tests/test_runtime_tokenizer.py compares it with
+padded with ``<|endoftext|>`` to 77. tests/runtime/test_runtime_tokenizer.py compares it with
 transformers on a spread of prompts.
 """
 

@@ -6,7 +6,7 @@ writing the whole fp32 latent weight. On SD-v1.5 that is ~100 GB of memory traff
 Here one kernel reads ``w`` and writes ``s * clip(round(w / s))``; backward, one kernel per
 row reads ``w`` and the incoming gradient, writes the weight's gradient and reduces the
 scale's LSQ gradient, in the same order of float operations (so forward is bit-identical to
-the reference and the gradients agree to float32 summation order; tests/test_qat.py checks
+the reference and the gradients agree to float32 summation order; tests/trainer/test_qat.py checks
 both on a GPU). Used automatically for CUDA tensors when Triton is importable;
 ``BF_FUSED_FAKE_QUANT=0`` turns it off.
 """

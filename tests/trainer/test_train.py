@@ -50,7 +50,7 @@ def test_stage1_loss_goes_down(tmp_path):
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("stage,step,loss") and len(rows) == 25
     from bf.trainer.event_log import read_records
-    from tests.test_event_log import scalars_of
+    from tests.trainer.test_event_log import scalars_of
 
     (events,) = tmp_path.glob("events.out.tfevents.*")
     logged = [scalars_of(r) for r in read_records(events)[1:]]

@@ -14,7 +14,7 @@ from bf.runtime.exported import GRAPHS, ExportedModel
 
 def fake_export(tmp_path, engines=None) -> ExportedModel:
     from bf.format.export_manifest import ExportManifest
-    from tests.test_export_manifest import MINIMAL
+    from tests.format.test_export_manifest import MINIMAL
 
     return ExportedModel(tmp_path, ExportManifest.from_json({**MINIMAL, "target": "onnx", "engines": engines}))
 
