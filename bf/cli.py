@@ -869,7 +869,7 @@ def bench_cmd(target, backend, baseline, height, width, batch_text, steps, runs,
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 @click.option("--layers/--no-layers", default=False, help="Also print the per-layer table.")
-@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of every tensor.")
+@click.option("--no-verify", is_flag=True, help="Skip verification: the header and tensor SHA-256 checks and the packed-code checks.")
 def inspect(checkpoint: Path, as_json: bool, layers: bool, no_verify: bool) -> None:
     """Per-layer table and totals of a .bfq: bits, levels, stored size, ratio to FP16.
 
