@@ -4,7 +4,8 @@
  "layers": {"down_blocks.0.resnets.0.conv1": 2, ...}, "hash": "sha256:..."}
 
 The hash covers ``grid`` and ``layers``, so an edited recipe is noticed; delete the
-``hash`` field to accept hand edits.
+``hash`` field to accept hand edits. A .bfq stores the recipe it was made with, hash
+included (docs/FORMAT.md section 2 says how to recompute it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ RECIPE_VERSION = 1
 
 
 def recipe_hash(grid: str, layers: dict[str, int]) -> str:
+    """SHA-256 of ``{"grid": ..., "layers": ...}`` as the canonical JSON of docs/FORMAT.md section 2."""
     canon = json.dumps({"grid": grid, "layers": dict(sorted(layers.items()))}, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
 
@@ -50,13 +52,15 @@ def load_recipe(path: str | Path, grid_flag: str | None = None) -> dict:
     grid, layers = obj.get("grid", "balanced"), obj.get("layers")
     if grid not in GRID_KINDS:
         raise BfError(f"{path}: grid must be one of {', '.join(GRID_KINDS)}, got {grid!r}")
-    if not isinstance(layers, dict) or not all(isinstance(b, int) and 1 <= b <= 8 for b in layers.values()):
+    # type(), not isinstance: JSON true parses as a bool, which isinstance counts as an int (and hashes as "true").
+    if not isinstance(layers, dict) or not all(type(b) is int and 1 <= b <= 8 for b in layers.values()):
         raise BfError(f'{path}: "layers" must map module names to bit widths 1..8')
     if "hash" in obj and obj["hash"] != recipe_hash(grid, layers):
         raise BfError(f'{path}: recipe hash does not match its layers (edited by hand?); delete the "hash" field to accept the edit')
     if grid_flag is not None and grid_flag != grid:
         raise BfError(f"--grid {grid_flag} contradicts the grid of {path} ('{grid}'); drop --grid")
-    return obj
+    # A recipe without grid or hash (a hand edit) is recorded with both, so every .bfq's recipe has them.
+    return {**obj, "grid": grid, "hash": recipe_hash(grid, layers)}
 
 
 def plan_from_recipe(recipe: dict, quantizable: dict[str, tuple[int, ...]], source: str = "recipe") -> dict[str, Grid]:

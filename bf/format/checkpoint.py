@@ -1,14 +1,16 @@
 """The packed checkpoint (``.bfq``): one safetensors file, layout in docs/FORMAT.md.
 
 Only this module reads or writes ``.bfq`` files. Loading validates the format name
-and version, the header's and every tensor's SHA-256 and every shape, and reports any
-problem as a one-line :class:`~bf.errors.FormatError` naming the file.
+and version, the header's JSON, the header's and every tensor's SHA-256, every shape and
+every layer's packed codes (docs/FORMAT.md section 2, "What a reader checks"), and reports
+any problem as a one-line :class:`~bf.errors.FormatError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 from bf.atomic import atomic_path
 from bf.errors import BfError, FormatError
 from bf.format.grid import Grid
-from bf.format.packing import Packing, pack_codes, unpack_codes
+from bf.format.packing import Packing, pack_codes, packed_problem, unpack_codes
 
 FORMAT_NAME = "bf.bfq"
 FORMAT_VERSION = 1
@@ -150,6 +152,9 @@ class Checkpoint:
             "checksums": {k: _sha256(v) for k, v in arrays.items()},
         }
         header = json.loads(json.dumps(header))  # hash exactly what a reader parses back (tuples as lists, keys as strings)
+        where = _non_finite(header)
+        if where is not None:  # JSON has no NaN or infinity, so no reader outside Python could parse the header
+            raise BfError(f"{path}: not written: header value {where} is not a finite number (JSON has none); pass finite settings")
         header[HEADER_SHA_KEY] = _header_sha256(header)
         from safetensors.numpy import save_file
 
@@ -193,11 +198,17 @@ def _parse_header(path: Path, meta: dict) -> dict:
     if meta.get("format") != FORMAT_NAME or HEADER_KEY not in meta:
         raise FormatError(f"{path}: not a bf checkpoint (no '{FORMAT_NAME}' header); pass a file written by 'bf quantize'")
     try:
-        header = json.loads(meta[HEADER_KEY])
+        header = json.loads(meta[HEADER_KEY], object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: corrupt header ({e.msg} at byte {e.pos}); re-create the file") from None
+    except _DuplicateKeyError as e:
+        why = "readers differ in which they keep"
+        raise FormatError(f"{path}: header has the key {e} twice in one object ({why}); re-create the file") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt header (not a JSON object); re-create the file")
+    where = _non_finite(header)
+    if where is not None:
+        raise FormatError(f"{path}: header value {where} is not a finite number (JSON has no NaN or infinity); re-create the file")
     version = header.get("format_version")
     if not isinstance(version, int):
         raise FormatError(f"{path}: header has no format version; re-create the file")
@@ -256,6 +267,9 @@ def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify:
             raise FormatError(f"{path}: layer '{name}' codes are {codes.dtype}{list(codes.shape)}, expected {expected}")
         if scale.dtype != np.float32 or scale.shape != (shape[0],):
             raise FormatError(f"{path}: layer '{name}' scale is {scale.dtype}{list(scale.shape)}, expected float32[{shape[0]}]")
+        problem = packed_problem(codes, shape, packing) if verify else None
+        if problem is not None:
+            raise FormatError(f"{path}: layer '{name}' codes: {problem} (not as a conforming writer writes them); re-create the file")
         layers[name] = QuantizedLayer(name=name, shape=shape, grid=grid, codes=codes, scale=scale)
     tensors = {k: arrays[_UNET_PREFIX + k] for k in header["unet_tensors"]}
     bundle = None
@@ -277,6 +291,31 @@ def _from_parts(path: Path, header: dict, arrays: dict[str, np.ndarray], verify:
         provenance=header.get("provenance") or {},
         bundle=bundle,
     )
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKeyError(repr(k))
+        out[k] = v
+    return out
+
+
+def _non_finite(value, where: str = "") -> str | None:
+    """Where the first NaN or infinity in a parsed JSON value is (e.g. ``layers[0].shape[1]``), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else k)
+        if found is not None:
+            return found
+    return None
 
 
 def _sha256(a: np.ndarray) -> str:

@@ -17,10 +17,12 @@ import numpy as np
 from bf.errors import FormatError
 from bf.format.grid import Grid
 
-# Codes per field (K) and field width in bits (F) for each number of levels L.
-# Chosen for the smallest F/K with F <= 32 (L^K <= 2^F), except that 3 levels use
+# Codes per field (K) and field width in bits (F) for each number of levels L:
+# the smallest F/K with F <= 32 (F the least with L^K <= 2^F), the smallest K among
+# equal ratios (5 levels: 3 codes per 7 bits, not 6 per 14), except that 3 levels use
 # 5 codes per byte (1.6 bits, byte fields, a 243-entry table) instead of 17 per
-# 27 bits (1.588 bits). Plain grids (L = 2^b) store one code per b-bit field.
+# 27 bits (1.588 bits). Plain grids (L = 2^b) follow the same rule: one code per b-bit
+# field. tests/test_packing.py derives this table from the rule.
 BALANCED_FIELDS: dict[int, tuple[int, int]] = {
     3: (5, 8),  # 1 bit:  1.600 bits/weight  (3^5  = 243)
     5: (3, 7),  # 2 bits: 2.333              (5^3  = 125)
@@ -164,3 +166,107 @@ def _unpack_rows(body: np.ndarray, packing: Packing, row_len: int) -> np.ndarray
         digits[:, :, j] = values % np.uint64(base)
         values //= np.uint64(base)
     return digits.reshape(rows, nfields * k)[:, :row_len]
+
+
+def packed_problem(buf: np.ndarray, shape: tuple[int, ...], packing: Packing) -> str | None:
+    """What makes a packed buffer of the right size non-conforming, or None (docs/FORMAT.md section 4,
+    "What a reader rejects"): a field of L^K or more, a non-zero padding code, unused bit or padding byte.
+
+    Decoding never reads these bits, so only this check sees them; a reader verifying a file runs it.
+    """
+    rows, row_len = rows_and_len(shape)
+    stride, nfields = packing.row_bytes(row_len), packing.fields_per_row(row_len)
+    k, f, base = packing.per_field, packing.field_bits, packing.levels
+    body_end = rows * stride
+    tail = np.flatnonzero(buf[body_end:])
+    if tail.size:
+        at = body_end + int(tail[0])
+        return f"buffer padding byte {at} (after the last row, which ends at byte {body_end}) is {int(buf[at]):#04x}, not 0"
+    body = buf[:body_end].reshape(rows, stride)
+    used = nfields * f - 8 * (stride - 1)  # bits of each row's last byte that belong to a field, 1..8
+    if used < 8:
+        high = np.flatnonzero(body[:, -1] >> np.uint8(used))
+        if high.size:
+            o = int(high[0])
+            bits = "bit 7" if used == 7 else f"bits {used}-7"
+            return f"row {o}: unused {bits} of its last byte (byte {o * stride + stride - 1}) not 0"
+    tail_codes = row_len - (nfields - 1) * k  # codes of the weight in each row's last field, 1..K
+    full_limit, last_limit = base**k, base**tail_codes
+    if full_limit == 2**f and last_limit == full_limit:  # plain grids: every F-bit field is K codes, none padding
+        return None
+    for block in _row_blocks(rows, nfields):
+        fields = _FieldReader(body[block], f, nfields)
+        bad = fields.first_at_least(full_limit, last_limit)
+        if bad is not None:
+            o, j = bad
+            v = fields.value(o, j)
+            if v >= full_limit:
+                return f"row {o + block.start} field {j} holds {v}, not below {base}^{k} = {full_limit} (a code of {base} or more)"
+            return (
+                f"row {o + block.start}: padding codes of its last field (field {j}, holding {tail_codes} code(s) of the weight) "
+                f"are not 0 (the field holds {v}, not below {base}^{tail_codes} = {last_limit})"
+            )
+    return None
+
+
+class _FieldReader:
+    """The fields of a block of rows (rows x R bytes), read as unaligned little-endian words.
+
+    Fields repeat their bit offsets every lcm(F, 8) bits (P fields in F*P/8 bytes), so the fields of
+    one phase p (j = t*P + p) are one strided view of the bytes: a few passes over the codes, with no
+    per-field index arrays and no bit unpacking. Rows are copied into zeroed rows of whole periods
+    (plus 8 bytes) so that no read leaves the copy and fields past a row's end read 0.
+    """
+
+    def __init__(self, body: np.ndarray, f: int, nfields: int):
+        self.f, self.nfields = f, nfields
+        # Byte-aligned fields (8 and 16 bits: rows of whole fields) are a plain view of the rows.
+        self.aligned = body.view(f"<u{f // 8}") if f in (8, 16) else None
+        self.per = 8 // math.gcd(f, 8)  # P: fields per period
+        self.period = f * self.per // 8  # bytes per period
+        self.periods = -(-nfields // self.per)
+        self.rows = body.shape[0]
+        if self.aligned is not None:
+            return
+        # The narrowest word that holds a field at any bit shift (0-7): fewer bytes to move.
+        self.dtype = next(np.dtype(f"<u{n}") for n in (2, 4, 8) if f + 7 <= 8 * n)
+        self.stride = self.periods * self.period
+        self.buf = np.zeros(self.rows * self.stride + 8, dtype=np.uint8)
+        self.buf[: self.rows * self.stride].reshape(self.rows, self.stride)[:, : body.shape[1]] = body
+
+    def _words(self, first_byte: int, count: int, step: int) -> np.ndarray:
+        """(rows, count) unaligned little-endian words at byte first_byte + t*step of each row."""
+        return np.ndarray((self.rows, count), dtype=self.dtype, buffer=self.buf, offset=first_byte, strides=(self.stride, step))
+
+    def first_at_least(self, limit: int, last_limit: int) -> tuple[int, int] | None:
+        """(row, field) of the first field, in row-major order, of ``limit`` or more (the last field of a row:
+        of ``last_limit`` or more), or None."""
+        if self.aligned is not None:
+            over = np.empty(self.aligned.shape, dtype=bool)
+            np.greater_equal(self.aligned[:, :-1], limit, out=over[:, :-1])
+            np.greater_equal(self.aligned[:, -1], last_limit, out=over[:, -1])
+            return divmod(int(np.argmax(over)), self.nfields) if over.any() else None
+        found = []
+        word = self.dtype.type
+        top = 8 * self.dtype.itemsize - self.f
+        for p in range(min(self.per, self.nfields)):
+            first, shift = divmod(p * self.f, 8)
+            # With the field in the top bits of the word, it is >= limit iff the word is >= limit << (bits - F).
+            over = (self._words(first, self.periods, self.period) << word(top - shift)) >= word(limit << top)
+            if over.any():
+                o, t = divmod(int(np.argmax(over)), self.periods)
+                found.append((o, t * self.per + p))
+        last = self.value_column(self.nfields - 1) >= last_limit
+        if last.any():
+            found.append((int(np.argmax(last)), self.nfields - 1))
+        return min(found) if found else None
+
+    def value_column(self, j: int) -> np.ndarray:
+        if self.aligned is not None:
+            return self.aligned[:, j]
+        first, shift = divmod(j * self.f, 8)
+        word = self.dtype.type
+        return (self._words(first, 1, 1)[:, 0] >> word(shift)) & word((1 << self.f) - 1)
+
+    def value(self, o: int, j: int) -> int:
+        return int(self.value_column(j)[o])

@@ -76,13 +76,17 @@ class ModelDir:
     def content_hash(self, components: tuple[str, ...] = BASE_COMPONENTS) -> str:
         """SHA-256 over model_index.json and every file of the components (path and bytes).
 
-        Files go in order of their '/'-separated relative path as a string (docs/FORMAT.md
-        section 2), so an independent reader can recompute the hash.
+        Which files, their order and the bytes hashed are specified in docs/FORMAT.md section 2
+        ("base_model"), so an independent reader can recompute the hash.
         """
         h = hashlib.sha256()
         files = [self.root / "model_index.json"] + [f for c in components for f in self.component_files(c)]
         for rel, f in sorted((f.relative_to(self.root).as_posix(), f) for f in files):
-            h.update(rel.encode() + b"\0")
+            try:
+                name = rel.encode()
+            except UnicodeEncodeError:  # a name whose bytes are not UTF-8 has no path string to hash
+                raise BfError(f"{self.root}: file name {rel!r} is not UTF-8; rename the file to hash the model directory") from None
+            h.update(name + b"\0")
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)

@@ -168,6 +168,19 @@ def test_cli_bad_checkpoints(quantized, tmp_path):
     _one_line_error(run_bf("inspect", text), "notes.bfq")
 
 
+def test_inspect_rejects_nonconforming_codes_unless_told_not_to_verify(quantized, tmp_path):
+    ckpt = Checkpoint.load(quantized)
+    name, layer = next((n, ly) for n, ly in ckpt.layers.items() if ly.grid.bits == 2)
+    layer.codes[-1] = 0x01  # the buffer's last padding byte; the checksums are made after this
+    bad = tmp_path / "other-writer.bfq"
+    ckpt.save(bad)
+    end = layer.codes.size - 1
+    _one_line_error(run_bf("inspect", bad), "other-writer.bfq", f"layer '{name}' codes: buffer padding byte {end} ", "is 0x01, not 0")
+    r = run_bf("inspect", bad, "--no-verify", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quantized_params"] == json.loads(run_bf("inspect", quantized, "--json").stdout)["quantized_params"]
+
+
 def test_cli_bad_model_and_options(tiny_model, tmp_path):
     out = tmp_path / "x.bfq"
     _one_line_error(run_bf("quantize", "--model", tmp_path / "nope", "--bits", "2", "--out", out), "no such model directory")

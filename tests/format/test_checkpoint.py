@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bf.atomic import atomic_dir
 from bf.errors import BfError, FormatError
@@ -325,7 +327,7 @@ def test_tensor_shape_edit_is_caught(saved):
 
 def test_infinite_shape_is_a_format_error(saved):
     _rewrite_header(saved, lambda h: h["layers"][0].__setitem__("shape", [float("inf"), 4, 3, 3]))
-    with pytest.raises(FormatError, match=r"malformed header.*OverflowError"):
+    with pytest.raises(FormatError, match=r"header value layers\[0\]\.shape\[0\] = inf is not a finite number"):
         Checkpoint.load(saved)
 
 
@@ -360,3 +362,209 @@ def test_plain_safetensors_is_not_a_checkpoint(tmp_path):
     save_file({"w": np.ones(3, np.float32)}, str(path))
     with pytest.raises(FormatError, match="not a bf checkpoint"):
         Checkpoint.load(path)
+
+
+# ---- docs/FORMAT.md section 2: canonical JSON, base model and recipe ----------------------
+
+
+def spec_float(x: float) -> str:
+    """A float as the canonical JSON writes it, from the doc's words. The shortest round-trip digits come
+    from NumPy's Dragon4, not from Python's repr."""
+    mantissa, exponent = np.format_float_scientific(x, unique=True, trim="-").split("e")
+    sign, digits, e = "-" if mantissa.startswith("-") else "", mantissa.lstrip("-").replace(".", ""), int(exponent)
+    if -4 <= e < 16:
+        if e >= 0:
+            whole, frac = (digits + "0" * (e + 1))[: e + 1], digits[e + 1 :] or "0"
+        else:
+            whole, frac = "0", "0" * (-e - 1) + digits
+        return f"{sign}{whole}.{frac}"
+    return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{'-' if e < 0 else '+'}{abs(e):02d}"
+
+
+SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def spec_string(s: str) -> str:
+    out = []
+    for ch in s:
+        c = ord(ch)
+        if ch in SHORT_ESCAPES:
+            out.append(SHORT_ESCAPES[ch])
+        elif 0x20 <= c <= 0x7E:
+            out.append(ch)
+        elif c > 0xFFFF:  # a UTF-16 surrogate pair, each half escaped
+            c -= 0x10000
+            out.append(f"\\u{0xD800 + (c >> 10):04x}\\u{0xDC00 + (c & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{c:04x}")
+    return '"' + "".join(out) + '"'
+
+
+def spec_json(v) -> str:
+    """docs/FORMAT.md section 2 "Canonical JSON", written from the doc (no json module)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return spec_float(v)
+    if isinstance(v, str):
+        return spec_string(v)
+    if isinstance(v, list):
+        return "[" + ",".join(spec_json(x) for x in v) + "]"
+    keys = sorted(v, key=lambda k: [ord(c) for c in k])  # code point by code point
+    return "{" + ",".join(spec_string(k) + ":" + spec_json(v[k]) for k in keys) + "}"
+
+
+def spec_header_sha256(header: dict) -> str:
+    return hashlib.sha256(spec_json({k: v for k, v in header.items() if k != "header_sha256"}).encode("ascii")).hexdigest()
+
+
+# The worked example of docs/FORMAT.md section 2.
+EXAMPLE_HEADER = {
+    "format": "bf.bfq",
+    "format_version": 1,
+    "unet_config": {"sample_size": 64, "norm_eps": 1e-05, "mid_block_scale_factor": 1.0},
+    "recipe": {"eta": 0.3, "lr": 0.0001, "threshold": 1e16},
+    "provenance": {"command": "bf quantize --out café.bfq"},
+    "bundle": None,
+    "header_sha256": "ignored: the key is left out",
+}
+EXAMPLE_CANONICAL = (
+    '{"bundle":null,"format":"bf.bfq","format_version":1,"provenance":{"command":"bf quantize --out caf\\u00e9.bfq"},'
+    '"recipe":{"eta":0.3,"lr":0.0001,"threshold":1e+16},"unet_config":{"mid_block_scale_factor":1.0,"norm_eps":1e-05,"sample_size":64}}'
+)
+EXAMPLE_SHA256 = "ce6221137a90ac99bf48e472794b12abbbcf84775032e344de28273ea91abeef"
+
+
+def test_header_sha256_worked_example():
+    from bf.format.checkpoint import _header_sha256
+
+    assert spec_json({k: v for k, v in EXAMPLE_HEADER.items() if k != "header_sha256"}) == EXAMPLE_CANONICAL
+    assert hashlib.sha256(EXAMPLE_CANONICAL.encode("ascii")).hexdigest() == EXAMPLE_SHA256
+    assert _header_sha256(EXAMPLE_HEADER) == EXAMPLE_SHA256
+
+
+def test_header_sha256_recomputed_from_the_spec(saved):
+    shipped = read_header(REPO / "bf" / "assets" / "shapes-sd-1.99bit.bfq")
+    assert shipped["recipe"]["threshold"] == 3.9431760295368725e-05  # a float written with an exponent
+    assert spec_header_sha256(shipped) == shipped["header_sha256"]
+    assert spec_header_sha256(read_header(saved)) == read_header(saved)["header_sha256"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_canonical_json_rules_are_what_bf_hashes(value):
+    assert spec_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_in_the_header_are_refused(saved, token):
+    def edit(st_header):
+        text = st_header["__metadata__"][HEADER_KEY]
+        st_header["__metadata__"][HEADER_KEY] = text.replace('"provenance": {', f'"provenance": {{"x": {token}, ', 1)
+
+    _rewrite_st_header(saved, edit)
+    for verify in (True, False):
+        with pytest.raises(FormatError, match=r"m\.bfq: header value provenance\.x = -?(nan|inf) is not a finite number"):
+            Checkpoint.load(saved, verify=verify)
+
+
+def test_non_finite_numbers_are_not_written(tmp_path):
+    ckpt = make_checkpoint()
+    ckpt.recipe = {"grid": "balanced", "histogram": [{"share": float("nan")}]}
+    with pytest.raises(BfError, match=r"m\.bfq: not written: header value recipe\.histogram\[0\]\.share = nan is not a finite number"):
+        ckpt.save(tmp_path / "m.bfq")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_header_keys_are_refused(saved):
+    def edit(st_header):
+        text = st_header["__metadata__"][HEADER_KEY]
+        st_header["__metadata__"][HEADER_KEY] = text.replace('"provenance": {', '"provenance": {"command": "x", ', 1)
+
+    _rewrite_st_header(saved, edit)
+    with pytest.raises(FormatError, match="header has the key 'command' twice in one object"):
+        Checkpoint.load(saved)
+
+
+def test_dequantize_rounds_the_float32_product_to_nearest_even():
+    """docs/FORMAT.md section 3: scale 0x3f800001 times level 3 is exactly halfway between two float32 numbers."""
+    scale = np.array([0x3F800001], dtype=np.uint32).view(np.float32)
+    layer = QuantizedLayer.from_levels("x", np.array([[3, -3, 1]]), scale, Grid(3))
+    w = layer.dequantize()
+    assert [f"{b:08x}" for b in w.view(np.uint32)[0]] == ["40400002", "c0400002", "3f800001"]
+    assert float(scale[0]) * 3 == 3.00000035762786865234375 != float(w[0, 0]) == 3.000000476837158203125
+
+
+def test_recipe_hash_recomputed_from_the_spec(tmp_path):
+    from bf.trainer.recipe import load_recipe
+
+    recipe = read_header(REPO / "bf" / "assets" / "shapes-sd-1.99bit.bfq")["recipe"]
+    # {"grid":...,"layers":{...}} with keys in code point order, no whitespace: module names are ASCII, bits integers.
+    text = '{"grid":"' + recipe["grid"] + '","layers":{' + ",".join(f'"{m}":{b}' for m, b in sorted(recipe["layers"].items())) + "}}"
+    assert recipe["hash"] == "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    assert recipe["hash"] == "sha256:a2487144da683b7cb01c095e51491a5a78a347afd4678e21104d88a306041001"
+    # A hand-edited recipe (no hash, no grid) is recorded with both; the example of docs/FORMAT.md section 2.
+    path = tmp_path / "r.json"
+    layers = '{"up_blocks.1.resnets.0.conv1": 1, "mid_block.attentions.0.proj_in": 2}'
+    path.write_text('{"format": "bf.recipe", "version": 1, "layers": ' + layers + "}")
+    loaded = load_recipe(path)
+    assert loaded["grid"] == "balanced"
+    canonical = b'{"grid":"balanced","layers":{"mid_block.attentions.0.proj_in":2,"up_blocks.1.resnets.0.conv1":1}}'
+    assert loaded["hash"] == "sha256:" + hashlib.sha256(canonical).hexdigest()
+    assert loaded["hash"] == "sha256:e5e448e2db1acb477dfbbff248aba87f70fdc578bf59d01c763c1513321cbd43"
+    path.write_text('{"format": "bf.recipe", "version": 1, "layers": {"a": true}}')
+    with pytest.raises(BfError, match=r"bit widths 1\.\.8"):
+        load_recipe(path)
+
+
+# ---- docs/FORMAT.md section 4: what a verifying reader rejects ------------------------------
+
+
+def _put_field(buf: np.ndarray, bit: int, field_bits: int, value: int) -> None:
+    for i in range(field_bits):
+        byte, b = divmod(bit + i, 8)
+        buf[byte] = (buf[byte] & ~np.uint8(1 << b)) | np.uint8(((value >> i) & 1) << b)
+
+
+# "up.conv" is (3, 2, 3, 3) at 4 bits: 18 codes a row in 3 fields of 7 codes in 29 bits (the last holds 4 codes
+# of the weight), 87 bits in R = 11 bytes (bit 7 of each row's last byte unused), 33 bytes of rows, 40 in all.
+NONCONFORMING = {
+    "padding byte": (lambda c: c.__setitem__(35, 1), "buffer padding byte 35 (after the last row, which ends at byte 33) is 0x01, not 0"),
+    "unused bit": (lambda c: c.__setitem__(21, c[21] | 0x80), "row 1: unused bit 7 of its last byte (byte 21) not 0"),
+    "padding code": (
+        lambda c: _put_field(c, 8 * 11 * 2 + 58, 29, 17**4),
+        "row 2: padding codes of its last field (field 2, holding 4 code(s) of the weight) are not 0 "
+        "(the field holds 83521, not below 17^4 = 83521)",
+    ),
+    "field": (
+        lambda c: _put_field(c, 8 * 11 + 29, 29, 17**7 + 5),
+        "row 1 field 1 holds 410338678, not below 17^7 = 410338673 (a code of 17 or more)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(NONCONFORMING))
+def test_reader_rejects_nonconforming_codes(tmp_path, kind):
+    """Bytes no decoder reads, written non-zero by another writer: checksums pass, the code checks do not."""
+    edit, problem = NONCONFORMING[kind]
+    ckpt = make_checkpoint()
+    codes = ckpt.layers["up.conv"].codes
+    assert codes.size == 40
+    edit(codes)
+    path = tmp_path / "m.bfq"
+    ckpt.save(path)
+    with pytest.raises(FormatError) as e:
+        Checkpoint.load(path)
+    assert str(e.value) == f"{path}: layer 'up.conv' codes: {problem} (not as a conforming writer writes them); re-create the file"
+    assert Checkpoint.load(path, verify=False).layers["up.conv"].codes.tobytes() == codes.tobytes()

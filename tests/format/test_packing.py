@@ -1,5 +1,6 @@
 import math
 import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from bf.errors import FormatError
 from bf.format import Grid, Packing, candidate_layers, pack_codes, unpack_codes
 from bf.format import packing as packing_module
-from bf.format.packing import BALANCED_FIELDS
+from bf.format.packing import BALANCED_FIELDS, packed_problem
 
 GRIDS = [Grid(b, k) for b in range(1, 9) for k in ("balanced", "plain")]
 
@@ -210,3 +211,127 @@ def test_large_layer_round_trip():
     stride = p.row_bytes(codes.shape[1])
     one = reference_decode(buf[row * stride : (row + 1) * stride].tobytes(), (1, codes.shape[1]), p.levels, p.per_field, p.field_bits)
     np.testing.assert_array_equal(one[0], codes[row])
+    assert packed_problem(buf, codes.shape, p) is None
+    last = p.fields_per_row(codes.shape[1]) - 1  # the last field of the last row, in the partial block
+    bad = buf.copy()
+    _put_field(bad, 8 * row * stride + last * p.field_bits, p.field_bits, 257**3)
+    expected = f"row {row} field {last} holds 16974593, not below 257^3 = 16974593 (a code of 257 or more)"
+    assert packed_problem(bad, codes.shape, p) == expected
+
+
+def field_rule(levels: int) -> tuple[int, int]:
+    """docs/FORMAT.md section 4, from its words: the smallest F/K with F <= 32, F the least number of bits
+    with L^K <= 2^F, and among equal ratios the smallest K."""
+    options = []
+    for k in range(1, 33):
+        f = next((f for f in range(1, 33) if levels**k <= 2**f), None)
+        if f is not None:
+            options.append((Fraction(f, k), k, f))
+    _, k, f = min(options)
+    return k, f
+
+
+def test_field_table_is_the_documented_rule():
+    derived = {2**b + 1: field_rule(2**b + 1) for b in range(1, 9)}
+    assert derived.pop(3) == (17, 27)  # the one exception: 3 levels use 5 codes per byte instead
+    assert BALANCED_FIELDS[3] == (5, 8)
+    assert {levels: kf for levels, kf in BALANCED_FIELDS.items() if levels != 3} == derived
+    # The ties the rule settles: 5 levels fit 3 codes in 7 bits as they fit 6 in 14, 9 in 21 and 12 in 28.
+    assert [k for k in range(1, 13) if 5**k <= 2 ** (7 * k // 3) and 7 * k % 3 == 0] == [3, 6, 9, 12]
+    assert field_rule(5) == (3, 7) and field_rule(9) == (5, 16)  # not (10, 32)
+    for b in range(1, 9):
+        plain = Packing.for_grid(Grid(b, "plain"))
+        assert (plain.per_field, plain.field_bits) == field_rule(2**b) == (1, b)
+        balanced = Packing.for_grid(Grid(b))
+        assert (balanced.levels, balanced.per_field, balanced.field_bits) == (2**b + 1, *BALANCED_FIELDS[2**b + 1])
+
+
+def spec_problem(buf: bytes, shape, levels: int, per_field: int, field_bits: int) -> str | None:
+    """docs/FORMAT.md section 4 "What a reader rejects", one bit at a time: the first problem, in the order
+    padding bytes, unused bits (row by row), fields (row by row, field by field); None for a conforming buffer."""
+    rows, n = shape[0], math.prod(shape[1:])
+    nfields = -(-n // per_field)
+    stride = -(-nfields * field_bits // 8)
+
+    def bit(t):
+        return (buf[t // 8] >> (t % 8)) & 1
+
+    if any(buf[rows * stride :]):
+        return "buffer padding byte"
+    for o in range(rows):
+        if any(bit(8 * o * stride + t) for t in range(nfields * field_bits, 8 * stride)):
+            return f"row {o}: unused"
+    for o in range(rows):
+        for j in range(nfields):
+            v = sum(bit(8 * o * stride + j * field_bits + i) << i for i in range(field_bits))
+            codes = []
+            for _ in range(per_field):
+                codes.append(v % levels)
+                v //= levels
+            if v:  # what is left after K codes: the field is L^K or more
+                return f"row {o} field {j} holds"
+            if j == nfields - 1 and any(codes[n - j * per_field :]):
+                return f"row {o}: padding codes of its last field (field {j},"
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(grid=st.sampled_from(GRIDS), rows=st.integers(1, 5), row_len=st.integers(1, 40), seed=st.integers(0, 2**31), flips=st.integers(0, 2))
+def test_packed_problem_agrees_with_the_spec(grid, rows, row_len, seed, flips):
+    rng = np.random.default_rng(seed)
+    p = Packing.for_grid(grid)
+    buf = pack_codes(rng.integers(0, grid.levels, size=(rows, row_len)), p)
+    assert packed_problem(buf, (rows, row_len), p) is None  # what bf writes conforms
+    for at in rng.integers(0, 8 * buf.size, size=flips):
+        buf[at // 8] ^= np.uint8(1 << (at % 8))
+    expected = spec_problem(buf.tobytes(), (rows, row_len), p.levels, p.per_field, p.field_bits)
+    got = packed_problem(buf, (rows, row_len), p)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(expected), (got, expected)
+
+
+def _put_field(buf: np.ndarray, bit: int, field_bits: int, value: int) -> None:
+    for i in range(field_bits):
+        byte, b = divmod(bit + i, 8)
+        buf[byte] = (buf[byte] & ~np.uint8(1 << b)) | np.uint8(((value >> i) & 1) << b)
+
+
+def test_packed_problem_messages_on_the_worked_examples():
+    one = Packing.for_grid(Grid(1))  # [2, 0, 1, 2, 2, 1]: fields 227 and 1 (one code of the weight), R = 2
+    buf = pack_codes(np.array([[2, 0, 1, 2, 2, 1]]), one)
+    assert packed_problem(buf, (1, 6), one) is None
+    bad = buf.copy()
+    bad[0] = 243
+    assert packed_problem(bad, (1, 6), one) == "row 0 field 0 holds 243, not below 3^5 = 243 (a code of 3 or more)"
+    bad = buf.copy()
+    bad[1] = 1 + 3  # the second code of the last field is a padding code
+    assert packed_problem(bad, (1, 6), one) == (
+        "row 0: padding codes of its last field (field 1, holding 1 code(s) of the weight) are not 0 (the field holds 4, not below 3^1 = 3)"
+    )
+    two = Packing.for_grid(Grid(2))  # [4, 0, 2, 3]: 7-bit fields 54 and 3 in bits 0-13, R = 2, buffer of 8 bytes
+    buf = pack_codes(np.array([[4, 0, 2, 3]]), two)
+    bad = buf.copy()
+    bad[1] |= 0x40  # bit 14 of the row: past both fields
+    assert packed_problem(bad, (1, 4), two) == "row 0: unused bits 6-7 of its last byte (byte 1) not 0"
+    bad = buf.copy()
+    bad[5] = 0x80
+    assert packed_problem(bad, (1, 4), two) == "buffer padding byte 5 (after the last row, which ends at byte 2) is 0x80, not 0"
+    bad = buf.copy()
+    _put_field(bad, 7, 7, 126)  # field 1: 126 >= 5^3
+    assert packed_problem(bad, (1, 4), two) == "row 0 field 1 holds 126, not below 5^3 = 125 (a code of 5 or more)"
+
+
+@pytest.mark.parametrize("grid", [Grid(1), Grid(2), Grid(3), Grid(4), Grid(8)], ids=str)
+def test_packed_problem_names_the_first_bad_field_across_row_blocks(grid, monkeypatch):
+    p = Packing.for_grid(grid)
+    shape = (23, 3, 5)
+    nfields, stride = p.fields_per_row(15), p.row_bytes(15)
+    monkeypatch.setattr(packing_module, "BLOCK_FIELDS", 3 * nfields)  # blocks of 3 rows
+    buf = pack_codes(np.random.default_rng(grid.bits).integers(0, grid.levels, size=shape), p)
+    limit = p.levels**p.per_field
+    _put_field(buf, 8 * 20 * stride + 1 * p.field_bits, p.field_bits, limit)  # row 20, field 1
+    _put_field(buf, 8 * 22 * stride, p.field_bits, limit + 1)  # a later one
+    expected = f"row 20 field 1 holds {limit}, not below {p.levels}^{p.per_field} = {limit} (a code of {p.levels} or more)"
+    assert packed_problem(buf, shape, p) == expected

@@ -1,11 +1,14 @@
 import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from bf.errors import BfError
 from bf.models.directory import ModelDir
+from tests.conftest import REPO
 
 
 def test_random_model_is_a_diffusers_pipeline(tiny_model):
@@ -171,3 +174,86 @@ def test_shard_names_stay_inside_the_component(tiny_model, tmp_path, shard):
     path.write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors", "b": shard}}))
     with pytest.raises(BfError, match="not a file name inside unet/"):
         ModelDir.open(d).read_weights("unet")
+
+
+def spec_model_hash(root: Path) -> tuple[list[str], str]:
+    """base_model.hash from docs/FORMAT.md section 2's words, with os.walk (not bf's pathlib globbing):
+    the hashed paths in order, and the hash."""
+    files = {"model_index.json": root / "model_index.json"}
+    for comp in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        for top, dirs, names in os.walk(root / comp):  # a linked directory is listed in dirs, never entered
+            for name in dirs + names:
+                p = Path(top, name)
+                if p.is_file():  # a regular file, or a link to one
+                    files[p.relative_to(root).as_posix()] = p
+    order = sorted(files, key=lambda rel: rel.encode("utf-8"))  # UTF-8 byte order
+    h = hashlib.sha256()
+    for rel in order:
+        h.update(rel.encode("utf-8") + b"\0" + files[rel].read_bytes())
+    return order, "sha256:" + h.hexdigest()
+
+
+def test_base_model_hash_recomputed_from_the_spec(tmp_path):
+    root = tmp_path / "m"
+    content = {
+        "model_index.json": b"{}",
+        "training.json": b"not hashed: not model_index.json nor under a component",
+        "unet/config.json": b"not hashed",
+        "text_encoder/config.json": b'{"a": 1}',
+        "text_encoder/model.safetensors": bytes(range(256)),
+        "tokenizer/vocab.json": b"{}",
+        "tokenizer/.hidden": b"hidden files count",
+        "tokenizer/a.json": b"before a/: '.' < '/'",
+        "tokenizer/a/b.txt": b"nested",
+        "tokenizer/z.txt": b"z",
+        "tokenizer/\u00e9.txt": b"after z: U+00E9 > 'z'",
+        "tokenizer/\ue000": b"before the emoji by code point (after it in UTF-16 order)",
+        "tokenizer/\U0001f600": b"astral",
+        "scheduler/scheduler_config.json": b"{}",
+        "outside.json": b"reached through a link",
+    }
+    for rel, data in content.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "scheduler" / "empty").mkdir()
+    (root / "vae").mkdir()
+    (root / "vae" / "linked.json").symlink_to("../outside.json")  # a link to a file: hashed with the target's bytes
+    (root / "vae" / "linkdir").symlink_to("../unet")  # a link to a directory: not entered
+    (root / "vae" / "broken").symlink_to("nowhere")
+    order, spec_hash = spec_model_hash(root)
+    assert order == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/.hidden",
+        "tokenizer/a.json",
+        "tokenizer/a/b.txt",
+        "tokenizer/vocab.json",
+        "tokenizer/z.txt",
+        "tokenizer/\u00e9.txt",
+        "tokenizer/\ue000",
+        "tokenizer/\U0001f600",
+        "vae/linked.json",
+    ]
+    assert ModelDir(root).content_hash() == spec_hash
+    (root / "tokenizer" / "a.json").write_bytes(b"edited")
+    assert ModelDir(root).content_hash() == spec_model_hash(root)[1] != spec_hash
+
+
+def test_shipped_base_model_hash_recomputed_from_the_spec():
+    from bf.format import read_header
+
+    recorded = read_header(REPO / "bf" / "assets" / "shapes-sd-1.99bit.bfq")["base_model"]["hash"]
+    assert spec_model_hash(REPO / "bf" / "assets" / "shapes-sd")[1] == recorded
+
+
+def test_file_names_that_are_not_utf8_are_one_line_errors(tmp_path):
+    root = tmp_path / "m"
+    (root / "vae").mkdir(parents=True)
+    (root / "model_index.json").write_bytes(b"{}")
+    with open(os.path.join(os.fsencode(root / "vae"), b"\xff.json"), "wb") as f:
+        f.write(b"{}")
+    with pytest.raises(BfError, match=r"file name 'vae/\\udcff\.json' is not UTF-8; rename the file") as e:
+        ModelDir(root).content_hash()
+    assert "\n" not in str(e.value)
