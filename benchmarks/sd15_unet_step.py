@@ -19,7 +19,7 @@ bf16 matrix-product rate of this GPU and the UNet's operation count. Peak memory
 configuration allocates on top of an empty GPU (weights, codes, ring, graph pool). Writes
 results/bench_sd15_gpu.json.
 
-    python scripts/bench_sd15_gpu.py [--lib libbf_decode.so] [--out results/bench_sd15_gpu.json] [--fused off,auto,on]
+    python benchmarks/sd15_unet_step.py [--lib libbf_decode.so] [--out results/bench_sd15_gpu.json] [--fused off,auto,on]
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sd15_mix import mixed_bits
 
 from bf.decode_kernels import load
 from bf.format import quantizable_layers
@@ -51,6 +50,7 @@ from bf.runtime.streamed_weights import PackedWeight, StreamedLayer, quantized_m
 from bf.runtime.torch_graph import GraphedCall, cuda_time_ms, unet_step
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 DEV = "cuda"
 
 
@@ -259,12 +259,14 @@ def main() -> None:
     ap.add_argument("--resummarize", type=Path, default=None, metavar="JSON",
                     help="recompute the summary of a JSON this script wrote (no GPU), fixing undercounted peaks of older runs")  # fmt: skip
     args = ap.parse_args()
+    from sd15_mix import mixed_bits
+
     if args.resummarize:
         res = json.loads(args.resummarize.read_text())
         if not res.get("peaks_measured_clean"):
             estimate_undercounted_peaks(res)
         summarize(res)
-        res["resummarized"] = "python scripts/bench_sd15_gpu.py --resummarize " + str(args.resummarize)
+        res["resummarized"] = "python benchmarks/sd15_unet_step.py --resummarize " + str(args.resummarize)
         args.resummarize.write_text(json.dumps(res, indent=1) + "\n")
         keys = ("streamed_config", "step_ms", "fp16_step_ms", "peak_mem_bytes", "ratios", "targets", "pure_streamed")
         print(json.dumps({k: res[k] for k in keys}, indent=1))
@@ -274,7 +276,7 @@ def main() -> None:
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     res: dict = {
-        "command": " ".join(["python", "scripts/bench_sd15_gpu.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/sd15_unet_step.py", *sys.argv[1:]]),
         "device": props.name,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
         "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},

@@ -4,7 +4,7 @@
 #   1. --backend trt refuses in one line, naming the engines' compute capabilities and --backend torch;
 #   2. --backend ort runs the same directory's onnx-qdq graphs and reports the execution provider;
 #   3. pytest -m gpu tests/test_runtime_trt.py (the ctypes CUDA runtime the trt backend uses).
-# Usage (repository root): scripts/check_trt_rtx_on_gpu.sh EXPORT_DIR OUT
+# Usage (repository root): tools/trt_rtx_export_on_gpu.sh EXPORT_DIR OUT
 set -uo pipefail
 export_dir=$(realpath "$1"); out=$(realpath "$2"); repo=$(pwd)
 mkdir -p "$out"
