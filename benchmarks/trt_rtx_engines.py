@@ -10,7 +10,7 @@ would type it, in its own process (its peak resident memory is that process's):
 
 Models: ``shipped`` (the package's model, with the 1.99-bit recipe in results/) and ``sd15`` (the
 full SD-v1.5 architecture with random weights: sizes do not depend on the values; the 1.99-bit
-mix of scripts/sd15_mix.py). Engine caches are kept inside --work so nothing is reused from
+mix of tools/sd15_mix.py). Engine caches are kept inside --work so nothing is reused from
 earlier runs. Prints a table and writes JSON with ratios against the FP16 engine of the same run.
 
     python benchmarks/trt_rtx_engines.py --work /tmp/rtx --models shipped,sd15
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def run_bf(args: list[str], env: dict | None = None) -> tuple[str, float, int]:
@@ -55,7 +55,7 @@ def models(work: Path, which: list[str]) -> dict[str, tuple[Path, Path]]:
             run_bf(["quantize", "--recipe", str(REPO / "results" / "shapes_recipe_1.99.json"), "--out", str(bfq)])
         out["shipped"] = (Path(model_source(None)), bfq)
     if "sd15" in which:
-        from measure_sd15_export import mixed_recipe
+        from sd15_mix import mixed_recipe
 
         model, bfq = work / "sd15", work / "sd15-1.99.bfq"
         if not model.exists():

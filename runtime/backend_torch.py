@@ -15,6 +15,10 @@ both and keep the faster, "on" fuses every layer the kernel can run, "off" (the 
 SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
 (``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
 ``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed).
+
+``TorchBackend`` runs an exported directory; its UNet is a ``TorchUNet``, which can also be
+built from a diffusers UNet and quantized weights held in memory (as benchmarks/sd15_unet_step.py
+does with random ones).
 """
 
 from __future__ import annotations
@@ -47,6 +51,111 @@ def _fused_mode(fused: str | None, channels_last: bool, dtype: str) -> str:
     return "off" if reason or fused is None else fused
 
 
+class TorchUNet:
+    """The torch backend's UNet: a diffusers UNet2DConditionModel on the GPU whose time embedding is
+    a table over the scheduler's timesteps (bf.models.time_cache), with its quantized weights
+    ``streamed``, ``decoded`` once or left ``fp`` (see above), channels-last and its step replayed
+    from a CUDA graph unless told otherwise.
+
+    ``unet`` is changed in place (pass a copy to keep it) and moved to ``device`` as ``dtype``;
+    ``timesteps`` are the scheduler's, and a step is called with its index among them.
+    ``layers``: the quantized weights by layer name, as a .bfq holds them (QuantizedLayer) or
+    already packed on the GPU (bf.runtime.streamed_weights.PackedWeight); ``fp`` needs none.
+    ``fused``, ``slots`` and ``keep_decoded_bytes`` apply to streamed weights, as do ``group``,
+    ``priority`` and ``decode_blocks`` (how the ring decodes: see
+    bf.runtime.streamed_weights.stream_weights). ``decoder``: the decode library
+    (bf.decode_kernels.load() when None).
+
+    ``step(sample, step_index, context)`` runs one step (its output may be reused by the next
+    call; ``eager_step`` is the same without the CUDA graph); ``module`` is the model it runs and
+    ``ring`` the streamed weights' decode ring (None unless streamed).
+    """
+
+    def __init__(self, unet, timesteps, layers: dict | None = None, *, weights: str = "streamed", device: str = "cuda",
+                 dtype: str = "float16", channels_last: bool = True, cuda_graph: bool = True, slots: int = 2, fused: str | None = None,
+                 keep_decoded_bytes: int = 0, decoder=None, group: bool = True, priority: int = 0, decode_blocks: int = 0):  # fmt: skip
+        import torch
+
+        from bf.models.time_cache import cache_time_features
+        from bf.runtime.torch_graph import GraphedCall, unet_step
+
+        if weights not in WEIGHT_MODES:
+            raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
+        if weights != "fp" and not layers:
+            raise BfError(f"weights={weights!r} needs the quantized layers")
+        torch_dtype = getattr(torch, dtype)
+        module = cache_time_features(unet, torch.as_tensor(timesteps))
+        self.unet = unet  # the diffusers UNet inside ``module``: its layers by their state-dict names
+        self.ring = None
+        self.decoded_layers = 0
+        self.fused = "off"
+        if weights == "streamed":
+            from bf.runtime.streamed_weights import stream_weights
+
+            self.fused = _fused_mode(fused, channels_last, dtype)
+            module = stream_weights(module, unet, layers, device=device, dtype=torch_dtype, channels_last=channels_last, slots=slots,
+                                    decoder=decoder, group=group, fused=self.fused, keep_decoded_bytes=keep_decoded_bytes,
+                                    priority=priority, decode_blocks=decode_blocks)  # fmt: skip
+            module = module.to(device, torch_dtype)
+            self.ring = module.ring
+            self.decoded_layers = len(self.ring.weights)
+        else:
+            module = module.to(device, torch_dtype)
+            if weights == "decoded":
+                self.decoded_layers = _decode_quantized_weights(unet, layers, device, decoder)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self.eager_step = unet_step(module, channels_last, device)
+        self.step = GraphedCall(self.eager_step) if cuda_graph else self.eager_step
+
+    @property
+    def weight_bytes(self) -> int:
+        """Resident bytes of the streamed layers' weights: packed codes and scales, weights kept decoded and
+        fused layers' words (0 unless streamed; the module's parameters hold the rest)."""
+        return self.module.weight_bytes if self.ring is not None else 0
+
+    @property
+    def fused_layers(self) -> int:
+        """Layers running the fused low-bit kernel (0 before the first step)."""
+        return self.module.fused_layers if self.ring is not None else 0
+
+    @property
+    def kept_decoded_bytes(self) -> int:
+        """Bytes of the streamed layers' weights kept decoded (``keep_decoded_bytes``)."""
+        return self.module.kept_decoded_bytes if self.ring is not None else 0
+
+    def streamed_layers(self) -> dict:
+        """The streamed layers (bf.runtime.streamed_weights.StreamedLayer) by name; after the first step
+        with ``fused="auto"``, each holds what it measured (``timings``) and chose (``config``)."""
+        from bf.runtime.streamed_weights import StreamedLayer
+
+        return {name: m for name, m in self.unet.named_modules() if isinstance(m, StreamedLayer)}
+
+
+def _decode_quantized_weights(unet, layers: dict, device: str, decoder=None) -> int:
+    """Every quantized weight of ``unet`` decoded from its packed codes by the CUDA kernels, in place: one
+    batched launch for the weights stored in their module's layout, a launch and a copy each for those
+    stored channels-last. Returns how many were decoded."""
+    import torch
+
+    from bf.decode_kernels import load
+    from bf.runtime.streamed_weights import PackedWeight, packed_weight, quantized_modules
+
+    decoder = decoder or load()
+    modules = quantized_modules(unet, layers)
+    packed = {n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last=False) for n in modules}
+    direct = [(w, modules[n].weight.data) for n, w in packed.items() if not w.channels_last]
+    if direct:
+        decoder.decode_cuda_batch([(w.codes, w.scale, w.spec) for w, _ in direct], [out for _, out in direct])
+    for name, w in packed.items():
+        if w.channels_last:
+            weight = modules[name].weight.data
+            weight.copy_(w.decode(decoder, torch.empty(w.numel, dtype=weight.dtype, device=weight.device)))
+    torch.cuda.synchronize()
+    return len(packed)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -58,8 +167,6 @@ class TorchBackend:
 
             from bf.models.diffusers_pipeline import load_model
             from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
-            from bf.models.time_cache import cache_time_features
-            from bf.runtime.torch_graph import GraphedCall, unet_step
         except ImportError:
             raise BfError("the torch backend needs PyTorch and diffusers: pip install 'bf[train]'") from None
         if device == "cuda" and not torch.cuda.is_available():
@@ -86,30 +193,11 @@ class TorchBackend:
 
             ckpt = Checkpoint.load(source)  # once: the pipeline and the packed layers both come from it
         pipe = load_model(source, scheduler=model.manifest.scheduler.name, checkpoint=ckpt).pipe
-        timesteps = torch.as_tensor(model.manifest.scheduler.timesteps)
-        unet = cache_time_features(pipe.unet.float().eval(), timesteps)
-        self.ring = None
-        self.decoded_layers = 0
-        self.fused = "off"
-        if weights == "streamed":
-            from bf.runtime.streamed_weights import stream_weights
-
-            self.fused = _fused_mode(fused, channels_last, dtype)
-            unet = stream_weights(unet, unet.unet, ckpt.layers, device=device, dtype=self.dtype, channels_last=channels_last, slots=slots,
-                                  fused=self.fused, keep_decoded_bytes=keep_decoded_bytes)  # fmt: skip
-            unet = unet.to(device, self.dtype)
-            self.ring = unet.ring
-            self.decoded_layers = len(self.ring.weights)
-        else:
-            unet = unet.to(device, self.dtype)
-            if weights == "decoded":
-                self.decoded_layers = self._decode_quantized_weights(unet, ckpt.layers)
-        if channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
-        self.unet_module = unet
-        self._step_fn = unet_step(unet, channels_last, device)
-        if cuda_graph:
-            self._step_fn = GraphedCall(self._step_fn)
+        self.torch_unet = TorchUNet(pipe.unet.float().eval(), model.manifest.scheduler.timesteps, ckpt.layers if ckpt else None,
+                                    weights=weights, device=device, dtype=dtype, channels_last=channels_last, cuda_graph=cuda_graph,
+                                    slots=slots, fused=fused, keep_decoded_bytes=keep_decoded_bytes)  # fmt: skip
+        self.ring, self.decoded_layers, self.fused = self.torch_unet.ring, self.torch_unet.decoded_layers, self.torch_unet.fused
+        self.unet_module = self.torch_unet.module
         self.text = TextEncoderGraph(pipe.text_encoder).eval().to(device, self.dtype)
         self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.dtype)
 
@@ -117,21 +205,10 @@ class TorchBackend:
     def device_name(self) -> str:
         return self.torch.cuda.get_device_name() if self.device == "cuda" else self.device
 
-    def _decode_quantized_weights(self, unet, layers: dict) -> int:
-        """Every quantized weight, decoded from its packed codes by the CUDA kernels, in place (one batched launch)."""
-        from bf.decode_kernels import load
-        from bf.runtime.streamed_weights import packed_weight, quantized_modules
-
-        modules = quantized_modules(unet.unet, layers)
-        packed = [packed_weight(layers[name], self.device, channels_last=False) for name in modules]
-        load().decode_cuda_batch([(w.codes, w.scale, w.spec) for w in packed], [m.weight.data for m in modules.values()])
-        self.torch.cuda.synchronize()
-        return len(packed)
-
     def unet_device(self, sample, step, context):
         """One UNet step on device tensors (step: a (1,) long tensor); the output may be reused by the next call."""
         with self.torch.inference_mode():
-            return self._step_fn(sample, step, context)
+            return self.torch_unet.step(sample, step, context)
 
     def _run(self, fn, *arrays: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -180,9 +257,7 @@ class TorchBackend:
         def nbytes(module) -> int:
             return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
-        unet = nbytes(self.unet_module)
-        if self.ring is not None:
-            unet += self.unet_module.weight_bytes
+        unet = nbytes(self.unet_module) + self.torch_unet.weight_bytes
         return {
             "unet_weight_bytes": unet,
             "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else 0,
@@ -193,7 +268,7 @@ class TorchBackend:
     @property
     def fused_layers(self) -> int:
         """UNet layers running the fused low-bit kernel (0 before the first step)."""
-        return self.unet_module.fused_layers if self.ring is not None else 0
+        return self.torch_unet.fused_layers
 
     def reset_peak_memory(self) -> None:
         self.torch.cuda.reset_peak_memory_stats()

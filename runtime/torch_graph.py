@@ -1,6 +1,6 @@
 """The torch backend's UNet step on the GPU: the step function, its CUDA graph (captured once
 per input shape, so a step costs its kernels, not the ~1,500 Python-issued launches of an
-eager forward) and CUDA-event timing. Shared by the backend and scripts/bench_sd15_gpu.py."""
+eager forward) and CUDA-event timing. Shared by the backend and benchmarks/sd15_unet_step.py."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import click
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 @click.option("--layers/--no-layers", default=False, help="Also print the per-layer table.")
-@click.option("--no-verify", is_flag=True, help="Skip the SHA-256 check of every tensor.")
+@click.option("--no-verify", is_flag=True, help="Skip verification: the header and tensor SHA-256 checks and the packed-code checks.")
 def command(checkpoint: Path, as_json: bool, layers: bool, no_verify: bool) -> None:
     """Per-layer table and totals of a .bfq: bits, levels, stored size, ratio to FP16.
 

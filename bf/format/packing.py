@@ -22,7 +22,7 @@ from bf.format.grid import Grid
 # equal ratios (5 levels: 3 codes per 7 bits, not 6 per 14), except that 3 levels use
 # 5 codes per byte (1.6 bits, byte fields, a 243-entry table) instead of 17 per
 # 27 bits (1.588 bits). Plain grids (L = 2^b) follow the same rule: one code per b-bit
-# field. tests/test_packing.py derives this table from the rule.
+# field. tests/format/test_packing.py derives this table from the rule.
 BALANCED_FIELDS: dict[int, tuple[int, int]] = {
     3: (5, 8),  # 1 bit:  1.600 bits/weight  (3^5  = 243)
     5: (3, 7),  # 2 bits: 2.333              (5^3  = 125)

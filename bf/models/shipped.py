@@ -8,7 +8,7 @@ from pathlib import Path
 from bf.errors import BfError
 
 SHIPPED_NAME = "shapes-sd"
-# The shipped model trained with bf train's defaults and the 1.99-bit recipe (scripts/train_shipped_bitsfusion_gpu.sh).
+# The shipped model trained with bf train's defaults and the 1.99-bit recipe (tools/shipped_bitsfusion_gpu.sh).
 SHIPPED_BFQ_NAME = "shapes-sd-1.99bit.bfq"
 SHIPPED_BFQ_WORD = "shipped-1.99bit"  # names it on the command line
 

@@ -2,18 +2,18 @@
 # The GPU runs behind the ablation's figures, one phase per call of a machine with no internet:
 #   analyze  bf analyze of the shipped model (8 workers) -> results/shapes_analysis.json (+ .png),
 #            bf allocate 1.99 bits -> results/shapes_recipe_1.99.json
-#   train    the ablation rows in $ROWS (scripts/ablation.py --phase train), STEPS steps each at batch $BATCH;
+#   train    the ablation rows in $ROWS (tools/ablation.py --phase train), STEPS steps each at batch $BATCH;
 #            STEPS=auto: first time 4 parallel trainings, then take as many steps as fit in $TRAIN_SECONDS
 #   eval     the ablation rows at CFG 3.5/5.5/7.5/9.5 (.rows/ holds the train phase's tars when the machine is new),
-#            then scripts/bench_qat_sd15.py -> results/qat_sd15_throughput.json
+#            then benchmarks/sd15_qat_step.py -> results/qat_sd15_throughput.json
 #   budgets  the same rows trained 0 steps (PTQ) and STEPS steps -> results/ablation_steps{0,STEPS}.json
-# usage: scripts/run_ablation_gpu.sh PHASE OUT_DIR [STEPS]
+# usage: tools/ablation_gpu.sh PHASE OUT_DIR [STEPS]
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
 phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256} rows=${ROWS:-lsq2,balance,altinit,mixed}
 work=${WORK:-/tmp/ablation}
 mkdir -p "$out" "$work"
-source scripts/device_env.sh
+source tools/device_env.sh
 repo=$PWD
 cd "$work"  # not the source tree: its bf/ would shadow the installed package
 case $phase in
@@ -42,7 +42,7 @@ case $phase in
       steps=$(python3 -c "print(int($rate*$left*0.9)//100*100)")
       echo "probe: $rate it/s per process (4 at once); $left s left: $steps steps" | tee "$out/probe.txt"
     fi
-    time python3 "$repo/scripts/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
+    time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
       --images "${IMAGES:-10000}" \
       --rows "$rows"
     for k in ${rows//,/ }; do tar cf "$out/$k.tar" "$k.bfq" "$k.bfq.work/log.csv" "$k.train.log"; done
@@ -51,18 +51,18 @@ case $phase in
   eval)
     for t in "$repo"/.rows/*.tar; do [ -e "$t" ] && tar xf "$t"; done
     [ -e "$repo/.rows/train_seconds.json" ] && cp "$repo/.rows/train_seconds.json" .
-    time python3 "$repo/scripts/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" \
+    time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" \
       --phase eval --eval-batch 128
-    python3 "$repo/scripts/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" --phase table \
+    python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" --phase table \
       --json "$out/ablation.json" --plot "$out/ablation.png"
     tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log
-    time python3 "$repo/scripts/bench_qat_sd15.py" --batch 8 --json "$out/qat_sd15_throughput.json"
+    time python3 "$repo/benchmarks/sd15_qat_step.py" --batch 8 --json "$out/qat_sd15_throughput.json"
     ;;
   budgets)
     # the same rows at smaller training budgets: 0 steps (the initialisation alone, i.e. PTQ) and $steps steps
     mkdir -p b0 bN
     tar xf "$repo/.rows/evals.tar" ./fp.eval.json && cp fp.eval.json b0/ && cp fp.eval.json bN/
-    abl() { python3 "$repo/scripts/ablation.py" --recipe "$repo/results/shapes_recipe_1.99.json" --batch-size "$batch" --images 10000 "$@"; }
+    abl() { python3 "$repo/tools/ablation.py" --recipe "$repo/results/shapes_recipe_1.99.json" --batch-size "$batch" --images 10000 "$@"; }
     abl --work b0 --steps 0 --rows lsq2,balance,altinit,mixed --phase train > b0.log 2>&1 &
     abl --work bN --steps "$steps" --phase train > bN.log 2>&1 &
     wait

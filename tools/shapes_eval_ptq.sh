@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped model and its plain min-max PTQ checkpoints at 2, 3 and 4 bits, evaluated
 # together (CFG 7.5, PNDM 50 steps, 2 seeds, the shipped model as the fidelity reference).
-# Writes results/shapes_eval_ptq.json and .png.   usage: scripts/eval_shipped_ptq.sh [WORK_DIR]
+# Writes results/shapes_eval_ptq.json and .png.   usage: tools/shapes_eval_ptq.sh [WORK_DIR]
 set -euo pipefail
 work=${1:-$(mktemp -d)}
 models=(--model shipped)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Two training variants side by side on one GPU (each alone is launch-bound, so together
 # they use it better); the one with the higher two-object accuracy is kept in $OUT, and
-# both logs go to $OUT/log.txt.   usage: scripts/train_variants.sh "ARGS A" "ARGS B"
+# both logs go to $OUT/log.txt.   usage: tools/shapes_model_best_of_two.sh "ARGS A" "ARGS B"
 set -u
-python3 scripts/train_shapes_model.py --out /tmp/varA $1 > /tmp/varA.log 2>&1 &
-python3 scripts/train_shapes_model.py --out /tmp/varB $2 > /tmp/varB.log 2>&1
+python3 tools/train_shapes_model.py --out /tmp/varA $1 > /tmp/varA.log 2>&1 &
+python3 tools/train_shapes_model.py --out /tmp/varB $2 > /tmp/varB.log 2>&1
 wait
 python3 - <<'PY'
 import json, os, shutil

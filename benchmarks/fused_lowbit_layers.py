@@ -2,11 +2,11 @@
 512x512, batch 2, against what the streamed UNet does instead (decode into a buffer, then cuDNN /
 cuBLAS) and against the FP16 layer alone (the baseline's cost of that layer).
 
-Every tile configuration in the grid below is tried with both code-loading schemes; each time is
+Every tile configuration in the grid of main() is tried with both code-loading schemes; each time is
 one call's share of a CUDA graph of 10 back-to-back calls (median of 5 replays). Writes
 results/fused_layers_gpu.json.
 
-    python scripts/bench_fused_layers_gpu.py [--lib libbf_decode.so] [--out results/fused_layers_gpu.json]
+    python benchmarks/fused_lowbit_layers.py [--lib libbf_decode.so] [--out results/fused_layers_gpu.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,6 @@ from bf.format.dequant_op import DequantSpec
 from bf.format.grid import Grid
 from bf.format.packing import pack_codes
 from bf.runtime.fused_layout import fused_weight
-from bf.runtime.lowbit_gemm import CONFIGS, TileConfig, lowbit_forward
 from bf.runtime.torch_graph import graph_time_ms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +44,6 @@ LAYERS = [
     ("down0.attn.to_q", "linear", (2, 4096, 320), 320, 1, 1, 1),
     ("down2.resnet.conv 2-bit", "conv", (2, 1280, 16, 16), 1280, 3, 1, 2),
 ]
-GRID = [  # the runtime's configurations, and larger K tiles
-    *CONFIGS,
-    TileConfig(128, 128, 128, 8, 3),
-    TileConfig(64, 128, 128, 4, 3),
-    TileConfig(64, 128, 128, 4, 3, splits=4),
-    TileConfig(64, 128, 128, 4, 3, splits=8),
-]
 
 
 def main() -> None:
@@ -58,11 +51,20 @@ def main() -> None:
     ap.add_argument("--lib", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "fused_layers_gpu.json")
     args = ap.parse_args()
+    from bf.runtime.lowbit_gemm import CONFIGS, TileConfig, lowbit_forward  # Triton: imported once the arguments are read
+
+    grid = [  # the runtime's configurations, and larger K tiles
+        *CONFIGS,
+        TileConfig(128, 128, 128, 8, 3),
+        TileConfig(64, 128, 128, 4, 3),
+        TileConfig(64, 128, 128, 4, 3, splits=4),
+        TileConfig(64, 128, 128, 4, 3, splits=8),
+    ]
     lib = load(args.lib)
     torch.backends.cudnn.benchmark = True
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
-    grid = [dataclasses.replace(c, gather=g) for c in GRID for g in (False, True)]
+    grid = [dataclasses.replace(c, gather=g) for c in grid for g in (False, True)]
     rows = []
     for name, kind, xshape, cout, k, stride, bits in LAYERS:
         g = Grid(bits)
@@ -107,7 +109,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:26s} M={m:5d} fp16 {fp16 * 1e3:7.1f} us  decode {decode * 1e3:6.1f}  fused {ok[best] * 1e3:7.1f} ({best}) "
               f"{flop / ok[best] / 1e9:6.0f} TFLOP/s", flush=True)  # fmt: skip
-    res = {"command": "python scripts/bench_fused_layers_gpu.py", "device": torch.cuda.get_device_name(),
+    res = {"command": "python benchmarks/fused_lowbit_layers.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__}, "layers": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -17,7 +17,7 @@ Modes:
   plain-graph, qat-graph   the whole step (forward, backward, clipping, AdamW) replayed from one
                CUDA graph: no host work per step, so the GPU time of each step is what is timed
 
-    python scripts/bench_qat_sd15.py --batch 8 --json results/qat_sd15_throughput.json
+    python benchmarks/sd15_qat_step.py --batch 8 --json results/qat_sd15_throughput.json
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -39,6 +40,7 @@ from bf.trainer.graph_step import GraphedStep
 from bf.trainer.qat import LossConfig, attach_fake_quant, stage1_terms
 from bf.trainer.train import make_optimizer, optimizer_step
 
+REPO = Path(__file__).resolve().parents[1]
 MODES = ("plain", "distill", "qat", "qat-unfused", "qat-ckpt", "plain-graph", "qat-graph")
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="Timed steps per mode (median reported).")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=Path, default=REPO / "results" / "qat_sd15_throughput.json")
     p.add_argument("--profile", action="store_true", help="Print torch.profiler tables of each mode's timed steps.")
     args = p.parse_args()
     if not torch.cuda.is_available() and args.arch == "sd15":
@@ -180,12 +182,13 @@ def main() -> None:
         "ratios": ratios,
         "targets": {"time_vs_plain": 1.3, "memory_vs_plain": 1.2},
         "versions": provenance(),
-        "command": "python scripts/bench_qat_sd15.py "
+        # every option, defaults included: the command repeats this run even if a default changes
+        "command": "python benchmarks/sd15_qat_step.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v and v is not True),
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Runs the CLI as a user would (random weights: the sizes do not depend on the values),
 then writes results/sd15_ptq_sizes.json. CPU only; about 2 minutes per width.
 
-    python scripts/measure_sd15_sizes.py --work /tmp/sd15 [--bits 1,2,3,4]
+    python benchmarks/sd15_packed_sizes.py --work /tmp/sd15 [--bits 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
         )
         out.unlink()
     result = {
+        "command": "python benchmarks/sd15_packed_sizes.py " + " ".join(sys.argv[1:]),
         "what": "bf quantize --bits B on SD-v1.5's architecture (random weights), bf inspect --json",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "rows": rows,

@@ -6,11 +6,11 @@
    from a CUDA graph (so host launch cost is not timed); bytes read (codes, scales)
    plus written, per second, as a share of the copy bandwidth. Target: >= 70%.
 3. Whole UNet: every quantized weight of the full-size SD-v1.5 UNet at the 1.99-bit mix of
-   scripts/sd15_mix.py (conv_in/conv_out at 8 bits), decoded to fp16, one launch per weight (as
+   tools/sd15_mix.py (conv_in/conv_out at 8 bits), decoded to fp16, one launch per weight (as
    TensorRT runs the plugin) and batched (bf_decode_cuda_batch, the PyTorch runtime's path), eager
    and replayed from a CUDA graph; against its floor = bytes / copy bandwidth. Target: <= 1.4x.
 
-    python scripts/bench_decode_gpu.py [--lib plugins_trt/build/libbf_decode.so] [--out results/decode_gpu.json]
+    python benchmarks/decode_kernels.py [--lib plugins_trt/build/libbf_decode.so] [--out results/decode_gpu.json]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import argparse
 import json
 import math
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from sd15_mix import mixed_bits, sd15_unet_shapes
 
 from bf.decode_kernels import DecodeLibrary, load
 from bf.format import quantizable_layers
@@ -32,6 +32,7 @@ from bf.format.grid import Grid
 from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--lib", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "results" / "decode_gpu.json")
     args = ap.parse_args()
+    from sd15_mix import mixed_bits, sd15_unet_shapes
+
     lib = load(args.lib)
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -135,7 +138,7 @@ def main() -> None:
     )
     large = [w for w in widths if w["grid"] == "balanced" and w["bits"] <= 4]
     result = {
-        "command": "python scripts/bench_decode_gpu.py",
+        "command": "python benchmarks/decode_kernels.py " + " ".join(sys.argv[1:]),
         "gpu": props.name,
         "torch": torch.__version__,
         "python": platform.python_version(),

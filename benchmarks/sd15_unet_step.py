@@ -4,8 +4,9 @@ Random weights (speed and memory do not depend on the values), 512x512, batch 2 
 with classifier-free guidance), fp16. Every configuration is measured in this one run:
 
   eager_fp16       diffusers' UNet2DConditionModel in eager mode (the usual way to run it)
-  graph_fp16       the torch backend's UNet (time-feature table, by step index) with FP16
-                   weights, its step replayed from a CUDA graph; NCHW and channels-last
+  graph_fp16       the torch backend's UNet (bf.runtime.backend_torch.TorchUNet: time-feature
+                   table, by step index) with FP16 weights, its step replayed from a CUDA
+                   graph; NCHW and channels-last
   graph_streamed   the same UNet with the 1.99-bit packed codes resident and every weight
                    decoded just before its layer into a ring of reused buffers, on a side
                    stream overlapping compute (bf.runtime.streamed_weights), CUDA graph
@@ -19,7 +20,7 @@ bf16 matrix-product rate of this GPU and the UNet's operation count. Peak memory
 configuration allocates on top of an empty GPU (weights, codes, ring, graph pool). Writes
 results/bench_sd15_gpu.json.
 
-    python scripts/bench_sd15_gpu.py [--lib libbf_decode.so] [--out results/bench_sd15_gpu.json] [--fused off,auto,on]
+    python benchmarks/sd15_unet_step.py [--lib libbf_decode.so] [--out results/bench_sd15_gpu.json] [--fused off,auto,on]
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sd15_mix import mixed_bits
 
 from bf.decode_kernels import load
 from bf.format import quantizable_layers
@@ -46,11 +46,12 @@ from bf.format.grid import Grid
 from bf.format.packing import pack_codes
 from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
 from bf.models.architectures import ARCHITECTURES
-from bf.models.time_cache import cache_time_features
-from bf.runtime.streamed_weights import PackedWeight, StreamedLayer, quantized_modules, stream_weights
-from bf.runtime.torch_graph import GraphedCall, cuda_time_ms, unet_step
+from bf.runtime.backend_torch import TorchUNet
+from bf.runtime.streamed_weights import PackedWeight
+from bf.runtime.torch_graph import GraphedCall, cuda_time_ms
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 DEV = "cuda"
 
 
@@ -124,27 +125,23 @@ def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int) -> d
 
 def check_against_decoded(master, timesteps, packed: dict, cl: bool, lib, out: torch.Tensor, inputs) -> dict:
     """The streamed, graphed step against the same codes decoded once into FP16 weights, run eagerly."""
-    cached = cache_time_features(copy.deepcopy(master), timesteps).to(DEV)
-    for name, module in quantized_modules(cached.unet, packed).items():
-        w = packed[name]
-        module.weight.data.copy_(w.decode(lib, torch.empty(w.numel, dtype=torch.float16, device=DEV)))
-    if cl:
-        cached = cached.to(memory_format=torch.channels_last)
+    decoded = TorchUNet(copy.deepcopy(master), timesteps, packed, weights="decoded", device=DEV, channels_last=cl, cuda_graph=False,
+                        decoder=lib)  # fmt: skip
     sample, step, ctx = inputs
     with torch.inference_mode():
-        ref = unet_step(cached, cl, DEV)(sample, step, ctx).float()
-    del cached
+        ref = decoded.step(sample, step, ctx).float()
+    del decoded
     err = (out - ref).abs().max().item()
     return {"max_abs_diff": err, "ref_max_abs": ref.abs().max().item(), "relative": err / max(ref.abs().max().item(), 1e-30)}
 
 
-def fused_choices(unet, bits: dict) -> list[dict]:
+def fused_choices(unet: TorchUNet, bits: dict) -> list[dict]:
     """What each streamed layer's first forward measured and chose (ms per call)."""
     return [
         {"layer": name, "bits": bits.get(name), "input": list(m.chosen_for), "choice": m.config.name if m.config else "decode+op",
          "timings_ms": m.timings}
-        for name, m in unet.named_modules()
-        if isinstance(m, StreamedLayer) and m.timings
+        for name, m in unet.streamed_layers().items()
+        if m.timings
     ]  # fmt: skip
 
 
@@ -259,12 +256,14 @@ def main() -> None:
     ap.add_argument("--resummarize", type=Path, default=None, metavar="JSON",
                     help="recompute the summary of a JSON this script wrote (no GPU), fixing undercounted peaks of older runs")  # fmt: skip
     args = ap.parse_args()
+    from sd15_mix import mixed_bits
+
     if args.resummarize:
         res = json.loads(args.resummarize.read_text())
         if not res.get("peaks_measured_clean"):
             estimate_undercounted_peaks(res)
         summarize(res)
-        res["resummarized"] = "python scripts/bench_sd15_gpu.py --resummarize " + str(args.resummarize)
+        res["resummarized"] = "python benchmarks/sd15_unet_step.py --resummarize " + str(args.resummarize)
         args.resummarize.write_text(json.dumps(res, indent=1) + "\n")
         keys = ("streamed_config", "step_ms", "fp16_step_ms", "peak_mem_bytes", "ratios", "targets", "pure_streamed")
         print(json.dumps({k: res[k] for k in keys}, indent=1))
@@ -274,7 +273,7 @@ def main() -> None:
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     res: dict = {
-        "command": " ".join(["python", "scripts/bench_sd15_gpu.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/sd15_unet_step.py", *sys.argv[1:]]),
         "device": props.name,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
         "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},
@@ -321,15 +320,12 @@ def main() -> None:
     for cl in layouts:
         name = "graph_fp16" + ("_channels_last" if cl else "")
         base = clean()
-        cached = cache_time_features(copy.deepcopy(master), timesteps).to(DEV)
-        if cl:
-            cached = cached.to(memory_format=torch.channels_last)
+        fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, channels_last=cl)
         with torch.inference_mode():
-            call = GraphedCall(unet_step(cached, cl, DEV))
-            configs[name] = stats(cuda_time_ms(lambda call=call: call(sample, step, ctx), args.iters, 3))
+            configs[name] = stats(cuda_time_ms(lambda u=fp16: u.step(sample, step, ctx), args.iters, 3))
         configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
         print(f"{name}: {configs[name]['median_ms']:.2f} ms/step, peak {configs[name]['peak_mem_bytes'] / 1e9:.3f} GB", flush=True)
-        del cached, call
+        del fp16
 
     plans = [Plan(False, 3)] + [Plan(True, slots) for slots in args.slots]
     plans += [Plan(True, 3, group=False)] + [Plan(True, 2, fused=mode) for mode in args.fused if mode != "off"]
@@ -343,30 +339,28 @@ def main() -> None:
         for plan in [p for p in plans if p.channels_last == cl]:
             name, fused, keep_mb = plan.name, plan.fused, plan.keep_mb
             base = clean()
-            cached = cache_time_features(copy.deepcopy(master), timesteps)
-            model = stream_weights(cached, cached.unet, packed, device=DEV, channels_last=cl, slots=plan.slots, decoder=lib,
-                                   group=plan.group, fused=fused, keep_decoded=keep_mb * 2**20, priority=plan.priority,
-                                   decode_blocks=plan.blocks).to(DEV)  # fmt: skip
+            model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, channels_last=cl, slots=plan.slots, fused=fused,
+                              keep_decoded_bytes=keep_mb * 2**20, decoder=lib, group=plan.group, priority=plan.priority,
+                              decode_blocks=plan.blocks)  # fmt: skip
+            if model.fused != fused:  # the backend turns the fused kernel off where it cannot run (no Triton)
+                raise SystemExit(f"{name}: the fused low-bit kernel cannot run here (fused={model.fused!r})")
             ring = model.ring
-            if cl:
-                model = model.to(memory_format=torch.channels_last)
             with torch.inference_mode():
-                step_fn = unet_step(model, cl, DEV)
                 if fused != "off":  # the first forward picks each layer's kernel: keep its timing runs out of the peak
-                    step_fn(sample, step, ctx)
+                    model.eager_step(sample, step, ctx)
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                     after_first = torch.cuda.memory_allocated() - base
-                    layers = fused_choices(cached.unet, bits)
+                    layers = fused_choices(model, bits)
                     configs[name] = {"layers": layers, "mem_after_first_forward": after_first, "layer_sums_ms": layer_sums(layers)}
                     print(f"  per-layer sums (isolated, ms): {configs[name]['layer_sums_ms']}", flush=True)
-                call = GraphedCall(step_fn)
-                configs[name] = stats(cuda_time_ms(lambda call=call: call(sample, step, ctx), args.iters, 3)) | configs.get(name, {})
-                out = call(sample, step, ctx).float()
+                configs[name] = stats(cuda_time_ms(lambda m=model: m.step(sample, step, ctx), args.iters, 3)) | configs.get(name, {})
+                out = model.step(sample, step, ctx).float()
             # the codes were allocated before `base`; fused layers hold their words instead (allocated after, so counted)
             configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + ring.packed_bytes
-            configs[name]["resident_unet_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) + model.weight_bytes
+            resident = sum(p.numel() * p.element_size() for p in model.module.parameters()) + model.weight_bytes
+            configs[name]["resident_unet_bytes"] = resident
             configs[name]["fused_layers"] = model.fused_layers
             configs[name]["kept_decoded_bytes"] = model.kept_decoded_bytes
             configs[name]["ring_bytes"] = ring.buffer_bytes
@@ -384,7 +378,7 @@ def main() -> None:
                 configs[name]["check_vs_decoded"] = check_against_decoded(master, timesteps, packed, cl, lib, out, inputs)
                 print(f"  vs the same codes decoded once, eager: {configs[name]['check_vs_decoded']}", flush=True)
                 checked = True
-            del model, ring, call, cached, decode, step_fn, out  # step_fn holds the model: keep none of it in the next baseline
+            del model, ring, decode, out  # keep none of this configuration in the next baseline
         del packed
 
     res["configs"] = configs

@@ -6,7 +6,7 @@ split of the shipped model's 1.99-bit recipe (by weights: 1 bit 75.3%, 2 bits 14
 runs `bf export --target onnx` with its check, as a user would. CPU only, about 10 minutes
 and 16 GB of memory. Writes results/sd15_export_sizes.json.
 
-    python scripts/measure_sd15_export.py --work /tmp/sd15x
+    python benchmarks/sd15_onnx_size.py --work /tmp/sd15x
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from sd15_mix import mixed_bits
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 
 
 def bf(*args: str) -> str:
@@ -29,24 +28,13 @@ def bf(*args: str) -> str:
     return subprocess.run([sys.executable, "-m", "bf.cli", *args], check=True, capture_output=True, text=True).stdout
 
 
-def mixed_recipe(model: Path) -> dict:
-    from safetensors import safe_open
-
-    from bf.format import candidate_layers
-    from bf.trainer.recipe import make_recipe
-
-    shapes = {}
-    for f in sorted((model / "unet").glob("*.safetensors")):
-        with safe_open(f, "np") as sf:
-            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})  # noqa: SIM118
-    return make_recipe("balanced", mixed_bits(candidate_layers(shapes)), kind="sd15-export-size")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True, help="scratch directory (needs ~6 GB)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_export_sizes.json")
     args = ap.parse_args()
+    from sd15_mix import mixed_recipe
+
     args.work.mkdir(parents=True, exist_ok=True)
     model, bfq, exp = args.work / "sd15", args.work / "sd15.bfq", args.work / "onnx"
     if not model.exists():
@@ -60,12 +48,12 @@ def main() -> None:
     manifest = json.loads(bf("export", str(bfq), "--target", "onnx", "--out", str(exp), "--json"))
     seconds = time.time() - t0
     br = manifest["graphs"]["unet"]["size_breakdown"]
-    # The issue's budget: packed layers + time table + fp16 biases and norms (the export already
+    # The budget: packed layers + time table + fp16 biases and norms (the export already
     # stores those as float16, so other_tensors is their fp16 size).
     budget = manifest["packed_unet_bytes"] + br["time_table"] + br["other_tensors"]
     result = {
         "device": f"CPU ({platform.processor() or platform.machine()})",
-        "command": "python scripts/measure_sd15_export.py --work /tmp/sd15x",
+        "command": "python benchmarks/sd15_onnx_size.py " + " ".join(sys.argv[1:]),
         "bfq_avg_bits_paper": info.get("avg_bits"),
         "bfq_stored_bits_per_weight": info.get("stored_bits_per_weight"),
         "packed_unet_bytes": manifest["packed_unet_bytes"],
@@ -77,6 +65,7 @@ def main() -> None:
         "check": manifest["check"],
         "export_seconds": round(seconds, 1),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

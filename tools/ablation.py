@@ -4,7 +4,7 @@ Every row is one ``bf train`` command with the same number of training steps; ea
 adds one technique to the row above. All rows are evaluated with ``bf eval`` against
 the FP model at CFG 3.5/5.5/7.5/9.5, and the table is written as JSON and a plot.
 
-    python scripts/ablation.py --work W --recipe recipe.json --steps 800 --phase all
+    python tools/ablation.py --work W --recipe recipe.json --steps 800 --phase all
 
 Phases (each reuses what the earlier ones left in --work, so they can run on different
 days or machines): ``train`` (rows in parallel processes: one process leaves a GPU
@@ -150,7 +150,7 @@ def table(args, table_rows) -> dict:
             "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "lr": args.lr, "images": args.images, "seed": args.seed,
             "eval": {"cfgs": CFGS, "seeds": args.seeds, "limit": args.limit, "sampler": "PNDM, 50 steps", "reference": "FP model"},
         },
-        "command": " ".join(["python", "scripts/ablation.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "tools/ablation.py", *sys.argv[1:]]),
     }  # fmt: skip
     return result
 

@@ -1,6 +1,6 @@
 """Turn the output of train_shapes_model.py into the shipped diffusers directory.
 
-    python scripts/assemble_shapes_model.py TRAIN_OUT [--out bf/assets/shapes-sd]
+    python tools/assemble_shapes_model.py TRAIN_OUT [--out bf/assets/shapes-sd]
 
 Weights are stored in fp16 (the whole directory must stay under 25 MB); tokenizer,
 scheduler and model_index.json are written exactly as `bf random-model` writes them.

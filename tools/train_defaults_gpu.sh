@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # bf train at its defaults on the shipped model with the 1.99-bit recipe (one GPU, CUDA graph), shortened
 # to 900 + 450 steps, then packed, inspected and evaluated against the FP model on a few prompts.
-# Usage (repository root, on a GPU machine): scripts/check_train_defaults_gpu.sh OUT
+# Usage (repository root, on a GPU machine): tools/train_defaults_gpu.sh OUT
 set -uo pipefail
 out=$(realpath "$1"); repo=$(pwd)
 mkdir -p "$out"
-source scripts/device_env.sh
+source tools/device_env.sh
 cd /tmp || exit 1
 export BF_PROGRESS_SECONDS=30
 python3 -m bf.cli train --recipe "$repo/results/shapes_recipe_1.99.json" --cuda-graph --stage1-steps 900 --stage2-steps 450 \

@@ -4,10 +4,10 @@ One run on one GPU, under ten minutes: render the training set, train the autoen
 encode every image, train text encoder and UNet together (10% empty captions, so
 classifier-free guidance works), then evaluate with `bf eval`'s code (PNDM, 50 steps)
 and write the weights. The model directory is then assembled with
-`scripts/assemble_shapes_model.py`.
+`tools/assemble_shapes_model.py`.
 
-    python scripts/train_shapes_model.py --out OUT              # the recorded run (GPU)
-    python scripts/train_shapes_model.py --out /tmp/q --quick   # seconds, on a CPU: a smoke test
+    python tools/train_shapes_model.py --out OUT              # the recorded run (GPU)
+    python tools/train_shapes_model.py --out /tmp/q --quick   # seconds, on a CPU: a smoke test
 
 Outputs in OUT: unet.0/unet.1/text_encoder/vae .safetensors (fp32, EMA weights),
 configs.json, train_log.json, samples.png.

@@ -3,12 +3,12 @@
 # images) on the shipped model with the 1.99-bit recipe allocated from its sensitivity analysis
 # (results/shapes_recipe_1.99.json), on one GPU with --cuda-graph. Then inspected, and evaluated on every
 # shapes-test prompt at CFG 7.5 with 2 seeds, next to the FP model and a 2-bit post-training quantization.
-# Usage (repository root, on a GPU machine): scripts/train_shipped_bitsfusion_gpu.sh OUT
+# Usage (repository root, on a GPU machine): tools/shipped_bitsfusion_gpu.sh OUT
 # OUT receives shapes-sd-1.99bit.bfq (copied to bf/assets/ by hand), train.txt, log.csv, inspect.json, eval.json.
 set -uo pipefail
 out=$(realpath "$1"); repo=$(pwd)
 mkdir -p "$out"
-source scripts/device_env.sh
+source tools/device_env.sh
 cd /tmp || exit 1
 export BF_PROGRESS_SECONDS=20
 python3 -m bf.cli train --recipe "$repo/results/shapes_recipe_1.99.json" --cuda-graph \

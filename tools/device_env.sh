@@ -1,4 +1,4 @@
-# Sourced (from the repository root) by scripts/run_*_gpu.sh on a device machine, which has no internet:
+# Sourced (from the repository root) by the *_gpu.sh wrappers in benchmarks/ and tools/ on a device machine, which has no internet:
 # installs the wheels carried in .whl/ (diffusers and what else the image lacks) and bf itself under /tmp,
 # where the source tree's bf/ (without the stage packages) cannot shadow them.
 if [ -d .whl ] && ! python3 -c "import diffusers, bf.trainer" 2>/dev/null; then

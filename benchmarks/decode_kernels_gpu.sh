@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The decode kernels' three GPU verifications in one call of a machine with no internet (see plugins_trt/README.md):
-#   1. pytest -m gpu tests/test_native.py   (CUDA decode bit for bit against the numpy reference)
-#   2. scripts/bench_decode_gpu.py          (bandwidth per width, whole-UNet decode vs its floor)
+#   1. pytest -m gpu tests/plugins_trt/test_native.py    (CUDA decode bit for bit against the numpy reference)
+#   2. benchmarks/decode_kernels.py          (bandwidth per width, whole-UNet decode vs its floor)
 #   3. bf_plugin_harness                     (the IPluginV3 class, built against TensorRT's headers, driven directly)
 # Needs build/third_party/{tensorrt,onnxruntime} (carry them) and .whl/ for diffusers.
 # With BASELINE_DIR (an earlier revision's plugins_trt/, e.g. from `git archive REV plugins_trt`, carried),
 # step 2 also times that revision's kernels in the same run, into decode_gpu_baseline.json.
-# usage: scripts/run_decode_gpu.sh OUT_DIR [BASELINE_DIR]
+# usage: benchmarks/decode_kernels_gpu.sh OUT_DIR [BASELINE_DIR]
 set -euo pipefail
 out=$1
 baseline=${2:-}
 mkdir -p "$out"
 repo=$PWD
-source scripts/device_env.sh
+source tools/device_env.sh
 nvcc --version | tail -1
 build=/tmp/bfbuild
 cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" \
@@ -24,13 +24,13 @@ nvcc -std=c++17 -O3 -arch=sm_90 -Iplugins_trt/include -Iplugins_trt/src -Xptxas 
 
 echo "== 1. kernel correctness (pytest -m gpu)"
 (cd /tmp && BF_DECODE_LIB=$build/libbf_decode.so python3 -m pytest -q -m gpu -p no:cacheprovider \
-   --rootdir "$repo" -c "$repo/pyproject.toml" "$repo/tests/test_native.py" 2>&1 | tail -4) | tee "$out/pytest_gpu.txt"
+   --rootdir "$repo" -c "$repo/pyproject.toml" "$repo/tests/plugins_trt/test_native.py" 2>&1 | tail -4) | tee "$out/pytest_gpu.txt"
 
 echo "== 3. plugin harness"
 $build/bf_plugin_harness --json "$out/plugin_harness.json" | tail -5 | tee "$out/plugin_harness.txt"
 
-decode_speed() {  # BUILD_DIR NAME: bench_decode_gpu.py on that build's library, into NAME.json and NAME.txt
-  (cd /tmp && python3 "$repo/scripts/bench_decode_gpu.py" --lib "$1/libbf_decode.so" --out "$out/$2.json") | tee "$out/$2.txt"
+decode_speed() {  # BUILD_DIR NAME: decode_kernels.py on that build's library, into NAME.json and NAME.txt
+  (cd /tmp && python3 "$repo/benchmarks/decode_kernels.py" --lib "$1/libbf_decode.so" --out "$out/$2.json") | tee "$out/$2.txt"
 }
 
 echo "== 2. decode speed"

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The SD-v1.5 GPU measurements and checks in one call of a machine with no internet:
-#   0. pytest -m gpu               the fused low-bit kernels (Triton) against float64 references
-#   1. scripts/bench_sd15_gpu.py   SD-v1.5 UNet at 1.99 bits vs FP16: size, step time, decode, peak memory
-#   2. pytest -m gpu               streamed weights (and fused layers), torch backend vs ort, CUDA graph calls of the trt backend
-#   3. bf bench --backend torch    the command on the shipped model (JSON and plot)
-# Needs .whl/ for diffusers (carry it). usage: scripts/run_sd15_bench_gpu.sh OUT_DIR [bench_sd15_gpu.py args]
+#   0. pytest -m gpu                   the fused low-bit kernels (Triton) against float64 references
+#   1. benchmarks/sd15_unet_step.py    SD-v1.5 UNet at 1.99 bits vs FP16: size, step time, decode, peak memory
+#   2. pytest -m gpu                   streamed weights (and fused layers), torch backend vs ort, CUDA graph calls of the trt backend
+#   3. bf bench --backend torch        the command on the shipped model (JSON and plot)
+# Needs .whl/ for diffusers (carry it). usage: benchmarks/sd15_unet_step_gpu.sh OUT_DIR [sd15_unet_step.py args]
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 repo=$PWD
-source scripts/device_env.sh
+source tools/device_env.sh
 export BF_CACHE=/tmp/bfcache
 build=/tmp/bfbuild
 cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
@@ -21,13 +21,13 @@ pytest_gpu() {
 }
 
 echo "== 0. pytest -m gpu: fused low-bit kernels"
-pytest_gpu "$repo/tests/test_fused_kernels.py" | tee "$out/pytest_fused.txt"
+pytest_gpu "$repo/tests/runtime/test_fused_kernels.py" | tee "$out/pytest_fused.txt"
 
 echo "== 1. SD-v1.5 UNet: 1.99 bits streamed vs FP16"
-(cd /tmp && python3 "$repo/scripts/bench_sd15_gpu.py" --out "$out/bench_sd15_gpu.json" "$@") 2>&1 | tee "$out/bench_sd15.txt"
+(cd /tmp && python3 "$repo/benchmarks/sd15_unet_step.py" --out "$out/bench_sd15_gpu.json" "$@") 2>&1 | tee "$out/bench_sd15.txt"
 
 echo "== 2. pytest -m gpu"
-pytest_gpu "$repo/tests/test_streamed_weights.py" "$repo/tests/test_runtime_infer.py" "$repo/tests/test_runtime_trt.py" | tee "$out/pytest_gpu.txt"
+pytest_gpu "$repo/tests/runtime/test_streamed_weights.py" "$repo/tests/runtime/test_runtime_infer.py" "$repo/tests/runtime/test_runtime_trt.py" | tee "$out/pytest_gpu.txt"
 
 echo "== 3. bf bench --backend torch (shipped model)"
 (cd /tmp && python3 -m bf.cli bench --backend torch --batch 1,2 --json "$out/bench_shipped_torch.json" --plot "$out/bench_shipped_torch.png" \
