@@ -1,0 +1,334 @@
+"""The SD-v1.5 UNet step at the 1.99-bit mix against the fastest FP16 a user can pick, on one GPU.
+
+Random weights (speed and memory do not depend on the values), 512x512, batch 2 (one image with
+classifier-free guidance), fp16. Every configuration is measured in this one run, and every ratio
+is against the fastest FP16 configuration of the run:
+
+  fp16 eager                 diffusers' UNet2DConditionModel, eager
+  fp16 graph[_cl]            the torch backend's UNet (TorchUNet, time-feature table) replayed from a
+                             CUDA graph, NCHW / channels-last
+  fp16 compile[_cl]          torch.compile(mode="reduce-overhead"): inductor's fused kernels replayed
+                             from CUDA graphs (torch's cudagraph trees)
+  fp16 compile_graph[_cl]    torch.compile(mode="default") captured by the backend's own CUDA graph
+  lowbit streamed_cl         the 1.99-bit packed codes resident, each weight decoded into a ring on a
+                             side stream (bf.runtime.streamed_weights), CUDA graph; with --keep MB
+                             of the largest weights kept decoded
+  lowbit compile[_cl]        the codes decoded inside the compiled UNet by the bf::lowbit_decode
+                             custom op (bf.runtime.compiled_weights), both compile flavours above;
+                             with --keep MB kept decoded as FP16 weights
+
+Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
+codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
+and again after torch._dynamo.reset() (inductor's on-disk cache warm: what the next process pays).
+The decoded-weight configurations are checked against the same codes decoded once, run eagerly.
+With --profile, one step of the best FP16 and of the best 1.99-bit configuration (compiled without
+CUDA graphs, so each kernel is visible) is broken down by kernel category.
+
+    python benchmarks/sd15_compiled_step.py [--out results/sd15_compiled_step.json] [--keep 256,640] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+DEV = "cuda"
+
+# Kernel name patterns, first match wins (the profile's categories).
+CATEGORIES = [
+    ("decode", r"bf_decode|decode_kernel|lowbit"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK"),
+    ("conv", r"conv|fprop|implicit_convolve|xmma_fprop|dgrad|winograd"),
+    ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
+    ("norm", r"norm"),
+    ("fused (triton)", r"^triton_"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|fill|cat"),
+]
+
+
+def clean() -> int:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def timed(call, iters: int, warmup: int = 3) -> dict:
+    from bf.runtime.torch_graph import cuda_time_ms
+
+    times = cuda_time_ms(call, iters, warmup)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": len(times)}
+
+
+def build_step(eager_step, mode: str):
+    """``eager_step`` compiled. reduce-overhead: replayed from torch's CUDA graphs, whose outputs live in
+    torch's graph pool, so every call marks a new step; default: inductor's kernels launched one by one."""
+    compiled = torch.compile(eager_step, mode=mode, fullgraph=True)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+
+    return step
+
+
+def graphed_step(eager_step, mode: str):
+    """The compiled step replayed from CUDA graphs: torch's (reduce-overhead) or the backend's own (default)."""
+    from bf.runtime.torch_graph import GraphedCall
+
+    step = build_step(eager_step, mode)
+    return step if mode == "reduce-overhead" else GraphedCall(step)
+
+
+def warm_up(step, inputs) -> float:
+    """Seconds until ``step`` has compiled and captured (three calls: cudagraph trees record on the second)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step(*inputs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def profile(step, inputs) -> dict:
+    """GPU time of one step by kernel category (ms), and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(3):
+        step(*inputs)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(*inputs)
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        cat = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    total = sum(cats.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {"kernel_ms": total, "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "by_category_share": {c: v / total for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [{"name": n[:120], "ms": v} for n, v in top]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_compiled_step.json")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--keep", type=lambda t: [int(x) for x in t.split(",") if x], default=[256, 640],
+                    help="MB of the largest weights kept decoded: a point each on the speed/memory curve")  # fmt: skip
+    ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
+    ap.add_argument("--quick", action="store_true", help="reduce-overhead only, no --keep points, no cached warm-up")
+    ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
+    args = ap.parse_args()
+
+    from diffusers import UNet2DConditionModel
+    from sd15_mix import mixed_bits
+    from sd15_unet_step import random_packed
+
+    from bf.decode_kernels import load
+    from bf.format import quantizable_layers
+    from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
+    from bf.models.architectures import ARCHITECTURES
+    from bf.runtime.backend_torch import TorchUNet
+    from bf.runtime.compiled_weights import compile_weights, packed_bytes
+
+    lib = load(args.lib)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    res: dict = {
+        "command": " ".join(["python", "benchmarks/sd15_compiled_step.py", *sys.argv[1:]]),
+        "device": props.name,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
+        },
+        "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},
+        "weights": "random: diffusers' init for FP16; codes uniform over the levels, scales at the init's magnitude",
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
+    }
+    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
+    res["fp16_unet_bytes"] = sum(p.numel() * 2 for p in master.parameters())
+    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
+    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
+    timesteps = torch.arange(980, -1, -20)
+    b, h = args.batch, args.size // 8
+    g = torch.Generator(device=DEV).manual_seed(0)
+    inputs = (torch.randn(b, 4, h, h, device=DEV, generator=g).half(), torch.zeros(1, dtype=torch.long, device=DEV),
+              torch.randn(b, 77, 768, device=DEV, generator=g).half())  # fmt: skip
+    configs: dict = {}
+    outputs: dict = {}
+
+    def record(name: str, step, base: int, extra: dict | None = None, resident: int = 0) -> None:
+        with torch.inference_mode():
+            configs[name] = timed(lambda: step(*inputs), args.iters) | (extra or {})
+            outputs[name] = step(*inputs).float().clone()
+        # codes allocated before `base` (shared by the configurations of a layout) are added back
+        configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + resident
+        c = configs[name]
+        warm = f", warm-up {c['warmup_s']:.1f} s (cached: {c.get('warmup_cached_s', float('nan')):.1f} s)" if "warmup_s" in c else ""
+        print(f"{name}: {c['median_ms']:.3f} ms/step, peak {c['peak_mem_bytes'] / 1e9:.3f} GB{warm}", flush=True)
+
+    # FP16, eager diffusers
+    base = clean()
+    unet = copy.deepcopy(master).to(DEV)
+    t = torch.tensor(999, device=DEV)
+    record("fp16_eager", lambda s, i, c, unet=unet: unet(s, t, c).sample, base)
+    del unet
+
+    modes = [("reduce-overhead", "compile"), ("default", "compile_graph")][: 1 if args.quick else 2]
+    layouts = (True,) if args.no_nchw else (False, True)
+    for cl in layouts:
+        sfx = "_cl" if cl else ""
+        base = clean()
+        fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, channels_last=cl)
+        record(f"fp16_graph{sfx}", fp16.step, base)
+        del fp16
+        for mode, label in modes if cl else modes[:1]:
+            base = clean()
+            fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, channels_last=cl, cuda_graph=False)
+            step = graphed_step(fp16.eager_step, mode)
+            with torch.inference_mode():
+                extra = {"warmup_s": warm_up(step, inputs)}
+                if cl and mode == "reduce-overhead" and not args.quick:
+                    torch._dynamo.reset()
+                    step = graphed_step(fp16.eager_step, mode)
+                    extra["warmup_cached_s"] = warm_up(step, inputs)
+            record(f"fp16_{label}{sfx}", step, base, extra)
+            del fp16, step
+            torch._dynamo.reset()
+
+    fp16_names = [k for k in configs if k.startswith("fp16_")]
+    best_fp16 = min(fp16_names, key=lambda k: configs[k]["median_ms"])
+    res["best_fp16_config"] = best_fp16
+    res["best_fp16_step_ms"] = configs[best_fp16]["median_ms"]
+    res["fp16_peak_mem_bytes"] = configs[best_fp16]["peak_mem_bytes"]
+    print(f"fastest FP16: {best_fp16} {res['best_fp16_step_ms']:.3f} ms", flush=True)
+
+    # 1.99 bits, channels-last (the layout FP16 is fastest in)
+    packed = random_packed(shapes, bits, True, seed=1)
+    codes_bytes = sum(p.codes.nbytes + p.scale.nbytes for p in packed.values())
+    decoded = TorchUNet(copy.deepcopy(master), timesteps, packed, weights="decoded", device=DEV, cuda_graph=False, decoder=lib)
+    with torch.inference_mode():
+        ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
+    del decoded
+    checks: dict = {}
+    keeps = (0,) if args.quick else (0, *args.keep)
+    for keep in keeps:
+        name = "lowbit_streamed_cl" + (f"_keep{keep}MB" if keep else "")
+        base = clean()
+        model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
+        record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
+        del model
+    for keep in keeps:
+        for mode, label in modes if keep == 0 else modes[:1]:
+            name = f"lowbit_{label}_cl" + (f"_keep{keep}MB" if keep else "")
+            base = clean()
+            model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
+            kept = _largest_within(packed, keep * 2**20)
+            if kept:
+                from bf.runtime.backend_torch import _decode_quantized_weights
+
+                _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
+            compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib)
+            clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
+            step = graphed_step(model.eager_step, mode)
+            with torch.inference_mode():
+                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * _numel(packed[n]) for n in kept)}
+                if keep == 0 and mode == "reduce-overhead" and not args.quick:
+                    torch._dynamo.reset()
+                    step = graphed_step(model.eager_step, mode)
+                    extra["warmup_cached_s"] = warm_up(step, inputs)
+            record(name, step, base, extra, resident=packed_bytes(model.unet))  # the codes were allocated before base
+            diff = (outputs[name] - ref).abs().max().item()
+            checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
+                            "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
+            print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
+            if args.profile and keep == 0 and mode == "reduce-overhead":
+                res.setdefault("profile", {})["lowbit_compiled_cl"] = profile(build_step(model.eager_step, "default"), inputs)
+            del model, step
+            torch._dynamo.reset()
+    if args.profile:
+        for label, compile_it in (("fp16_compiled_cl", True), ("fp16_eager_kernels_cl", False)):
+            fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
+            with torch.inference_mode():
+                res.setdefault("profile", {})[label] = profile(build_step(fp16.eager_step, "default") if compile_it else fp16.eager_step,
+                                                               inputs)  # fmt: skip
+            del fp16
+            torch._dynamo.reset()
+        for label, prof in res["profile"].items():
+            print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
+    del packed, ref
+
+    res["configs"] = configs
+    res["checks"] = checks
+    lowbit = [k for k in configs if k.startswith("lowbit_")]
+    for k in configs:
+        configs[k]["step_vs_best_fp16"] = configs[k]["median_ms"] / res["best_fp16_step_ms"]
+        configs[k]["peak_mem_vs_best_fp16"] = configs[k]["peak_mem_bytes"] / res["fp16_peak_mem_bytes"]
+    within = [k for k in lowbit if configs[k]["peak_mem_vs_best_fp16"] <= 0.3]
+    best = min(within or lowbit, key=lambda k: configs[k]["median_ms"])
+    res["lowbit_config"] = best
+    res["step_ms"] = configs[best]["median_ms"]
+    res["peak_mem_bytes"] = configs[best]["peak_mem_bytes"]
+    res["ratios"] = {k: configs[best][k] for k in ("step_vs_best_fp16", "peak_mem_vs_best_fp16")}
+    res["targets"] = {"step_at_most_1.05x_best_fp16": res["ratios"]["step_vs_best_fp16"] <= 1.05,
+                      "peak_mem_at_most_0.3x_best_fp16": res["ratios"]["peak_mem_vs_best_fp16"] <= 0.3}  # fmt: skip
+    res["curve"] = [{"config": k, "step_ms": configs[k]["median_ms"], "peak_mem_bytes": configs[k]["peak_mem_bytes"]}
+                    for k in sorted(lowbit, key=lambda k: configs[k]["peak_mem_bytes"])]  # fmt: skip
+    print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
+                     indent=1), flush=True)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _numel(pw) -> int:
+    n = 1
+    for d in pw.spec.shape:
+        n *= d
+    return n
+
+
+def _largest_within(packed: dict, budget: int) -> set[str]:
+    """Names of the largest weights whose FP16 bytes add up to at most ``budget`` (as the streamed ring keeps them)."""
+    keep, used = set(), 0
+    for name in sorted(packed, key=lambda n: -_numel(packed[n])):
+        if used + 2 * _numel(packed[name]) <= budget:
+            keep.add(name)
+            used += 2 * _numel(packed[name])
+    return keep
+
+
+if __name__ == "__main__":
+    main()

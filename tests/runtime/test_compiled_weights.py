@@ -1,0 +1,106 @@
+"""Low-bit weights decoded inside a compiled model by the bf::lowbit_decode custom op (bf.runtime.compiled_weights)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bf.format import Grid, QuantizedLayer  # noqa: E402
+
+
+def _net_and_layers(channels_last: bool, device: str):
+    """A small conv/linear stack, its quantized layers packed for ``device``, and the same stack with the decoded weights."""
+    from torch import nn
+
+    from bf.runtime.streamed_weights import packed_weight
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 8, 1, bias=False)
+            self.fc = nn.Linear(8, 6)
+
+        def forward(self, x):
+            x = torch.nn.functional.silu(self.a(x))
+            x = self.b(x) * 0.5 + 1.0
+            return self.fc(x.mean((2, 3)))
+
+    rng = np.random.default_rng(0)
+    layers = {}
+    for name, grid in (("a", Grid(2)), ("b", Grid(1)), ("fc", Grid(3, "plain"))):
+        shape = tuple(getattr(Net(), name).weight.shape)
+        layers[name] = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.2, grid)
+    decoded = Net()
+    for name, layer in layers.items():
+        getattr(decoded, name).weight.data = torch.from_numpy(layer.dequantize())
+    packed = {name: packed_weight(layer, device, channels_last) for name, layer in layers.items()}
+    return decoded, packed
+
+
+def test_the_op_traces_without_a_graph_break_and_decodes_exactly(native_build, monkeypatch):
+    """On the CPU: the compiled layers equal the decoded weights, and dynamo traces the whole model
+    through the custom op (fullgraph) with its fake implementation."""
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_weights import CompiledLowBitLayer, compile_weights, packed_bytes
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    decoded, packed = _net_and_layers(channels_last=False, device="cpu")
+    model = copy.deepcopy(decoded)
+    assert compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so")) == 3
+    assert all(isinstance(getattr(model, n), CompiledLowBitLayer) for n in packed)
+    assert packed_bytes(model) == sum(p.codes.nbytes + p.scale.nbytes for p in packed.values())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.inference_mode():
+        ref = decoded(x)
+        assert torch.equal(model(x), ref)  # the library's float32 decode is the format's exact rule
+        for name in packed:
+            assert torch.equal(getattr(model, name).weight(), getattr(decoded, name).weight)
+        traced = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(traced(x), ref)
+
+
+def test_a_layer_of_another_shape_is_refused(native_build, monkeypatch):
+    from bf.errors import BfError
+    from bf.runtime.compiled_weights import compile_weights
+
+    decoded, packed = _net_and_layers(channels_last=False, device="cpu")
+    packed["a"], packed["b"] = packed["b"], packed["a"]
+    with pytest.raises(BfError, match=r"compiled weights: a holds a \(8, 16, 1, 1\) weight, the model's is \(16, 4, 3, 3\)"):
+        compile_weights(copy.deepcopy(decoded), packed, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_build, monkeypatch, channels_last):
+    """On the GPU, fp16, inductor with CUDA graphs: the low-bit model compiled equals the decoded-weight
+    model compiled the same way bit for bit (the op hands inductor the very weights), and the eager
+    decoded model within fp16 rounding of the fused elementwise work."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_weights import compile_weights
+
+    lib = load(native_build / "libbf_decode.so")
+    decoded, packed = _net_and_layers(channels_last, "cuda")
+    decoded = decoded.cuda().half()
+    model = copy.deepcopy(decoded)
+    compile_weights(model, packed, torch.float16, decoder=lib)
+    if channels_last:
+        decoded, model = decoded.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8, device="cuda").half()
+    with torch.inference_mode():
+        eager = decoded(x)
+        torch._dynamo.reset()
+        ours = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        theirs = torch.compile(copy.deepcopy(decoded), mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # compile, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            a = ours(x).clone()
+            torch.compiler.cudagraph_mark_step_begin()
+            b = theirs(x).clone()
+        assert torch.equal(a, b)
+        assert (a.float() - eager.float()).abs().max().item() <= 2e-3 * eager.float().abs().max().item()
