@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The compiled SD-v1.5 step on a GPU machine with no internet:
-#   1. pytest -m gpu                       the compiled low-bit layers against the decoded weights (tests/runtime/test_compiled_weights.py)
-#   2. benchmarks/sd15_compiled_step.py    1.99 bits (streamed ring, compiled decode) against every FP16 configuration
-# Needs .whl/ for diffusers (carry it). usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR [sd15_compiled_step.py args]
+# The compiled UNet step on a GPU machine with no internet, in two parts (each fits one call):
+#   step     benchmarks/sd15_compiled_step.py: SD-v1.5 at 1.99 bits (streamed ring, compiled decode) against every
+#            FP16 configuration, with the kernel profile of the best of each
+#   checks   pytest -m gpu (the compiled low-bit layers and the torch backend, compiled included, against the
+#            decoded weights and ONNX Runtime), then bf bench --backend torch --compile on the shipped model twice:
+#            the second process finds inductor's cache warm
+# Needs .whl/ for diffusers (carry it). usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks [sd15_compiled_step.py args]
 set -uo pipefail
-out=$1; shift
+out=$1; part=$2; shift 2
 mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
@@ -14,10 +17,17 @@ cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
 cmake --build $build -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
 export BF_DECODE_LIB=$build/libbf_decode.so
 
-echo "== 1. pytest -m gpu: compiled low-bit layers"
-(cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
-   "$repo/tests/runtime/test_compiled_weights.py" 2>&1 | tail -15) | tee "$out/pytest_compiled.txt"
-
-echo "== 2. SD-v1.5 UNet step: 1.99 bits against the fastest FP16"
-(cd /tmp && python3 "$repo/benchmarks/sd15_compiled_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_compiled_step.json" "$@") 2>&1 \
-  | grep -v "Loading weights" | tee "$out/sd15_compiled_step.txt"
+if [ "$part" = step ]; then
+  echo "== SD-v1.5 UNet step: 1.99 bits against the fastest FP16"
+  (cd /tmp && python3 "$repo/benchmarks/sd15_compiled_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_compiled_step.json" "$@") 2>&1 \
+    | grep -v "Loading weights" | tee "$out/sd15_compiled_step.txt"
+else
+  echo "== pytest -m gpu: compiled low-bit layers, torch backend"
+  (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
+     "$repo/tests/runtime/test_compiled_weights.py" "$repo/tests/runtime/test_runtime_infer.py" 2>&1 | tail -15) | tee "$out/pytest_compiled.txt"
+  for run in 1 2; do
+    echo "== bf bench --backend torch --compile (shipped model), process $run"
+    (cd /tmp && python3 -m bf.cli bench --backend torch --compile --batch 1,2 --json "$out/bench_shipped_torch_compile_$run.json" \
+       2>&1 | grep -v "Loading weights" | tail -24) | tee "$out/bench_shipped_torch_compile_$run.txt"
+  done
+fi

@@ -19,19 +19,25 @@ class BackendOptions:
     cuda_graph: bool | None = None  # torch, trt: replay the UNet step from a CUDA graph (None: on for torch, off for trt)
     fused: str | None = None  # torch, streamed weights: the fused low-bit kernel, auto/on/off (None: off)
     keep_decoded_bytes: int = 0  # torch, streamed weights: bytes of the largest weights kept decoded
+    compile: bool = False  # torch: the UNet step compiled by torch.compile (streamed weights decoded inside it)
+    channels_last: bool = True  # torch: the UNet runs channels-last
 
     def __post_init__(self):
         if self.keep_decoded_bytes < 0:
             raise BfError(f"keep_decoded_bytes={self.keep_decoded_bytes}: must be at least 0")
 
 
-def open_backend(name: str, model, options: BackendOptions = BackendOptions()):
-    """The runner of backend ``name`` (ort, trt, torch) for an ExportedModel."""
+def open_backend(name: str, model, options: BackendOptions = BackendOptions(), log=lambda msg: None):
+    """The runner of backend ``name`` (ort, trt, torch) for an ExportedModel; ``log`` hears what takes long
+    the first time (compiling)."""
+    if name != "torch" and options.compile:
+        raise BfError(f"compile applies to the torch backend, not {name}")
     if name == "torch":
         from bf.runtime.backend_torch import TorchBackend
 
         return TorchBackend(model, weights=options.weights, cuda_graph=options.cuda_graph is not False, fused=options.fused,
-                            keep_decoded_bytes=options.keep_decoded_bytes)  # fmt: skip
+                            keep_decoded_bytes=options.keep_decoded_bytes, compile=options.compile,
+                            channels_last=options.channels_last, log=log)  # fmt: skip
     if name == "trt":
         from bf.runtime.backend_trt import TrtBackend
 

@@ -16,6 +16,13 @@ SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. T
 (``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
 ``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed).
 
+``compile``: the step is compiled by ``torch.compile`` (inductor fuses the elementwise work around the
+convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
+decoded inside the compiled step, layer by layer, by the ``bf::lowbit_decode`` custom op
+(bf.runtime.compiled_weights) instead of the ring; decoded and fp weights are compiled as they are.
+The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
+``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
+
 ``TorchBackend`` runs an exported directory; its UNet is a ``TorchUNet``, which can also be
 built from a diffusers UNet and quantized weights held in memory (as benchmarks/sd15_unet_step.py
 does with random ones).
@@ -73,7 +80,8 @@ class TorchUNet:
 
     def __init__(self, unet, timesteps, layers: dict | None = None, *, weights: str = "streamed", device: str = "cuda",
                  dtype: str = "float16", channels_last: bool = True, cuda_graph: bool = True, slots: int = 2, fused: str | None = None,
-                 keep_decoded_bytes: int = 0, decoder=None, group: bool = True, priority: int = 0, decode_blocks: int = 0):  # fmt: skip
+                 keep_decoded_bytes: int = 0, decoder=None, group: bool = True, priority: int = 0, decode_blocks: int = 0,
+                 compile: bool = False, log=lambda msg: None):  # fmt: skip
         import torch
 
         from bf.models.time_cache import cache_time_features
@@ -89,7 +97,14 @@ class TorchUNet:
         self.ring = None
         self.decoded_layers = 0
         self.fused = "off"
-        if weights == "streamed":
+        self.compiled = compile
+        self.compiled_bytes = 0  # codes and scales the compiled step decodes
+        if compile and weights == "streamed":
+            if fused not in (None, "off"):
+                raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
+            module, self.decoded_layers, self.compiled_bytes = _compiled_lowbit(module, unet, layers, device, torch_dtype,
+                                                                                channels_last, keep_decoded_bytes, decoder)  # fmt: skip
+        elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
             self.fused = _fused_mode(fused, channels_last, dtype)
@@ -107,13 +122,21 @@ class TorchUNet:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.eager_step = unet_step(module, channels_last, device)
-        self.step = GraphedCall(self.eager_step) if cuda_graph else self.eager_step
+        step = self.eager_step
+        if compile:
+            import os
+
+            from bf.cache import cache_root
+
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
+            step = _logged_first_calls(torch.compile(step, fullgraph=True), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        self.step = GraphedCall(step) if cuda_graph else step
 
     @property
     def weight_bytes(self) -> int:
         """Resident bytes of the streamed layers' weights: packed codes and scales, weights kept decoded and
         fused layers' words (0 unless streamed; the module's parameters hold the rest)."""
-        return self.module.weight_bytes if self.ring is not None else 0
+        return self.module.weight_bytes if self.ring is not None else self.compiled_bytes
 
     @property
     def fused_layers(self) -> int:
@@ -131,6 +154,49 @@ class TorchUNet:
         from bf.runtime.streamed_weights import StreamedLayer
 
         return {name: m for name, m in self.unet.named_modules() if isinstance(m, StreamedLayer)}
+
+
+def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_last: bool, keep_decoded_bytes: int, decoder):
+    """``module`` on the device with its quantized layers decoded in the step by the custom op, except the
+    largest weights within ``keep_decoded_bytes``, decoded once. Returns the module, the number of quantized
+    layers and the resident bytes of the compiled layers' codes and scales."""
+    import torch
+
+    from bf.runtime.compiled_weights import compile_weights, packed_bytes
+    from bf.runtime.streamed_weights import PackedWeight, packed_weight, quantized_modules
+
+    modules = quantized_modules(unet, layers)
+    packed = {n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last) for n in modules}
+    elements = keep_decoded_bytes // torch.tensor([], dtype=dtype).element_size()
+    kept, used = {}, 0
+    for name in sorted(packed, key=lambda n: -packed[n].numel):
+        if used + packed[name].numel <= elements:
+            kept[name], used = layers[name], used + packed[name].numel
+    compile_weights(unet, {n: w for n, w in packed.items() if n not in kept}, dtype, decoder=decoder)  # before the move: no FP16 copy
+    module = module.to(device, dtype)
+    if kept:
+        _decode_quantized_weights(unet, kept, device, decoder)
+    return module, len(packed), packed_bytes(unet)
+
+
+def _logged_first_calls(step, log, cache_dir: str):
+    """``step`` that says when its first call for an input shape compiles, and how long that took."""
+    import time
+
+    seen: set = set()
+
+    def call(*args):
+        key = tuple(tuple(a.shape) for a in args)
+        if key in seen:
+            return step(*args)
+        seen.add(key)
+        log(f"compiling the UNet step for input {list(key[0])} (once per shape; inductor's cache: {cache_dir})")
+        t0 = time.perf_counter()
+        out = step(*args)
+        log(f"compiled in {time.perf_counter() - t0:.1f} s")
+        return out
+
+    return call
 
 
 def _decode_quantized_weights(unet, layers: dict, device: str, decoder=None) -> int:
@@ -161,7 +227,7 @@ class TorchBackend:
 
     def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
                  cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
-                 keep_decoded_bytes: int = 0):  # fmt: skip
+                 keep_decoded_bytes: int = 0, compile: bool = False, log=lambda msg: None):  # fmt: skip
         try:
             import torch
 
@@ -195,8 +261,10 @@ class TorchBackend:
         pipe = load_model(source, scheduler=model.manifest.scheduler.name, checkpoint=ckpt).pipe
         self.torch_unet = TorchUNet(pipe.unet.float().eval(), model.manifest.scheduler.timesteps, ckpt.layers if ckpt else None,
                                     weights=weights, device=device, dtype=dtype, channels_last=channels_last, cuda_graph=cuda_graph,
-                                    slots=slots, fused=fused, keep_decoded_bytes=keep_decoded_bytes)  # fmt: skip
+                                    slots=slots, fused=fused, keep_decoded_bytes=keep_decoded_bytes, compile=compile,
+                                    log=log)  # fmt: skip
         self.ring, self.decoded_layers, self.fused = self.torch_unet.ring, self.torch_unet.decoded_layers, self.torch_unet.fused
+        self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
         self.unet_module = self.torch_unet.module
         self.text = TextEncoderGraph(pipe.text_encoder).eval().to(device, self.dtype)
         self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.dtype)

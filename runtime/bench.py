@@ -98,13 +98,17 @@ def bench_backend(model: ExportedModel, backend, req: BenchRequest, progress=lam
             if stage != "unet_step" and batch != req.batches[0]:
                 continue  # the text encoder runs once per prompt pair, the VAE once per image set: one batch is enough
             progress(f"{stage} (batch {batch})")
-            if on_device and stage == "unet_step":
-                backend.reset_peak_memory()
+            first = {}
+            if stage == "unet_step":
+                if on_device:
+                    backend.reset_peak_memory()
+                # the first call pays what happens once per shape (a compile, a CUDA graph capture, kernel choice)
+                first["first_call_ms"] = timer(calls[stage], 1, 0)[0]
             times = timer(calls[stage], req.runs, req.warmup)
             if on_device and stage == "unet_step":
                 peaks[str(batch)] = backend.peak_memory()
             key = stage if stage != "unet_step" else f"unet_step_batch{batch}"
-            out["stages"][key] = _summary(times)
+            out["stages"][key] = _summary(times) | first
     if on_device:
         mem = backend.memory()
         out["memory"] = mem
@@ -147,6 +151,25 @@ def ratios(quant: dict, base: dict) -> dict:
     return r
 
 
+def headline(result: dict) -> dict:
+    """The figures a reader compares first, at the largest UNet batch: the quantized step and its UNet
+    peak memory against the fastest FP16 configuration measured in the same run (torch backend)."""
+    q, b = result["quantized"]["run"], result["baseline"]["run"]
+    batch = max(result["settings"]["batches"])
+    key = f"unet_step_batch{batch}"
+    out = {"batch": batch, "best_fp16_config": result.get("best_fp16_config"), "best_fp16_step_ms": b["stages"][key]["median_ms"],
+           "step_ms": q["stages"][key]["median_ms"]}  # fmt: skip
+    out["step_vs_best_fp16"] = out["step_ms"] / out["best_fp16_step_ms"]
+    if str(batch) in q.get("unet_peak_mem_bytes", {}) and str(batch) in b.get("unet_peak_mem_bytes", {}):
+        out["peak_mem_bytes"], out["fp16_peak_mem_bytes"] = q["unet_peak_mem_bytes"][str(batch)], b["unet_peak_mem_bytes"][str(batch)]
+        out["peak_mem_vs_best_fp16"] = out["peak_mem_bytes"] / out["fp16_peak_mem_bytes"]
+    out["first_call_s"] = {"quantized": q["stages"][key].get("first_call_ms", float("nan")) / 1e3} | {
+        f"fp16 {name}": r["run"]["stages"][key].get("first_call_ms", float("nan")) / 1e3
+        for name, r in (result.get("fp16_configs") or {}).items()
+    }
+    return out
+
+
 def environment(backend_name: str) -> dict:
     import importlib.metadata as md
 
@@ -182,4 +205,11 @@ def format_report(result: dict) -> str:
         line(f"end to end ({e['steps']} steps)", e["seconds"], b and b["run"].get("end_to_end", {}).get("seconds"), " s ")
     for batch, p in q["run"].get("unet_peak_mem_bytes", {}).items():
         line(f"UNet peak memory (batch {batch})", p, b and b["run"].get("unet_peak_mem_bytes", {}).get(batch), " GB", 1e9)
+    if result.get("fp16_configs"):
+        batch = max(result["settings"]["batches"])
+        rows.append(f"FP16 configurations, UNet step (batch {batch}); the baseline is the fastest:")
+        for name, r in result["fp16_configs"].items():
+            s = r["run"]["stages"][f"unet_step_batch{batch}"]
+            mark = "  <- baseline" if name == result.get("best_fp16_config") else ""
+            rows.append(f"  {name:26s}{s['median_ms']:12.3f} ms  (first call {s.get('first_call_ms', 0) / 1e3:.1f} s){mark}")
     return "\n".join(rows)

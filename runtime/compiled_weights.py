@@ -65,8 +65,8 @@ class CompiledLowBitLayer(nn.Module):
     def __init__(self, module: nn.Conv2d | nn.Linear, codes: torch.Tensor, scale: torch.Tensor, spec: DequantSpec, channels_last: bool,
                  dtype: torch.dtype):  # fmt: skip
         super().__init__()
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
+        self.codes, self.scale = codes, scale
         self.spec, self.channels_last, self.dtype = spec_id(spec), channels_last, dtype
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
         self.conv = isinstance(module, nn.Conv2d)

@@ -9,8 +9,12 @@ import click
 
 from bf.cli.cached_exports import baseline_export, bench_target
 from bf.cli.checks import check_gpu_backend, check_outputs, parse_batch_sizes
-from bf.cli.options import FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
+from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
 from bf.cli.output import log, progress_bar, write_json
+from bf.errors import BfError
+
+# The FP16 configurations of the torch backend, each a change to the backend's defaults (channels-last, CUDA graph).
+FP16_CONFIGS = {"eager": {"cuda_graph": False}, "graph": {}, "graph-nchw": {"channels_last": False}, "compile": {"compile": True}}
 
 
 @click.command("bench")
@@ -33,24 +37,37 @@ from bf.cli.output import log, progress_bar, write_json
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="torch, trt: replay the UNet step from a CUDA graph.")
 @FUSED_OPTION
 @KEEP_DECODED_OPTION
+@COMPILE_OPTION
+@click.option("--fp16-configs", "fp16_text", default=",".join(FP16_CONFIGS), show_default=True,
+              help="torch: the FP16 configurations run as baselines (eager, graph: CUDA graph channels-last, graph-nchw, compile: "
+                   "torch.compile + CUDA graph); ratios are against the one with the fastest UNet step.")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every figure as JSON here ('-': stdout).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw size and latency bars per component (PNG).")
 def command(target, backend, baseline, height, width, batch_text, steps, runs, warmup, no_end_to_end, weights, cuda_graph, fused,
-            keep_decoded, json_out, plot) -> None:  # fmt: skip
+            keep_decoded, compile_step, fp16_text, json_out, plot) -> None:  # fmt: skip
     """Size, latency per stage and GPU memory of an exported model, next to its FP baseline.
 
     TARGET: a bf export directory, or a .bfq (exported once into the cache; shipped-1.99bit names
     the shipped one). Without it: the shipped 1.99-bit BitsFusion model. Reports the deployed
     artifact sizes, the median time of the text encoder, one UNet step per --batch and the VAE
     decoder, a full generation over the export's steps and, on the torch backend, peak GPU memory
-    while the UNet steps.
+    while the UNet steps. On the torch backend the baseline is the fastest of several FP16
+    configurations measured in the same run (--fp16-configs), named in the report and the JSON.
     """
     import dataclasses
 
-    from bf.runtime.bench import BenchRequest, environment, format_report, ratios
+    from bf.runtime.backend_options import BackendOptions
+    from bf.runtime.bench import BenchRequest, environment, format_report, headline, ratios
     from bf.runtime.exported import ExportedModel
 
     batches = parse_batch_sizes(batch_text)
+    fp16_configs = [c.strip() for c in fp16_text.split(",") if c.strip()]
+    if unknown := [c for c in fp16_configs if c not in FP16_CONFIGS]:
+        raise BfError(f"--fp16-configs {unknown[0]!r}: choose from {', '.join(FP16_CONFIGS)}")
+    if backend == "torch" and baseline == "fp16" and not fp16_configs:
+        raise BfError("--fp16-configs is empty; name at least one, or pass --baseline none")
+    if compile_step and backend != "torch":
+        raise BfError(f"--compile applies to --backend torch, not {backend}")
     check_outputs(json_out=json_out, plot=plot)
     check_gpu_backend(backend)
     model = ExportedModel.open(bench_target(target, backend))
@@ -61,7 +78,7 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
     if baseline == "fp16" and not quantized:
         log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"
-    options = backend_options(weights if quantized else "fp", cuda_graph, fused, keep_decoded)
+    options = backend_options(weights if quantized else "fp", cuda_graph, fused, keep_decoded, compile_step)
     bar = progress_bar(total=None, desc="bench", bar_format="{desc}: {postfix}")
     result = {"backend": backend, "environment": environment(backend), "settings": {**dataclasses.asdict(req), "baseline": baseline}}
     result["quantized"] = _run(backend, "quantized", model, options, req, bar)
@@ -72,12 +89,19 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
 
             import torch
 
-            gc.collect()
-            torch.cuda.empty_cache()  # the peak of the baseline must not see the quantized model's blocks
-            result["baseline"] = _run(backend, "baseline", model, dataclasses.replace(options, weights="fp"), req, bar)
+            result["fp16_configs"] = {}
+            for name in fp16_configs:
+                gc.collect()
+                torch.cuda.empty_cache()  # the peak of a baseline must not see the previous model's blocks
+                fp16 = BackendOptions(weights="fp", **FP16_CONFIGS[name])
+                result["fp16_configs"][name] = _run(backend, f"FP16 {name}", model, fp16, req, bar)
+            step = f"unet_step_batch{max(batches)}"
+            best = min(result["fp16_configs"], key=lambda n: result["fp16_configs"][n]["run"]["stages"][step]["median_ms"])
+            result["best_fp16_config"], result["baseline"] = best, result["fp16_configs"][best]
         else:
             result["baseline"] = _run(backend, "baseline", ExportedModel.open(baseline_export(model, backend)), options, req, bar)
         result["ratios"] = ratios(result["quantized"], result["baseline"])
+        result["headline"] = headline(result)
     bar.close()
     result["device"] = result["quantized"].get("device") or f"cpu ({os.cpu_count()} cores)"
     click.echo(format_report(result), err=json_out == Path("-"))
@@ -95,11 +119,12 @@ def _run(backend: str, label: str, model, options, req, bar) -> dict:
     from bf.runtime.backend_options import open_backend
     from bf.runtime.bench import bench_model
 
-    runner = open_backend(backend, model, options)
+    runner = open_backend(backend, model, options, log=log)
     result = bench_model(model, runner, req, progress=lambda what: bar.set_postfix_str(f"{label}: {what}"))
     if backend == "torch":
         result["weights"] = runner.weights
         result["device"] = runner.device_name
         result["fused"], result["fused_layers"] = runner.fused, runner.fused_layers
+        result["compiled"], result["channels_last"], result["cuda_graph"] = runner.compiled, runner.channels_last, runner.cuda_graph
     del runner
     return result

@@ -9,7 +9,7 @@ import click
 
 from bf.cli.cached_exports import shipped_export
 from bf.cli.checks import check_gpu_backend, check_png_out
-from bf.cli.options import FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
+from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
 from bf.cli.output import log, progress_bar
 from bf.errors import BfError
 from bf.scheduler_names import SCHEDULERS
@@ -38,9 +38,10 @@ from bf.scheduler_names import SCHEDULERS
               help="Replay the UNet step from a CUDA graph [default: on for torch, off for trt].")  # fmt: skip
 @FUSED_OPTION
 @KEEP_DECODED_OPTION
+@COMPILE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
 def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, fused,
-            keep_decoded, out, as_json) -> None:  # fmt: skip
+            keep_decoded, compile_step, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
@@ -58,9 +59,11 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError("--prompt is empty; say what to draw")
     if steps is not None and steps < 1:  # before the shipped model is exported for it
         raise BfError(f"--steps {steps}: must be at least 1")
+    if compile_step and backend != "torch":
+        raise BfError(f"--compile applies to --backend torch, not {backend}")
     check_png_out(out)
     check_gpu_backend(backend)
-    options = backend_options(None, cuda_graph, fused, keep_decoded)
+    options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     if warning := model.size_warning(height, width):
@@ -72,7 +75,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         bar.total = n
         bar.update(1)
 
-    runner = open_backend(backend, model, options)
+    runner = open_backend(backend, model, options, log=log)
     result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:

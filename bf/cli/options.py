@@ -21,8 +21,16 @@ FUSED_OPTION = click.option(
 )  # fmt: skip
 
 
-def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int):
+COMPILE_OPTION = click.option(
+    "--compile", "compile_step", is_flag=True,
+    help="torch: compile the UNet step with torch.compile (inductor) and replay it from a CUDA graph; streamed weights are "
+         "decoded inside it. The first step of each shape compiles (about a minute for SD-v1.5; cached for later runs).",
+)  # fmt: skip
+
+
+def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int, compile_step: bool = False):
     """The runtime's BackendOptions from the command line's (--keep-decoded is in MB there, bytes from here on)."""
     from bf.runtime.backend_options import BackendOptions
 
-    return BackendOptions(weights=weights, cuda_graph=cuda_graph, fused=fused, keep_decoded_bytes=keep_decoded_mb * 2**20)
+    return BackendOptions(weights=weights, cuda_graph=cuda_graph, fused=fused, keep_decoded_bytes=keep_decoded_mb * 2**20,
+                          compile=compile_step)  # fmt: skip

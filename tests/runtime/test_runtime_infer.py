@@ -180,7 +180,8 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
     req = GenerationRequest(PROMPT, seed=5)
     ref = generate(model, OrtBackend(model), req)
     # the default (weights streamed layer by layer, channels-last, CUDA graph), and weights decoded once at load, eager, NCHW
-    for options in ({}, {"weights": "decoded", "cuda_graph": False, "channels_last": False}):
+    # and the step compiled (torch.compile), its weights decoded inside it
+    for options in ({}, {"weights": "decoded", "cuda_graph": False, "channels_last": False}, {"compile": True}):
         backend = TorchBackend(model, **options)
         assert backend.decoded_layers > 100
         ours = generate(model, backend, req)
