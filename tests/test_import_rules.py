@@ -70,3 +70,20 @@ def test_format_and_runtime_import_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """pyproject.toml lists bf's packages by hand (the stage folders live outside bf/): a new folder must be added there."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    dirs = {"bf": REPO / "bf", **{name: REPO / folder for name, folder in tool["package-dir"].items()}}
+    found = set()
+    for name, root in dirs.items():
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            hidden = any(part.startswith((".", "__")) for part in rel)
+            if not hidden and not (name == "bf" and rel and rel[0] in ("trainer", "export", "runtime")):
+                found.add(".".join((name, *rel)))
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
