@@ -50,10 +50,10 @@ DEV = "cuda"
 
 # Kernel name patterns, first match wins (the profile's categories).
 CATEGORIES = [
-    ("decode", r"bf_decode|decode_kernel|lowbit"),
+    ("decode", r"bf::|decode_kernel|lowbit"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("gemm", r"gemm|sm90_xmma|cutlass|cublas|matmul|splitK"),
-    ("conv", r"conv|fprop|implicit_convolve|xmma_fprop|dgrad|winograd"),
+    ("conv", r"fprop|implicit_gemm|nhwckrsc|conv|winograd|dgrad"),  # cuDNN's convolutions are implicit GEMMs: before gemm
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|splitK"),
     ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
     ("norm", r"norm"),
     ("fused (triton)", r"^triton_"),
@@ -109,7 +109,7 @@ def warm_up(step, inputs) -> float:
 
 
 def profile(step, inputs) -> dict:
-    """GPU time of one step by kernel category (ms), and the ten longest kernels."""
+    """GPU time of one step by kernel category (ms), and every kernel's time (longest first)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -123,15 +123,18 @@ def profile(step, inputs) -> dict:
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
+    category = {n: next((c for c, pattern in CATEGORIES if re.search(pattern, n, re.IGNORECASE)), "other") for n in kernels}
     cats: dict[str, float] = {}
     for name, ms in kernels.items():
-        cat = next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
-        cats[cat] = cats.get(cat, 0.0) + ms
+        cats[category[name]] = cats.get(category[name], 0.0) + ms
     total = sum(cats.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
-    return {"kernel_ms": total, "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-            "by_category_share": {c: v / total for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [{"name": n[:120], "ms": v} for n, v in top]}  # fmt: skip
+    ordered = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    return {
+        "kernel_ms": total,
+        "by_category_ms": ordered,
+        "by_category_share": {c: v / total for c, v in ordered.items()},
+        "kernels_ms": [{"name": n[:160], "ms": v, "category": category[n]} for n, v in sorted(kernels.items(), key=lambda kv: -kv[1])],
+    }
 
 
 def main() -> None:
@@ -145,6 +148,7 @@ def main() -> None:
                     help="MB of the largest weights kept decoded: a point each on the speed/memory curve")  # fmt: skip
     ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
     ap.add_argument("--quick", action="store_true", help="reduce-overhead only, no --keep points, no cached warm-up")
+    ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
 
@@ -204,6 +208,27 @@ def main() -> None:
     t = torch.tensor(999, device=DEV)
     record("fp16_eager", lambda s, i, c, unet=unet: unet(s, t, c).sample, base)
     del unet
+
+    if args.profile_only:  # the kernel profiles alone, merged into an existing --out
+        packed = random_packed(shapes, bits, True, seed=1)
+        prof = {}
+        for label in ("fp16_compiled_cl", "fp16_eager_kernels_cl", "lowbit_compiled_cl"):
+            model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
+            if label.startswith("lowbit"):
+                compile_weights(model.unet, packed, torch.float16, decoder=lib)
+            with torch.inference_mode():
+                prof[label] = profile(model.eager_step if "eager" in label else build_step(model.eager_step, "default"), inputs)
+            print(f"profile {label}: {prof[label]['kernel_ms']:.2f} ms of kernels: "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in prof[label]["by_category_ms"].items()), flush=True)  # fmt: skip
+            del model
+            torch._dynamo.reset()
+        old = json.loads(args.out.read_text()) if args.out.exists() else res
+        old["profile"] = prof
+        old["profile_command"] = res["command"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(old, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     modes = [("reduce-overhead", "compile"), ("default", "compile_graph")][: 1 if args.quick else 2]
     layouts = (True,) if args.no_nchw else (False, True)
