@@ -50,13 +50,13 @@ DEV = "cuda"
 
 # Kernel name patterns, first match wins (the profile's categories).
 CATEGORIES = [
+    ("fused (triton)", r"^triton_"),  # inductor's kernels, whose names list what they fused ("convolution" included)
     ("decode", r"bf::|decode_kernel|lowbit"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("conv", r"fprop|implicit_gemm|nhwckrsc|conv|winograd|dgrad"),  # cuDNN's convolutions are implicit GEMMs: before gemm
     ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|splitK"),
     ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
     ("norm", r"norm"),
-    ("fused (triton)", r"^triton_"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|fill|cat"),
 ]
 
