@@ -72,8 +72,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, each with one math thread: most tests are single-threaded Python (tracing, exports, CLI
+# runs), so two processes keep two cores busy where one process with two threads leaves one idle.
+TEST_WORKERS ?= 2
 test: lint ort-headers
-	$(BIN)/pytest
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(DEMO) build $(PLUGIN_BUILD) *.egg-info .pytest_cache .hypothesis

@@ -202,12 +202,12 @@ def test_large_layer_round_trip():
     """A 1280x2560x3x3-sized 8-bit layer, several blocks of rows with a partial last one."""
     grid = Grid(8)
     p = Packing.for_grid(grid)
-    codes = np.random.default_rng(0).integers(0, grid.levels, size=(4096, 2560 * 9), dtype=np.uint16)
+    codes = np.random.default_rng(0).integers(0, grid.levels, size=(1280, 2560 * 9), dtype=np.uint16)
     assert codes.shape[0] % (packing_module.BLOCK_FIELDS // p.fields_per_row(codes.shape[1])) != 0
     buf = pack_codes(codes, p)
     assert buf.size == p.nbytes(codes.shape)
     np.testing.assert_array_equal(unpack_codes(buf, codes.shape, p), codes)
-    row = 4095  # the last row, in the partial block, against the bit-by-bit decoder
+    row = 1279  # the last row, in the partial block, against the bit-by-bit decoder
     stride = p.row_bytes(codes.shape[1])
     one = reference_decode(buf[row * stride : (row + 1) * stride].tobytes(), (1, codes.shape[1]), p.levels, p.per_field, p.field_bits)
     np.testing.assert_array_equal(one[0], codes[row])
