@@ -34,7 +34,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -154,7 +153,7 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
     from sd15_mix import mixed_bits
-    from sd15_unet_step import random_packed
+    from sd15_unet_step import random_packed, run_record
 
     from bf.decode_kernels import load
     from bf.format import quantizable_layers
@@ -164,20 +163,7 @@ def main() -> None:
     from bf.runtime.compiled_weights import compile_weights, packed_bytes
 
     lib = load(args.lib)
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    res: dict = {
-        "command": " ".join(["python", "benchmarks/sd15_compiled_step.py", *sys.argv[1:]]),
-        "device": props.name,
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-            "python": platform.python_version(),
-        },
-        "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},
-        "weights": "random: diffusers' init for FP16; codes uniform over the levels, scales at the init's magnitude",
+    res: dict = run_record("benchmarks/sd15_compiled_step.py", args) | {
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
     }
     master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()

@@ -78,6 +78,24 @@ class Plan:
         return name + (f"_blocks{self.blocks}" if self.blocks else "")
 
 
+def run_record(script: str, args) -> dict:
+    """The start of a GPU run's JSON: the command, device, versions and settings (cuDNN autotuning on, seeded)."""
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    return {
+        "command": " ".join(["python", script, *sys.argv[1:]]),
+        "device": torch.cuda.get_device_properties(0).name,
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
+        },
+        "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},
+        "weights": "random: diffusers' init for FP16; codes uniform over the levels, scales at the init's magnitude",
+    }
+
+
 def stats(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": len(times)}
 
@@ -269,19 +287,9 @@ def main() -> None:
         print(json.dumps({k: res[k] for k in keys}, indent=1))
         return
     lib = load(args.lib)
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    res: dict = {
-        "command": " ".join(["python", "benchmarks/sd15_unet_step.py", *sys.argv[1:]]),
-        "device": props.name,
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
-        "settings": {"batch": args.batch, "height": args.size, "width": args.size, "dtype": "float16", "iters": args.iters},
-        "weights": "random: diffusers' init for FP16; codes uniform over the levels, scales at the init's magnitude",
-    }
-    res["versions"]["python"] = platform.python_version()
+    res = run_record("benchmarks/sd15_unet_step.py", args)
     res["bf16_matmul_tflops"] = matmul_tflops()
-    print(f"{props.name}: bf16 8192^3 matmul {res['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
+    print(f"{res['device']}: bf16 8192^3 matmul {res['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
 
     from diffusers import UNet2DConditionModel
 
