@@ -10,7 +10,7 @@
    TensorRT runs the plugin) and batched (bf_decode_cuda_batch, the PyTorch runtime's path), eager
    and replayed from a CUDA graph; against its floor = bytes / copy bandwidth. Target: <= 1.4x.
 
-    python benchmarks/decode_kernels.py [--lib plugins_trt/build/libbf_decode.so] [--out results/decode_gpu.json]
+    python benchmarks/decode_kernel_speed.py [--lib plugins_trt/build/libbf_decode.so] [--out results/decode_gpu.json]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
     )
     large = [w for w in widths if w["grid"] == "balanced" and w["bits"] <= 4]
     result = {
-        "command": "python benchmarks/decode_kernels.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/decode_kernel_speed.py " + " ".join(sys.argv[1:]),
         "gpu": props.name,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The decode kernels' three GPU verifications in one call of a machine with no internet (see plugins_trt/README.md):
 #   1. pytest -m gpu tests/plugins_trt/test_native.py    (CUDA decode bit for bit against the numpy reference)
-#   2. benchmarks/decode_kernels.py          (bandwidth per width, whole-UNet decode vs its floor)
+#   2. benchmarks/decode_kernel_speed.py          (bandwidth per width, whole-UNet decode vs its floor)
 #   3. bf_plugin_harness                     (the IPluginV3 class, built against TensorRT's headers, driven directly)
 # Needs build/third_party/{tensorrt,onnxruntime} (carry them) and .whl/ for diffusers.
 # With BASELINE_DIR (an earlier revision's plugins_trt/, e.g. from `git archive REV plugins_trt`, carried),
 # step 2 also times that revision's kernels in the same run, into decode_gpu_baseline.json.
-# usage: benchmarks/decode_kernels_gpu.sh OUT_DIR [BASELINE_DIR]
+# usage: benchmarks/decode_kernel_speed_gpu.sh OUT_DIR [BASELINE_DIR]
 set -euo pipefail
 out=$1
 baseline=${2:-}
@@ -29,8 +29,8 @@ echo "== 1. kernel correctness (pytest -m gpu)"
 echo "== 3. plugin harness"
 $build/bf_plugin_harness --json "$out/plugin_harness.json" | tail -5 | tee "$out/plugin_harness.txt"
 
-decode_speed() {  # BUILD_DIR NAME: decode_kernels.py on that build's library, into NAME.json and NAME.txt
-  (cd /tmp && python3 "$repo/benchmarks/decode_kernels.py" --lib "$1/libbf_decode.so" --out "$out/$2.json") | tee "$out/$2.txt"
+decode_speed() {  # BUILD_DIR NAME: decode_kernel_speed.py on that build's library, into NAME.json and NAME.txt
+  (cd /tmp && python3 "$repo/benchmarks/decode_kernel_speed.py" --lib "$1/libbf_decode.so" --out "$out/$2.json") | tee "$out/$2.txt"
 }
 
 echo "== 2. decode speed"
