@@ -99,11 +99,12 @@ class TorchUNet:
         self.fused = "off"
         self.compiled = compile
         self.compiled_bytes = 0  # codes and scales the compiled step decodes
+        self.compiled_kept_bytes = 0  # weights a compiled step keeps decoded instead
         if compile and weights == "streamed":
             if fused not in (None, "off"):
                 raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
-            module, self.decoded_layers, self.compiled_bytes = _compiled_lowbit(module, unet, layers, device, torch_dtype,
-                                                                                channels_last, keep_decoded_bytes, decoder)  # fmt: skip
+            module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes = _compiled_lowbit(
+                module, unet, layers, device, torch_dtype, channels_last, keep_decoded_bytes, decoder)  # fmt: skip
         elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
@@ -134,8 +135,9 @@ class TorchUNet:
 
     @property
     def weight_bytes(self) -> int:
-        """Resident bytes of the streamed layers' weights: packed codes and scales, weights kept decoded and
-        fused layers' words (0 unless streamed; the module's parameters hold the rest)."""
+        """Resident bytes of the quantized weights held outside the module's parameters: the streamed layers' packed
+        codes and scales, weights kept decoded and fused layers' words, or the compiled layers' codes and scales
+        (0 for decoded and fp weights: the module's parameters hold them)."""
         return self.module.weight_bytes if self.ring is not None else self.compiled_bytes
 
     @property
@@ -145,8 +147,8 @@ class TorchUNet:
 
     @property
     def kept_decoded_bytes(self) -> int:
-        """Bytes of the streamed layers' weights kept decoded (``keep_decoded_bytes``)."""
-        return self.module.kept_decoded_bytes if self.ring is not None else 0
+        """Bytes of the quantized weights kept decoded (``keep_decoded_bytes``; 0 for decoded and fp weights)."""
+        return self.module.kept_decoded_bytes if self.ring is not None else self.compiled_kept_bytes
 
     def streamed_layers(self) -> dict:
         """The streamed layers (bf.runtime.streamed_weights.StreamedLayer) by name; after the first step
@@ -159,7 +161,7 @@ class TorchUNet:
 def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_last: bool, keep_decoded_bytes: int, decoder):
     """``module`` on the device with its quantized layers decoded in the step by the custom op, except the
     largest weights within ``keep_decoded_bytes``, decoded once. Returns the module, the number of quantized
-    layers and the resident bytes of the compiled layers' codes and scales."""
+    layers, the resident bytes of the compiled layers' codes and scales, and the bytes kept decoded."""
     import torch
 
     from bf.runtime.compiled_weights import compile_weights, packed_bytes
@@ -176,7 +178,7 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     module = module.to(device, dtype)
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)
-    return module, len(packed), packed_bytes(unet)
+    return module, len(packed), packed_bytes(unet), used * torch.tensor([], dtype=dtype).element_size()
 
 
 def _logged_first_calls(step, log, cache_dir: str):
@@ -192,7 +194,11 @@ def _logged_first_calls(step, log, cache_dir: str):
         seen.add(key)
         log(f"compiling the UNet step for input {list(key[0])} (once per shape; inductor's cache: {cache_dir})")
         t0 = time.perf_counter()
-        out = step(*args)
+        try:
+            out = step(*args)
+        except Exception as e:  # dynamo or inductor: a toolchain problem of this machine, not of the model
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise BfError(f"torch.compile could not compile the UNet step ({type(e).__name__}: {first}); run without --compile") from e
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
         return out
 
@@ -243,6 +249,8 @@ class TorchBackend:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
         if fused not in (None, "off") and weights == "decoded":  # (the fp baseline has no codes: fused means nothing there)
             raise BfError(f"fused={fused!r} runs on streamed weights, not weights='decoded'")
+        if fused not in (None, "off") and compile and weights == "streamed":  # before the pipeline loads
+            raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
         if weights != "fp" and not quantized:
             raise BfError(f"{model.root} holds an FP model; weights={weights!r} needs a quantized export")
         source = Path(model.manifest.model.source)

@@ -166,6 +166,7 @@ def headline(result: dict) -> dict:
     out["first_call_s"] = {"quantized": q["stages"][key].get("first_call_ms", float("nan")) / 1e3} | {
         f"fp16 {name}": r["run"]["stages"][key].get("first_call_ms", float("nan")) / 1e3
         for name, r in (result.get("fp16_configs") or {}).items()
+        if "run" in r
     }
     return out
 
@@ -209,6 +210,9 @@ def format_report(result: dict) -> str:
         batch = max(result["settings"]["batches"])
         rows.append(f"FP16 configurations, UNet step (batch {batch}); the baseline is the fastest:")
         for name, r in result["fp16_configs"].items():
+            if "run" not in r:
+                rows.append(f"  {name:26s}{'did not run':>15s}")
+                continue
             s = r["run"]["stages"][f"unet_step_batch{batch}"]
             mark = "  <- baseline" if name == result.get("best_fp16_config") else ""
             rows.append(f"  {name:26s}{s['median_ms']:12.3f} ms  (first call {s.get('first_call_ms', 0) / 1e3:.1f} s){mark}")

@@ -69,6 +69,8 @@ def run_workers(
     if leftovers and not resume:
         raise BfError(f"{leftovers[0]} is left from an interrupted analysis; pass --resume to continue it, or delete it")
     stale = [p for p in leftovers if p not in parts]  # from a run with another --workers: merged at the end
+    for request in out.parent.glob(f"{out.name}.part*of*.request.json"):  # a killed run's; every run writes its own
+        request.unlink()
     if out.exists():  # every worker continues from what is already merged (and refuses it if the settings differ)
         for part in parts:
             if not part.exists():
@@ -123,6 +125,13 @@ if __name__ == "__main__":
         os.environ.setdefault(var, "error")
     try:
         _work(Path(sys.argv[1]))
-    except BfError as e:  # one line, which the parent quotes
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # the last line of the log is what the parent quotes: make it the error, after the traceback
+        if not isinstance(e, BfError):
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {e}" if isinstance(e, BfError) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)

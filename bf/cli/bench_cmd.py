@@ -68,6 +68,8 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
         raise BfError("--fp16-configs is empty; name at least one, or pass --baseline none")
     if compile_step and backend != "torch":
         raise BfError(f"--compile applies to --backend torch, not {backend}")
+    if compile_step and fused not in (None, "off"):
+        raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
     check_outputs(json_out=json_out, plot=plot)
     check_gpu_backend(backend)
     model = ExportedModel.open(bench_target(target, backend))
@@ -94,14 +96,22 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
                 gc.collect()
                 torch.cuda.empty_cache()  # the peak of a baseline must not see the previous model's blocks
                 fp16 = BackendOptions(weights="fp", **FP16_CONFIGS[name])
-                result["fp16_configs"][name] = _run(backend, f"FP16 {name}", model, fp16, req, bar)
+                try:
+                    result["fp16_configs"][name] = _run(backend, f"FP16 {name}", model, fp16, req, bar)
+                except BfError as e:  # a configuration this machine cannot run (no compiler toolchain) is reported, not fatal
+                    log(f"warning: FP16 {name} did not run: {e}")
+                    result["fp16_configs"][name] = {"error": str(e)}
+            ran = [n for n, r in result["fp16_configs"].items() if "error" not in r]
+            if not ran:
+                raise BfError("no FP16 configuration ran; see the warnings above, or pass --baseline none")
             step = f"unet_step_batch{max(batches)}"
-            best = min(result["fp16_configs"], key=lambda n: result["fp16_configs"][n]["run"]["stages"][step]["median_ms"])
+            best = min(ran, key=lambda n: result["fp16_configs"][n]["run"]["stages"][step]["median_ms"])
             result["best_fp16_config"], result["baseline"] = best, result["fp16_configs"][best]
         else:
             result["baseline"] = _run(backend, "baseline", ExportedModel.open(baseline_export(model, backend)), options, req, bar)
         result["ratios"] = ratios(result["quantized"], result["baseline"])
-        result["headline"] = headline(result)
+        if backend == "torch":
+            result["headline"] = headline(result)
     bar.close()
     result["device"] = result["quantized"].get("device") or f"cpu ({os.cpu_count()} cores)"
     click.echo(format_report(result), err=json_out == Path("-"))
@@ -127,4 +137,11 @@ def _run(backend: str, label: str, model, options, req, bar) -> dict:
         result["fused"], result["fused_layers"] = runner.fused, runner.fused_layers
         result["compiled"], result["channels_last"], result["cuda_graph"] = runner.compiled, runner.channels_last, runner.cuda_graph
     del runner
+    if backend == "torch":  # every configuration compiles the same step function: none may inherit another's compiled state
+        import gc
+
+        import torch._dynamo
+
+        gc.collect()
+        torch._dynamo.reset()
     return result

@@ -36,7 +36,7 @@ from bf.scheduler_names import SCHEDULERS
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @DEVICE_OPTION
 @click.option("--clip", "clip_dir", type=click.Path(path_type=Path), help="Local CLIP model directory: adds CLIP score.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help='Write {"results": [...]} here.')
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write {\"results\": [...]} here ('-': stdout).")
 @click.option(
     "--grid", "grid_out", type=click.Path(path_type=Path), help="Write an image grid (prompts down, models and CFG scales across)."
 )

@@ -61,6 +61,8 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError(f"--steps {steps}: must be at least 1")
     if compile_step and backend != "torch":
         raise BfError(f"--compile applies to --backend torch, not {backend}")
+    if compile_step and fused not in (None, "off"):
+        raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
     check_png_out(out)
     check_gpu_backend(backend)
     options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step)

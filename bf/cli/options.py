@@ -23,8 +23,9 @@ FUSED_OPTION = click.option(
 
 COMPILE_OPTION = click.option(
     "--compile", "compile_step", is_flag=True,
-    help="torch: compile the UNet step with torch.compile (inductor) and replay it from a CUDA graph; streamed weights are "
-         "decoded inside it. The first step of each shape compiles (about a minute for SD-v1.5; cached for later runs).",
+    help="torch: compile the UNet step with torch.compile (inductor) and replay it from a CUDA graph (unless --no-cuda-graph); "
+         "streamed weights are decoded inside it (not with --fused). The first step of each shape compiles (about a minute "
+         "for SD-v1.5; cached for later runs).",
 )  # fmt: skip
 
 

@@ -63,11 +63,16 @@ CASES = [
     (["infer", "--prompt", "x", "--steps", "0"], 1, "--steps 0"),
     (["infer", "--prompt", "  "], 1, "--prompt is empty"),
     (["infer", "--prompt", "x", "--backend", "trt"], 1, "none is visible here"),
+    (["infer", "--prompt", "x", "--compile"], 1, "--compile applies to --backend torch, not ort"),
+    (["infer", "--prompt", "x", "--backend", "torch", "--compile", "--fused", "on"], 1, "--fused on runs on the streamed ring"),
     # bench
     (["bench", "--batch", "0"], USAGE, "batch sizes must be at least 1"),
     (["bench", "nosuch"], 1, "nosuch"),
     (["bench", "--backend", "torch"], 1, "none is visible here"),
     (["bench", "--json", "afile/b.json"], 1, "--json afile/b.json: "),
+    (["bench", "--compile"], 1, "--compile applies to --backend torch, not ort"),
+    (["bench", "--backend", "torch", "--fp16-configs", "graph,fast"], 1, "--fp16-configs 'fast': choose from eager, graph, graph-nchw"),
+    (["bench", "--backend", "torch", "--fp16-configs", ","], 1, "--fp16-configs is empty"),
     # eval
     (["eval", "--prompts", "latin1.txt"], 1, "not a UTF-8 text file"),
     (["eval", "--model", "nosuch"], 1, "nosuch"),

@@ -177,3 +177,18 @@ def test_clip_scores_give_the_semantic_drop_of_prompts_that_cannot_be_judged(pip
     assert scorer(images, ["a", "b"]) == pytest.approx(scorer(images[::-1], ["b", "a"]))  # pairs, not positions
     with pytest.raises(BfError, match="not a local CLIP model directory"):
         ClipScorer(tmp_path)
+
+
+def test_a_worker_ends_its_log_with_one_error_line(tmp_path):
+    """The parent quotes a failed worker's last log line: it is the error, not the end of a traceback."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    request = tmp_path / "a.json.part0of2.request.json"
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(AnalyzeConfig()).items()}
+    job = {"model_dir": str(tmp_path / "nosuch"), "model": {"path": "x", "hash": "h"}, "cfg": cfg, "device": "cpu"}
+    request.write_text(json.dumps(job | {"shard": [0, 2], "out": str(tmp_path / "a.json.part0of2"), "resume": False}))
+    r = subprocess.run([sys.executable, "-m", "bf.trainer.analyze_workers", str(request)], capture_output=True, text=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: ") and "nosuch" in last, r.stderr
