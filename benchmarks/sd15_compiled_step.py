@@ -13,9 +13,10 @@ is against the fastest FP16 configuration of the run:
   lowbit streamed_cl         the 1.99-bit packed codes resident, each weight decoded into a ring on a
                              side stream (bf.runtime.streamed_weights), CUDA graph; with --keep MB
                              of the largest weights kept decoded
-  lowbit compile[_graph]_cl  the codes decoded inside the compiled UNet by the bf::lowbit_decode
-                             custom op (bf.runtime.compiled_weights), both compile flavours above;
-                             with --keep MB kept decoded as FP16 weights (reduce-overhead)
+  lowbit compile[_graph]_cl  the codes decoded inside the compiled UNet by the bf::lowbit_decode_group
+                             custom op (bf.runtime.compiled_weights), one launch per block
+                             (--per-layer-decode: bf::lowbit_decode per layer), both compile flavours
+                             above; with --keep MB kept decoded as FP16 weights (reduce-overhead)
 
 Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
@@ -146,7 +147,8 @@ def main() -> None:
     ap.add_argument("--keep", type=lambda t: [int(x) for x in t.split(",") if x], default=[256, 640],
                     help="MB of the largest weights kept decoded: a point each on the speed/memory curve")  # fmt: skip
     ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
-    ap.add_argument("--quick", action="store_true", help="reduce-overhead only, no --keep points, no cached warm-up")
+    ap.add_argument("--quick", action="store_true", help="compile + CUDA graph only, no --keep points, no cached warm-up")
+    ap.add_argument("--per-layer-decode", action="store_true", help="compiled: one decode launch per layer instead of per block")
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
@@ -160,7 +162,7 @@ def main() -> None:
     from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
     from bf.models.architectures import ARCHITECTURES
     from bf.runtime.backend_torch import TorchUNet
-    from bf.runtime.compiled_weights import compile_weights, packed_bytes
+    from bf.runtime.compiled_weights import compile_weights, decode_launches, packed_bytes
 
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_compiled_step.py", args) | {
@@ -201,7 +203,7 @@ def main() -> None:
         for label in ("fp16_compiled_cl", "fp16_eager_kernels_cl", "lowbit_compiled_cl"):
             model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
             if label.startswith("lowbit"):
-                compile_weights(model.unet, packed, torch.float16, decoder=lib)
+                compile_weights(model.unet, packed, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
             with torch.inference_mode():
                 prof[label] = profile(model.eager_step if "eager" in label else build_step(model.eager_step, "default"), inputs)
             print(f"profile {label}: {prof[label]['kernel_ms']:.2f} ms of kernels: "
@@ -216,7 +218,8 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
 
-    modes = [("reduce-overhead", "compile"), ("default", "compile_graph")][: 1 if args.quick else 2]
+    # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
+    modes = [("default", "compile_graph")] if args.quick else [("reduce-overhead", "compile"), ("default", "compile_graph")]
     layouts = (True,) if args.no_nchw else (False, True)
     for cl in layouts:
         sfx = "_cl" if cl else ""
@@ -270,11 +273,14 @@ def main() -> None:
                 from bf.runtime.backend_torch import _decode_quantized_weights
 
                 _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
-            compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib)
+            compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib,
+                            by_block=not args.per_layer_decode)  # fmt: skip
+            launches = decode_launches(model.unet)
             clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
             step = graphed_step(model.eager_step, mode)
             with torch.inference_mode():
-                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * _numel(packed[n]) for n in kept)}
+                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * _numel(packed[n]) for n in kept),
+                         "decode_launches": launches}  # fmt: skip
                 if keep == 0 and mode == "reduce-overhead" and not args.quick:
                     torch._dynamo.reset()
                     step = graphed_step(model.eager_step, mode)

@@ -63,6 +63,46 @@ def test_the_op_traces_without_a_graph_break_and_decodes_exactly(native_build, m
         assert torch.equal(traced(x), ref)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_unet_decodes_one_launch_per_block_and_traces_whole(tiny_model, native_build, channels_last):
+    """The tiny UNet (every SD-v1.5 block type), its layers quantized: grouped by block, every weight decoded
+    is the format's exact value, the UNet's output equals the decoded-weight UNet's, and dynamo traces it
+    through the group ops and functional_call without a graph break."""
+    from diffusers import UNet2DConditionModel
+
+    from bf.decode_kernels import load
+    from bf.format import quantizable_layers
+    from bf.runtime.compiled_weights import CompiledLowBitGroup, CompiledLowBitLayer, compile_weights, packed_bytes
+    from bf.runtime.streamed_weights import packed_weight
+
+    torch.manual_seed(0)
+    decoded = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    shapes = {k: tuple(v.shape) for k, v in decoded.state_dict().items()}
+    names = [n for n in quantizable_layers(shapes) if not n.startswith("time_embedding")]
+    rng = np.random.default_rng(1)
+    packed = {}
+    for i, name in enumerate(names):
+        shape, grid = shapes[f"{name}.weight"], (Grid(1), Grid(2), Grid(3))[i % 3]
+        layer = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.1, grid)
+        decoded.get_submodule(name).weight.data = torch.from_numpy(layer.dequantize())
+        packed[name] = packed_weight(layer, "cpu", channels_last)
+    model = copy.deepcopy(decoded)
+    assert compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so")) == len(names)
+    groups = [m for m in model.modules() if isinstance(m, CompiledLowBitGroup)]
+    alone = [m for m in model.modules() if isinstance(m, CompiledLowBitLayer)]
+    assert sum(len(g.names) for g in groups) + len(alone) == len(names) and len(groups) < len(names) / 2
+    assert packed_bytes(model) == sum(p.codes.nbytes + p.scale.nbytes for p in packed.values())
+    sample, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(10), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    if channels_last:  # as the runtime runs them: the decoded weights in the layout the channels-last codes decode to
+        decoded, model = decoded.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = decoded(sample, t, ctx).sample
+        assert torch.equal(model(sample, t, ctx).sample, ref)
+        traced = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(traced(sample, t, ctx).sample, ref)
+
+
 def test_a_layer_of_another_shape_is_refused(native_build, monkeypatch):
     from bf.errors import BfError
     from bf.runtime.compiled_weights import compile_weights
