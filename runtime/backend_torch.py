@@ -18,8 +18,8 @@ SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. T
 
 ``compile``: the step is compiled by ``torch.compile`` (inductor fuses the elementwise work around the
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
-decoded inside the compiled step, layer by layer, by the ``bf::lowbit_decode`` custom op
-(bf.runtime.compiled_weights) instead of the ring; decoded and fp weights are compiled as they are.
+decoded inside the compiled step by custom ops (bf.runtime.compiled_weights), one launch per UNet
+block, instead of the ring; decoded and fp weights are compiled as they are.
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
