@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from sd15_unet_step import clean, random_packed, run_record, stats  # noqa: E402
+
 DEV = "cuda"
 
 # Kernel name patterns, first match wins (the profile's categories).
@@ -61,19 +61,10 @@ CATEGORIES = [
 ]
 
 
-def clean() -> int:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
 def timed(call, iters: int, warmup: int = 3) -> dict:
     from bf.runtime.torch_graph import cuda_time_ms
 
-    times = cuda_time_ms(call, iters, warmup)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": len(times)}
+    return stats(cuda_time_ms(call, iters, warmup))
 
 
 def build_step(eager_step, mode: str):
@@ -155,7 +146,6 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
     from sd15_mix import mixed_bits
-    from sd15_unet_step import random_packed, run_record
 
     from bf.decode_kernels import load
     from bf.format import quantizable_layers
