@@ -51,10 +51,15 @@ def command(
     (null in JSON when the images are identical) and latent MSE against the
     reference's images for the same seeds. A .bfq is evaluated through the same
     diffusers pipeline with its dequantized UNet.
+
+    Overall accuracy and PSNR come with 95% intervals (bootstrap over prompts, all seeds of a
+    prompt kept together), and every pair of models with the paired difference of overall
+    accuracy on the same prompts and seeds and its interval; --json carries them, and each
+    image's verdict (overall_per_image) for further comparisons.
     """
     import dataclasses
 
-    from bf.evaluate.evaluation import EvalConfig, evaluate, prompt_sets
+    from bf.evaluate.evaluation import EvalConfig, evaluate, paired_differences, prompt_sets
     from bf.models.diffusers_pipeline import load_model
     from bf.models.shipped import model_source
     from bf.report import format_eval_table, save_eval_grid
@@ -91,13 +96,14 @@ def command(
     total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * len(pipes)
     with progress_bar(total=total, desc="generate", unit="img") as bar:
         results, generated = evaluate(loaded, ref, cfg, clip, progress=bar.update)
-    click.echo(format_eval_table(results), err=json_out == Path("-"))  # stdout carries the JSON then
+    differences = paired_differences(results, seeds)
+    click.echo(format_eval_table(results, differences), err=json_out == Path("-"))  # stdout carries the JSON then
     if json_out is not None:
         settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "seed": seed, "scheduler": scheduler, "steps": steps,
                     "models": [str(s) for s in sources], "reference": str(reference) if reference else None, "device": device}  # fmt: skip
         # JSON has no infinity: identical images (PSNR inf) are written as null
-        rows = [{**r, **({"psnr": None} if r.get("psnr") == float("inf") else {})} for r in results]
-        write_json(json_out, {"results": rows, "config": settings})
+        rows = [{**r, **({"psnr": None, "psnr_ci95": None} if r.get("psnr") == float("inf") else {})} for r in results]
+        write_json(json_out, {"results": rows, "differences": differences, "config": settings})
     if grid_out is not None:
         save_eval_grid(grid_out, sets, generated, loaded, ref, cfg)
         log(f"wrote {grid_out}")

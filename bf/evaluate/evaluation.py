@@ -9,7 +9,8 @@ import numpy as np
 
 from bf.errors import BfError
 from bf.evaluate.generate import generate
-from bf.evaluate.metrics import accuracy, fidelity
+from bf.evaluate.intervals import mean_ci, paired_difference, psnr_ci
+from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
 from bf.shapes.scenes import SPLITS, Scene, caption, eval_scenes, parse_prompt
 
 SHAPES_TEST = "shapes-test"
@@ -88,19 +89,43 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
             ref = run(reference, scale, ps) if reference is not None else None
             scenes = [sc for sc in ps.scenes for _ in seeds]
             prompts = [p for p in ps.prompts for _ in seeds]
+            grid = (len(ps.prompts), len(seeds))  # images are prompt-major: the seeds of prompt 0, then of prompt 1, ...
             for model in models:
                 out = run(model, scale, ps)
+                judged = verdicts(out.images, scenes)
                 entry = {
                     "model": model.label,
                     "cfg": scale,
                     "split": ps.split,
                     "images": len(out.images),
-                    "accuracy": accuracy(out.images, scenes),
+                    "accuracy": accuracy_of(judged),
                 }
+                if judged and all(v is not None for v in judged):
+                    overall = np.array([float(v["overall"]) for v in judged]).reshape(grid)
+                    entry["accuracy_ci95"] = mean_ci(overall)
+                    entry["overall_per_image"] = overall.ravel().tolist()
                 if ref is not None:
                     entry.update(fidelity(out.images, ref.images, out.latents, ref.latents))
                     entry["reference"] = reference.label
+                    entry["psnr_ci95"] = psnr_ci(image_mse(out.images, ref.images).reshape(grid))
                 if clip is not None:
                     entry["clip_score"] = clip(out.images, prompts)
                 results.append(entry)
     return results, generated
+
+
+def paired_differences(results: list[dict], seeds: int) -> list[dict]:
+    """Overall accuracy of each model minus each model listed before it, at every CFG scale and split,
+    paired on the same prompts and seeds, with its 95% interval (bf.evaluate.intervals)."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if "overall_per_image" in r:
+            groups.setdefault((r["cfg"], r["split"]), []).append(r)
+    for (scale, split), rows in groups.items():
+        for i, a in enumerate(rows):
+            for b in rows[i + 1 :]:
+                va, vb = (np.array(r["overall_per_image"]).reshape(-1, seeds) for r in (a, b))
+                out.append({"cfg": scale, "split": split, "a": a["model"], "b": b["model"], "metric": "overall accuracy, b - a"}
+                           | paired_difference(va, vb))  # fmt: skip
+    return out

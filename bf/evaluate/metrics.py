@@ -19,12 +19,28 @@ def fidelity(images: np.ndarray, ref_images: np.ndarray, latents: np.ndarray, re
     return {"mse": mse, "psnr": psnr, "latent_mse": latent_mse}
 
 
-def accuracy(images: np.ndarray, scenes: list[Scene]) -> dict:
+def verdicts(images: np.ndarray, scenes: list[Scene | None]) -> list[dict | None]:
+    """The detector's verdicts per image (None where the prompt is not a shapes scene)."""
+    return [judge(sc, detect(img)) if sc is not None else None for img, sc in zip(images, scenes, strict=True)]
+
+
+def accuracy(images: np.ndarray, scenes: list[Scene | None]) -> dict:
     """Mean verdict per attribute over images whose prompt is a shapes scene.
 
     Single- and two-object prompts are judged on different attributes: each attribute is
     averaged over the images judged on it, ``overall`` over all of them.
     """
-    verdicts = [judge(sc, detect(img)) for img, sc in zip(images, scenes, strict=True) if sc is not None]
-    keys = dict.fromkeys(k for v in verdicts for k in v)  # first-seen order
-    return {k: float(np.mean([v[k] for v in verdicts if k in v])) for k in keys}
+    return accuracy_of(verdicts(images, scenes))
+
+
+def accuracy_of(judged: list[dict | None]) -> dict:
+    """``accuracy`` from verdicts already made."""
+    judged = [v for v in judged if v is not None]
+    keys = dict.fromkeys(k for v in judged for k in v)  # first-seen order
+    return {k: float(np.mean([v[k] for v in judged if k in v])) for k in keys}
+
+
+def image_mse(images: np.ndarray, ref_images: np.ndarray) -> np.ndarray:
+    """Pixel MSE of each image against its reference (images scaled to [0, 1])."""
+    diff = images.astype(np.float64) / 255 - ref_images.astype(np.float64) / 255
+    return (diff**2).reshape(len(images), -1).mean(axis=1)

@@ -70,10 +70,26 @@ def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
     q = tmp_path / "q.bfq"
     assert run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", q).returncode == 0
     out = tmp_path / "e.json"
-    r = run_bf("eval", "--model", q, "--reference", tiny_model, *EVAL, "--json", out)
+    r = run_bf("eval", "--model", q, "--model", tiny_model, "--reference", tiny_model, *EVAL, "--seeds", "2", "--json", out)
     assert r.returncode == 0, r.stderr
-    for e in json.loads(out.read_text())["results"]:
-        assert e["mse"] > 0 and 0 < e["psnr"] < 100 and e["latent_mse"] > 0
+    payload = json.loads(out.read_text())
+    for e in payload["results"]:
+        if e["model"] != "tiny":  # the .bfq against its base model
+            assert e["mse"] > 0 and 0 < e["psnr"] < 100 and e["latent_mse"] > 0
+            assert e["psnr_ci95"][0] <= e["psnr"] <= e["psnr_ci95"][1]
+        per_image = e["overall_per_image"]
+        assert len(per_image) == e["images"] == 2 and np.mean(per_image) == e["accuracy"]["overall"]
+        assert 0 <= e["accuracy_ci95"][0] <= e["accuracy"]["overall"] <= e["accuracy_ci95"][1] <= 1
+    # one difference per split: the FP model minus the quantized one, from the same images' verdicts
+    diffs = payload["differences"]
+    labels = list(dict.fromkeys(e["model"] for e in payload["results"]))  # in --model order: the .bfq, then the FP model
+    assert len(labels) == 2 and sorted(d["split"] for d in diffs) == ["heldout", "single", "two"]
+    assert all((d["a"], d["b"]) == tuple(labels) for d in diffs)
+    by = {(e["model"], e["split"]): np.mean(e["overall_per_image"]) for e in payload["results"]}
+    for d in diffs:
+        assert d["difference"] == pytest.approx(by[(labels[1], d["split"])] - by[(labels[0], d["split"])])
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert "paired on the same prompts and seeds" in r.stdout
 
 
 def test_eval_bfq_base_model_resolution(tiny_model, tmp_path):
