@@ -42,7 +42,7 @@ def format_eval_table(results: list[dict], differences: list[dict] | None = None
     """Per model, CFG scale and split: overall accuracy with its 95% interval, each attribute, PSNR and MSE;
     then the paired differences of overall accuracy between models, with their intervals."""
     attrs = ["count", "color", "shape", "size", "position", "relation"]
-    head = (f"{'model':<24} {'cfg':>4} {'split':<8} {'overall':>7} {'95% CI':>13} " + " ".join(f"{a[:8]:>8}" for a in attrs)
+    head = (f"{'model':<24} {'cfg':>4} {'split':<11} {'overall':>7} {'95% CI':>13} " + " ".join(f"{a[:8]:>8}" for a in attrs)
             + f" {'psnr':>7} {'mse':>9}")  # fmt: skip
     lines = [head]
     for r in results:
@@ -52,11 +52,11 @@ def format_eval_table(results: list[dict], differences: list[dict] | None = None
         mse = f"{r['mse']:>9.2e}" if "mse" in r else f"{'-':>9}"
         overall = f"{acc['overall']:>7.3f}" if "overall" in acc else f"{'-':>7}"
         ci = f"[{r['accuracy_ci95'][0]:.2f}, {r['accuracy_ci95'][1]:.2f}]" if "accuracy_ci95" in r else "-"
-        lines.append(f"{r['model'][:24]:<24} {r['cfg']:>4} {r['split']:<8} {overall} {ci:>13} {cells} {psnr} {mse}")
+        lines.append(f"{r['model'][:24]:<24} {r['cfg']:>4} {r['split']:<11} {overall} {ci:>13} {cells} {psnr} {mse}")
     if differences:
         lines += ["", "overall accuracy, b - a, paired on the same prompts and seeds (95% CI):"]
         for d in differences:
-            lines.append(f"  cfg {d['cfg']:<4} {d['split']:<8} {d['b'][:24]} - {d['a'][:24]}: {d['difference']:+.3f} "
+            lines.append(f"  cfg {d['cfg']:<4} {d['split']:<11} {d['b'][:24]} - {d['a'][:24]}: {d['difference']:+.3f} "
                          f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")  # fmt: skip
     return "\n".join(lines)
 

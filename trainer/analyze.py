@@ -11,6 +11,7 @@ every layer, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -90,13 +91,19 @@ def semantic_drop(fp_acc, acc, fp_clip, clip_score) -> float:
 def settings_changed(a: dict, b: dict) -> list[str]:
     """Settings two analyses differ in; ``layers`` does not count (analysing in chunks is fine).
 
-    A setting missing from one (an analysis from before it existed) counts as its default."""
+    A setting missing from one (an analysis from before it existed) counts as its default, except the prompts'
+    hash: an analysis that does not record it may have judged by other prompts."""
     default = settings_of(AnalyzeConfig())
+    del default["prompts_sha256"]
     return sorted(k for k in (a.keys() | b.keys()) - {"layers"} if a.get(k, default.get(k)) != b.get(k, default.get(k)))
 
 
 def settings_of(cfg: AnalyzeConfig) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    """The settings an analysis records, and a resume must match: the config, and the SHA-256 of the prompts it
+    judges by (split names and texts), which a config names only by 'shapes-test' or a file path."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    text = "\n".join(line for ps in prompt_sets(cfg.prompts, cfg.limit) for line in (f"[{ps.split}]", *ps.prompts))
+    return settings | {"prompts_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def check_resumable(out: Path, cfg: AnalyzeConfig, model: dict, resume: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.processes import run_commands
-from bf.trainer.analyze import AnalyzeConfig, merge_analyses, settings_of, write_analysis
+from bf.trainer.analyze import AnalyzeConfig, merge_analyses, write_analysis
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def _layers(path: Path) -> set[str]:
 
 
 def _write_request(path: Path, job: AnalyzeJob, k: int, n: int, part: Path, resume: bool) -> None:
-    request = {**asdict(job), "cfg": settings_of(job.cfg), "shard": [k, n], "out": str(part), "resume": resume}
+    cfg = {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(job.cfg).items()}
+    request = {**asdict(job), "cfg": cfg, "shard": [k, n], "out": str(part), "resume": resume}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(request, indent=1))
 

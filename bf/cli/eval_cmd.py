@@ -25,7 +25,7 @@ from bf.scheduler_names import SCHEDULERS
     "--prompts",
     default="shapes-test",
     show_default=True,
-    help="'shapes-test' (single, two, heldout splits) or a file, one prompt per line.",
+    help="'shapes-test' (single, two, heldout, heldout-two splits) or a file, one prompt per line.",
 )
 @click.option("--cfg", "cfgs", default="3.5,5.5,7.5,9.5", show_default=True, help="Classifier-free guidance scales.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")

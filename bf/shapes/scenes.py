@@ -1,8 +1,9 @@
 """Scene specifications, captions, and the train / test / held-out splits.
 
 Attribute combinations in ``HELDOUT_PAIRS`` (a shape in a color) never appear in a
-training scene, in either object: the ``heldout`` split measures compositional
-generalisation.
+training scene, in either object: the ``heldout`` split (one object of a held-out pair) and
+the ``heldout-two`` split (two objects, at least one of a held-out pair, in a relation)
+measure compositional generalisation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RELATIONS = {
 }
 HELDOUT_PAIRS = frozenset({("triangle", "green"), ("circle", "purple"), ("square", "orange")})
 TRAIN_PAIRS = tuple((s, c) for s in SHAPES for c in COLORS if (s, c) not in HELDOUT_PAIRS)
-SPLITS = ("single", "two", "heldout")
+SPLITS = ("single", "two", "heldout", "heldout-two")
 
 _WHERE = {
     "left": ("on the left", "at the left side"),
@@ -121,6 +122,8 @@ def eval_scenes(split: str) -> list[Scene]:
         return [Scene((Obj(s, c, SIZES[k % 2], POSITIONS[(3 * k + i) % 5]),)) for i, (s, c) in enumerate(TRAIN_PAIRS) for k in range(2)]
     if split == "heldout":
         return [Scene((Obj(s, c, size, pos),)) for s, c in sorted(HELDOUT_PAIRS) for size in SIZES for pos in POSITIONS]
+    if split == "heldout-two":
+        return _heldout_two_scenes()
     if split == "two":
         rng = np.random.default_rng(20261122)
         scenes = []
@@ -130,3 +133,22 @@ def eval_scenes(split: str) -> list[Scene]:
                 scenes.append(sc)
         return scenes
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _heldout_two_scenes() -> list[Scene]:
+    """30 two-object scenes, each with at least one held-out pair (on either side of the relation), the other
+    object any other shape-color pair; sizes and relations drawn like the training scenes'."""
+    rng = np.random.default_rng(20261130)
+    held, every = sorted(HELDOUT_PAIRS), [(s, c) for s in SHAPES for c in COLORS]
+    scenes: list[Scene] = []
+    while len(scenes) < 30:
+        pair = [held[int(rng.integers(len(held)))], every[int(rng.integers(len(every)))]]
+        if pair[0] == pair[1]:
+            continue
+        if rng.random() < 0.5:
+            pair.reverse()
+        rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+        objs = tuple(Obj(*pr, SIZES[int(rng.integers(2))], p) for pr, p in zip(pair, RELATIONS[rel], strict=True))
+        if (sc := Scene(objs, relation=rel)) not in scenes:
+            scenes.append(sc)
+    return scenes

@@ -40,7 +40,7 @@ def test_eval_identical_models_and_outputs(tiny_model, tmp_path):
     r = run_bf("eval", "--model", tiny_model, "--reference", tiny_model, *EVAL, "--json", out, "--grid", grid)
     assert r.returncode == 0, r.stderr
     results = json.loads(out.read_text())["results"]
-    assert {e["split"] for e in results} == {"single", "two", "heldout"}
+    assert {e["split"] for e in results} == {"single", "two", "heldout", "heldout-two"}
     for e in results:
         assert e["model"] == "tiny" and e["cfg"] == 7.5 and e["mse"] == 0.0 and e["latent_mse"] == 0.0 and e["psnr"] is None
         assert set(e["accuracy"]) >= {"count", "color", "shape", "overall"}
@@ -49,8 +49,8 @@ def test_eval_identical_models_and_outputs(tiny_model, tmp_path):
     img = Image.open(grid)
     # one column (the model is the reference: generated once, shown once), a row per prompt of each split,
     # 64-pixel images enlarged to 128, a two-line header
-    assert img.format == "PNG" and img.size == (200 + 132, 32 + 3 * 132)
-    assert "generate: 3/3" in r.stderr  # 3 prompts, not 6
+    assert img.format == "PNG" and img.size == (200 + 132, 32 + 4 * 132)
+    assert "generate: 4/4" in r.stderr  # 4 prompts, not 8
     assert "overall" in r.stdout and "heldout" in r.stdout
 
 
@@ -83,7 +83,7 @@ def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
     # one difference per split: the FP model minus the quantized one, from the same images' verdicts
     diffs = payload["differences"]
     labels = list(dict.fromkeys(e["model"] for e in payload["results"]))  # in --model order: the .bfq, then the FP model
-    assert len(labels) == 2 and sorted(d["split"] for d in diffs) == ["heldout", "single", "two"]
+    assert len(labels) == 2 and sorted(d["split"] for d in diffs) == ["heldout", "heldout-two", "single", "two"]
     assert all((d["a"], d["b"]) == tuple(labels) for d in diffs)
     by = {(e["model"], e["split"]): np.mean(e["overall_per_image"]) for e in payload["results"]}
     for d in diffs:

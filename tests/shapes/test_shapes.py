@@ -41,8 +41,13 @@ def test_eval_splits_are_fixed_and_sized():
     for split in SPLITS:
         scenes = eval_scenes(split)
         assert len(scenes) == 30 and scenes == eval_scenes(split)
-    assert all(len(sc.objects) == 2 for sc in eval_scenes("two"))
+    assert all(len(sc.objects) == 2 for sc in eval_scenes("two") + eval_scenes("heldout-two"))
     assert not any(sc.pairs & HELDOUT_PAIRS for sc in eval_scenes("single") + eval_scenes("two"))
+    # two objects, at least one held out, on both sides of the relations, and not only held-out pairs
+    held_two = eval_scenes("heldout-two")
+    assert all(sc.pairs & HELDOUT_PAIRS and sc.objects[0] != sc.objects[1] for sc in held_two)
+    assert {i for sc in held_two for i, o in enumerate(sc.objects) if (o.shape, o.color) in HELDOUT_PAIRS} == {0, 1}
+    assert any(not sc.pairs <= HELDOUT_PAIRS for sc in held_two) and len({sc.relation for sc in held_two}) == 4
 
 
 def test_captions_vary_and_canonical_ones_parse_back():
