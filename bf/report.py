@@ -39,11 +39,12 @@ def format_summary(s: dict, path: Path, show_layers: bool = False) -> str:
 
 
 def format_eval_table(results: list[dict], differences: list[dict] | None = None) -> str:
-    """Per model, CFG scale and split: overall accuracy with its 95% interval, each attribute, PSNR and MSE;
+    """Per model, CFG scale and split: overall accuracy with its 95% interval, each attribute, PSNR and MSE against
+    the reference, and the Fréchet distance to rendered ground truth (bf.evaluate.frechet);
     then the paired differences of overall accuracy between models, with their intervals."""
     attrs = ["count", "color", "shape", "size", "position", "relation"]
     head = (f"{'model':<24} {'cfg':>4} {'split':<11} {'overall':>7} {'95% CI':>13} " + " ".join(f"{a[:8]:>8}" for a in attrs)
-            + f" {'psnr':>7} {'mse':>9}")  # fmt: skip
+            + f" {'psnr':>7} {'mse':>9} {'fd':>7}")  # fmt: skip
     lines = [head]
     for r in results:
         acc = r.get("accuracy") or {}
@@ -52,7 +53,8 @@ def format_eval_table(results: list[dict], differences: list[dict] | None = None
         mse = f"{r['mse']:>9.2e}" if "mse" in r else f"{'-':>9}"
         overall = f"{acc['overall']:>7.3f}" if "overall" in acc else f"{'-':>7}"
         ci = f"[{r['accuracy_ci95'][0]:.2f}, {r['accuracy_ci95'][1]:.2f}]" if "accuracy_ci95" in r else "-"
-        lines.append(f"{r['model'][:24]:<24} {r['cfg']:>4} {r['split']:<11} {overall} {ci:>13} {cells} {psnr} {mse}")
+        fd = f"{r['fd_rendered']:>7.2f}" if "fd_rendered" in r else f"{'-':>7}"
+        lines.append(f"{r['model'][:24]:<24} {r['cfg']:>4} {r['split']:<11} {overall} {ci:>13} {cells} {psnr} {mse} {fd}")
     if differences:
         lines += ["", "overall accuracy, b - a, paired on the same prompts and seeds (95% CI):"]
         for d in differences:

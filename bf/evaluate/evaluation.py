@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bf.errors import BfError
+from bf.evaluate.frechet import fd_to_rendered, rendered_truth
 from bf.evaluate.generate import generate
 from bf.evaluate.intervals import mean_ci, paired_difference, psnr_ci
 from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
@@ -104,6 +105,11 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                     overall = np.array([float(v["overall"]) for v in judged]).reshape(grid)
                     entry["accuracy_ci95"] = mean_ci(overall)
                     entry["overall_per_image"] = overall.ravel().tolist()
+                    h, w = out.images.shape[1:3]
+                    # a covariance needs two images (the distance means more with many); the renderer draws squares
+                    if len(out.images) > 1 and h == w and h % 4 == 0:
+                        entry["fd_rendered"] = fd_to_rendered(out.images, ps.scenes)
+                        entry["fd_rendered_floor"] = _fd_floor(ps.scenes, len(seeds), out.images.shape[1])
                 if ref is not None:
                     entry.update(fidelity(out.images, ref.images, out.latents, ref.latents))
                     entry["reference"] = reference.label
@@ -129,3 +135,14 @@ def paired_differences(results: list[dict], seeds: int) -> list[dict]:
                 out.append({"cfg": scale, "split": split, "a": a["model"], "b": b["model"], "metric": "overall accuracy, b - a"}
                            | paired_difference(va, vb))  # fmt: skip
     return out
+
+
+def _fd_floor(scenes: list, draws: int, resolution: int) -> float:
+    """The distance a perfect generator gets: other renderings of the same scenes (fd_to_rendered's floor)."""
+    key = (tuple(scenes), draws, resolution)
+    if key not in _FLOORS:
+        _FLOORS[key] = fd_to_rendered(rendered_truth(scenes, draws, resolution, seed=1), scenes)
+    return _FLOORS[key]
+
+
+_FLOORS: dict = {}

@@ -80,6 +80,7 @@ def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
         per_image = e["overall_per_image"]
         assert len(per_image) == e["images"] == 2 and np.mean(per_image) == e["accuracy"]["overall"]
         assert 0 <= e["accuracy_ci95"][0] <= e["accuracy"]["overall"] <= e["accuracy_ci95"][1] <= 1
+        assert e["fd_rendered"] > 0 and e["fd_rendered_floor"] > 0  # a random tiny model draws no shapes
     # one difference per split: the FP model minus the quantized one, from the same images' verdicts
     diffs = payload["differences"]
     labels = list(dict.fromkeys(e["model"] for e in payload["results"]))  # in --model order: the .bfq, then the FP model
