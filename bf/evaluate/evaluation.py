@@ -15,6 +15,7 @@ from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
 from bf.shapes.scenes import SPLITS, Scene, caption, eval_scenes, parse_prompt
 
 SHAPES_TEST = "shapes-test"
+MIN_FD_IMAGES = 30  # the distance to rendered ground truth is reported from this many images per split on
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                     entry["accuracy_ci95"] = mean_ci(overall)
                     entry["overall_per_image"] = overall.ravel().tolist()
                     h, w = out.images.shape[1:3]
-                    # a covariance needs two images (the distance means more with many); the renderer draws squares
-                    if len(out.images) > 1 and h == w and h % 4 == 0:
+                    # the renderer draws squares; a handful of images gives a covariance of noise, not a distance
+                    if len(out.images) >= MIN_FD_IMAGES and h == w and h % 4 == 0:
                         entry["fd_rendered"] = fd_to_rendered(out.images, ps.scenes)
                         entry["fd_rendered_floor"] = _fd_floor(ps.scenes, len(seeds), out.images.shape[1])
                 if ref is not None:

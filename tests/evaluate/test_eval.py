@@ -80,7 +80,7 @@ def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
         per_image = e["overall_per_image"]
         assert len(per_image) == e["images"] == 2 and np.mean(per_image) == e["accuracy"]["overall"]
         assert 0 <= e["accuracy_ci95"][0] <= e["accuracy"]["overall"] <= e["accuracy_ci95"][1] <= 1
-        assert e["fd_rendered"] > 0 and e["fd_rendered_floor"] > 0  # a random tiny model draws no shapes
+        assert "fd_rendered" not in e  # 2 images: too few for a distance (MIN_FD_IMAGES)
     # one difference per split: the FP model minus the quantized one, from the same images' verdicts
     diffs = payload["differences"]
     labels = list(dict.fromkeys(e["model"] for e in payload["results"]))  # in --model order: the .bfq, then the FP model
@@ -127,3 +127,17 @@ def test_shipped_model_is_complete_and_small():
     root = shipped_model_dir()
     ModelDir.open(root)
     assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) <= 25_000_000
+
+
+def test_eval_reports_the_distance_to_rendered_ground_truth_from_30_images(tiny_model, tmp_path):
+    from bf.shapes.scenes import caption
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(caption(sc) for sc in eval_scenes("single")) + "\n")
+    out = tmp_path / "e.json"
+    r = run_bf("eval", "--model", tiny_model, "--prompts", prompts, "--cfg", "7.5", "--steps", "2", "--device", "cpu", "--json", out)
+    assert r.returncode == 0, r.stderr
+    (e,) = json.loads(out.read_text())["results"]
+    assert e["split"] == "single" and e["images"] == 30
+    # a random model draws no shapes: far from the renderings, which a second clean draw is not
+    assert 1 < e["fd_rendered_floor"] < 8 and e["fd_rendered"] > 10 * e["fd_rendered_floor"], (e["fd_rendered"], e["fd_rendered_floor"])
