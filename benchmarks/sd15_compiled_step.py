@@ -153,6 +153,7 @@ def main() -> None:
     from bf.models.architectures import ARCHITECTURES
     from bf.runtime.backend_torch import TorchUNet
     from bf.runtime.compiled_weights import compile_weights, decode_launches, packed_bytes
+    from bf.runtime.streamed_weights import largest_within
 
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_compiled_step.py", args) | {
@@ -258,7 +259,7 @@ def main() -> None:
             name = f"lowbit_{label}_cl" + (f"_keep{keep}MB" if keep else "")
             base = clean()
             model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
-            kept = _largest_within(packed, keep * 2**20)
+            kept = largest_within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
             if kept:
                 from bf.runtime.backend_torch import _decode_quantized_weights
 
@@ -269,7 +270,7 @@ def main() -> None:
             clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
             step = graphed_step(model.eager_step, mode)
             with torch.inference_mode():
-                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * _numel(packed[n]) for n in kept),
+                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
                          "decode_launches": launches}  # fmt: skip
                 if keep == 0 and mode == "reduce-overhead" and not args.quick:
                     torch._dynamo.reset()
@@ -318,23 +319,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")
-
-
-def _numel(pw) -> int:
-    n = 1
-    for d in pw.spec.shape:
-        n *= d
-    return n
-
-
-def _largest_within(packed: dict, budget: int) -> set[str]:
-    """Names of the largest weights whose FP16 bytes add up to at most ``budget`` (as the streamed ring keeps them)."""
-    keep, used = set(), 0
-    for name in sorted(packed, key=lambda n: -_numel(packed[n])):
-        if used + 2 * _numel(packed[name]) <= budget:
-            keep.add(name)
-            used += 2 * _numel(packed[name])
-    return keep
 
 
 if __name__ == "__main__":

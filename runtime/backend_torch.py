@@ -30,6 +30,7 @@ does with random ones).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -165,20 +166,21 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     import torch
 
     from bf.runtime.compiled_weights import compile_weights, packed_bytes
-    from bf.runtime.streamed_weights import PackedWeight, packed_weight, quantized_modules
+    from bf.runtime.streamed_weights import PackedWeight, largest_within, packed_weight, quantized_modules
 
+    itemsize = torch.tensor([], dtype=dtype).element_size()
     modules = quantized_modules(unet, layers)
-    packed = {n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last) for n in modules}
-    elements = keep_decoded_bytes // torch.tensor([], dtype=dtype).element_size()
-    kept, used = {}, 0
-    for name in sorted(packed, key=lambda n: -packed[n].numel):
-        if used + packed[name].numel <= elements:
-            kept[name], used = layers[name], used + packed[name].numel
-    compile_weights(unet, {n: w for n, w in packed.items() if n not in kept}, dtype, decoder=decoder)  # before the move: no FP16 copy
+    sizes = {n: math.prod(layers[n].spec.shape if isinstance(layers[n], PackedWeight) else layers[n].shape) for n in modules}
+    kept = {n: layers[n] for n in largest_within(sizes, keep_decoded_bytes // itemsize)}
+    # only the layers the step decodes are packed for the GPU; the kept ones are decoded once, below
+    packed = {
+        n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last) for n in modules if n not in kept
+    }
+    compile_weights(unet, packed, dtype, decoder=decoder)  # before the move: no FP16 copy
     module = module.to(device, dtype)
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)
-    return module, len(packed), packed_bytes(unet), used * torch.tensor([], dtype=dtype).element_size()
+    return module, len(modules), packed_bytes(unet), sum(sizes[n] for n in kept) * itemsize
 
 
 def _logged_first_calls(step, log, cache_dir: str):

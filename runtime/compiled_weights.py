@@ -66,17 +66,21 @@ def _(codes: torch.Tensor, scale: torch.Tensor, spec: int, dtype: torch.dtype) -
 
 ALIGN = 128  # elements: every weight in a group's buffer starts 256-byte aligned, as cuDNN and cuBLAS like it
 
-# The groups the op decodes, by id: (specs, offsets into the buffer, buffer length).
+# The groups the op decodes, by id: (specs, offsets into the buffer, buffer length); one id per distinct
+# list of specs, like spec_id, so building a model again adds nothing.
 _GROUPS: list[tuple[tuple[DequantSpec, ...], tuple[int, ...], int]] = []
+_GROUP_IDS: dict[tuple[DequantSpec, ...], int] = {}
 
 
 def group_id(specs: tuple[DequantSpec, ...]) -> int:
-    offsets, total = [], 0
-    for spec in specs:
-        offsets.append(total)
-        total += -(-math.prod(spec.shape) // ALIGN) * ALIGN
-    _GROUPS.append((specs, tuple(offsets), total))
-    return len(_GROUPS) - 1
+    if specs not in _GROUP_IDS:
+        offsets, total = [], 0
+        for spec in specs:
+            offsets.append(total)
+            total += -(-math.prod(spec.shape) // ALIGN) * ALIGN
+        _GROUP_IDS[specs] = len(_GROUPS)
+        _GROUPS.append((specs, tuple(offsets), total))
+    return _GROUP_IDS[specs]
 
 
 @torch.library.custom_op("bf::lowbit_decode_group", mutates_args=())

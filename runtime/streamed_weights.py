@@ -387,7 +387,7 @@ def stream_weights(
             raise BfError(f"streamed weights: {name} holds a {pw.spec.shape} weight, the model's is {tuple(module.weight.shape)}")
         entries.append(pw)
     # the budget is in bytes; the weights are counted in elements of the decoded dtype
-    keep = _largest_within(entries, keep_decoded_bytes // torch.tensor([], dtype=dtype).element_size())
+    keep = largest_within({i: w.numel for i, w in enumerate(entries)}, keep_decoded_bytes // torch.tensor([], dtype=dtype).element_size())
     ring = WeightRing([None if i in keep else w for i, w in enumerate(entries)], dtype=dtype, slots=slots, decoder=decoder, group=group,
                       priority=priority, max_blocks=decode_blocks)  # fmt: skip
     for index, (name, module) in enumerate(modules.items()):
@@ -402,13 +402,14 @@ def stream_weights(
     return RingForward(root, ring)
 
 
-def _largest_within(weights: list[PackedWeight], budget: int) -> set[int]:
-    """Indices of the largest weights whose elements add up to at most ``budget``."""
+def largest_within(sizes: dict, budget: int) -> set:
+    """Keys of the largest items (``sizes``: key -> element count) whose elements add up to at most ``budget``;
+    ties keep ``sizes``' order. How every mode that keeps weights decoded picks them."""
     keep, used = set(), 0
-    for index in sorted(range(len(weights)), key=lambda i: -weights[i].numel):
-        if used + weights[index].numel <= budget:
-            keep.add(index)
-            used += weights[index].numel
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        if used + sizes[key] <= budget:
+            keep.add(key)
+            used += sizes[key]
     return keep
 
 
