@@ -14,9 +14,12 @@ is against the fastest FP16 configuration of the run:
                              side stream (bf.runtime.streamed_weights), CUDA graph; with --keep MB
                              of the largest weights kept decoded
   lowbit compile[_graph]_cl  the codes decoded inside the compiled UNet by the bf::lowbit_decode_group
-                             custom op (bf.runtime.compiled_weights), one launch per block
-                             (--per-layer-decode: bf::lowbit_decode per layer), both compile flavours
-                             above; with --keep MB kept decoded as FP16 weights (reduce-overhead)
+                             custom op (bf.runtime.compiled_weights), one launch per block just before
+                             it (--per-layer-decode: one per layer), both compile flavours above; with
+                             --keep MB kept decoded as FP16 weights (default mode, decoding ahead)
+  lowbit compile_graph_cl_aheadN  the same, each block's weights decoded ahead on a side stream into N
+                             persistent slots (bf::lowbit_decode_ahead) while the blocks before compute,
+                             for each N of --ahead (with --decode-blocks B: each launch's grid capped at B)
 
 Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
@@ -140,6 +143,10 @@ def main() -> None:
     ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
     ap.add_argument("--quick", action="store_true", help="compile + CUDA graph only, no --keep points, no cached warm-up")
     ap.add_argument("--per-layer-decode", action="store_true", help="compiled: one decode launch per layer instead of per block")
+    ap.add_argument("--ahead", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 3],
+                    help="compiled: slot counts to decode ahead into, a configuration each (the first also with --keep)")  # fmt: skip
+    ap.add_argument("--decode-blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                    help="compiled, decoding ahead into the first --ahead slots: grid caps of the decode launches")  # fmt: skip
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
@@ -151,8 +158,8 @@ def main() -> None:
     from bf.format import quantizable_layers
     from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
     from bf.models.architectures import ARCHITECTURES
-    from bf.runtime.backend_torch import TorchUNet
-    from bf.runtime.compiled_weights import compile_weights, decode_launches, packed_bytes
+    from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
+    from bf.runtime.compiled_weights import compile_weights, decode_ahead, decode_launches, packed_bytes
     from bf.runtime.streamed_weights import largest_within
 
     lib = load(args.lib)
@@ -195,6 +202,9 @@ def main() -> None:
             model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
             if label.startswith("lowbit"):
                 compile_weights(model.unet, packed, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
+                if args.ahead:
+                    decode_ahead(model.unet, lambda model=model: model.eager_step(*_smallest_inputs(model.unet, DEV, torch.float16)),
+                                 args.ahead[0])  # fmt: skip
             with torch.inference_mode():
                 prof[label] = profile(model.eager_step if "eager" in label else build_step(model.eager_step, "default"), inputs)
             print(f"profile {label}: {prof[label]['kernel_ms']:.2f} ms of kernels: "
@@ -254,37 +264,48 @@ def main() -> None:
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
-    for keep in keeps:
-        for mode, label in modes if keep == 0 else modes[:1]:
-            name = f"lowbit_{label}_cl" + (f"_keep{keep}MB" if keep else "")
-            base = clean()
-            model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
-            kept = largest_within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
-            if kept:
-                from bf.runtime.backend_torch import _decode_quantized_weights
+    # (keep MB, compile mode, slots decoded ahead into (0: in the step's stream), decode grid cap)
+    points = [(0, mode, 0, 0) for mode, _ in modes] + [(0, "default", n, 0) for n in args.ahead]
+    points += [(0, "default", args.ahead[0], b) for b in args.decode_blocks if args.ahead]
+    points += [(keep, "default", (args.ahead or [0])[0], 0) for keep in keeps[1:]]
+    for keep, mode, ahead, blocks in points:
+        label = dict(modes)[mode]
+        name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "") + (
+            f"_keep{keep}MB" if keep else "")  # fmt: skip
+        base = clean()
+        model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
+        kept = largest_within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
+        if kept:
+            from bf.runtime.backend_torch import _decode_quantized_weights
 
-                _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
-            compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib,
-                            by_block=not args.per_layer_decode)  # fmt: skip
-            launches = decode_launches(model.unet)
-            clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
-            step = graphed_step(model.eager_step, mode)
-            with torch.inference_mode():
-                extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
-                         "decode_launches": launches}  # fmt: skip
-                if keep == 0 and mode == "reduce-overhead" and not args.quick:
-                    torch._dynamo.reset()
-                    step = graphed_step(model.eager_step, mode)
-                    extra["warmup_cached_s"] = warm_up(step, inputs)
-            record(name, step, base, extra, resident=packed_bytes(model.unet))  # the codes were allocated before base
-            diff = (outputs[name] - ref).abs().max().item()
-            checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
-                            "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
-            print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
-            if args.profile and keep == 0 and mode == "reduce-overhead":
-                res.setdefault("profile", {})["lowbit_compiled_cl"] = profile(build_step(model.eager_step, "default"), inputs)
-            del model, step
-            torch._dynamo.reset()
+            _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
+        compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib,
+                        by_block=not args.per_layer_decode)  # fmt: skip
+        launches = decode_launches(model.unet)
+        slot_bytes = 0
+        if ahead:
+            small = _smallest_inputs(model.unet, DEV, torch.float16)
+            slot_bytes = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead, max_blocks=blocks)
+        clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
+        step = graphed_step(model.eager_step, mode)
+        with torch.inference_mode():
+            extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
+                     "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks}  # fmt: skip
+            if keep == 0 and ahead == 0 and mode == "reduce-overhead" and not args.quick:
+                torch._dynamo.reset()
+                step = graphed_step(model.eager_step, mode)
+                extra["warmup_cached_s"] = warm_up(step, inputs)
+        # the codes and slots were allocated before `base`
+        record(name, step, base, extra, resident=packed_bytes(model.unet) + slot_bytes)
+        diff = (outputs[name] - ref).abs().max().item()
+        checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
+                        "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
+        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
+        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]):
+            key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "")
+            res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default"), inputs)
+        del model, step
+        torch._dynamo.reset()
     if args.profile:
         for label, compile_it in (("fp16_compiled_cl", True), ("fp16_eager_kernels_cl", False)):
             fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)

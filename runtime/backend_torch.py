@@ -19,7 +19,9 @@ SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. T
 ``compile``: the step is compiled by ``torch.compile`` (inductor fuses the elementwise work around the
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
 decoded inside the compiled step by custom ops (bf.runtime.compiled_weights), one launch per UNet
-block, instead of the ring; decoded and fp weights are compiled as they are.
+block, instead of the ring: ahead, on a side stream, into ``ahead_slots`` persistent slots while the
+blocks before compute (0: in the step's stream, just before each block); decoded and fp weights are
+compiled as they are.
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -69,7 +71,7 @@ class TorchUNet:
     ``timesteps`` are the scheduler's, and a step is called with its index among them.
     ``layers``: the quantized weights by layer name, as a .bfq holds them (QuantizedLayer) or
     already packed on the GPU (bf.runtime.streamed_weights.PackedWeight); ``fp`` needs none.
-    ``fused``, ``slots`` and ``keep_decoded_bytes`` apply to streamed weights, as do ``group``,
+    ``fused``, ``slots`` and ``keep_decoded_bytes`` apply to streamed weights, as do ``ahead_slots`` (compiled), ``group``,
     ``priority`` and ``decode_blocks`` (how the ring decodes: see
     bf.runtime.streamed_weights.stream_weights). ``decoder``: the decode library
     (bf.decode_kernels.load() when None).
@@ -82,7 +84,7 @@ class TorchUNet:
     def __init__(self, unet, timesteps, layers: dict | None = None, *, weights: str = "streamed", device: str = "cuda",
                  dtype: str = "float16", channels_last: bool = True, cuda_graph: bool = True, slots: int = 2, fused: str | None = None,
                  keep_decoded_bytes: int = 0, decoder=None, group: bool = True, priority: int = 0, decode_blocks: int = 0,
-                 compile: bool = False, log=lambda msg: None):  # fmt: skip
+                 compile: bool = False, ahead_slots: int = 2, log=lambda msg: None):  # fmt: skip
         import torch
 
         from bf.models.time_cache import cache_time_features
@@ -101,6 +103,7 @@ class TorchUNet:
         self.compiled = compile
         self.compiled_bytes = 0  # codes and scales the compiled step decodes
         self.compiled_kept_bytes = 0  # weights a compiled step keeps decoded instead
+        self.slot_bytes = 0  # the slots a compiled step decodes ahead into
         if compile and weights == "streamed":
             if fused not in (None, "off"):
                 raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
@@ -124,6 +127,13 @@ class TorchUNet:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.eager_step = unet_step(module, channels_last, device)
+        if compile and weights == "streamed" and ahead_slots:
+            from bf.runtime.compiled_weights import decode_ahead
+
+            try:  # the order of the blocks, from one forward of the smallest input the UNet takes
+                self.slot_bytes = decode_ahead(unet, lambda: self.eager_step(*_smallest_inputs(unet, device, torch_dtype)), ahead_slots)
+            except BfError as e:
+                log(f"the compiled step decodes each block's weights just before it: {e}")
         step = self.eager_step
         if compile:
             import os
@@ -181,6 +191,17 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)
     return module, len(modules), packed_bytes(unet), sum(sizes[n] for n in kept) * itemsize
+
+
+def _smallest_inputs(unet, device: str, dtype):
+    """A step's inputs at the smallest latent the UNet's resamplers take, one token of context."""
+    import torch
+
+    side = 2 ** (len(unet.config.block_out_channels) - 1)
+    width = unet.config.cross_attention_dim
+    width = width[0] if isinstance(width, (list, tuple)) else width
+    sample = torch.zeros(1, unet.config.in_channels, side, side, device=device, dtype=dtype)
+    return sample, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, 1, width, device=device, dtype=dtype)
 
 
 def _logged_first_calls(step, log, cache_dir: str):
@@ -338,7 +359,7 @@ class TorchBackend:
         unet = nbytes(self.unet_module) + self.torch_unet.weight_bytes
         return {
             "unet_weight_bytes": unet,
-            "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else 0,
+            "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else self.torch_unet.slot_bytes,
             "text_vae_bytes": nbytes(self.text) + nbytes(self.vae),
             "allocated_bytes": torch.cuda.memory_allocated(),
         }

@@ -1,73 +1,54 @@
 """Low-bit weights decoded inside a ``torch.compile``'d UNet (the torch backend's ``compile`` mode).
 
-The decode kernels of plugins_trt are registered as a PyTorch custom op, ``bf::lowbit_decode``
-(``torch.library``, with a fake implementation that gives the output's shape and dtype), and every
-quantized Conv2d / Linear becomes a ``CompiledLowBitLayer`` whose forward is "decode the weight,
-then convolve or multiply". Dynamo traces the whole UNet through these layers without a graph
+The decode kernels of plugins_trt are registered as PyTorch custom ops (``torch.library``, with fake
+implementations that give the outputs' shapes), and the quantized Conv2d / Linear layers of a UNet
+block (a ResNet, a transformer block, a resampler) are wrapped, block by block, in a
+``CompiledLowBitGroup``: on every call it decodes the block's weights by one launch into one flat
+buffer and runs the block with views of it as those weights (``torch.func.functional_call``). A
+layer outside such a block, or beside one (an attention's projections around its transformer
+blocks), is a group of one. Dynamo traces the whole UNet through these groups without a graph
 break; inductor fuses the elementwise work around the convolutions and matrix products (where an
-FP16 step spends about half its time) and plans the decoded weights as short-lived buffers: each
-is freed after its layer, so only the packed codes stay resident. The step is then replayed from
-a CUDA graph, which also captures the decode launches.
+FP16 step spends about half its time). The step is then replayed from a CUDA graph, which also
+captures the decode launches. About 80 launches a step on SD-v1.5 instead of 258.
 
-Inside a UNet block (a ResNet, a transformer block, an attention's projections, a resampler) the
-layers' weights are decoded together by one launch (``bf::lowbit_decode_group``) into one buffer
-that lives while the block runs, and handed to the block's layers with ``torch.func.functional_call``:
-a launch per block instead of per layer (about 60 instead of 258 on SD-v1.5). Layers outside such a
-block decode alone.
+Where the decode runs:
+  in the step's stream   (``bf::lowbit_decode_group``) each group's buffer is a short-lived buffer of
+                         inductor's plan, decoded just before the block: the decode's time adds to the step
+  ahead                  (``decode_ahead``: ``bf::lowbit_decode_into`` and ``bf::lowbit_decode_wait``) each
+                         group's weights are decoded on a side stream into one of a few persistent slots,
+                         while the blocks before it compute; the block waits for its slot, and its slot is
+                         decoded into again only after the block's work. Events order the two streams, so a
+                         CUDA graph captures the fork and join. The order of the blocks comes from one eager
+                         forward; each slot holds the largest group that uses it.
 
-The weights are the decode kernels' output bit for bit (the op runs the same kernel as the other
+The ops are declared as mutating the slot, so the compiler orders every read of a slot between the
+wait that makes it valid and the next decode into it.
+
+The weights are the decode kernels' output bit for bit (the ops run the same kernel as the other
 modes), so the compiled step differs from an eager step with the same decoded weights only where
 inductor changes the order of floating-point work around them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from bf.errors import BfError
 from bf.format.dequant_op import DequantSpec
 
-# The specs the op decodes, by id: the op's schema takes plain ints, and the id keeps the grid,
-# packing and stored shape out of the traced graph (a compiled graph only holds the number).
-_SPECS: list[DequantSpec] = []
-_SPEC_IDS: dict[DequantSpec, int] = {}
-
-
-def spec_id(spec: DequantSpec) -> int:
-    if spec not in _SPEC_IDS:
-        _SPEC_IDS[spec] = len(_SPECS)
-        _SPECS.append(spec)
-    return _SPEC_IDS[spec]
-
-
-_DECODER: list = [None]  # the decode library the op runs (None: bf.decode_kernels.load(), found as bf.native says)
-
-
-@torch.library.custom_op("bf::lowbit_decode", mutates_args=())
-def lowbit_decode(codes: torch.Tensor, scale: torch.Tensor, spec: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weight of packed ``codes`` and per-row ``scale`` (spec ``spec``, see ``spec_id``), in its stored shape."""
-    s = _SPECS[spec]
-    lib = _library()
-    if codes.is_cuda:
-        return lib.decode_cuda(codes, scale, s, out=torch.empty(s.shape, dtype=dtype, device=codes.device))
-    # on the CPU (tests, tracing checks): the same decode through the library's CPU path, in float32
-    return torch.from_numpy(lib.decode_cpu(codes.numpy(), scale.numpy(), s)).to(dtype)
-
-
-@lowbit_decode.register_fake
-def _(codes: torch.Tensor, scale: torch.Tensor, spec: int, dtype: torch.dtype) -> torch.Tensor:
-    return codes.new_empty(_SPECS[spec].shape, dtype=dtype)
-
+_DECODER: list = [None]  # the decode library the ops run (None: bf.decode_kernels.load(), found as bf.native says)
 
 ALIGN = 128  # elements: every weight in a group's buffer starts 256-byte aligned, as cuDNN and cuBLAS like it
 
-# The groups the op decodes, by id: (specs, offsets into the buffer, buffer length); one id per distinct
-# list of specs, like spec_id, so building a model again adds nothing.
+# The groups the ops decode, by id: (specs, offsets into the buffer, buffer length). The ops' schemas take plain
+# ints, and the id keeps grids, packings and shapes out of the traced graph; one id per distinct list of specs,
+# so building a model again adds nothing.
 _GROUPS: list[tuple[tuple[DequantSpec, ...], tuple[int, ...], int]] = []
 _GROUP_IDS: dict[tuple[DequantSpec, ...], int] = {}
 
@@ -83,59 +64,6 @@ def group_id(specs: tuple[DequantSpec, ...]) -> int:
     return _GROUP_IDS[specs]
 
 
-@torch.library.custom_op("bf::lowbit_decode_group", mutates_args=())
-def lowbit_decode_group(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
-    """The weights of group ``group`` (see ``group_id``) decoded into one flat buffer, each at its offset."""
-    specs, offsets, total = _GROUPS[group]
-    flat = torch.empty(total, dtype=dtype, device=codes[0].device)
-    outs = [flat[o : o + math.prod(spec.shape)].view(spec.shape) for spec, o in zip(specs, offsets, strict=True)]
-    lib = _library()
-    if codes[0].is_cuda:
-        lib.decode_cuda_batch(list(zip(codes, scales, specs, strict=True)), outs)
-    else:
-        for c, sc, spec, out in zip(codes, scales, specs, outs, strict=True):
-            out.copy_(torch.from_numpy(lib.decode_cpu(c.numpy(), sc.numpy(), spec)))
-    return flat
-
-
-@lowbit_decode_group.register_fake
-def _(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
-    return codes[0].new_empty(_GROUPS[group][2], dtype=dtype)
-
-
-class CompiledLowBitGroup(nn.Module):
-    """A block whose quantized layers' weights are decoded together, by one launch, on every call.
-
-    The layers keep their place in the block with an empty placeholder weight; each call decodes the
-    group's buffer and runs the block with views of it as those weights (``torch.func.functional_call``)."""
-
-    def __init__(self, block: nn.Module, members: dict[str, object], dtype: torch.dtype):
-        super().__init__()
-        self.block = block
-        self.names = list(members)
-        packed = list(members.values())
-        # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
-        self.codes, self.scales = [w.codes for w in packed], [w.scale for w in packed]
-        self.layouts = [(math.prod(w.spec.shape), tuple(w.spec.shape), w.channels_last) for w in packed]
-        self.group, self.dtype = group_id(tuple(w.spec for w in packed)), dtype
-        self.offsets = _GROUPS[self.group][1]
-        for name in self.names:
-            block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, *args, **kwargs):
-        flat = torch.ops.bf.lowbit_decode_group(self.codes, self.scales, self.group, self.dtype)
-        weights = {}
-        for name, offset, (n, shape, channels_last) in zip(self.names, self.offsets, self.layouts, strict=True):
-            w = flat[offset : offset + n].view(shape)
-            weights[f"{name}.weight"] = w.permute(0, 3, 1, 2) if channels_last else w
-        return torch.func.functional_call(self.block, weights, args, kwargs)
-
-
-# The blocks whose layers decode together: the innermost ResNet, transformer block, attention (its
-# projections), or resampler a layer sits in, by its module name in a diffusers UNet.
-_BLOCK = re.compile(r"^(.*\b(?:resnets|transformer_blocks|attentions|downsamplers|upsamplers)\.\d+)\.(.+)$")
-
-
 def _library():
     lib = _DECODER[0]
     if lib is None:
@@ -145,40 +73,142 @@ def _library():
     return lib
 
 
-class CompiledLowBitLayer(nn.Module):
-    """A Conv2d or Linear whose weight is decoded from its packed codes on every call, by the custom op."""
+def _decode(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, flat: torch.Tensor, max_blocks: int = 0) -> None:
+    """Group ``group``'s weights decoded into ``flat`` at their offsets, on the current stream (CPU: at once)."""
+    specs, offsets, _ = _GROUPS[group]
+    outs = [flat[o : o + math.prod(spec.shape)].view(spec.shape) for spec, o in zip(specs, offsets, strict=True)]
+    lib = _library()
+    if flat.is_cuda:
+        lib.decode_cuda_batch(list(zip(codes, scales, specs, strict=True)), outs, max_blocks)
+    else:  # tests, tracing checks: the library's CPU path, in float32
+        for c, sc, spec, out in zip(codes, scales, specs, outs, strict=True):
+            out.copy_(torch.from_numpy(lib.decode_cpu(c.numpy(), sc.numpy(), spec)))
 
-    def __init__(self, module: nn.Conv2d | nn.Linear, codes: torch.Tensor, scale: torch.Tensor, spec: DequantSpec, channels_last: bool,
-                 dtype: torch.dtype):  # fmt: skip
+
+@torch.library.custom_op("bf::lowbit_decode_group", mutates_args=())
+def lowbit_decode_group(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of group ``group`` (see ``group_id``) decoded into one new flat buffer, each at its offset."""
+    flat = torch.empty(_GROUPS[group][2], dtype=dtype, device=codes[0].device)
+    _decode(codes, scales, group, flat)
+    return flat
+
+
+@lowbit_decode_group.register_fake
+def _(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: torch.dtype) -> torch.Tensor:
+    return codes[0].new_empty(_GROUPS[group][2], dtype=dtype)
+
+
+class _Schedule:
+    """Decoding ahead: a model's groups in the order its forward calls them, the slots they decode into (group i
+    into slot i % slots), the side stream, and the event of each group's pending decode."""
+
+    def __init__(self, order: list, slots: list[torch.Tensor], priority: int, max_blocks: int):
+        self.order, self.slots, self.max_blocks = order, slots, max_blocks
+        self.side = torch.cuda.Stream(slots[0].device, priority=priority) if slots[0].is_cuda else None
+        self.ready: dict[int, torch.cuda.Event] = {}
+        self.next = 0
+
+    def start(self, i: int) -> None:
+        """Decode group i into its slot on the side stream, after the work issued so far on the current stream."""
+        g, slot = self.order[i], self.slots[i % len(self.slots)]
+        if self.side is None:
+            _decode(g.codes, g.scales, g.group, slot)
+            return
+        free = torch.cuda.Event()
+        free.record(torch.cuda.current_stream(slot.device))
+        self.side.wait_event(free)
+        with torch.cuda.stream(self.side):
+            _decode(g.codes, g.scales, g.group, slot, self.max_blocks)
+        self.ready[i] = torch.cuda.Event()
+        self.ready[i].record(self.side)
+
+    def wait(self, i: int) -> None:
+        ready = self.ready.pop(i, None)
+        if ready is not None:
+            torch.cuda.current_stream(self.slots[0].device).wait_event(ready)
+
+
+_SCHEDULES: list[_Schedule] = []
+
+
+@torch.library.custom_op("bf::lowbit_decode_ahead", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def lowbit_decode_ahead(after: torch.Tensor, schedule: int, index: int) -> torch.Tensor:
+    """Group ``index`` of schedule ``schedule``: start the decode due now (the first group starts one per slot,
+    each later group the one ``slots - 1`` ahead, into the slot the previous group has just used), wait for this
+    group's decode, and return its weights, a view of its slot.
+
+    ``after`` is the group's input, computed from the previous group's output: taking it makes the compiler issue
+    this op after every read of the previous group's weights, which the decode started here overwrites."""
+    s = _SCHEDULES[schedule]
+    if index != s.next:
+        raise BfError(f"the compiled low-bit step ran block {index} where its schedule expected block {s.next}: "
+                      "the model's forward changed its order of blocks; build it again")  # fmt: skip
+    s.next = (index + 1) % len(s.order)
+    n = len(s.slots)
+    for j in range(n) if index == 0 else range(index + n - 1, min(index + n, len(s.order))):
+        s.start(j)
+    s.wait(index)
+    return s.slots[index % n][: s.order[index].size]
+
+
+@lowbit_decode_ahead.register_fake
+def _(after: torch.Tensor, schedule: int, index: int) -> torch.Tensor:
+    s = _SCHEDULES[schedule]
+    return torch.empty(s.order[index].size, dtype=s.slots[0].dtype, device=s.slots[0].device)
+
+
+class CompiledLowBitGroup(nn.Module):
+    """A block (or a single layer) whose quantized layers' weights are decoded together, by one launch, on every call.
+
+    The layers keep their place in the block with an empty placeholder weight; each call decodes the
+    group's buffer (or, decoding ahead, waits for its slot and starts the decodes it is due to start)
+    and runs the block with views of it as those weights (``torch.func.functional_call``)."""
+
+    def __init__(self, block: nn.Module, members: dict[str, object], dtype: torch.dtype):
         super().__init__()
+        self.block = block
+        self.names = list(members)  # "" for a group of one layer: the block is the layer
+        packed = list(members.values())
         # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
-        self.codes, self.scale = codes, scale
-        self.spec, self.channels_last, self.dtype = spec_id(spec), channels_last, dtype
-        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
-        self.conv = isinstance(module, nn.Conv2d)
-        if self.conv:
-            if module.padding_mode != "zeros":
-                raise BfError(f"compiled low-bit layers support zero-padded convolutions, got padding_mode={module.padding_mode!r}")
-            self.stride, self.padding, self.dilation, self.groups = module.stride, module.padding, module.dilation, module.groups
-        self.shape = tuple(module.weight.shape)
+        self.codes, self.scales = [w.codes for w in packed], [w.scale for w in packed]
+        self.layouts = [(math.prod(w.spec.shape), tuple(w.spec.shape), w.channels_last) for w in packed]
+        self.group, self.dtype = group_id(tuple(w.spec for w in packed)), dtype
+        self.offsets = _GROUPS[self.group][1]
+        self.size = _GROUPS[self.group][2]
+        self.ahead: tuple[int, int] | None = None  # decoding ahead: (schedule, index in it)
+        for name in self.names:
+            block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
-    def weight(self) -> torch.Tensor:
-        w = torch.ops.bf.lowbit_decode(self.codes, self.scale, self.spec, self.dtype)
-        return w.permute(0, 3, 1, 2) if self.channels_last else w
+    def forward(self, *args, **kwargs):
+        if self.ahead is None:
+            flat = torch.ops.bf.lowbit_decode_group(self.codes, self.scales, self.group, self.dtype)
+        else:
+            x = _input(args, kwargs)  # its first element: a dependency on the input that costs no copy of it
+            flat = torch.ops.bf.lowbit_decode_ahead(x[(0,) * x.dim()], *self.ahead)
+        weights = {}
+        for name, offset, (n, shape, channels_last) in zip(self.names, self.offsets, self.layouts, strict=True):
+            w = flat[offset : offset + n].view(shape)
+            weights[f"{name}.weight" if name else "weight"] = w.permute(0, 3, 1, 2) if channels_last else w
+        return torch.func.functional_call(self.block, weights, args, kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight()
-        if self.conv:
-            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.linear(x, w, self.bias)
+
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's input (its hidden states): the first tensor it is called with."""
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+
+# The blocks whose layers decode together: the innermost ResNet, transformer block, attention, or resampler a
+# layer sits in, by its module name in a diffusers UNet.
+_BLOCK = re.compile(r"^(.*\b(?:resnets|transformer_blocks|attentions|downsamplers|upsamplers)\.\d+)\.(.+)$")
 
 
 def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=None, by_block: bool = True) -> int:
     """Make every layer of ``owner`` named in ``packed`` (name -> bf.runtime.streamed_weights.PackedWeight, already on
     the device the model runs on) decode its weight from the codes on every call, in place; returns how many.
 
-    ``by_block``: the layers of one block decode together (a CompiledLowBitGroup around the block), the rest
-    alone (CompiledLowBitLayer); otherwise every layer alone."""
+    ``by_block``: the layers of one block decode together (a CompiledLowBitGroup around the block); a layer
+    outside every block, or in a block that holds another group (an attention's projections around its
+    transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone."""
     if decoder is not None:
         _DECODER[0] = decoder
     for name, pw in packed.items():
@@ -188,36 +218,91 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
         if expected != tuple(module.weight.shape):
             raise BfError(f"compiled weights: {name} holds a {stored} weight, the model's is {tuple(module.weight.shape)}")
     groups: dict[str, dict] = {}
-    alone = {}
     for name, pw in packed.items():
         m = _BLOCK.match(name) if by_block else None
-        if m:
-            groups.setdefault(m[1], {})[m[2]] = pw
-        else:
-            alone[name] = pw
-    # innermost blocks first: wrapping a block moves what is below it (under .block), not what is above
-    for block_name in sorted(groups, key=lambda n: -n.count(".")):
-        parent_name, _, child = block_name.rpartition(".")
+        block, member = (m[1], m[2]) if m else (name, "")
+        groups.setdefault(block, {})[member] = pw
+    for block in [b for b in groups if any(other.startswith(b + ".") for other in groups)]:
+        for member, pw in groups.pop(block).items():  # around another group: its layers alone
+            groups[f"{block}.{member}"] = {"": pw}
+    for block, members in groups.items():
+        parent_name, _, child = block.rpartition(".")
         parent = owner.get_submodule(parent_name) if parent_name else owner
-        setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), groups[block_name], dtype))
-    for name, pw in alone.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = owner.get_submodule(parent_name) if parent_name else owner
-        setattr(parent, child, CompiledLowBitLayer(getattr(parent, child), pw.codes, pw.scale, pw.spec, pw.channels_last, dtype))
+        setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype))
     return len(packed)
 
 
+def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 2, priority: int = 0, max_blocks: int = 0) -> int:
+    """Decode ``owner``'s compiled groups ahead, on a side stream, into ``slots`` persistent buffers (2 or more):
+    while a block computes, the next ``slots - 1`` blocks' weights are decoded. ``run_once`` runs one forward
+    (any input shape; autograd records it), whose order of blocks is the
+    schedule: each group must run once, on an input computed from the previous group's output, or a BfError
+    says which did not. ``priority``: the side stream's CUDA priority (-1: high); ``max_blocks`` caps each decode
+    launch's grid (0: no cap). Returns the slots' bytes."""
+    if slots < 2:
+        raise BfError(f"decoding ahead needs 2 or more slots, got {slots}")
+    groups = {m: name for name, m in owner.named_modules() if isinstance(m, CompiledLowBitGroup)}
+    for g in groups:
+        g.ahead = None
+    calls: list[tuple[CompiledLowBitGroup, torch.Tensor, torch.Tensor]] = []  # (group, its input, its output)
+
+    def record(m, args, kwargs, out):
+        if not isinstance(out, torch.Tensor):
+            raise BfError(f"decoding ahead needs blocks that return a tensor; {groups[m]} returns {type(out).__name__}")
+        # the output as a fresh leaf seen through a view: what is computed from it has that view in its autograd record
+        marker = out.detach().requires_grad_().view_as(out)
+        calls.append((m, _input(args, kwargs), marker))
+        return marker
+
+    hooks = [g.register_forward_hook(record, with_kwargs=True) for g in groups]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # autograd records what each activation was computed from
+            run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    order = [g for g, _, _ in calls]
+    twice = next((g for i, g in enumerate(order) if g in order[:i]), None)
+    if twice is not None:
+        raise BfError(f"decoding ahead needs a model that runs each of its blocks once per forward; {groups[twice]} ran twice")
+    for (prev, _, out), (g, inp, _) in itertools.pairwise(calls):
+        if not _computed_from(inp, out):
+            raise BfError(f"decoding ahead needs each block's input computed from the block before; {groups[g]}'s is not "
+                          f"computed from {groups[prev]}'s output")  # fmt: skip
+    if not order:
+        return 0
+    sizes = [max(g.size for g in order[s::slots]) for s in range(min(slots, len(order)))]
+    device = order[0].codes[0].device
+    buffers = [torch.empty(n, dtype=order[0].dtype, device=device) for n in sizes]
+    _SCHEDULES.append(_Schedule(order, buffers, priority, max_blocks))
+    for i, g in enumerate(order):
+        g.ahead = (len(_SCHEDULES) - 1, i)
+    return sum(b.nbytes for b in buffers)
+
+
+def _computed_from(t: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether autograd's record says ``t`` was computed from ``source``."""
+    if t is source:
+        return True
+    target = source.grad_fn
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is target:
+            return True
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
 def packed_bytes(owner: nn.Module) -> int:
-    """Resident bytes of the compiled layers' codes and scales."""
-    total = 0
-    for m in owner.modules():
-        if isinstance(m, CompiledLowBitLayer):
-            total += m.codes.nbytes + m.scale.nbytes
-        elif isinstance(m, CompiledLowBitGroup):
-            total += sum(c.nbytes for c in m.codes) + sum(c.nbytes for c in m.scales)
-    return total
+    """Resident bytes of the compiled groups' codes and scales."""
+    return sum(sum(c.nbytes for c in m.codes) + sum(c.nbytes for c in m.scales) for m in owner.modules()
+               if isinstance(m, CompiledLowBitGroup))  # fmt: skip
 
 
 def decode_launches(owner: nn.Module) -> int:
-    """Decode launches of one forward: one per block group and one per layer decoded alone."""
-    return sum(isinstance(m, (CompiledLowBitGroup, CompiledLowBitLayer)) for m in owner.modules())
+    """Decode launches of one forward: one per group."""
+    return sum(isinstance(m, CompiledLowBitGroup) for m in owner.modules())

@@ -1,4 +1,4 @@
-"""Low-bit weights decoded inside a compiled model by the bf::lowbit_decode custom op (bf.runtime.compiled_weights)."""
+"""Low-bit weights decoded inside a compiled model by the bf::lowbit_decode_* custom ops (bf.runtime.compiled_weights)."""
 
 import copy
 
@@ -45,34 +45,29 @@ def test_the_op_traces_without_a_graph_break_and_decodes_exactly(native_build, m
     """On the CPU: the compiled layers equal the decoded weights, and dynamo traces the whole model
     through the custom op (fullgraph) with its fake implementation."""
     from bf.decode_kernels import load
-    from bf.runtime.compiled_weights import CompiledLowBitLayer, compile_weights, packed_bytes
+    from bf.runtime.compiled_weights import CompiledLowBitGroup, compile_weights, decode_launches, packed_bytes
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     decoded, packed = _net_and_layers(channels_last=False, device="cpu")
     model = copy.deepcopy(decoded)
     assert compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so")) == 3
-    assert all(isinstance(getattr(model, n), CompiledLowBitLayer) for n in packed)
+    assert all(isinstance(getattr(model, n), CompiledLowBitGroup) and getattr(model, n).names == [""] for n in packed)
+    assert decode_launches(model) == 3
     assert packed_bytes(model) == sum(p.codes.nbytes + p.scale.nbytes for p in packed.values())
     x = torch.randn(2, 4, 6, 6)
     with torch.inference_mode():
         ref = decoded(x)
         assert torch.equal(model(x), ref)  # the library's float32 decode is the format's exact rule
-        for name in packed:
-            assert torch.equal(getattr(model, name).weight(), getattr(decoded, name).weight)
         traced = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert torch.equal(traced(x), ref)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_a_unet_decodes_one_launch_per_block_and_traces_whole(tiny_model, native_build, channels_last):
-    """The tiny UNet (every SD-v1.5 block type), its layers quantized: grouped by block, every weight decoded
-    is the format's exact value, the UNet's output equals the decoded-weight UNet's, and dynamo traces it
-    through the group ops and functional_call without a graph break."""
+def _tiny_unet(tiny_model, device: str, channels_last: bool):
+    """The tiny UNet (every SD-v1.5 block type) with its layers quantized to 1-3 bits: the decoded-weight UNet
+    and the layers packed for ``device``."""
     from diffusers import UNet2DConditionModel
 
-    from bf.decode_kernels import load
     from bf.format import quantizable_layers
-    from bf.runtime.compiled_weights import CompiledLowBitGroup, CompiledLowBitLayer, compile_weights, packed_bytes
     from bf.runtime.streamed_weights import packed_weight
 
     torch.manual_seed(0)
@@ -85,12 +80,24 @@ def test_a_unet_decodes_one_launch_per_block_and_traces_whole(tiny_model, native
         shape, grid = shapes[f"{name}.weight"], (Grid(1), Grid(2), Grid(3))[i % 3]
         layer = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.1, grid)
         decoded.get_submodule(name).weight.data = torch.from_numpy(layer.dequantize())
-        packed[name] = packed_weight(layer, "cpu", channels_last)
+        packed[name] = packed_weight(layer, device, channels_last)
+    return decoded, packed
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_unet_decodes_one_launch_per_block_and_traces_whole(tiny_model, native_build, channels_last):
+    """Grouped by block, every weight decoded is the format's exact value, the UNet's output equals the
+    decoded-weight UNet's, and dynamo traces it through the group ops and functional_call without a graph break."""
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_weights import CompiledLowBitGroup, compile_weights, packed_bytes
+
+    decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last)
     model = copy.deepcopy(decoded)
-    assert compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so")) == len(names)
+    assert compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so")) == len(packed)
     groups = [m for m in model.modules() if isinstance(m, CompiledLowBitGroup)]
-    alone = [m for m in model.modules() if isinstance(m, CompiledLowBitLayer)]
-    assert sum(len(g.names) for g in groups) + len(alone) == len(names) and len(groups) < len(names) / 2
+    assert sum(len(g.names) for g in groups) == len(packed) and len(groups) < len(packed) / 2
+    assert not any(isinstance(m, CompiledLowBitGroup) for g in groups for m in g.block.modules())  # groups never nest
+    assert {n for g in groups for n in g.names if "proj_" in n} == set()  # an attention's projections decode alone
     assert packed_bytes(model) == sum(p.codes.nbytes + p.scale.nbytes for p in packed.values())
     sample, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(10), torch.randn(2, 77, decoded.config.cross_attention_dim)
     if channels_last:  # as the runtime runs them: the decoded weights in the layout the channels-last codes decode to
@@ -101,6 +108,75 @@ def test_a_unet_decodes_one_launch_per_block_and_traces_whole(tiny_model, native
         assert torch.equal(model(sample, t, ctx).sample, ref)
         traced = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert torch.equal(traced(sample, t, ctx).sample, ref)
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_decoding_ahead_follows_the_forward_order_and_changes_no_weight(tiny_model, native_build, slots):
+    """Decoding ahead: the schedule is the forward's order of blocks, each slot holds its largest group, and the
+    output equals the decoded-weight UNet's, eager (twice: every slot is decoded into anew) and traced whole by
+    dynamo; a forward in another order is refused."""
+    from bf.decode_kernels import load
+    from bf.errors import BfError
+    from bf.runtime.compiled_weights import _SCHEDULES, CompiledLowBitGroup, compile_weights, decode_ahead
+
+    decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
+    model = copy.deepcopy(decoded)
+    compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so"))
+    sample, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor(10), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    order = []
+    groups = [m for m in model.modules() if isinstance(m, CompiledLowBitGroup)]
+    hooks = [g.register_forward_pre_hook(lambda m, a: order.append(m)) for g in groups]
+    with torch.inference_mode():
+        model(sample, t, ctx)
+    for h in hooks:
+        h.remove()
+    small = (torch.randn(1, 4, 4, 4), t, torch.randn(1, 1, decoded.config.cross_attention_dim))  # any shape gives the order
+    slot_bytes = decode_ahead(model, lambda: model(*small), slots=slots)
+    schedule = _SCHEDULES[order[0].ahead[0]]
+    assert schedule.order == order and [g.ahead[1] for g in order] == list(range(len(order)))
+    assert len(schedule.slots) == slots
+    assert slot_bytes == sum(max(g.size for g in order[s::slots]) for s in range(slots)) * 4
+    with torch.inference_mode():
+        ref = decoded(sample, t, ctx).sample
+        assert torch.equal(model(sample, t, ctx).sample, ref)
+        assert torch.equal(model(sample, t, ctx).sample, ref)
+        if slots == 2:
+            traced = torch.compile(model, backend="aot_eager", fullgraph=True)
+            assert torch.equal(traced(sample, t, ctx).sample, ref)
+        order[0](sample)  # conv_in, then conv_in again instead of the next block
+        with pytest.raises(BfError, match="ran block 0 where its schedule expected block 1: the model's forward changed"):
+            order[0](sample)
+    with pytest.raises(BfError, match="2 or more slots"):
+        decode_ahead(model, lambda: None, slots=1)
+    with pytest.raises(BfError, match=r"runs each of its blocks once per forward; conv_in ran twice"):
+        decode_ahead(model, lambda: (model(*small), model(*small)))
+
+
+def test_decoding_ahead_refuses_a_block_not_fed_by_the_one_before(native_build):
+    """Two layers applied to the same input: the second's input is not computed from the first's output, so
+    decoding its weights after the first's reads would not be ordered by the data; refused by name."""
+    from torch import nn
+
+    from bf.decode_kernels import load
+    from bf.errors import BfError
+    from bf.runtime.compiled_weights import compile_weights, decode_ahead
+    from bf.runtime.streamed_weights import packed_weight
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    rng = np.random.default_rng(0)
+    net = Fork()
+    packed = {n: packed_weight(QuantizedLayer.from_levels(n, rng.integers(-1, 2, (8, 8)), rng.random(8), Grid(2)), "cpu", False)
+              for n in ("a", "b")}  # fmt: skip
+    compile_weights(net, packed, torch.float32, decoder=load(native_build / "libbf_decode.so"))
+    with pytest.raises(BfError, match="each block's input computed from the block before; b's is not computed from a's output"):
+        decode_ahead(net, lambda: net(torch.randn(2, 8)))
 
 
 def test_a_layer_of_another_shape_is_refused(native_build, monkeypatch):
@@ -114,15 +190,18 @@ def test_a_layer_of_another_shape_is_refused(native_build, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ahead", [0, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_build, monkeypatch, channels_last):
-    """On the GPU, fp16, inductor with CUDA graphs: the low-bit model compiled equals the decoded-weight
-    model compiled the same way bit for bit (the op hands inductor the very weights), and the eager
-    decoded model within fp16 rounding of the fused elementwise work."""
+def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_build, monkeypatch, channels_last, ahead):
+    """On the GPU, fp16, inductor with CUDA graphs (torch's, and the backend's own around the default mode), decoding
+    in the step's stream or ahead on a side stream: the low-bit model compiled equals the decoded-weight model
+    compiled the same way bit for bit (the ops hand inductor the very weights), and the eager decoded model within
+    fp16 rounding of the fused elementwise work."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bf.decode_kernels import load
-    from bf.runtime.compiled_weights import compile_weights
+    from bf.runtime.compiled_weights import compile_weights, decode_ahead
+    from bf.runtime.torch_graph import GraphedCall
 
     lib = load(native_build / "libbf_decode.so")
     decoded, packed = _net_and_layers(channels_last, "cuda")
@@ -132,6 +211,8 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
     if channels_last:
         decoded, model = decoded.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 8, 8, device="cuda").half()
+    if ahead:
+        assert decode_ahead(model, lambda: model(x[:1]), slots=ahead) > 0
     with torch.inference_mode():
         eager = decoded(x)
         torch._dynamo.reset()
@@ -144,3 +225,8 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
             b = theirs(x).clone()
         assert torch.equal(a, b)
         assert (a.float() - eager.float()).abs().max().item() <= 2e-3 * eager.float().abs().max().item()
+        torch._dynamo.reset()
+        graphed = GraphedCall(torch.compile(model, fullgraph=True))
+        reference = torch.compile(copy.deepcopy(decoded), fullgraph=True)(x)
+        for _ in range(3):
+            assert torch.equal(graphed(x), reference)
