@@ -16,7 +16,7 @@ is against the fastest FP16 configuration of the run:
   lowbit compile[_graph]_cl  the codes decoded inside the compiled UNet by the bf::lowbit_decode_group
                              custom op (bf.runtime.compiled_weights), one launch per block just before
                              it (--per-layer-decode: one per layer), both compile flavours above; with
-                             --keep MB kept decoded as FP16 weights (default mode, decoding ahead)
+                             --keep MB kept decoded as FP16 weights (default mode, in the step's stream)
   lowbit compile_graph_cl_aheadN  the same, each block's weights decoded ahead on a side stream into N
                              persistent slots (bf::lowbit_decode_ahead) while the blocks before compute,
                              for each N of --ahead (with --decode-blocks B: each launch's grid capped at B)
@@ -141,10 +141,10 @@ def main() -> None:
     ap.add_argument("--keep", type=lambda t: [int(x) for x in t.split(",") if x], default=[256, 640],
                     help="MB of the largest weights kept decoded: a point each on the speed/memory curve")  # fmt: skip
     ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
-    ap.add_argument("--quick", action="store_true", help="compile + CUDA graph only, no --keep points, no cached warm-up")
+    ap.add_argument("--quick", action="store_true", help="compile + CUDA graph only, no cached warm-up")
     ap.add_argument("--per-layer-decode", action="store_true", help="compiled: one decode launch per layer instead of per block")
     ap.add_argument("--ahead", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 3],
-                    help="compiled: slot counts to decode ahead into, a configuration each (the first also with --keep)")  # fmt: skip
+                    help="compiled: slot counts to decode ahead into, a configuration each")  # fmt: skip
     ap.add_argument("--decode-blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                     help="compiled, decoding ahead into the first --ahead slots: grid caps of the decode launches")  # fmt: skip
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
@@ -257,7 +257,7 @@ def main() -> None:
         ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
     del decoded
     checks: dict = {}
-    keeps = (0,) if args.quick else (0, *args.keep)
+    keeps = (0, *args.keep)
     for keep in keeps:
         name = "lowbit_streamed_cl" + (f"_keep{keep}MB" if keep else "")
         base = clean()
@@ -267,7 +267,7 @@ def main() -> None:
     # (keep MB, compile mode, slots decoded ahead into (0: in the step's stream), decode grid cap)
     points = [(0, mode, 0, 0) for mode, _ in modes] + [(0, "default", n, 0) for n in args.ahead]
     points += [(0, "default", args.ahead[0], b) for b in args.decode_blocks if args.ahead]
-    points += [(keep, "default", (args.ahead or [0])[0], 0) for keep in keeps[1:]]
+    points += [(keep, "default", 0, 0) for keep in keeps[1:]]
     for keep, mode, ahead, blocks in points:
         label = dict(modes)[mode]
         name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "") + (
@@ -295,8 +295,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 step = graphed_step(model.eager_step, mode)
                 extra["warmup_cached_s"] = warm_up(step, inputs)
-        # the codes and slots were allocated before `base`
-        record(name, step, base, extra, resident=packed_bytes(model.unet) + slot_bytes)
+        record(name, step, base, extra, resident=packed_bytes(model.unet))  # the codes were allocated before `base`, the slots after
         diff = (outputs[name] - ref).abs().max().item()
         checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
                         "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip

@@ -230,3 +230,23 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
         reference = torch.compile(copy.deepcopy(decoded), fullgraph=True)(x)
         for _ in range(3):
             assert torch.equal(graphed(x), reference)
+
+
+def test_the_torch_backends_compiled_unet_decodes_ahead_when_asked(tiny_model, native_build, monkeypatch):
+    """TorchUNet(compile=True, ahead_slots=2) finds its blocks' order from a forward of the smallest input and
+    steps equal to the decoded weights' (CPU, float32, eager: the schedule and slots, not the compiler)."""
+    from bf.runtime.backend_torch import TorchUNet
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
+    timesteps = torch.arange(900, -1, -100)
+    opts = {"device": "cpu", "dtype": "float32", "channels_last": False, "cuda_graph": False}
+    ref = TorchUNet(copy.deepcopy(decoded), timesteps, weights="fp", **opts)
+    ours = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, ahead_slots=2, **opts)
+    in_stream = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, **opts)
+    assert ours.slot_bytes > 0 and in_stream.slot_bytes == 0
+    sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    with torch.inference_mode():
+        for i in (0, 3):
+            step = torch.tensor([i])
+            assert torch.equal(ours.eager_step(sample, step, ctx), ref.eager_step(sample, step, ctx))
