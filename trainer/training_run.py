@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class TrainRequest:
     device: str = "cpu"
     bundle: bool = False
     log_dir: Path | None = None  # log.csv and TensorBoard events; default: the work directory
+    fp_control: bool = False  # train the FP model itself (no layer quantized): the same-budget control
 
 
 def resolve_recipe(model: ModelDir, base: dict, shapes: dict, req: TrainRequest, work: Path, resume: bool, log) -> dict:
@@ -85,10 +86,13 @@ def train_model(
     resume: bool = False,
     progress: Callable[[int, int, dict], None] = lambda stage, step, info: None,
     log: Callable[[str], None] = lambda m: None,
-) -> Checkpoint:
+) -> Checkpoint | torch.nn.Module:
+    """The trained model: a Checkpoint, or with ``req.fp_control`` the trained FP UNet (torch module)."""
 
     check_work(work, resume)  # before the models load and the images are encoded
     check_data(req.data, req.images)
+    if req.fp_control:
+        check_fp_control(req)
     dist = torch.distributed
     check_cuda_graph(
         req.train, torch.device(req.device).type, dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -102,7 +106,18 @@ def train_model(
         raise
 
 
-def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, progress, log) -> Checkpoint:
+def check_fp_control(req: TrainRequest) -> None:
+    """The FP control quantizes nothing, and its Stage I would distil the FP model from itself."""
+    given = [o for o, v in (("--recipe", req.recipe), ("--uniform-bits", req.uniform_bits), ("--analysis", req.analysis),
+                            ("--grid", req.grid), ("--bundle", req.bundle or None)) if v is not None]  # fmt: skip
+    if given:
+        raise BfError(f"--fp-control trains the FP model, which has no recipe: drop {', '.join(given)}")
+    if req.train.stage2_steps == 0:
+        raise BfError("--fp-control without Stage II is the FP model itself (its Stage I distils it from itself: the loss and "
+                      "its gradient are zero); give --stage2-steps")  # fmt: skip
+
+
+def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, progress, log):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -112,8 +127,11 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
     shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
     work.mkdir(parents=True, exist_ok=True)
     base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
-    recipe = resolve_recipe(model, base, shapes, req, work, resume, log)
-    plan = plan_from_recipe(recipe, quantizable_layers(shapes), str(req.recipe or "recipe"))
+    if req.fp_control:
+        recipe, plan = {}, {}
+    else:
+        recipe = resolve_recipe(model, base, shapes, req, work, resume, log)
+        plan = plan_from_recipe(recipe, quantizable_layers(shapes), str(req.recipe or "recipe"))
     vae = AutoencoderKL.from_pretrained(model.root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
     size = teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     log(f"encoding {req.images if req.data == 'shapes' else 'up to ' + str(req.images)} training images ({req.data}, {size}x{size})")
@@ -125,6 +143,13 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
         device,
     )
     frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
+    if req.fp_control:
+        # Stage I distils the student from the teacher, and an FP student starts equal to it: zero loss, zero
+        # gradient, no step moves it (AdamW without weight decay). Skipping it changes nothing but the time.
+        log(f"FP control: Stage I ({req.train.stage1_steps} steps) leaves the FP model as it is and is skipped; "
+            f"Stage II {req.train.stage2_steps} steps")  # fmt: skip
+        student, _ = train_student(frozen, {}, replace(req.train, stage1_steps=0), work, resume, progress, log, req.log_dir)
+        return student
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")
     student, quants = train_student(frozen, plan, req.train, work, resume, progress, log, req.log_dir)
     _, held = scale_health(quants)

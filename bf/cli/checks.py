@@ -49,6 +49,13 @@ def check_output_dir(out: Path) -> None:
     check_writable_parent(out)
 
 
+def check_new_model_dir(out: Path) -> None:
+    """--out of a command that writes a model directory: none there yet (or an empty one), under a writable directory."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BfError(f"--out {out} already exists; give a new directory for the model")
+    check_writable_parent(out)
+
+
 def check_png_out(out: Path) -> None:
     """bf infer writes PNG files into a directory that exists and can be written."""
     if out.suffix.lower() != ".png":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bf.cli.checks import check_writable_file, default_device
+from bf.cli.checks import check_new_model_dir, check_writable_file, default_device
 from bf.cli.options import DEVICE_OPTION, MODEL_OPTION
 from bf.cli.output import log, progress_bar
 
@@ -44,10 +44,16 @@ from bf.cli.output import log, progress_bar
 )
 @DEVICE_OPTION
 @click.option("--bundle", is_flag=True, help="Embed text encoder, VAE and small files in the .bfq.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write.")
+@click.option(
+    "--fp-control",
+    is_flag=True,
+    help="Train the FP model itself with the same data, batch, learning rate, steps and losses, quantizing nothing: the "
+    "same-budget control that QAT results are compared with. --out is then a model directory (bf eval --model takes it).",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .bfq to write (with --fp-control: a model directory).")
 def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits, grid, init, no_feature_distill, timesteps, no_stage2,
             stage1_steps, stage2_steps, batch_size, lr, seed, checkpoint_every, checkpoint_minutes, work, log_dir, resume, bf16,
-            grad_checkpoint, cuda_graph, device, bundle, out) -> None:  # fmt: skip
+            grad_checkpoint, cuda_graph, device, bundle, fp_control, out) -> None:  # fmt: skip
     """Quantization-aware training: a model and data in, a low-bit .bfq out.
 
     \b
@@ -59,6 +65,8 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
       Stage II   noise prediction against the true noise
     Ablation switches: --grid plain, --init minmax, --uniform-bits B,
     --no-feature-distill, --timesteps uniform, --no-stage2.
+    Control: --fp-control trains the FP model the same way (its Stage I, a
+    distillation from itself, leaves it unchanged and is skipped).
     Several GPUs: torchrun --nproc_per_node N -m bf.cli train ... (DDP; --batch-size per GPU).
     """
     from bf.format import summarize
@@ -69,7 +77,10 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
     from bf.trainer.train import TrainConfig
     from bf.trainer.training_run import TrainRequest, train_model
 
-    check_writable_file(out)  # before hours of training
+    if fp_control:
+        check_new_model_dir(out)
+    else:
+        check_writable_file(out)  # before hours of training
     model = ModelDir.open(model_source(model_dir))
     device, rank = join_process_group(default_device(device))
     loss = LossConfig(feature_weight=0.0 if no_feature_distill else DEFAULT_FEATURE_WEIGHT, timesteps=timesteps)
@@ -99,6 +110,7 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
         device=device,
         bundle=bundle,
         log_dir=log_dir,
+        fp_control=fp_control,
     )
     work = work or out.with_name(out.name + ".work")
     bars: dict[int, object] = {}
@@ -113,6 +125,18 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
     for b in bars.values():
         b.close()
     if rank != 0:  # the ranks hold identical students; rank 0 writes
+        return
+    if fp_control:
+        from dataclasses import asdict
+
+        from bf.models.directory import write_with_unet
+        from bf.provenance import provenance
+
+        note = {"fp_control": True, "base_model": str(model.root.resolve()), "data": data, "images": images,
+                "training": {**asdict(cfg), "stage1_steps_skipped": stage1_steps}, "provenance": provenance()}  # fmt: skip
+        write_with_unet(model, ckpt.state_dict(), out, note)
+        log(f"wrote {out}: the FP model after Stage II ({stage2_steps} steps), the control for QAT runs of the same budget")
+        log(f"training log: {log_dir or work}/log.csv")
         return
     ckpt.save(out)
     s = summarize(ckpt, out.stat().st_size)

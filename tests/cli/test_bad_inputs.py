@@ -46,6 +46,9 @@ CASES = [
     (["train", "--out", "emptydir"], 1, "is a directory"),
     (["train", "--cuda-graph", "--uniform-bits", "2", "--images", "2", "--device", "cpu", "--out", "t.bfq"], 1, "--cuda-graph needs"),
     (["train", "--lr", "0", "--out", "t.bfq"], USAGE, "--lr"),
+    (["train", "--fp-control", "--uniform-bits", "2", "--out", "ctl"], 1, "which has no recipe: drop --uniform-bits"),
+    (["train", "--fp-control", "--no-stage2", "--out", "ctl"], 1, "--fp-control without Stage II is the FP model itself"),
+    (["train", "--fp-control", "--out", "fulldir"], 1, "--out fulldir already exists; give a new directory for the model"),
     # export
     (["export", "nosuch.bfq", "--out", "e"], 1, "nosuch.bfq"),
     (["export", "corrupt.bfq", "--out", "e"], 1, "not a readable .bfq"),

@@ -316,3 +316,41 @@ def test_a_state_is_also_saved_when_checkpoint_minutes_have_passed(tmp_path, mon
     cfg = TrainConfig(stage1_steps=3, stage2_steps=0, batch_size=2, checkpoint_every=100, checkpoint_minutes=1e-9)
     train_student(frozen, _plan(frozen), cfg, tmp_path)
     assert saved == [1, 2, 3]  # every step: the interval has always passed (by steps alone: only the last)
+
+
+def test_an_fp_students_stage1_is_the_identity(tmp_path):
+    """What --fp-control relies on to skip Stage I: distilling an unquantized student from its own teacher leaves
+    every weight exactly as it was (zero loss, zero gradient), feature term and all."""
+    frozen = _frozen()
+    cfg = TrainConfig(stage1_steps=3, stage2_steps=0, batch_size=2, lr=1e-2, checkpoint_every=100)
+    losses = []
+    student, quants = train_student(frozen, {}, cfg, tmp_path, progress=lambda st, step, info: losses.append(info["loss"]))
+    assert quants == {} and losses == [0.0, 0.0, 0.0]
+    teacher = frozen.teacher.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in student.state_dict().items())
+
+
+def test_bf_train_fp_control_writes_the_fp_model_after_stage2(tmp_path):
+    """--fp-control: a model directory bf eval can open, whose UNet moved by Stage II alone (same data, batch, lr),
+    every other component byte for byte the base model's, and the settings in bf_training.json."""
+    from conftest import run_bf
+    from safetensors.torch import load_file
+
+    from bf.models.directory import ModelDir
+
+    assert run_bf("random-model", "--arch", "sd15-tiny", "--out", tmp_path / "m").returncode == 0
+    args = ["train", "--model", tmp_path / "m", "--images", "8", "--stage1-steps", "5", "--stage2-steps", "2", "--batch-size", "2"]
+    r = run_bf(*args, "--fp-control", "--out", tmp_path / "ctl")
+    assert r.returncode == 0, r.stderr
+    assert "Stage I (5 steps) leaves the FP model as it is and is skipped" in r.stderr
+    ctl, base = ModelDir.open(tmp_path / "ctl"), ModelDir.open(tmp_path / "m")
+    for comp in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        assert [f.read_bytes() for f in ctl.component_files(comp)] == [f.read_bytes() for f in base.component_files(comp)]
+    assert ctl.config("unet") == base.config("unet")
+    trained, original = load_file(str(ctl.weight_files("unet")[0])), base.read_weights("unet", "pt")
+    assert trained.keys() == original.keys()
+    moved = [k for k in trained if not torch.equal(trained[k], original[k])]
+    assert len(moved) > len(trained) / 2  # Stage II trains every weight
+    note = json.loads((tmp_path / "ctl" / "bf_training.json").read_text())
+    assert note["fp_control"] and note["training"]["stage2_steps"] == 2 and note["training"]["stage1_steps_skipped"] == 5
+    assert (tmp_path / "ctl.work" / "log.csv").read_text().count("\n") == 3  # header and two Stage II steps
