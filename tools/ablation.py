@@ -1,8 +1,14 @@
 """The ablation table (the paper's Table 4, on the shipped model).
 
 Every row is one ``bf train`` command with the same number of training steps; each
-adds one technique to the row above. All rows are evaluated with ``bf eval`` against
-the FP model at CFG 3.5/5.5/7.5/9.5, and the table is written as JSON and a plot.
+adds one technique to the row above. Beside them, the FP control: the FP model trained
+with the same data, batch, learning rate, steps and losses (``bf train --fp-control``), so
+that a row above the FP model can be told apart from what training alone does. All rows
+are evaluated with ``bf eval`` against the FP model at CFG 3.5/5.5/7.5/9.5 on the same
+prompts and seeds, and the table is written as JSON and a plot: overall accuracy with its
+95% interval (bootstrap over prompts, bf.evaluate.intervals), and each row's paired
+difference against the row it adds a technique to, against the FP model and against the
+control, each with its interval.
 
     python tools/ablation.py --work W --recipe recipe.json --steps 800 --phase all
 
@@ -21,7 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from bf.errors import BfError
+from bf.evaluate.intervals import mean_ci, paired_difference
 from bf.processes import run_commands
 
 CFGS = (3.5, 5.5, 7.5, 9.5)
@@ -41,11 +50,23 @@ def rows(recipe: Path, steps: int) -> list[tuple[str, str, list[str] | None]]:
         ("beta", "+ Beta(3,1) timesteps", [*mixed, "--no-stage2"]),
         ("stage2", "+ Stage II (same budget: half Stage I, half Stage II)", [*mixed, "--stage2-steps", str(steps // 2)]),
         ("stage2x", "+ Stage II after a full Stage I (1.5x budget)", [*mixed, "--stage2-steps", str(steps // 2)]),
+        # Stage I of an FP student distils it from itself (the identity): this one control serves every row
+        ("fpctl", "FP control: the FP model trained like the full recipe", ["--fp-control", "--stage2-steps", str(steps // 2)]),
     ]
 
 
+# The row each row adds its technique to (the FP control is compared with the FP model it starts from).
+PREVIOUS = {"lsq2": "fp", "balance": "lsq2", "altinit": "balance", "mixed": "altinit", "feature": "mixed", "beta": "feature",
+            "stage2": "beta", "stage2x": "stage2", "fpctl": "fp"}  # fmt: skip
+
+
+def output(work: Path, key: str) -> Path:
+    """Where ``bf train`` writes a row: a .bfq, or the FP control's model directory."""
+    return work / (key if key == "fpctl" else f"{key}.bfq")
+
+
 def stage1_steps(key: str, steps: int) -> int:
-    return steps - steps // 2 if key == "stage2" else steps
+    return steps - steps // 2 if key in ("stage2", "fpctl") else steps
 
 
 def bf(*args: str) -> list[str]:
@@ -70,13 +91,13 @@ def run_parallel(jobs: dict[str, list[str]], work: Path, parallel: int, what: st
 def train(args, table_rows) -> None:
     jobs = {}
     for key, _, extra in table_rows:
-        out = args.work / f"{key}.bfq"
+        out = output(args.work, key)
         if extra is None or out.exists() or (args.rows and key not in args.rows.split(",")):
             continue
         jobs[key] = bf(
             "train", *extra, "--stage1-steps", str(stage1_steps(key, args.steps)), "--batch-size", str(args.batch_size),
             "--lr", str(args.lr), "--images", str(args.images), "--seed", str(args.seed), "--checkpoint-every", str(max(1, args.steps)),
-            "--out", str(out), *(["--resume"] if (args.work / f"{key}.bfq.work" / "state.safetensors").exists() else []),
+            "--out", str(out), *(["--resume"] if (out.with_name(out.name + ".work") / "state.safetensors").exists() else []),
         )  # fmt: skip
     seconds = run_parallel(jobs, args.work, args.parallel, "train")
     times = json.loads((args.work / "train_seconds.json").read_text()) if (args.work / "train_seconds.json").exists() else {}
@@ -89,26 +110,55 @@ def evaluate(args, table_rows) -> None:
         out = args.work / f"{key}.eval.json"
         if out.exists() or (args.rows and extra is not None and key not in args.rows.split(",")):
             continue
-        model = "shipped" if extra is None else str(args.work / f"{key}.bfq")
+        model = "shipped" if extra is None else str(output(args.work, key))
         jobs[key] = bf(
             "eval", "--model", model, "--reference", "shipped", "--cfg", ",".join(map(str, CFGS)), "--seeds", str(args.seeds),
-            "--batch-size", str(args.eval_batch), "--json", str(out), *(["--limit", str(args.limit)] if args.limit else []),
+            "--prompts", args.prompts, "--batch-size", str(args.eval_batch), "--json", str(out),
+            *(["--limit", str(args.limit)] if args.limit else []),
         )  # fmt: skip
     run_parallel(jobs, args.work, args.parallel, "eval")
 
 
-def _per_cfg(results: list[dict]) -> dict[str, dict]:
-    """Accuracy over all images of a CFG scale (the splits weighted by images) and PSNR of their mean MSE."""
+def per_image(results: list[dict], cfg: float, seeds: int) -> np.ndarray:
+    """Every image's overall verdict at one CFG scale, prompts x seeds, the splits' prompts one after another."""
+    rs = sorted((r for r in results if r["cfg"] == cfg), key=lambda r: r["split"])
+    if any("overall_per_image" not in r for r in rs):
+        raise BfError("an evaluation without per-image verdicts (made by an older bf eval); run the eval phase again")
+    return np.concatenate([np.array(r["overall_per_image"], dtype=np.float64).reshape(-1, seeds) for r in rs])
+
+
+def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
+    """Accuracy over all images of a CFG scale (the splits weighted by images) with its 95% interval (prompts
+    resampled across the splits), PSNR of their mean MSE, and each split's figures."""
     out = {}
     for cfg in CFGS:
         rs = [r for r in results if r["cfg"] == cfg]
         n = sum(r["images"] for r in rs)
         mse = sum(r["mse"] * r["images"] for r in rs) / n
+        splits = {r["split"]: {"accuracy": r["accuracy"]["overall"], **{k: r.get(k) for k in ("accuracy_ci95", "psnr", "images")}}
+                  for r in rs}  # fmt: skip
         out[str(cfg)] = {
             "accuracy": sum(r["accuracy"]["overall"] * r["images"] for r in rs) / n,
+            "accuracy_ci95": mean_ci(per_image(results, cfg, seeds)),
             "psnr": None if mse == 0 else 10 * math.log10(1 / mse),
-            "splits": {r["split"]: {"accuracy": r["accuracy"]["overall"], "psnr": r["psnr"], "images": r["images"]} for r in rs},
+            "splits": splits,
         }
+    return out
+
+
+def differences(evals: dict[str, list[dict]], seeds: int) -> dict[str, dict]:
+    """Each row's paired difference of overall accuracy (this row minus the other, same prompts and seeds) against the
+    row it adds a technique to, the FP model and the FP control, at every CFG scale, with 95% intervals."""
+    out: dict[str, dict] = {}
+    for key in evals:
+        others = {"previous": PREVIOUS.get(key), "fp": "fp", "fp_control": "fpctl"}
+        for name, other in others.items():
+            if key == "fp" or other in (None, key) or other not in evals or (name == "fp" and PREVIOUS.get(key) == "fp"):
+                continue
+            out.setdefault(key, {})[name] = {
+                "row": other,
+                **{str(c): paired_difference(per_image(evals[other], c, seeds), per_image(evals[key], c, seeds)) for c in CFGS},
+            }
     return out
 
 
@@ -126,29 +176,40 @@ def _inspect(bfq: Path) -> dict:
 
 def table(args, table_rows) -> dict:
     times = json.loads((args.work / "train_seconds.json").read_text()) if (args.work / "train_seconds.json").exists() else {}
-    out_rows = []
+    out_rows, evals = [], {}
+    fp16_bytes = None
     for key, label, extra in table_rows:
         if args.rows and extra is not None and key not in args.rows.split(","):
             continue
-        ev = json.loads((args.work / f"{key}.eval.json").read_text())
+        evals[key] = json.loads((args.work / f"{key}.eval.json").read_text())["results"]
         row = {"row": label, "key": key, "command_args": extra}
-        if extra is None:
-            row.update(avg_bits=16.0, stored_bytes=_inspect(args.work / "mixed.bfq")["fp16_bytes"])
+        if key in ("fp", "fpctl"):
+            row.update(avg_bits=16.0)
         else:
-            info = _inspect(args.work / f"{key}.bfq")
+            info = _inspect(output(args.work, key))
+            fp16_bytes = info["fp16_bytes"]
             row.update(avg_bits=info["avg_bits"], stored_bytes=info["unet_bytes"], stored_bits_per_weight=info["stored_bits_per_weight"])
-            row["training"] = {"seconds": times.get(key), "final": _final_losses(args.work / f"{key}.bfq.work" / "log.csv")}
-        row["cfg"] = _per_cfg(ev["results"])
+        if extra is not None:
+            out = output(args.work, key)
+            row["training"] = {"seconds": times.get(key), "final": _final_losses(out.with_name(out.name + ".work") / "log.csv")}
+        row["cfg"] = per_cfg(evals[key], args.seeds)
         out_rows.append(row)
+    for row in out_rows:
+        if row["avg_bits"] == 16.0:
+            row["stored_bytes"] = fp16_bytes
+    diffs = differences(evals, args.seeds)
     fp = {c: out_rows[0]["cfg"][str(c)]["accuracy"] for c in CFGS}
     for row in out_rows:
+        row["differences"] = diffs.get(row["key"], {})
         for c in CFGS:
             row["cfg"][str(c)]["accuracy_vs_fp"] = row["cfg"][str(c)]["accuracy"] / fp[c] if fp[c] else None
     result = {
         "rows": out_rows,
         "settings": {
             "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "lr": args.lr, "images": args.images, "seed": args.seed,
-            "eval": {"cfgs": CFGS, "seeds": args.seeds, "limit": args.limit, "sampler": "PNDM, 50 steps", "reference": "FP model"},
+            "eval": {"cfgs": CFGS, "seeds": args.seeds, "limit": args.limit, "prompts": args.prompts, "sampler": "PNDM, 50 steps",
+                     "reference": "FP model", "intervals": "95%, bootstrap over prompts (all seeds of a prompt kept together), "
+                     "paired for differences"},
         },
         "command": " ".join(["python", "tools/ablation.py", *sys.argv[1:]]),
     }  # fmt: skip
@@ -156,23 +217,42 @@ def table(args, table_rows) -> dict:
 
 
 def plot(result: dict, out: Path) -> None:
+    """Accuracy against CFG with 95% bands; each row's paired difference against the row it builds on, with its
+    interval, at every CFG scale; PSNR against the FP model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for row in result["rows"]:
-        acc = [row["cfg"][str(c)]["accuracy"] for c in CFGS]
-        style = "k--" if row["key"] == "fp" else "-o"
-        a1.plot(CFGS, acc, style, label=f"{row['row']} ({row['avg_bits']:.2f} bits)")
+    rows = result["rows"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.1, 1.2, 1]})
+    for row in rows:
+        per = [row["cfg"][str(c)] for c in CFGS]
+        style = "k--" if row["key"] == "fp" else ("k:" if row["key"] == "fpctl" else "-o")
+        (line,) = a1.plot(CFGS, [r["accuracy"] for r in per], style, label=f"{row['row']} ({row['avg_bits']:.2f} bits)")
+        if all(r.get("accuracy_ci95") for r in per):
+            a1.fill_between(CFGS, [r["accuracy_ci95"][0] for r in per], [r["accuracy_ci95"][1] for r in per], color=line.get_color(),
+                            alpha=0.1)  # fmt: skip
         if row["key"] != "fp":
-            a2.plot(CFGS, [row["cfg"][str(c)]["psnr"] for c in CFGS], "-o", label=row["row"])
-    a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title="Accuracy (shapes-test, 3 splits)", ylim=(0, 1.02))
-    a2.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model")
-    a1.legend(fontsize=7, loc="lower left")
-    a1.grid(alpha=0.3)
-    a2.grid(alpha=0.3)
+            a3.plot(CFGS, [r["psnr"] for r in per], style, label=row["row"])
+    compared = [row for row in rows if "previous" in row.get("differences", {})]
+    for j, c in enumerate(CFGS):
+        ys = [i + (j - 1.5) * 0.18 for i in range(len(compared))]
+        d = [row["differences"]["previous"][str(c)] for row in compared]
+        xs = [x["difference"] for x in d]
+        err = [[x["difference"] - x["ci95"][0] for x in d], [x["ci95"][1] - x["difference"] for x in d]]
+        a2.errorbar(xs, ys, xerr=err, fmt="o", ms=4, capsize=2, label=f"CFG {c}")
+    a2.axvline(0, color="k", lw=0.8)
+    a2.set_yticks(range(len(compared)), [f"{row['row'][:44]}\nvs {row['differences']['previous']['row']}" for row in compared], fontsize=7)
+    a2.invert_yaxis()
+    a2.set(xlabel="paired difference of overall accuracy (95% interval)", title="What each row adds")
+    a2.legend(fontsize=7)
+    splits = ", ".join(sorted(rows[0]["cfg"][str(CFGS[0])]["splits"]))
+    a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
+    a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model")
+    a1.legend(fontsize=6, loc="lower left")
+    for ax in (a1, a2, a3):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -191,6 +271,7 @@ def main() -> None:
     p.add_argument("--rows", default=None, help="Only these rows (comma-separated keys: lsq2,balance,...); the FP row is always in.")
     p.add_argument("--seeds", type=int, default=2, help="Eval images per prompt.")
     p.add_argument("--limit", type=int, default=None, help="Eval prompts per split (default: all).")
+    p.add_argument("--prompts", default="shapes-test", help="bf eval --prompts (default: shapes-test, its four splits).")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--json", type=Path, default=Path("results/ablation.json"))
     p.add_argument("--plot", type=Path, default=Path("results/ablation.png"))
@@ -207,11 +288,16 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
         plot(result, args.plot)
+        print(f"{'row':52s} {'bits':>6s} {'size':>10s}  accuracy [95%] at CFG 7.5   vs previous row [95%]       psnr at {CFGS}")
         for row in result["rows"]:
             per = [row["cfg"][str(c)] for c in CFGS]
-            accs = " ".join(f"{r['accuracy']:.3f}" for r in per)
+            at = row["cfg"]["7.5"]
+            lo, hi = at["accuracy_ci95"]
+            prev = row["differences"].get("previous", {}).get("7.5")
+            delta = f"{prev['difference']:+.3f} [{prev['ci95'][0]:+.3f}, {prev['ci95'][1]:+.3f}]" if prev else " " * 24
             psnr = " ".join("  -  " if r["psnr"] is None else f"{r['psnr']:5.1f}" for r in per)
-            print(f"{row['row'][:52]:52s} {row['avg_bits']:6.3f} {row['stored_bytes'] / 1e6:7.2f} MB  acc {accs}  psnr {psnr}")
+            size = f"{row['stored_bytes'] / 1e6:7.2f} MB"
+            print(f"{row['row'][:52]:52s} {row['avg_bits']:6.3f} {size}  {at['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]   {delta}   {psnr}")
         print(f"wrote {args.json} and {args.plot}")
 
 

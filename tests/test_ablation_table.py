@@ -1,0 +1,65 @@
+"""tools/ablation.py's table: intervals, paired differences against the previous row, the FP model and the FP
+control, from bf eval's per-image verdicts; the plot is drawn."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _eval_results(rng, p_success: float, prompts: int = 12, seeds: int = 2) -> list[dict]:
+    out = []
+    for cfg in (3.5, 5.5, 7.5, 9.5):
+        for split in ("single", "two", "heldout", "heldout-two"):
+            v = (rng.random(prompts * seeds) < p_success).astype(float)
+            out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "accuracy": {"overall": float(v.mean())},
+                        "accuracy_ci95": [0.0, 1.0], "overall_per_image": v.tolist(), "mse": 0.01, "psnr": 20.0})  # fmt: skip
+    return out
+
+
+def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import ablation
+
+    rng = np.random.default_rng(0)
+    evals = {"fp": _eval_results(rng, 0.5), "lsq2": _eval_results(rng, 0.8), "fpctl": _eval_results(rng, 0.6)}
+    for key, results in evals.items():
+        (tmp_path / f"{key}.eval.json").write_text(json.dumps({"results": results}))
+        if key != "fp":
+            out = ablation.output(tmp_path, key)
+            work = out.with_name(out.name + ".work")
+            work.mkdir()
+            (work / "log.csv").write_text("stage,step,loss,noise,feature,lr,seconds\n2,5,0.1,0.1,0,0.0001,3.0\n")
+    monkeypatch.setattr(ablation, "_inspect", lambda p: {"avg_bits": 2.0, "unet_bytes": 1000, "stored_bits_per_weight": 2.1,
+                                                         "fp16_bytes": 8000})  # fmt: skip
+    args = argparse.Namespace(work=tmp_path, rows="lsq2,fpctl", steps=10, batch_size=4, lr=1e-4, images=8, seed=0, seeds=2,
+                              limit=None, prompts="shapes-test")  # fmt: skip
+    result = ablation.table(args, ablation.rows(tmp_path / "r.json", 10))
+    by_key = {r["key"]: r for r in result["rows"]}
+    assert list(by_key) == ["fp", "lsq2", "fpctl"]
+    assert by_key["fp"]["stored_bytes"] == by_key["fpctl"]["stored_bytes"] == 8000 and by_key["fpctl"]["avg_bits"] == 16.0
+    for key, other, name in (("lsq2", "fp", "previous"), ("lsq2", "fpctl", "fp_control"), ("fpctl", "fp", "previous")):
+        d = by_key[key]["differences"][name]
+        assert d["row"] == other
+        for cfg in ("3.5", "7.5"):
+            a = ablation.per_image(evals[other], float(cfg), 2)
+            b = ablation.per_image(evals[key], float(cfg), 2)
+            assert d[cfg]["difference"] == pytest.approx(b.mean() - a.mean())
+            assert d[cfg]["ci95"][0] <= d[cfg]["difference"] <= d[cfg]["ci95"][1]
+    assert "fp_control" not in by_key["fpctl"]["differences"] and by_key["fp"]["differences"] == {}
+    acc = by_key["lsq2"]["cfg"]["7.5"]
+    assert acc["accuracy_ci95"][0] < acc["accuracy"] < acc["accuracy_ci95"][1]
+    assert acc["accuracy"] == pytest.approx(ablation.per_image(evals["lsq2"], 7.5, 2).mean())
+    assert by_key["lsq2"]["training"]["final"]["2"]["step"] == 5
+    ablation.plot(result, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    evals["fp"][0].pop("overall_per_image")
+    (tmp_path / "fp.eval.json").write_text(json.dumps({"results": evals["fp"]}))
+    with pytest.raises(ablation.BfError, match="without per-image verdicts"):
+        ablation.table(args, ablation.rows(tmp_path / "r.json", 10))
