@@ -12,7 +12,7 @@ from bf.evaluate.frechet import fd_to_rendered, rendered_truth
 from bf.evaluate.generate import generate
 from bf.evaluate.intervals import mean_ci, paired_difference, psnr_ci
 from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
-from bf.shapes.scenes import SPLITS, Scene, caption, eval_scenes, parse_prompt
+from bf.shapes.scenes import SPLITS, TEST_SCENES, Scene, caption, eval_scenes, parse_prompt
 
 SHAPES_TEST = "shapes-test"
 MIN_FD_IMAGES = 30  # the distance to rendered ground truth is reported from this many images per split on
@@ -43,13 +43,28 @@ class PromptSet:
     extra: dict = field(default_factory=dict)
 
 
-def prompt_sets(spec: str, limit: int | None = None) -> list[PromptSet]:
+def shapes_test_size(spec: str) -> int | None:
+    """Scenes per split of a 'shapes-test' or 'shapes-test:N' spec (None: not a shapes-test spec)."""
     if spec == SHAPES_TEST:
-        sets = [PromptSet(s, [caption(sc) for sc in eval_scenes(s)], list(eval_scenes(s))) for s in SPLITS]
+        return TEST_SCENES
+    head, sep, n = spec.partition(":")
+    if head != SHAPES_TEST or not sep:
+        return None
+    if not n.isdigit() or int(n) < 1:
+        raise BfError(f"--prompts {spec}: '{SHAPES_TEST}:N' takes a positive number of prompts per split, e.g. {SHAPES_TEST}:200")
+    return int(n)
+
+
+def prompt_sets(spec: str, limit: int | None = None) -> list[PromptSet]:
+    """The prompts of ``spec`` by split: 'shapes-test' (30 scenes per split), 'shapes-test:N' (the first N scenes of
+    each split, all of a smaller split), or a file (split by what each line describes)."""
+    if (n := shapes_test_size(spec)) is not None:
+        scenes = {s: eval_scenes(s, n) for s in SPLITS}
+        sets = [PromptSet(s, [caption(sc) for sc in scenes[s]], scenes[s]) for s in SPLITS]
     else:
         path = Path(spec)
         if not path.is_file():
-            raise BfError(f"--prompts {spec}: neither '{SHAPES_TEST}' nor a prompt file (one prompt per line)")
+            raise BfError(f"--prompts {spec}: neither '{SHAPES_TEST}[:N]' nor a prompt file (one prompt per line)")
         try:
             lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except UnicodeDecodeError as e:

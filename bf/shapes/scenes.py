@@ -116,39 +116,68 @@ def sample_scene(rng: np.random.Generator, heldout: bool = False, p_two: float =
     return Scene(objs, relation=rel)
 
 
-def eval_scenes(split: str) -> list[Scene]:
-    """The fixed test prompts of a split (30 each), the same on every machine."""
+TEST_SCENES = 30  # per split: the standard test set
+# distinct scenes of the drawn splits: ordered pairs of distinct shape-color pairs x sizes x relations
+SPACE_SIZE = {"two": len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1) * 4 * 4,
+              "heldout-two": (18 * 17 - len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1)) * 4 * 4}  # fmt: skip
+
+
+def split_space(split: str) -> list[Scene] | None:
+    """Every distinct scene of a split when there are few (single: 150, heldout: 30), else None (two and
+    heldout-two: ``SPACE_SIZE`` scenes, drawn at random)."""
     if split == "single":
-        return [Scene((Obj(s, c, SIZES[k % 2], POSITIONS[(3 * k + i) % 5]),)) for i, (s, c) in enumerate(TRAIN_PAIRS) for k in range(2)]
+        return [Scene((Obj(s, c, size, pos),)) for s, c in TRAIN_PAIRS for size in SIZES for pos in POSITIONS]
     if split == "heldout":
         return [Scene((Obj(s, c, size, pos),)) for s, c in sorted(HELDOUT_PAIRS) for size in SIZES for pos in POSITIONS]
-    if split == "heldout-two":
-        return _heldout_two_scenes()
-    if split == "two":
-        rng = np.random.default_rng(20261122)
-        scenes = []
-        while len(scenes) < 30:
-            sc = sample_scene(rng, p_two=1.0)
-            if sc not in scenes:
-                scenes.append(sc)
-        return scenes
+    if split in ("two", "heldout-two"):
+        return None
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _heldout_two_scenes() -> list[Scene]:
-    """30 two-object scenes, each with at least one held-out pair (on either side of the relation), the other
-    object any other shape-color pair; sizes and relations drawn like the training scenes'."""
-    rng = np.random.default_rng(20261130)
-    held, every = sorted(HELDOUT_PAIRS), [(s, c) for s in SHAPES for c in COLORS]
+def eval_scenes(split: str, n: int = TEST_SCENES) -> list[Scene]:
+    """The first ``n`` test scenes of a split, the same on every machine: the standard 30 first, then more distinct
+    scenes (all of a small split's space at most: ``split_space``)."""
+    if split == "single":
+        first = [Scene((Obj(s, c, SIZES[k % 2], POSITIONS[(3 * k + i) % 5]),)) for i, (s, c) in enumerate(TRAIN_PAIRS) for k in range(2)]
+    elif split == "heldout":
+        first = split_space("heldout")
+    elif split == "heldout-two":
+        return _sampled(_heldout_two_scene, 20261130, min(n, SPACE_SIZE[split]))
+    elif split == "two":
+        return _sampled(lambda rng: sample_scene(rng, p_two=1.0), 20261122, min(n, SPACE_SIZE[split]))
+    else:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n <= len(first):
+        return first[:n]
+    rest = [sc for sc in split_space(split) if sc not in first]
+    order = np.random.default_rng(20261201).permutation(len(rest))
+    return first + [rest[i] for i in order][: n - len(first)]
+
+
+def _sampled(draw, seed: int, n: int) -> list[Scene]:
+    """``n`` distinct scenes drawn in turn from ``draw(rng)`` (rng seeded by ``seed``); draws that repeat a scene are skipped."""
+    rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
-    while len(scenes) < 30:
-        pair = [held[int(rng.integers(len(held)))], every[int(rng.integers(len(every)))]]
-        if pair[0] == pair[1]:
-            continue
-        if rng.random() < 0.5:
-            pair.reverse()
-        rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
-        objs = tuple(Obj(*pr, SIZES[int(rng.integers(2))], p) for pr, p in zip(pair, RELATIONS[rel], strict=True))
-        if (sc := Scene(objs, relation=rel)) not in scenes:
+    seen: set[Scene] = set()
+    while len(scenes) < n:
+        sc = draw(rng)
+        if sc is not None and sc not in seen:
+            seen.add(sc)
             scenes.append(sc)
     return scenes
+
+
+_HELD, _EVERY = sorted(HELDOUT_PAIRS), [(s, c) for s in SHAPES for c in COLORS]
+
+
+def _heldout_two_scene(rng: np.random.Generator) -> Scene | None:
+    """A two-object scene with at least one held-out pair (on either side of the relation), the other object any
+    other shape-color pair; sizes and relations drawn like the training scenes' (None: a draw of the same pair twice)."""
+    pair = [_HELD[int(rng.integers(len(_HELD)))], _EVERY[int(rng.integers(len(_EVERY)))]]
+    if pair[0] == pair[1]:
+        return None
+    if rng.random() < 0.5:
+        pair.reverse()
+    rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+    objs = tuple(Obj(*pr, SIZES[int(rng.integers(2))], p) for pr, p in zip(pair, RELATIONS[rel], strict=True))
+    return Scene(objs, relation=rel)

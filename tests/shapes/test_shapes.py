@@ -50,6 +50,31 @@ def test_eval_splits_are_fixed_and_sized():
     assert any(not sc.pairs <= HELDOUT_PAIRS for sc in held_two) and len({sc.relation for sc in held_two}) == 4
 
 
+def test_larger_test_sets_extend_the_standard_one_with_distinct_scenes_of_each_split():
+    """eval_scenes(split, n): the standard 30 first, then new distinct scenes with the split's properties, capped at
+    the split's distinct scenes; prompt_sets reads 'shapes-test:N' and refuses a bad N in one line."""
+    from bf.errors import BfError
+    from bf.evaluate.evaluation import prompt_sets
+    from bf.shapes.scenes import SPACE_SIZE, split_space
+
+    for split in SPLITS:
+        big = eval_scenes(split, 200)
+        space = split_space(split)
+        assert big[:30] == eval_scenes(split) and len(set(big)) == len(big) == min(200, len(space) if space else 200)
+        if space is not None:
+            assert set(big) <= set(space) and len(set(space)) == len(space)
+    assert len(eval_scenes("single", 1000)) == 150 and len(eval_scenes("heldout", 1000)) == 30
+    assert SPACE_SIZE == {"two": 3360, "heldout-two": 1536}
+    assert not any(sc.pairs & HELDOUT_PAIRS for sc in eval_scenes("single", 200) + eval_scenes("two", 200))
+    assert all(sc.pairs & HELDOUT_PAIRS and len(sc.objects) == 2 for sc in eval_scenes("heldout-two", 200))
+    sets = {ps.split: ps for ps in prompt_sets("shapes-test:100")}
+    assert {k: len(v.prompts) for k, v in sets.items()} == {"single": 100, "two": 100, "heldout": 30, "heldout-two": 100}
+    assert sets["two"].scenes == eval_scenes("two", 100) and [len(ps.prompts) for ps in prompt_sets("shapes-test")] == [30] * 4
+    for bad in ("shapes-test:0", "shapes-test:x", "shapes-test:"):
+        with pytest.raises(BfError, match="takes a positive number of prompts per split"):
+            prompt_sets(bad)
+
+
 def test_captions_vary_and_canonical_ones_parse_back():
     rng = np.random.default_rng(0)
     scene = sample_scene(rng, p_two=0.0)
