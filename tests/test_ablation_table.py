@@ -48,14 +48,14 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
         d = by_key[key]["differences"][name]
         assert d["row"] == other
         for cfg in ("3.5", "7.5"):
-            a = ablation.per_image(evals[other], float(cfg), 2)
-            b = ablation.per_image(evals[key], float(cfg), 2)
+            a = np.concatenate([v for v, _ in ablation.per_image(evals[other], float(cfg), 2)])
+            b = np.concatenate([v for v, _ in ablation.per_image(evals[key], float(cfg), 2)])
             assert d[cfg]["difference"] == pytest.approx(b.mean() - a.mean())
             assert d[cfg]["ci95"][0] <= d[cfg]["difference"] <= d[cfg]["ci95"][1]
     assert "fp_control" not in by_key["fpctl"]["differences"] and by_key["fp"]["differences"] == {}
     acc = by_key["lsq2"]["cfg"]["7.5"]
     assert acc["accuracy_ci95"][0] < acc["accuracy"] < acc["accuracy_ci95"][1]
-    assert acc["accuracy"] == pytest.approx(ablation.per_image(evals["lsq2"], 7.5, 2).mean())
+    assert acc["accuracy"] == pytest.approx(np.mean([v for v, _ in ablation.per_image(evals["lsq2"], 7.5, 2)]))
     assert by_key["lsq2"]["training"]["final"]["2"]["step"] == 5
     ablation.plot(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000

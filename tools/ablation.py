@@ -6,8 +6,8 @@ with the same data, batch, learning rate, steps and losses (``bf train --fp-cont
 that a row above the FP model can be told apart from what training alone does. All rows
 are evaluated with ``bf eval`` against the FP model at CFG 3.5/5.5/7.5/9.5 on the same
 prompts and seeds, and the table is written as JSON and a plot: overall accuracy with its
-95% interval (bootstrap over prompts, bf.evaluate.intervals), and each row's paired
-difference against the row it adds a technique to, against the FP model and against the
+95% interval (bf.evaluate.intervals: prompts resampled, or seeds alone where the prompts
+are all of a split's scenes), and each row's paired difference against the row it adds a technique to, against the FP model and against the
 control, each with its interval.
 
     python tools/ablation.py --work W --recipe recipe.json --steps 800 --phase all
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bf.errors import BfError
-from bf.evaluate.intervals import mean_ci, paired_difference
+from bf.evaluate.intervals import combined_ci
 from bf.processes import run_commands
 
 CFGS = (3.5, 5.5, 7.5, 9.5)
@@ -119,17 +119,26 @@ def evaluate(args, table_rows) -> None:
     run_parallel(jobs, args.work, args.parallel, "eval")
 
 
-def per_image(results: list[dict], cfg: float, seeds: int) -> np.ndarray:
-    """Every image's overall verdict at one CFG scale, prompts x seeds, the splits' prompts one after another."""
+def per_image(results: list[dict], cfg: float, seeds: int) -> list[tuple[np.ndarray, bool]]:
+    """Every image's overall verdict at one CFG scale, by split (in name order): (prompts x seeds, whether the
+    prompts are all the split's scenes)."""
     rs = sorted((r for r in results if r["cfg"] == cfg), key=lambda r: r["split"])
     if any("overall_per_image" not in r for r in rs):
         raise BfError("an evaluation without per-image verdicts (made by an older bf eval); run the eval phase again")
-    return np.concatenate([np.array(r["overall_per_image"], dtype=np.float64).reshape(-1, seeds) for r in rs])
+    return [(np.array(r["overall_per_image"], dtype=np.float64).reshape(-1, seeds), r.get("whole_split", False)) for r in rs]
+
+
+def paired(a: list[tuple[np.ndarray, bool]], b: list[tuple[np.ndarray, bool]]) -> dict:
+    """``b`` minus ``a`` over every image of the splits, paired image by image, with its interval (combined_ci)."""
+    if [v.shape for v, _ in a] != [v.shape for v, _ in b]:
+        raise BfError("two rows evaluated on different prompts or seeds cannot be paired; evaluate them with the same settings")
+    d = [(vb - va, whole) for (va, whole), (vb, _) in zip(a, b, strict=True)]
+    return {"difference": float(sum(x.sum() for x, _ in d) / sum(x.size for x, _ in d)), "ci95": combined_ci(d)}
 
 
 def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
-    """Accuracy over all images of a CFG scale (the splits weighted by images) with its 95% interval (prompts
-    resampled across the splits), PSNR of their mean MSE, and each split's figures."""
+    """Accuracy over all images of a CFG scale (the splits weighted by images) with its 95% interval (combined_ci:
+    each split varies by its own rule), PSNR of their mean MSE, and each split's figures."""
     out = {}
     for cfg in CFGS:
         rs = [r for r in results if r["cfg"] == cfg]
@@ -139,7 +148,7 @@ def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
                   for r in rs}  # fmt: skip
         out[str(cfg)] = {
             "accuracy": sum(r["accuracy"]["overall"] * r["images"] for r in rs) / n,
-            "accuracy_ci95": mean_ci(per_image(results, cfg, seeds)),
+            "accuracy_ci95": combined_ci(per_image(results, cfg, seeds)),
             "psnr": None if mse == 0 else 10 * math.log10(1 / mse),
             "splits": splits,
         }
@@ -157,7 +166,7 @@ def differences(evals: dict[str, list[dict]], seeds: int) -> dict[str, dict]:
                 continue
             out.setdefault(key, {})[name] = {
                 "row": other,
-                **{str(c): paired_difference(per_image(evals[other], c, seeds), per_image(evals[key], c, seeds)) for c in CFGS},
+                **{str(c): paired(per_image(evals[other], c, seeds), per_image(evals[key], c, seeds)) for c in CFGS},
             }
     return out
 
@@ -208,8 +217,8 @@ def table(args, table_rows) -> dict:
         "settings": {
             "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "lr": args.lr, "images": args.images, "seed": args.seed,
             "eval": {"cfgs": CFGS, "seeds": args.seeds, "limit": args.limit, "prompts": args.prompts, "sampler": "PNDM, 50 steps",
-                     "reference": "FP model", "intervals": "95%, bootstrap over prompts (all seeds of a prompt kept together), "
-                     "paired for differences"},
+                     "reference": "FP model", "intervals": "95%, normal, from each split's variance: bootstrap over prompts (a "
+                     "prompt's seeds together), or over seeds where the prompts are all of the split's scenes; paired for differences"},
         },
         "command": " ".join(["python", "tools/ablation.py", *sys.argv[1:]]),
     }  # fmt: skip

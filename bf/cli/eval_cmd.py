@@ -55,9 +55,10 @@ def command(
     diffusers pipeline with its dequantized UNet.
 
     Overall accuracy and PSNR come with 95% intervals (bootstrap over prompts, all seeds of a
-    prompt kept together), and every pair of models with the paired difference of overall
-    accuracy on the same prompts and seeds and its interval; --json carries them, and each
-    image's verdict (overall_per_image) for further comparisons.
+    prompt kept together; for a split whose prompts are all its scenes, over seeds alone), and
+    every pair of models with the paired difference of overall accuracy on the same prompts and
+    seeds and its interval; --json carries them, and each image's verdict (overall_per_image)
+    for further comparisons.
     """
     import dataclasses
 

@@ -12,7 +12,7 @@ from bf.evaluate.frechet import fd_to_rendered, rendered_truth
 from bf.evaluate.generate import generate
 from bf.evaluate.intervals import mean_ci, paired_difference, psnr_ci
 from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
-from bf.shapes.scenes import SPLITS, TEST_SCENES, Scene, caption, eval_scenes, parse_prompt
+from bf.shapes.scenes import SPLITS, TEST_SCENES, Scene, caption, eval_scenes, parse_prompt, split_space
 
 SHAPES_TEST = "shapes-test"
 MIN_FD_IMAGES = 30  # the distance to rendered ground truth is reported from this many images per split on
@@ -107,6 +107,7 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
             scenes = [sc for sc in ps.scenes for _ in seeds]
             prompts = [p for p in ps.prompts for _ in seeds]
             grid = (len(ps.prompts), len(seeds))  # images are prompt-major: the seeds of prompt 0, then of prompt 1, ...
+            whole = _whole_split(ps)
             for model in models:
                 out = run(model, scale, ps)
                 judged = verdicts(out.images, scenes)
@@ -119,7 +120,8 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                 }
                 if judged and all(v is not None for v in judged):
                     overall = np.array([float(v["overall"]) for v in judged]).reshape(grid)
-                    entry["accuracy_ci95"] = mean_ci(overall)
+                    entry["accuracy_ci95"] = mean_ci(overall, whole)
+                    entry["whole_split"] = whole
                     entry["overall_per_image"] = overall.ravel().tolist()
                     h, w = out.images.shape[1:3]
                     # the renderer draws squares; a handful of images gives a covariance of noise, not a distance
@@ -129,11 +131,17 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                 if ref is not None:
                     entry.update(fidelity(out.images, ref.images, out.latents, ref.latents))
                     entry["reference"] = reference.label
-                    entry["psnr_ci95"] = psnr_ci(image_mse(out.images, ref.images).reshape(grid))
+                    entry["psnr_ci95"] = psnr_ci(image_mse(out.images, ref.images).reshape(grid), whole)
                 if clip is not None:
                     entry["clip_score"] = clip(out.images, prompts)
                 results.append(entry)
     return results, generated
+
+
+def _whole_split(ps: PromptSet) -> bool:
+    """Whether the prompts are every scene of their shapes split (its accuracy then varies with the seeds alone)."""
+    space = split_space(ps.split) if ps.split in SPLITS else None
+    return space is not None and set(ps.scenes) == set(space)
 
 
 def paired_differences(results: list[dict], seeds: int) -> list[dict]:
@@ -149,7 +157,7 @@ def paired_differences(results: list[dict], seeds: int) -> list[dict]:
             for b in rows[i + 1 :]:
                 va, vb = (np.array(r["overall_per_image"]).reshape(-1, seeds) for r in (a, b))
                 out.append({"cfg": scale, "split": split, "a": a["model"], "b": b["model"], "metric": "overall accuracy, b - a"}
-                           | paired_difference(va, vb))  # fmt: skip
+                           | paired_difference(va, vb, a.get("whole_split", False)))  # fmt: skip
     return out
 
 

@@ -45,3 +45,34 @@ def test_pairing_separates_what_independent_intervals_cannot():
     assert paired_difference(a, a) == {"difference": 0.0, "ci95": [0.0, 0.0]}
     with pytest.raises(ValueError, match="same prompts and seeds"):
         paired_difference(a, b[:10])
+
+
+def test_a_whole_split_varies_with_its_seeds_alone():
+    """Prompts that are every scene of their split: the interval comes from each prompt's variance over its seeds
+    (unbiased), normal; prompts that always or never succeed add nothing, unlike in the prompt bootstrap. One seed
+    falls back to the bootstrap."""
+    from bf.evaluate.intervals import Z95, mean_variance
+
+    rng = np.random.default_rng(1)
+    values = np.vstack([np.ones((10, 4)), np.zeros((10, 4)), (rng.random((10, 4)) < 0.5).astype(float)])
+    var = values[20:].var(axis=1, ddof=1).sum() / 4 / 30**2
+    assert mean_variance(values, whole=True) == pytest.approx(var)
+    lo, hi = mean_ci(values, whole=True)
+    assert (lo, hi) == pytest.approx((values.mean() - Z95 * var**0.5, values.mean() + Z95 * var**0.5))
+    assert hi - lo < 0.5 * np.diff(mean_ci(values))[0]  # the bootstrap counts which prompts were drawn
+    assert mean_ci(values[:, :1], whole=True) == mean_ci(values[:, :1])
+    assert mean_ci(np.ones((30, 2)), whole=True) == [1.0, 1.0]
+    d = paired_difference(values, np.ones_like(values), whole=True)
+    assert d["difference"] == pytest.approx(1 - values.mean()) and d["ci95"] == pytest.approx(
+        [max(d["difference"] - Z95 * var**0.5, 0.0), d["difference"] + Z95 * var**0.5])  # fmt: skip
+
+
+def test_splits_combine_by_their_images():
+    from bf.evaluate.intervals import Z95, combined_ci, mean_variance
+
+    rng = np.random.default_rng(2)
+    a, b = (rng.random((30, 2)) < 0.8).astype(float), (rng.random((10, 2)) < 0.4).astype(float)
+    lo, hi = combined_ci([(a, False), (b, True)])
+    mean = (a.sum() + b.sum()) / 80
+    half = Z95 * ((60 / 80) ** 2 * mean_variance(a) + (20 / 80) ** 2 * mean_variance(b, True)) ** 0.5
+    assert (lo, hi) == pytest.approx((mean - half, mean + half))

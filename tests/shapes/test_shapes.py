@@ -128,3 +128,12 @@ def test_detector_works_at_other_resolutions(resolution):
     sc = Scene((Obj("square", "green", "large", "right"),))
     v = judge(sc, detect(render(sc, resolution=resolution)))
     assert v["overall"], v
+
+
+def test_an_evaluation_knows_which_splits_it_covers_whole():
+    from bf.evaluate.evaluation import _whole_split, prompt_sets
+
+    whole = {ps.split: _whole_split(ps) for ps in prompt_sets("shapes-test")}
+    assert whole == {"single": False, "two": False, "heldout": True, "heldout-two": False}
+    assert {ps.split: _whole_split(ps) for ps in prompt_sets("shapes-test:150")}["single"]
+    assert not {ps.split: _whole_split(ps) for ps in prompt_sets("shapes-test", limit=10)}["heldout"]
