@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bf.errors import BfError
-from bf.evaluate.intervals import combined_ci
+from bf.evaluate.intervals import combined_ci, combined_difference
 from bf.processes import run_commands
 
 CFGS = (3.5, 5.5, 7.5, 9.5)
@@ -132,8 +132,7 @@ def paired(a: list[tuple[np.ndarray, bool]], b: list[tuple[np.ndarray, bool]]) -
     """``b`` minus ``a`` over every image of the splits, paired image by image, with its interval (combined_ci)."""
     if [v.shape for v, _ in a] != [v.shape for v, _ in b]:
         raise BfError("two rows evaluated on different prompts or seeds cannot be paired; evaluate them with the same settings")
-    d = [(vb - va, whole) for (va, whole), (vb, _) in zip(a, b, strict=True)]
-    return {"difference": float(sum(x.sum() for x, _ in d) / sum(x.size for x, _ in d)), "ci95": combined_ci(d)}
+    return combined_difference([(va, vb, whole) for (va, whole), (vb, _) in zip(a, b, strict=True)])
 
 
 def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:

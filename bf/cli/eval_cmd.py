@@ -26,8 +26,8 @@ from bf.scheduler_names import SCHEDULERS
     default="shapes-test",
     show_default=True,
     help="'shapes-test' (single, two, heldout, heldout-two splits, 30 scenes each), 'shapes-test:N' (N scenes per split, "
-    "the first 30 the standard ones; at most the split's distinct scenes: single 150, heldout 30, two 3360, heldout-two "
-    "1536), or a file, one prompt per line.",
+    "the first 30 the standard ones; at most the split's distinct scenes: single 150, heldout 30, two 840, heldout-two "
+    "384), or a file, one prompt per line.",
 )
 @click.option("--cfg", "cfgs", default="3.5,5.5,7.5,9.5", show_default=True, help="Classifier-free guidance scales.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")

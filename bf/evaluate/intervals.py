@@ -10,8 +10,11 @@ inputs give the same interval.
 
 A split whose prompts are every scene it has (``whole``: the held-out split's 30, or all 150 single
 scenes) is no sample of prompts: what varies between runs is the seeds alone. Its interval is then
-normal, from each prompt's variance over its seeds (unbiased, so 2 or more seeds; with one seed the
-prompt bootstrap, which overstates it, is used).
+normal, from each prompt's variance over its seeds. For 0/1 verdicts that variance is p(1 - p) / seeds
+with p the prompt's success rate pulled toward 1/2 by half a success ((k + 1/2) / (seeds + 1)), so a
+prompt that failed on every seed still counts as uncertain; a difference of two models adds both
+models' variances (their covariance, positive on shared seeds, is left out: the interval errs wide).
+Other values use the unbiased sample variance. With one seed the prompt bootstrap is used.
 """
 
 from __future__ import annotations
@@ -41,13 +44,37 @@ def _seeds_only(values: np.ndarray) -> bool:
     return values.shape[1] >= 2
 
 
+def _binary(values: np.ndarray) -> bool:
+    return bool(np.isin(values, (0.0, 1.0)).all())
+
+
+def _seed_variance(values: np.ndarray) -> float:
+    """Variance of the mean of a whole split's values (prompts x seeds, 2+ seeds) from the seeds alone."""
+    prompts, seeds = values.shape
+    if _binary(values):
+        p = (values.sum(axis=1) + 0.5) / (seeds + 1)
+        per_prompt = p * (1 - p)
+    else:
+        per_prompt = values.var(axis=1, ddof=1)
+    return float(per_prompt.sum() / seeds / prompts**2)
+
+
 def mean_variance(values: np.ndarray, whole: bool = False) -> float:
     """Variance of the mean of ``values`` (prompts x seeds): over seeds alone for a ``whole`` split (2+ seeds), else
     over the prompt resamples."""
     values = np.asarray(values, dtype=np.float64)
     if whole and _seeds_only(values):
-        return float(values.var(axis=1, ddof=1).sum() / values.shape[1] / values.shape[0] ** 2)
+        return _seed_variance(values)
     return float(values[prompt_resamples(len(values))].mean(axis=(1, 2)).var())
+
+
+def difference_variance(a: np.ndarray, b: np.ndarray, whole: bool = False) -> float:
+    """Variance of the mean of ``b - a`` (paired, prompts x seeds): a whole split's 0/1 verdicts add both models'
+    seed variances; otherwise that of the differences themselves."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if whole and _seeds_only(a) and _binary(a) and _binary(b):
+        return _seed_variance(a) + _seed_variance(b)
+    return mean_variance(b - a, whole)
 
 
 def mean_ci(values: np.ndarray, whole: bool = False) -> list[float]:
@@ -55,12 +82,13 @@ def mean_ci(values: np.ndarray, whole: bool = False) -> list[float]:
     scene of their split (see above)."""
     values = np.asarray(values, dtype=np.float64)
     if whole and _seeds_only(values):
-        return _normal(values.mean(), mean_variance(values, whole), values.min(), values.max())
+        return _normal(values.mean(), mean_variance(values, whole), *_reach([values]))
     idx = prompt_resamples(len(values))
     return _interval(values[idx].mean(axis=(1, 2)))
 
 
 def _normal(mean: float, variance: float, lowest: float, highest: float) -> list[float]:
+    """The normal interval, cut to what a mean can reach (``_reach``)."""
     half = Z95 * math.sqrt(variance)
     return [float(max(mean - half, lowest)), float(min(mean + half, highest))]
 
@@ -71,7 +99,24 @@ def combined_ci(parts: list[tuple[np.ndarray, bool]]) -> list[float]:
     n = sum(np.size(v) for v, _ in parts)
     mean = sum(float(np.sum(v)) for v, _ in parts) / n
     variance = sum((np.size(v) / n) ** 2 * mean_variance(v, whole) for v, whole in parts)
-    return _normal(mean, variance, min(float(np.min(v)) for v, _ in parts), max(float(np.max(v)) for v, _ in parts))
+    return _normal(mean, variance, *_reach([v for v, _ in parts]))
+
+
+def combined_difference(parts: list[tuple[np.ndarray, np.ndarray, bool]]) -> dict:
+    """``b`` minus ``a`` over every image of several splits (``(a, b, whole)`` each, paired prompts x seeds): the
+    difference of the means and its normal interval, the splits weighted by their images (see combined_ci)."""
+    n = sum(np.size(a) for a, _, _ in parts)
+    d = [np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64) for a, b, _ in parts]
+    diff = sum(float(x.sum()) for x in d) / n
+    variance = sum((np.size(a) / n) ** 2 * difference_variance(a, b, whole) for a, b, whole in parts)
+    return {"difference": diff, "ci95": _normal(diff, variance, *_reach([a for a, _, _ in parts], difference=True))}
+
+
+def _reach(values: list[np.ndarray], difference: bool = False) -> tuple[float, float]:
+    """What a mean can reach: [0, 1] for 0/1 verdicts ([-1, 1] for differences of them), else anything."""
+    if all(_binary(np.asarray(v)) for v in values):
+        return (-1.0 if difference else 0.0), 1.0
+    return -math.inf, math.inf
 
 
 def psnr_ci(mse: np.ndarray, whole: bool = False) -> list[float]:
@@ -93,4 +138,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, whole: bool = False) -> dict
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same prompts and seeds, got {a.shape} and {b.shape}")
     d = b - a
-    return {"difference": float(d.mean()), "ci95": mean_ci(d, whole)}
+    if whole and _seeds_only(d):
+        reach = _reach([a, b], difference=True)
+        return {"difference": float(d.mean()), "ci95": _normal(d.mean(), difference_variance(a, b, whole), *reach)}
+    return {"difference": float(d.mean()), "ci95": mean_ci(d)}

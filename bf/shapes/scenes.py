@@ -117,14 +117,15 @@ def sample_scene(rng: np.random.Generator, heldout: bool = False, p_two: float =
 
 
 TEST_SCENES = 30  # per split: the standard test set
-# distinct scenes of the drawn splits: ordered pairs of distinct shape-color pairs x sizes x relations
-SPACE_SIZE = {"two": len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1) * 4 * 4,
-              "heldout-two": (18 * 17 - len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1)) * 4 * 4}  # fmt: skip
+# distinct prompts of the drawn splits: ordered pairs of distinct shape-color pairs x relations (a two-object
+# caption names no size, and the detector does not judge one)
+SPACE_SIZE = {"two": len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1) * len(RELATIONS),
+              "heldout-two": (18 * 17 - len(TRAIN_PAIRS) * (len(TRAIN_PAIRS) - 1)) * len(RELATIONS)}  # fmt: skip
 
 
 def split_space(split: str) -> list[Scene] | None:
     """Every distinct scene of a split when there are few (single: 150, heldout: 30), else None (two and
-    heldout-two: ``SPACE_SIZE`` scenes, drawn at random)."""
+    heldout-two: ``SPACE_SIZE`` distinct prompts, drawn at random)."""
     if split == "single":
         return [Scene((Obj(s, c, size, pos),)) for s, c in TRAIN_PAIRS for size in SIZES for pos in POSITIONS]
     if split == "heldout":
@@ -155,14 +156,15 @@ def eval_scenes(split: str, n: int = TEST_SCENES) -> list[Scene]:
 
 
 def _sampled(draw, seed: int, n: int) -> list[Scene]:
-    """``n`` distinct scenes drawn in turn from ``draw(rng)`` (rng seeded by ``seed``); draws that repeat a scene are skipped."""
+    """``n`` scenes of distinct prompts drawn in turn from ``draw(rng)`` (rng seeded by ``seed``); a draw whose caption
+    repeats one already drawn (the same scene, or two objects differing only in size) is skipped."""
     rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
-    seen: set[Scene] = set()
+    seen: set[str] = set()
     while len(scenes) < n:
         sc = draw(rng)
-        if sc is not None and sc not in seen:
-            seen.add(sc)
+        if sc is not None and (text := caption(sc)) not in seen:
+            seen.add(text)
             scenes.append(sc)
     return scenes
 

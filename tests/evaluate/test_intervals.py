@@ -48,27 +48,33 @@ def test_pairing_separates_what_independent_intervals_cannot():
 
 
 def test_a_whole_split_varies_with_its_seeds_alone():
-    """Prompts that are every scene of their split: the interval comes from each prompt's variance over its seeds
-    (unbiased), normal; prompts that always or never succeed add nothing, unlike in the prompt bootstrap. One seed
-    falls back to the bootstrap."""
+    """Prompts that are every scene of their split: a normal interval from each prompt's seed variance, its success
+    rate pulled toward 1/2 by half a success, so a prompt that failed on both seeds still counts; narrower than the
+    prompt bootstrap, which counts which prompts were drawn. One seed falls back to the bootstrap; a difference adds
+    both models' variances; other values use the unbiased seed variance."""
     from bf.evaluate.intervals import Z95, mean_variance
 
     rng = np.random.default_rng(1)
     values = np.vstack([np.ones((10, 4)), np.zeros((10, 4)), (rng.random((10, 4)) < 0.5).astype(float)])
-    var = values[20:].var(axis=1, ddof=1).sum() / 4 / 30**2
+    p = (values.sum(axis=1) + 0.5) / 5
+    var = (p * (1 - p)).sum() / 4 / 30**2
     assert mean_variance(values, whole=True) == pytest.approx(var)
     lo, hi = mean_ci(values, whole=True)
     assert (lo, hi) == pytest.approx((values.mean() - Z95 * var**0.5, values.mean() + Z95 * var**0.5))
-    assert hi - lo < 0.5 * np.diff(mean_ci(values))[0]  # the bootstrap counts which prompts were drawn
+    assert hi - lo < 0.6 * np.diff(mean_ci(values))[0]
     assert mean_ci(values[:, :1], whole=True) == mean_ci(values[:, :1])
-    assert mean_ci(np.ones((30, 2)), whole=True) == [1.0, 1.0]
-    d = paired_difference(values, np.ones_like(values), whole=True)
-    assert d["difference"] == pytest.approx(1 - values.mean()) and d["ci95"] == pytest.approx(
-        [max(d["difference"] - Z95 * var**0.5, 0.0), d["difference"] + Z95 * var**0.5])  # fmt: skip
+    lo, hi = mean_ci(np.ones((30, 2)), whole=True)  # every seed right: still an interval, inside [0, 1]
+    assert 0.9 < lo < 1.0 and hi == 1.0
+    a, b = np.zeros((30, 2)), np.zeros((30, 2))
+    b[:2] = 1.0  # two prompts right on both seeds: not certain, an interval around 4/60
+    d = paired_difference(a, b, whole=True)
+    assert d["difference"] == pytest.approx(4 / 60) and d["ci95"][0] < 0.02 and d["ci95"][1] > 0.1
+    mse = rng.random((30, 3))
+    assert mean_variance(mse, whole=True) == pytest.approx(mse.var(axis=1, ddof=1).sum() / 3 / 30**2)
 
 
 def test_splits_combine_by_their_images():
-    from bf.evaluate.intervals import Z95, combined_ci, mean_variance
+    from bf.evaluate.intervals import Z95, combined_ci, combined_difference, difference_variance, mean_variance
 
     rng = np.random.default_rng(2)
     a, b = (rng.random((30, 2)) < 0.8).astype(float), (rng.random((10, 2)) < 0.4).astype(float)
@@ -76,3 +82,8 @@ def test_splits_combine_by_their_images():
     mean = (a.sum() + b.sum()) / 80
     half = Z95 * ((60 / 80) ** 2 * mean_variance(a) + (20 / 80) ** 2 * mean_variance(b, True)) ** 0.5
     assert (lo, hi) == pytest.approx((mean - half, mean + half))
+    a2, b2 = 1 - a, 1 - b
+    d = combined_difference([(a, a2, False), (b, b2, True)])
+    half = Z95 * ((60 / 80) ** 2 * difference_variance(a, a2) + (20 / 80) ** 2 * difference_variance(b, b2, True)) ** 0.5
+    assert d["difference"] == pytest.approx(((a2 - a).sum() + (b2 - b).sum()) / 80)
+    assert d["ci95"] == pytest.approx([max(d["difference"] - half, -1), min(d["difference"] + half, 1)])

@@ -60,11 +60,12 @@ def test_larger_test_sets_extend_the_standard_one_with_distinct_scenes_of_each_s
     for split in SPLITS:
         big = eval_scenes(split, 200)
         space = split_space(split)
-        assert big[:30] == eval_scenes(split) and len(set(big)) == len(big) == min(200, len(space) if space else 200)
+        assert big[:30] == eval_scenes(split) and len({caption(sc) for sc in big}) == len(big) == min(200, len(space) if space else 200)
         if space is not None:
             assert set(big) <= set(space) and len(set(space)) == len(space)
     assert len(eval_scenes("single", 1000)) == 150 and len(eval_scenes("heldout", 1000)) == 30
-    assert SPACE_SIZE == {"two": 3360, "heldout-two": 1536}
+    assert SPACE_SIZE == {"two": 840, "heldout-two": 384}
+    assert len({caption(sc) for sc in eval_scenes("two", 5000)}) == 840 and len(eval_scenes("heldout-two", 5000)) == 384
     assert not any(sc.pairs & HELDOUT_PAIRS for sc in eval_scenes("single", 200) + eval_scenes("two", 200))
     assert all(sc.pairs & HELDOUT_PAIRS and len(sc.objects) == 2 for sc in eval_scenes("heldout-two", 200))
     sets = {ps.split: ps for ps in prompt_sets("shapes-test:100")}
