@@ -70,10 +70,12 @@ def timed(call, iters: int, warmup: int = 3) -> dict:
     return stats(cuda_time_ms(call, iters, warmup))
 
 
-def build_step(eager_step, mode: str):
+def build_step(eager_step, mode: str, options: dict | None = None):
     """``eager_step`` compiled. reduce-overhead: replayed from torch's CUDA graphs, whose outputs live in
-    torch's graph pool, so every call marks a new step; default: inductor's kernels launched one by one."""
-    compiled = torch.compile(eager_step, mode=mode, fullgraph=True)
+    torch's graph pool, so every call marks a new step; default: inductor's kernels launched one by one.
+    ``options``: inductor's options, for the default mode (decoding ahead: AHEAD_COMPILE_OPTIONS)."""
+    how = {"options": options} if options else {"mode": mode}  # torch.compile takes one of the two
+    compiled = torch.compile(eager_step, fullgraph=True, **how)
     if mode != "reduce-overhead":
         return compiled
 
@@ -84,11 +86,11 @@ def build_step(eager_step, mode: str):
     return step
 
 
-def graphed_step(eager_step, mode: str):
+def graphed_step(eager_step, mode: str, options: dict | None = None):
     """The compiled step replayed from CUDA graphs: torch's (reduce-overhead) or the backend's own (default)."""
     from bf.runtime.torch_graph import GraphedCall
 
-    step = build_step(eager_step, mode)
+    step = build_step(eager_step, mode, options)
     return step if mode == "reduce-overhead" else GraphedCall(step)
 
 
@@ -159,7 +161,7 @@ def main() -> None:
     from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
     from bf.models.architectures import ARCHITECTURES
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
-    from bf.runtime.compiled_weights import compile_weights, decode_ahead, decode_launches, packed_bytes
+    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead, decode_launches, packed_bytes
     from bf.runtime.streamed_weights import largest_within
 
     lib = load(args.lib)
@@ -202,10 +204,7 @@ def main() -> None:
             model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
             if label.startswith("lowbit"):
                 compile_weights(model.unet, packed, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
-                if args.ahead:
-                    decode_ahead(model.unet, lambda model=model: model.eager_step(*_smallest_inputs(model.unet, DEV, torch.float16)),
-                                 args.ahead[0])  # fmt: skip
-            with torch.inference_mode():
+            with torch.inference_mode():  # the default runtime: decode in the step's stream
                 prof[label] = profile(model.eager_step if "eager" in label else build_step(model.eager_step, "default"), inputs)
             print(f"profile {label}: {prof[label]['kernel_ms']:.2f} ms of kernels: "
                   + ", ".join(f"{c} {v:.2f}" for c, v in prof[label]["by_category_ms"].items()), flush=True)  # fmt: skip
@@ -287,7 +286,8 @@ def main() -> None:
             small = _smallest_inputs(model.unet, DEV, torch.float16)
             slot_bytes = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead, max_blocks=blocks)
         clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
-        step = graphed_step(model.eager_step, mode)
+        options = AHEAD_COMPILE_OPTIONS if ahead else None
+        step = graphed_step(model.eager_step, mode, options)
         with torch.inference_mode():
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
                      "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks}  # fmt: skip
@@ -302,7 +302,7 @@ def main() -> None:
         print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]):
             key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "")
-            res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default"), inputs)
+            res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
         del model, step
         torch._dynamo.reset()
     if args.profile:

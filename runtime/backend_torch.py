@@ -20,7 +20,7 @@ SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. T
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
 decoded inside the compiled step by custom ops (bf.runtime.compiled_weights), one launch per UNet
 block, instead of the ring: in the step's stream, just before each block (the default: on SD-v1.5 it
-is within 1.5% of the fastest and keeps peak memory lowest), or ahead, on a side stream, into
+is 0.1-0.2 ms slower than decoding ahead, at the lowest peak memory), or ahead, on a side stream, into
 ``ahead_slots`` persistent slots while the blocks before compute; decoded and fp weights are compiled
 as they are.
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
@@ -133,8 +133,9 @@ class TorchUNet:
 
             try:  # the order of the blocks, from one forward of the smallest input the UNet takes
                 self.slot_bytes = decode_ahead(unet, lambda: self.eager_step(*_smallest_inputs(unet, device, torch_dtype)), ahead_slots)
-            except BfError as e:
-                log(f"the compiled step decodes each block's weights just before it: {e}")
+            except Exception as e:  # a model whose blocks cannot be scheduled runs as well decoding in the step's stream
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                log(f"the compiled step decodes each block's weights just before it (decoding ahead: {first})")
         step = self.eager_step
         if compile:
             import os
@@ -142,7 +143,10 @@ class TorchUNet:
             from bf.cache import cache_root
 
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
-            step = _logged_first_calls(torch.compile(step, fullgraph=True), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS
+
+            options = AHEAD_COMPILE_OPTIONS if self.slot_bytes else None
+            step = _logged_first_calls(torch.compile(step, fullgraph=True, options=options), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         self.step = GraphedCall(step) if cuda_graph else step
 
     @property

@@ -14,15 +14,16 @@ captures the decode launches. About 80 launches a step on SD-v1.5 instead of 258
 Where the decode runs:
   in the step's stream   (``bf::lowbit_decode_group``) each group's buffer is a short-lived buffer of
                          inductor's plan, decoded just before the block: the decode's time adds to the step
-  ahead                  (``decode_ahead``: ``bf::lowbit_decode_into`` and ``bf::lowbit_decode_wait``) each
-                         group's weights are decoded on a side stream into one of a few persistent slots,
-                         while the blocks before it compute; the block waits for its slot, and its slot is
-                         decoded into again only after the block's work. Events order the two streams, so a
-                         CUDA graph captures the fork and join. The order of the blocks comes from one eager
-                         forward; each slot holds the largest group that uses it.
+  ahead                  (``decode_ahead``, ``bf::lowbit_decode_ahead``) each group's weights are decoded on
+                         a side stream into one of a few persistent slots while the blocks before compute;
+                         the block waits for its slot. Events order the two streams, so a CUDA graph
+                         captures the fork and join. The order of the blocks comes from one forward.
 
-The ops are declared as mutating the slot, so the compiler orders every read of a slot between the
-wait that makes it valid and the next decode into it.
+Decoding ahead, a block's op takes a view of the block's input, which is computed from the previous
+block's output: the compiler then issues it after every read of the previous block's weights, whose
+slot the decode it starts overwrites. Its output is a view of a persistent slot that inductor takes
+for a buffer of its own, so a step that decodes ahead is compiled with ``AHEAD_COMPILE_OPTIONS``:
+no buffer of inductor's plan may take over that memory.
 
 The weights are the decode kernels' output bit for bit (the ops run the same kernel as the other
 modes), so the compiled step differs from an eager step with the same decoded weights only where
@@ -34,6 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -128,7 +130,13 @@ class _Schedule:
             torch.cuda.current_stream(self.slots[0].device).wait_event(ready)
 
 
-_SCHEDULES: list[_Schedule] = []
+# Schedules by id (the op's schema takes an int); held by their groups, so a model's slots go with it.
+_SCHEDULES: weakref.WeakValueDictionary[int, _Schedule] = weakref.WeakValueDictionary()
+_SCHEDULE_IDS = itertools.count()
+
+# Inductor options of a step that decodes ahead: its plan never reuses a buffer (in place or after it dies), since
+# the ops' outputs are views of the slots.
+AHEAD_COMPILE_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
 
 @torch.library.custom_op("bf::lowbit_decode_ahead", mutates_args=(), tags=(torch.Tag.flexible_layout,))
@@ -140,7 +148,7 @@ def lowbit_decode_ahead(after: torch.Tensor, schedule: int, index: int) -> torch
     ``after`` is the group's input, computed from the previous group's output: taking it makes the compiler issue
     this op after every read of the previous group's weights, which the decode started here overwrites."""
     s = _SCHEDULES[schedule]
-    if index != s.next:
+    if index not in (s.next, 0):  # the first block starts a step anew, also after one that stopped half-way
         raise BfError(f"the compiled low-bit step ran block {index} where its schedule expected block {s.next}: "
                       "the model's forward changed its order of blocks; build it again")  # fmt: skip
     s.next = (index + 1) % len(s.order)
@@ -175,7 +183,8 @@ class CompiledLowBitGroup(nn.Module):
         self.group, self.dtype = group_id(tuple(w.spec for w in packed)), dtype
         self.offsets = _GROUPS[self.group][1]
         self.size = _GROUPS[self.group][2]
-        self.ahead: tuple[int, int] | None = None  # decoding ahead: (schedule, index in it)
+        self.ahead: tuple[int, int] | None = None  # decoding ahead: (schedule id, index in it)
+        self.schedule: _Schedule | None = None  # decoding ahead: holds the schedule (and its slots) while the model lives
         for name in self.names:
             block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
@@ -243,7 +252,7 @@ def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 
         raise BfError(f"decoding ahead needs 2 or more slots, got {slots}")
     groups = {m: name for name, m in owner.named_modules() if isinstance(m, CompiledLowBitGroup)}
     for g in groups:
-        g.ahead = None
+        g.ahead, g.schedule = None, None
     calls: list[tuple[CompiledLowBitGroup, torch.Tensor, torch.Tensor]] = []  # (group, its input, its output)
 
     def record(m, args, kwargs, out):
@@ -274,9 +283,10 @@ def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 
     sizes = [max(g.size for g in order[s::slots]) for s in range(min(slots, len(order)))]
     device = order[0].codes[0].device
     buffers = [torch.empty(n, dtype=order[0].dtype, device=device) for n in sizes]
-    _SCHEDULES.append(_Schedule(order, buffers, priority, max_blocks))
+    schedule, key = _Schedule(order, buffers, priority, max_blocks), next(_SCHEDULE_IDS)
+    _SCHEDULES[key] = schedule
     for i, g in enumerate(order):
-        g.ahead = (len(_SCHEDULES) - 1, i)
+        g.ahead, g.schedule = (key, i), schedule
     return sum(b.nbytes for b in buffers)
 
 

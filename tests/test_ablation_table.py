@@ -44,7 +44,7 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     by_key = {r["key"]: r for r in result["rows"]}
     assert list(by_key) == ["fp", "lsq2", "fpctl"]
     assert by_key["fp"]["stored_bytes"] == by_key["fpctl"]["stored_bytes"] == 8000 and by_key["fpctl"]["avg_bits"] == 16.0
-    for key, other, name in (("lsq2", "fp", "previous"), ("lsq2", "fpctl", "fp_control"), ("fpctl", "fp", "previous")):
+    for key, other, name in (("lsq2", "fp", "previous"), ("lsq2", "fp", "fp_control"), ("fpctl", "fp", "previous")):
         d = by_key[key]["differences"][name]
         assert d["row"] == other
         for cfg in ("3.5", "7.5"):
@@ -53,6 +53,8 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
             assert d[cfg]["difference"] == pytest.approx(b.mean() - a.mean())
             assert d[cfg]["ci95"][0] <= d[cfg]["difference"] <= d[cfg]["ci95"][1]
     assert "fp_control" not in by_key["fpctl"]["differences"] and by_key["fp"]["differences"] == {}
+    # a row without Stage II is compared with the FP model itself as its same-budget control
+    assert by_key["lsq2"]["differences"]["fp_control"]["row"] == "fp"
     acc = by_key["lsq2"]["cfg"]["7.5"]
     assert acc["accuracy_ci95"][0] < acc["accuracy"] < acc["accuracy_ci95"][1]
     assert acc["accuracy"] == pytest.approx(np.mean([v for v, _ in ablation.per_image(evals["lsq2"], 7.5, 2)]))

@@ -154,12 +154,19 @@ def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
     return out
 
 
-def differences(evals: dict[str, list[dict]], seeds: int) -> dict[str, dict]:
+def control_of(args: list[str] | None) -> str:
+    """A row's same-budget FP control: the FP control row, or for a row without Stage II the FP model itself (an FP
+    student's Stage I, a distillation from itself, leaves it as it is)."""
+    return "fp" if args and "--no-stage2" in args else "fpctl"
+
+
+def differences(evals: dict[str, list[dict]], seeds: int, args: dict[str, list[str] | None]) -> dict[str, dict]:
     """Each row's paired difference of overall accuracy (this row minus the other, same prompts and seeds) against the
-    row it adds a technique to, the FP model and the FP control, at every CFG scale, with 95% intervals."""
+    row it adds a technique to, the FP model and its same-budget FP control (control_of), at every CFG scale, with
+    95% intervals."""
     out: dict[str, dict] = {}
     for key in evals:
-        others = {"previous": PREVIOUS.get(key), "fp": "fp", "fp_control": "fpctl"}
+        others = {"previous": PREVIOUS.get(key), "fp": "fp", "fp_control": control_of(args.get(key))}
         for name, other in others.items():
             if key == "fp" or other in (None, key) or other not in evals or (name == "fp" and PREVIOUS.get(key) == "fp"):
                 continue
@@ -178,7 +185,7 @@ def _final_losses(log_csv: Path) -> dict:
     return last
 
 
-def _inspect(bfq: Path) -> dict:
+def _inspect(bfq: Path | str) -> dict:
     return json.loads(subprocess.run(bf("inspect", "--json", str(bfq)), capture_output=True, text=True, check=True).stdout)
 
 
@@ -202,10 +209,12 @@ def table(args, table_rows) -> dict:
             row["training"] = {"seconds": times.get(key), "final": _final_losses(out.with_name(out.name + ".work") / "log.csv")}
         row["cfg"] = per_cfg(evals[key], args.seeds)
         out_rows.append(row)
+    if fp16_bytes is None:  # no quantized row in this table: the FP16 size of the same UNet, from the shipped model
+        fp16_bytes = _inspect("shipped-1.99bit")["fp16_bytes"]
     for row in out_rows:
         if row["avg_bits"] == 16.0:
             row["stored_bytes"] = fp16_bytes
-    diffs = differences(evals, args.seeds)
+    diffs = differences(evals, args.seeds, {key: extra for key, _, extra in table_rows})
     fp = {c: out_rows[0]["cfg"][str(c)]["accuracy"] for c in CFGS}
     for row in out_rows:
         row["differences"] = diffs.get(row["key"], {})

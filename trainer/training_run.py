@@ -144,10 +144,12 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
     )
     frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
     if req.fp_control:
-        # Stage I distils the student from the teacher, and an FP student starts equal to it: zero loss, zero
-        # gradient, no step moves it (AdamW without weight decay). Skipping it changes nothing but the time.
-        log(f"FP control: Stage I ({req.train.stage1_steps} steps) leaves the FP model as it is and is skipped; "
-            f"Stage II {req.train.stage2_steps} steps")  # fmt: skip
+        # Stage I distils the student from the teacher, and an FP student starts equal to it: zero loss and gradient,
+        # so no step moves a weight. Skipped, Stage II starts from a fresh optimizer (run, AdamW's bias correction
+        # after those zero steps would scale Stage II's first updates up, and any rounding difference between the two
+        # forwards would become a full-size step).
+        log(f"FP control: Stage I ({req.train.stage1_steps} steps) would leave the FP model as it is and is skipped; "
+            f"Stage II {req.train.stage2_steps} steps from a fresh optimizer")  # fmt: skip
         student, _ = train_student(frozen, {}, replace(req.train, stage1_steps=0), work, resume, progress, log, req.log_dir)
         return student
     log(f"training {len(plan)} quantized layers: Stage I {req.train.stage1_steps} steps, Stage II {req.train.stage2_steps} steps")

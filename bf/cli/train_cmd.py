@@ -9,6 +9,7 @@ import click
 from bf.cli.checks import check_new_model_dir, check_writable_file, default_device
 from bf.cli.options import DEVICE_OPTION, MODEL_OPTION
 from bf.cli.output import log, progress_bar
+from bf.errors import BfError
 
 
 @click.command("train")
@@ -65,8 +66,9 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
       Stage II   noise prediction against the true noise
     Ablation switches: --grid plain, --init minmax, --uniform-bits B,
     --no-feature-distill, --timesteps uniform, --no-stage2.
-    Control: --fp-control trains the FP model the same way (its Stage I, a
-    distillation from itself, leaves it unchanged and is skipped).
+    Control: --fp-control trains the FP model the same way, quantizing nothing:
+    its Stage I (a distillation from itself: zero loss and gradient) is
+    skipped, and Stage II runs from a fresh optimizer.
     Several GPUs: torchrun --nproc_per_node N -m bf.cli train ... (DDP; --batch-size per GPU).
     """
     from bf.format import summarize
@@ -78,6 +80,11 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
     from bf.trainer.training_run import TrainRequest, train_model
 
     if fp_control:
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("target_bits", "init", "no_feature_distill")
+                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+        if given:  # settings of quantization or of Stage I, which the control skips
+            raise BfError(f"--fp-control trains the FP model, which {', '.join(given)} would not change: drop them")
         check_new_model_dir(out)
     else:
         check_writable_file(out)  # before hours of training
@@ -132,8 +139,9 @@ def command(model_dir, data, images, target_bits, recipe, analysis, uniform_bits
         from bf.models.directory import write_with_unet
         from bf.provenance import provenance
 
-        note = {"fp_control": True, "base_model": str(model.root.resolve()), "data": data, "images": images,
-                "training": {**asdict(cfg), "stage1_steps_skipped": stage1_steps}, "provenance": provenance()}  # fmt: skip
+        training = {**asdict(cfg), "stage1_steps": 0, "stage1_steps_skipped": stage1_steps}
+        note = {"fp_control": True, "base_model": str(model.root.resolve()), "data": data, "images": images, "training": training,
+                "provenance": provenance()}  # fmt: skip
         write_with_unet(model, ckpt.state_dict(), out, note)
         log(f"wrote {out}: the FP model after Stage II ({stage2_steps} steps), the control for QAT runs of the same budget")
         log(f"training log: {log_dir or work}/log.csv")

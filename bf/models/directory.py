@@ -159,7 +159,8 @@ def bundle_from_model_dir(model: ModelDir) -> Bundle:
 
 def write_with_unet(model: ModelDir, unet_weights: dict, out: Path, note: dict | None = None) -> None:
     """A copy of ``model`` at ``out`` whose UNet weights are ``unet_weights`` (name -> torch tensor, the UNet's
-    state dict; the UNet's config is kept), written as safetensors; ``note`` goes to ``bf_training.json``.
+    state dict; the UNet's config and each weight's dtype are kept), written as safetensors; ``note`` goes to
+    ``bf_training.json``.
     The directory appears whole or not at all."""
     import shutil
 
@@ -167,7 +168,8 @@ def write_with_unet(model: ModelDir, unet_weights: dict, out: Path, note: dict |
 
     from bf.atomic import atomic_dir
 
-    expected = set(model.read_weights("unet"))
+    base = model.read_weights("unet", "pt")
+    expected = set(base)
     if set(unet_weights) != expected:
         missing, extra = sorted(expected - set(unet_weights)), sorted(set(unet_weights) - expected)
         raise BfError(f"UNet weights for {model.root} do not match its UNet: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -178,7 +180,7 @@ def write_with_unet(model: ModelDir, unet_weights: dict, out: Path, note: dict |
         shutil.copy2(model.root / "model_index.json", tmp / "model_index.json")
         (tmp / "unet").mkdir()
         shutil.copy2(model.root / "unet" / _CONFIG["unet"], tmp / "unet" / _CONFIG["unet"])
-        tensors = {k: v.detach().contiguous().cpu() for k, v in unet_weights.items()}
+        tensors = {k: v.detach().to("cpu", base[k].dtype).contiguous() for k, v in unet_weights.items()}  # the base's dtypes
         save_file(tensors, str(tmp / "unet" / f"{_WEIGHT_STEM['unet']}.safetensors"))
         if note is not None:
             (tmp / "bf_training.json").write_text(json.dumps(note, indent=1))

@@ -48,6 +48,7 @@ CASES = [
     (["train", "--lr", "0", "--out", "t.bfq"], USAGE, "--lr"),
     (["train", "--fp-control", "--uniform-bits", "2", "--out", "ctl"], 1, "which has no recipe: drop --uniform-bits"),
     (["train", "--fp-control", "--no-stage2", "--out", "ctl"], 1, "--fp-control without Stage II is the FP model itself"),
+    (["train", "--fp-control", "--init", "minmax", "--out", "ctl"], 1, "which --init would not change: drop them"),
     (["train", "--fp-control", "--out", "fulldir"], 1, "--out fulldir already exists; give a new directory for the model"),
     # export
     (["export", "nosuch.bfq", "--out", "e"], 1, "nosuch.bfq"),
