@@ -4,7 +4,8 @@
 #            bf allocate 1.99 bits -> results/shapes_recipe_1.99.json
 #   train    the ablation rows in $ROWS (tools/ablation.py --phase train), STEPS steps each at batch $BATCH;
 #            STEPS=auto: first time 4 parallel trainings, then take as many steps as fit in $TRAIN_SECONDS
-#   eval     the ablation rows at CFG 3.5/5.5/7.5/9.5 (.rows/ holds the train phase's tars when the machine is new),
+#   eval     the ablation rows at CFG 3.5/5.5/7.5/9.5 on $PROMPTS (default shapes-test:100) with $SEEDS seeds (default 2)
+#            (.rows/ holds the train phase's tars when the machine is new),
 #            then benchmarks/sd15_qat_step.py -> results/qat_sd15_throughput.json
 #   budgets  the same rows trained 0 steps (PTQ) and STEPS steps -> results/ablation_steps{0,STEPS}.json
 # usage: tools/ablation_gpu.sh PHASE OUT_DIR [STEPS]
@@ -52,8 +53,9 @@ case $phase in
     for t in "$repo"/.rows/*.tar; do [ -e "$t" ] && tar xf "$t"; done
     [ -e "$repo/.rows/train_seconds.json" ] && cp "$repo/.rows/train_seconds.json" .
     time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" \
-      --phase eval --eval-batch 128
+      --phase eval --eval-batch 128 --prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}"
     python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" --phase table \
+      --prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}" \
       --json "$out/ablation.json" --plot "$out/ablation.png"
     tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log
     time python3 "$repo/benchmarks/sd15_qat_step.py" --batch 8 --json "$out/qat_sd15_throughput.json"
