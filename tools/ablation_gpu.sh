@@ -2,7 +2,7 @@
 # The GPU runs behind the ablation's figures, one phase per call of a machine with no internet:
 #   analyze  bf analyze of the shipped model (8 workers) -> results/shapes_analysis.json (+ .png),
 #            bf allocate 1.99 bits -> results/shapes_recipe_1.99.json
-#   train    the ablation rows in $ROWS (tools/ablation.py --phase train), STEPS steps each at batch $BATCH;
+#   train    the ablation rows in $ROWS (tools/ablation.py --phase train; fpctl: the FP control), STEPS steps each at batch $BATCH;
 #            STEPS=auto: first time 4 parallel trainings, then take as many steps as fit in $TRAIN_SECONDS
 #   eval     the ablation rows at CFG 3.5/5.5/7.5/9.5 on $PROMPTS (default shapes-test:100) with $SEEDS seeds (default 2)
 #            (.rows/ holds the train phase's tars when the machine is new),
@@ -46,7 +46,10 @@ case $phase in
     time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
       --images "${IMAGES:-10000}" \
       --rows "$rows"
-    for k in ${rows//,/ }; do tar cf "$out/$k.tar" "$k.bfq" "$k.bfq.work/log.csv" "$k.train.log"; done
+    for k in ${rows//,/ }; do
+      m=$k.bfq; [ "$k" = fpctl ] && m=fpctl  # the FP control is a model directory
+      tar cf "$out/$k.tar" "$m" "$m.work/log.csv" "$k.train.log"
+    done
     cp train_seconds.json "$out/train_seconds_${rows//,/_}.json"
     ;;
   eval)
