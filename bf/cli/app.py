@@ -64,7 +64,7 @@ class _Group(click.Group):
 
 # One module per command; click lists them by name in the help.
 COMMAND_MODULES = ("random_model_cmd", "quantize_cmd", "analyze_cmd", "allocate_cmd", "train_cmd", "inspect_cmd", "export_cmd",
-                   "infer_cmd", "bench_cmd", "eval_cmd")  # fmt: skip
+                   "infer_cmd", "bench_cmd", "eval_cmd", "to_diffusers_cmd")  # fmt: skip
 _EXTRAS = {"torch": "train", "diffusers": "train", "transformers": "train", "matplotlib": "plot", "onnx": "export", "onnxruntime": "export"}
 
 

@@ -1,0 +1,96 @@
+"""The ``bitsfusion`` quantizer diffusers calls while it loads a model whose config names that method.
+
+Before the weights load, every layer the config lists becomes a LowBitLayer whose codes and scale are meta
+buffers of the stored shapes and dtypes; while they load, those two tensors are claimed and put in place as they
+are in the file (diffusers would cast the float32 scales to the model's dtype); nothing is left to do after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+
+from bf.diffusers.config import QUANT_METHOD, BitsFusionConfig
+from bf.diffusers.layers import LowBitLayer
+from bf.errors import BfError
+
+SUPPORTED_DIFFUSERS = ((0, 42), (0, 43))  # [from, to): the versions whose quantizer hooks this is written against
+
+
+class BitsFusionQuantizer(DiffusersQuantizer):
+    requires_calibration = True  # a bitsfusion model is quantized by bf train / bf quantize, not while loading
+    use_keep_in_fp32_modules = False
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        import diffusers
+
+        version = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
+        if not SUPPORTED_DIFFUSERS[0] <= version < SUPPORTED_DIFFUSERS[1]:
+            lo, hi = (".".join(map(str, v)) for v in SUPPORTED_DIFFUSERS)
+            raise BfError(f"bitsfusion models load with diffusers >={lo},<{hi}; this is {diffusers.__version__}")
+        if importlib.util.find_spec("accelerate") is None:
+            raise BfError("diffusers loads bitsfusion models through accelerate: pip install 'bf[train]' (or accelerate)")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        cfg: BitsFusionConfig = self.quantization_config
+        for name, spec in cfg.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name) if parent_name else model
+                module = getattr(parent, child)
+            except AttributeError:
+                raise BfError(f"bitsfusion quantization_config names layer {name}, which this {type(model).__name__} has not") from None
+            expected = tuple(module.weight.shape)
+            if expected != tuple(spec["shape"]):
+                raise BfError(f"bitsfusion layer {name} holds a {tuple(spec['shape'])} weight, the model's is {expected}")
+            setattr(parent, child, LowBitLayer(module, expected, cfg.grid(name), cfg.keep_decoded, device="meta"))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
+        module, _, tensor = _owner(model, param_name)
+        return isinstance(module, LowBitLayer) and tensor in ("codes", "scale")
+
+    def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
+        if tuple(current_param.shape) != tuple(loaded_param.shape):
+            raise BfError(f"{param_name}: the file holds {tuple(loaded_param.shape)}, the layer's spec needs {tuple(current_param.shape)}")
+        return True
+
+    def create_quantized_param(self, model, param_value, param_name: str, target_device, state_dict, unexpected_keys, **kwargs):
+        module, _, tensor = _owner(model, param_name)
+        stored = state_dict[param_name]  # as in the file: diffusers has cast param_value to the model's dtype
+        if stored.dtype != module._buffers[tensor].dtype:
+            raise BfError(f"{param_name}: stored as {stored.dtype}, a bitsfusion layer keeps {module._buffers[tensor].dtype}")
+        module._buffers[tensor] = stored.to(target_device)
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def _owner(model: torch.nn.Module, param_name: str):
+    parent, _, tensor = param_name.rpartition(".")
+    try:
+        return model.get_submodule(parent), parent, tensor
+    except AttributeError:
+        return None, parent, tensor
+
+
+def register() -> None:
+    """Add the bitsfusion config and quantizer to diffusers' mappings (diffusers looks them up there at every load)."""
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD.value] = BitsFusionQuantizer
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD.value] = BitsFusionConfig

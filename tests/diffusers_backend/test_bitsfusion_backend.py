@@ -1,0 +1,111 @@
+"""bf.diffusers: a .bfq as a diffusers model directory (bf to-diffusers) that diffusers' own from_pretrained loads
+through the registered bitsfusion backend: packed codes kept, outputs equal to the dequantized UNet, round trips."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory):
+    from conftest import run_bf
+
+    out = tmp_path_factory.mktemp("to_diffusers") / "shipped"
+    r = run_bf("to-diffusers", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _dequantized_unet():
+    from diffusers import UNet2DConditionModel
+
+    from bf.format import Checkpoint
+    from bf.models.shipped import shipped_bfq
+
+    ckpt = Checkpoint.load(shipped_bfq())
+    unet = UNet2DConditionModel.from_config(ckpt.unet_config).eval()
+    unet.load_state_dict({k: torch.from_numpy(np.asarray(v)).float() for k, v in ckpt.unet_state_dict().items()}, strict=True)
+    return ckpt, unet
+
+
+def test_the_directory_holds_packed_codes_and_the_config(diffusers_dir):
+    from safetensors.numpy import load_file
+
+    ckpt, _ = _dequantized_unet()
+    cfg = json.loads((diffusers_dir / "unet" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsfusion" and set(cfg["layers"]) == set(ckpt.layers)
+    name, layer = next(iter(sorted(ckpt.layers.items())))
+    assert cfg["layers"][name] == {"shape": list(layer.shape), "bits": layer.grid.bits, "grid": layer.grid.kind}
+    stored = load_file(str(diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not any(f"{n}.weight" in stored for n in ckpt.layers)  # no dequantized copy
+    for n, ly in ckpt.layers.items():
+        assert np.array_equal(stored[f"{n}.codes"], ly.codes) and np.array_equal(stored[f"{n}.scale"], ly.scale)
+    assert (diffusers_dir / "text_encoder").is_dir() and (diffusers_dir / "model_index.json").is_file()
+
+
+def test_from_pretrained_gives_the_dequantized_unets_outputs_and_round_trips(diffusers_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from bf.diffusers import LowBitLayer  # importing bf.diffusers registers the backend
+
+    ckpt, ref = _dequantized_unet()
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet")
+    low = {n: m for n, m in unet.named_modules() if isinstance(m, LowBitLayer)}
+    assert set(low) == set(ckpt.layers)
+    assert all(m.scale.dtype == torch.float32 and m.codes.dtype == torch.uint8 for m in low.values())
+    assert all(torch.equal(m.codes, torch.from_numpy(ckpt.layers[n].codes)) for n, m in low.items())
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, ref.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ours = unet(x, torch.tensor(500), ctx).sample
+        assert torch.equal(ours, ref(x, torch.tensor(500), ctx).sample)  # the CPU decode is the format's exact rule
+        unet.save_pretrained(tmp_path / "again")
+        again = UNet2DConditionModel.from_pretrained(tmp_path / "again")
+        assert torch.equal(again(x, torch.tensor(500), ctx).sample, ours)
+    assert all(isinstance(again.get_submodule(n), LowBitLayer) for n in ckpt.layers)
+
+
+def test_a_diffusers_pipeline_runs_it_like_the_dequantized_model(diffusers_dir):
+    from diffusers import DiffusionPipeline
+
+    import bf.diffusers  # noqa: F401
+
+    _, ref = _dequantized_unet()
+    pipe = DiffusionPipeline.from_pretrained(diffusers_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images(p):
+        return p("a red circle on the left", num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="np").images
+
+    ours = images(pipe)
+    pipe.unet = ref
+    assert ours.shape == (1, 128, 128, 3) and np.array_equal(ours, images(pipe))
+
+
+def test_bad_configs_and_outputs_get_one_line(diffusers_dir, tmp_path):
+    from conftest import run_bf
+    from diffusers import UNet2DConditionModel
+
+    from bf.diffusers import BitsFusionConfig
+    from bf.errors import BfError
+
+    with pytest.raises(BfError, match="has no colour; is the model from a newer bf"):
+        BitsFusionConfig({}, colour=1)
+    with pytest.raises(BfError, match="layer conv_in is not"):
+        BitsFusionConfig({"conv_in": {"shape": [4], "bits": 0, "grid": "balanced"}})
+    import shutil
+
+    shutil.copytree(diffusers_dir, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["layers"]["conv_in"]["shape"] = [1, 2, 3, 3]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(BfError, match=r"bitsfusion layer conv_in holds a \(1, 2, 3, 3\) weight, the model's is"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
+    r = run_bf("to-diffusers", "--out", tmp_path / "m")
+    assert r.returncode == 1 and "already exists; give a new directory" in r.stderr
