@@ -109,3 +109,38 @@ def test_bad_configs_and_outputs_get_one_line(diffusers_dir, tmp_path):
         UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
     r = run_bf("to-diffusers", "--out", tmp_path / "m")
     assert r.returncode == 1 and "already exists; give a new directory" in r.stderr
+
+
+def test_the_pipeline_matches_bf_infer_and_takes_diffusers_own_options(diffusers_dir, tmp_path):
+    """From the same initial latents, the diffusers pipeline's image equals bf infer's on the shipped 1.99-bit model
+    (ONNX Runtime, CPU) at >= 35 dB; diffusers' schedulers, step callbacks, torch.Generator seeds and
+    num_images_per_prompt work on it."""
+    from conftest import run_bf
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    from PIL import Image
+
+    import bf.diffusers  # noqa: F401
+    from bf.runtime.generation import initial_latents
+
+    prompt = "a red circle above a blue square"
+    r = run_bf("infer", "--prompt", prompt, "--steps", "4", "--seed", "7", "--out", tmp_path / "bf.png", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    pipe = DiffusionPipeline.from_pretrained(diffusers_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(initial_latents(7, (1, 4, 16, 16), pipe.scheduler.init_noise_sigma))
+    ours = pipe(prompt, num_inference_steps=4, guidance_scale=7.5, latents=latents, output_type="np").images[0]
+    theirs = np.asarray(Image.open(tmp_path / "bf.png")).astype(np.float32) / 255
+    mse = float(((np.round(ours * 255) / 255 - theirs) ** 2).mean())
+    assert mse == 0 or 10 * np.log10(1 / mse) >= 35
+    steps = []
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def on_step(p, i, t, kwargs):
+        steps.append(int(t))
+        return kwargs
+
+    out = pipe(prompt, num_inference_steps=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(3),
+               callback_on_step_end=on_step, output_type="np").images  # fmt: skip
+    again = pipe(prompt, num_inference_steps=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), output_type="np")
+    assert out.shape == (2, 128, 128, 3) and len(steps) == 3 and np.array_equal(out, again.images)
+    assert not np.array_equal(out[0], out[1])
