@@ -49,6 +49,10 @@ class BitsFusionQuantizer(DiffusersQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        missing = [n for n, m in model.named_modules() if isinstance(m, LowBitLayer) and (m.codes.is_meta or m.scale.is_meta)]
+        if missing:
+            raise BfError(f"the checkpoint has no packed codes and scales for {len(missing)} bitsfusion layer(s), e.g. "
+                          f"{missing[0]}.codes; write the directory with bf to-diffusers")  # fmt: skip
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:

@@ -103,12 +103,21 @@ def test_bad_configs_and_outputs_get_one_line(diffusers_dir, tmp_path):
     shutil.copytree(diffusers_dir, tmp_path / "m")
     cfg_path = tmp_path / "m" / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
+    shape = cfg["quantization_config"]["layers"]["conv_in"]["shape"]
     cfg["quantization_config"]["layers"]["conv_in"]["shape"] = [1, 2, 3, 3]
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(BfError, match=r"bitsfusion layer conv_in holds a \(1, 2, 3, 3\) weight, the model's is"):
         UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
     r = run_bf("to-diffusers", "--out", tmp_path / "m")
     assert r.returncode == 1 and "already exists; give a new directory" in r.stderr
+    from safetensors.numpy import load_file, save_file
+
+    cfg["quantization_config"]["layers"]["conv_in"]["shape"] = shape  # the right config, but the file lacks the layer
+    cfg_path.write_text(json.dumps(cfg))
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("conv_in.")}, str(weights))
+    with pytest.raises(BfError, match=r"no packed codes and scales for 1 bitsfusion layer\(s\), e.g. conv_in.codes"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
 
 
 def test_the_pipeline_matches_bf_infer_and_takes_diffusers_own_options(diffusers_dir, tmp_path):
