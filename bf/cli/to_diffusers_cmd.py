@@ -21,10 +21,11 @@ def command(checkpoint, out, base_model, keep_decoded) -> None:
     \b
     The UNet keeps the packed codes and float32 scales (no dequantized copy); the text
     encoder, tokenizer, VAE and scheduler come from the .bfq's bundle or its base model.
-    Then, in Python:
-      import bf.diffusers  # registers the 'bitsfusion' quantization backend
+    Then, in Python (one dtype for every component: the bundle's text encoder and
+    VAE are stored in float16):
+      import torch, bf.diffusers  # registers the 'bitsfusion' quantization backend
       from diffusers import DiffusionPipeline
-      pipe = DiffusionPipeline.from_pretrained(OUT)
+      pipe = DiffusionPipeline.from_pretrained(OUT, dtype=torch.float32)  # float16 on a GPU
     Each quantized layer decodes its weight when it runs (CUDA kernels on a GPU, the
     format's rule on the CPU); save_pretrained writes the same layout back.
     """
@@ -39,4 +40,4 @@ def command(checkpoint, out, base_model, keep_decoded) -> None:
     base = resolve_base_model(ckpt, source, base_model, log)
     write_diffusers_model(ckpt, base, out, keep_decoded)
     log(f"wrote {out}: {len(ckpt.layers)} quantized UNet layers as packed codes; load it with 'import bf.diffusers' and "
-        f"DiffusionPipeline.from_pretrained('{out}')")  # fmt: skip
+        f"DiffusionPipeline.from_pretrained('{out}', dtype=torch.float32)")  # fmt: skip
