@@ -9,14 +9,13 @@ UNet tensor as the .bfq stores it. No dequantized copy of a quantized weight is 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from bf.atomic import atomic_dir
 from bf.format import Checkpoint
-from bf.models.directory import BASE_COMPONENTS
+from bf.models.directory import copy_base
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -33,9 +32,7 @@ def write_diffusers_model(ckpt: Checkpoint, base: Path, out: Path, keep_decoded:
     from safetensors.numpy import save_file
 
     with atomic_dir(out) as tmp:
-        for comp in BASE_COMPONENTS:
-            shutil.copytree(base / comp, tmp / comp)
-        shutil.copy2(base / "model_index.json", tmp / "model_index.json")
+        copy_base(base, tmp)
         (tmp / "unet").mkdir()
         config = {"_class_name": "UNet2DConditionModel", **ckpt.unet_config, "quantization_config": quantization_config(ckpt, keep_decoded)}
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2))

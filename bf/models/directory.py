@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -157,13 +158,18 @@ def bundle_from_model_dir(model: ModelDir) -> Bundle:
     return Bundle(files=files, tensors=tensors)
 
 
+def copy_base(src: Path, dst: Path) -> None:
+    """``src``'s text encoder, tokenizer, VAE, scheduler and model_index.json into ``dst``: a model directory but its UNet."""
+    for comp in BASE_COMPONENTS:
+        shutil.copytree(src / comp, dst / comp)
+    shutil.copy2(src / "model_index.json", dst / "model_index.json")
+
+
 def write_with_unet(model: ModelDir, unet_weights: dict, out: Path, note: dict | None = None) -> None:
     """A copy of ``model`` at ``out`` whose UNet weights are ``unet_weights`` (name -> torch tensor, the UNet's
     state dict; the UNet's config and each weight's dtype are kept), written as safetensors; ``note`` goes to
     ``bf_training.json``.
     The directory appears whole or not at all."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from bf.atomic import atomic_dir
@@ -174,10 +180,7 @@ def write_with_unet(model: ModelDir, unet_weights: dict, out: Path, note: dict |
         missing, extra = sorted(expected - set(unet_weights)), sorted(set(unet_weights) - expected)
         raise BfError(f"UNet weights for {model.root} do not match its UNet: missing {missing[:3]}, unexpected {extra[:3]}")
     with atomic_dir(out) as tmp:
-        for comp in COMPONENTS:
-            if comp != "unet":
-                shutil.copytree(model.root / comp, tmp / comp)
-        shutil.copy2(model.root / "model_index.json", tmp / "model_index.json")
+        copy_base(model.root, tmp)
         (tmp / "unet").mkdir()
         shutil.copy2(model.root / "unet" / _CONFIG["unet"], tmp / "unet" / _CONFIG["unet"])
         tensors = {k: v.detach().to("cpu", base[k].dtype).contiguous() for k, v in unet_weights.items()}  # the base's dtypes
