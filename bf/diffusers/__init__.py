@@ -10,9 +10,9 @@ Needs the ``train`` extra (torch, diffusers, transformers, accelerate).
 from __future__ import annotations
 
 from bf.diffusers.config import QUANT_METHOD, BitsFusionConfig
-from bf.diffusers.layers import LowBitLayer
+from bf.diffusers.layers import LowBitConv2d, LowBitLayer, LowBitLinear
 from bf.diffusers.quantizer import BitsFusionQuantizer, register
 
 register()
 
-__all__ = ["QUANT_METHOD", "BitsFusionConfig", "BitsFusionQuantizer", "LowBitLayer", "register"]
+__all__ = ["QUANT_METHOD", "BitsFusionConfig", "BitsFusionQuantizer", "LowBitConv2d", "LowBitLayer", "LowBitLinear", "register"]

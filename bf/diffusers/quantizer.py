@@ -13,7 +13,7 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from bf.diffusers.config import QUANT_METHOD, BitsFusionConfig
-from bf.diffusers.layers import LowBitLayer
+from bf.diffusers.layers import LowBitLayer, low_bit_layer
 from bf.errors import BfError
 
 SUPPORTED_DIFFUSERS = ((0, 42), (0, 43))  # [from, to): the versions whose quantizer hooks this is written against
@@ -45,7 +45,7 @@ class BitsFusionQuantizer(DiffusersQuantizer):
             expected = tuple(module.weight.shape)
             if expected != tuple(spec["shape"]):
                 raise BfError(f"bitsfusion layer {name} holds a {tuple(spec['shape'])} weight, the model's is {expected}")
-            setattr(parent, child, LowBitLayer(module, expected, cfg.grid(name), cfg.keep_decoded, device="meta"))
+            setattr(parent, child, low_bit_layer(module, expected, cfg.grid(name), cfg.keep_decoded, device="meta"))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -93,8 +93,29 @@ def _owner(model: torch.nn.Module, param_name: str):
 
 
 def register() -> None:
-    """Add the bitsfusion config and quantizer to diffusers' mappings (diffusers looks them up there at every load)."""
+    """Add the bitsfusion config and quantizer to diffusers' mappings (diffusers looks them up there at every load),
+    and make a model's fuse_lora refuse low-bit layers before it changes anything."""
+    from diffusers.loaders import peft as diffusers_peft
     from diffusers.quantizers import auto
 
     auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD.value] = BitsFusionQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD.value] = BitsFusionConfig
+    mixin = diffusers_peft.PeftAdapterMixin
+    if not getattr(mixin.fuse_lora, "_bitsfusion", False):
+        mixin.fuse_lora = _refusing_low_bit(mixin.fuse_lora)
+
+
+def _refusing_low_bit(fuse_lora):
+    """``fuse_lora`` that refuses a model whose LoRA sits beside a low-bit layer: fusing writes the low-rank product into
+    the layer's weight, and a bitsfusion layer's weight is packed codes on a grid the product does not fit."""
+
+    def refusing(self, *args, **kwargs):
+        low = next((n for n, m in self.named_modules() if hasattr(m, "get_base_layer") and isinstance(m.get_base_layer(), LowBitLayer)),
+                   None)  # fmt: skip
+        if low is not None:
+            raise BfError(f"fuse_lora: {low} is a 1.99-bit layer (packed codes) that a LoRA cannot be fused into; keep the LoRA "
+                          "as a branch (it already runs beside the layer), or fuse it into the FP model and quantize that")  # fmt: skip
+        return fuse_lora(self, *args, **kwargs)
+
+    refusing._bitsfusion = True
+    return refusing

@@ -153,3 +153,46 @@ def test_the_pipeline_matches_bf_infer_and_takes_diffusers_own_options(diffusers
     again = pipe(prompt, num_inference_steps=3, num_images_per_prompt=2, generator=torch.Generator().manual_seed(3), output_type="np")
     assert out.shape == (2, 128, 128, 3) and len(steps) == 3 and np.array_equal(out, again.images)
     assert not np.array_equal(out[0], out[1])
+
+
+def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
+    """A LoRA (peft, diffusers' format; attention projections and ResNet convolutions) loaded with load_lora_weights runs
+    as a branch beside the low-bit layers: the images equal the dequantized model's with the same LoRA, for one
+    adapter, at a weight of 0.5, and for two at once; unload_lora_weights restores the base; fuse_lora is refused in
+    one line and changes nothing."""
+    pytest.importorskip("peft")
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from bf.diffusers import LowBitLinear
+    from bf.errors import BfError
+
+    _, ref = _dequantized_unet()
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False), name)
+        StableDiffusionPipeline.save_lora_weights(tmp_path / name, unet_lora_layers=get_peft_model_state_dict(ref, adapter_name=name))
+        ref.delete_adapters(name)
+    pipes = [DiffusionPipeline.from_pretrained(diffusers_dir, dtype=torch.float32) for _ in range(2)]
+    pipes[1].unet = ref
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
+
+    def images(p):
+        return p("a red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np").images
+
+    base = images(pipes[0])
+    for p in pipes:
+        p.load_lora_weights(tmp_path / "a", adapter_name="a")
+    ours = images(pipes[0])
+    assert not np.array_equal(ours, base) and np.array_equal(ours, images(pipes[1]))
+    q = pipes[0].unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert isinstance(q.get_base_layer(), LowBitLinear)  # the base stays packed codes
+    for p in pipes:
+        p.load_lora_weights(tmp_path / "b", adapter_name="b")
+        p.set_adapters(["a", "b"], adapter_weights=[0.5, 1.0])
+    assert np.array_equal(images(pipes[0]), images(pipes[1]))
+    with pytest.raises(BfError, match=r"is a 1\.99-bit layer \(packed codes\) that a LoRA cannot be fused into"):
+        pipes[0].fuse_lora()
+    pipes[0].unload_lora_weights()
+    assert np.array_equal(images(pipes[0]), base)
