@@ -50,6 +50,7 @@ class ExportRequest:
     plugin: Path | None = None  # TensorRT plugin library (--weights plugin)
     weights: str | None = None  # engine targets: plugin or qdq (default: DEFAULT_WEIGHTS)
     gpu_archs: tuple[str, ...] = ()  # trt-rtx: compute capabilities to build for, as "86"
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA files and their scales: branches beside the UNet's layers
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -145,6 +146,11 @@ def export_model(
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
+    if req.loras:
+        from bf.export.lora_branch import apply_loras
+
+        for lora in apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras]):
+            log(f"LoRA {lora['file']} at scale {lora['scale']:g}: a branch beside {lora['layers']} layers")
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
     inputs = example_inputs(comps, check_batch, req.height, req.width)

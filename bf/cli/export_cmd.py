@@ -9,6 +9,7 @@ import click
 
 from bf.cli.checks import check_output_dir
 from bf.cli.output import log, progress_bar
+from bf.errors import BfError
 from bf.scheduler_names import SCHEDULERS
 
 
@@ -38,9 +39,12 @@ from bf.scheduler_names import SCHEDULERS
               help="Run the graphs in ONNX Runtime against PyTorch; under 40 dB PSNR the export fails.")  # fmt: skip
 @click.option("--base-model", type=click.Path(path_type=Path), default=None, help="Base model directory, if it moved.")
 @click.option("--plugin", type=click.Path(path_type=Path), default=None, help="TensorRT plugin library (--weights plugin).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA (diffusers, peft or kohya format) as a branch beside its UNet layers, in standard MatMul/Conv nodes; "
+                   "repeatable; SCALE defaults to 1.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp16, weights, gpu_arch, check, base_model, plugin,
-            as_json) -> None:  # fmt: skip
+            loras, as_json) -> None:  # fmt: skip
     """Export a .bfq as ONNX graphs (text encoder, quantized UNet, VAE decoder), and engines.
 
     CHECKPOINT may also be an FP model directory: the same graphs without quantization, the
@@ -55,17 +59,23 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     time-feature table built for --scheduler and --steps.
     """
     from bf.export.exporter import ExportRequest, export_model
+    from bf.export.lora_branch import parse_lora_arg
     from bf.export.onnx_graphs import GRAPHS
     from bf.models.shipped import model_source
     from bf.tensorrt_flavors import arch_name
 
     checkpoint = model_source(checkpoint)
     check_output_dir(out)
+    lora_args = tuple(parse_lora_arg(a) for a in loras)
+    for path, _ in lora_args:
+        if not path.is_file():
+            raise BfError(f"--lora {path}: no such file")
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
     archs = tuple(arch_name(a) for a in gpu_arch.split(",")) if gpu_arch else ()
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
-                        precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs)  # fmt: skip
+                        precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs,
+                        loras=tuple((str(path), scale) for path, scale in lora_args))  # fmt: skip
     stages = len(GRAPHS) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
     bar = progress_bar(total=stages, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
 

@@ -196,3 +196,69 @@ def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
         pipes[0].fuse_lora()
     pipes[0].unload_lora_weights()
     assert np.array_equal(images(pipes[0]), base)
+
+
+def _lora_file(path, unet, rank=4, seed=0, targets=("to_q", "to_v", "conv1")):
+    """A LoRA in diffusers' format (peft's lora_A / lora_B under 'unet.'), random, for ``unet``'s layers named ``targets``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in unet.named_modules():
+        if name.rpartition(".")[2] in targets and isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            w = m.weight
+            down = (rank, w.shape[1], *w.shape[2:])
+            up = (w.shape[0], rank, *((1, 1) if w.dim() == 4 else ()))
+            tensors[f"unet.{name}.lora_A.weight"] = torch.randn(down, generator=g) * 0.1
+            tensors[f"unet.{name}.lora_B.weight"] = torch.randn(up, generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path
+
+
+def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
+    """bf export --lora FILE:SCALE: the exported model run by bf infer (ONNX Runtime) equals the diffusers pipeline with the
+    same LoRA at the same scale (>= 35 dB), and differs from the model without it; bad LoRAs get one line."""
+    pytest.importorskip("peft")
+    from conftest import run_bf
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    import bf.diffusers  # noqa: F401
+    from bf.runtime.generation import initial_latents
+
+    _, ref = _dequantized_unet()
+    lora = _lora_file(tmp_path / "style.safetensors", ref)
+    prompt = "a red circle above a blue square"
+    r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", "--lora", f"{lora}:0.8", "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    assert "at scale 0.8: a branch beside" in r.stderr
+    r = run_bf("infer", tmp_path / "e", "--prompt", prompt, "--steps", "3", "--seed", "7", "--out", tmp_path / "l.png")
+    assert r.returncode == 0, r.stderr
+    pipe = DiffusionPipeline.from_pretrained(diffusers_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(initial_latents(7, (1, 4, 16, 16), pipe.scheduler.init_noise_sigma))
+
+    def image():
+        return pipe(prompt, num_inference_steps=3, guidance_scale=7.5, latents=latents.clone(), output_type="np").images[0]
+
+    plain = image()
+    pipe.load_lora_weights(lora, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    with_lora = image()
+    ours = np.asarray(Image.open(tmp_path / "l.png")).astype(np.float32) / 255
+    mse = float(((np.round(with_lora * 255) / 255 - ours) ** 2).mean())
+    assert mse == 0 or 10 * np.log10(1 / mse) >= 35
+    assert np.abs(np.round(plain * 255) / 255 - ours).max() > 0.1
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora))
+    save_file({k.replace("down_blocks", "middle_blocks"): v for k, v in tensors.items()}, str(tmp_path / "other.safetensors"))
+    key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+    save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(tmp_path / "rank.safetensors"))
+    for arg, message in ((f"{lora}:x", "the scale after ':' must be a number"), (str(tmp_path / "none.safetensors"), "no such file"),
+                         (str(tmp_path / "other.safetensors"), "matches no layer of this UNet"),
+                         (str(tmp_path / "rank.safetensors"), "features, the layer")):  # fmt: skip
+        r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", "--lora", arg, "--out", tmp_path / "bad")
+        assert r.returncode == 1 and message in r.stderr.strip().splitlines()[-1], (arg, r.stderr[-400:])
+        assert not (tmp_path / "bad").exists()

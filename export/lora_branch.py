@@ -1,0 +1,122 @@
+"""LoRA adapters in an exported UNet: each as a low-rank branch beside its layer, ``layer(x) + scale * up(down(x))``,
+traced into standard MatMul / Conv nodes, so every runtime runs it and the low-bit layer stays packed codes.
+
+The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``: diffusers', peft's
+and kohya's formats), so ``bf export --lora`` takes what ``pipe.load_lora_weights`` takes. A branch's scale is
+the user's times alpha / rank (the file's network alphas, or its adapter metadata; 1 without either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bf.errors import BfError
+
+_DOWN_UP = (("lora_A", "lora_B"), ("lora.down", "lora.up"), ("lora_down", "lora_up"))
+
+
+class LoRABranch(nn.Module):
+    """``base(x) + scale * up(down(x))``; down and up are convolutions beside a convolution (down with its kernel,
+    stride and padding), matrix products beside a linear layer."""
+
+    def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor, scale: float, conv: dict | None):
+        super().__init__()
+        self.base, self.scale = base, float(scale)
+        rank = down.shape[0]
+        if conv is not None:
+            self.down = nn.Conv2d(down.shape[1], rank, tuple(down.shape[2:]), conv["stride"], conv["padding"], conv["dilation"], bias=False)
+            self.up = nn.Conv2d(rank, up.shape[0], tuple(up.shape[2:]), bias=False)
+        else:
+            self.down, self.up = nn.Linear(down.shape[1], rank, bias=False), nn.Linear(rank, up.shape[0], bias=False)
+        with torch.no_grad():
+            self.down.weight.copy_(down.reshape(self.down.weight.shape))
+            self.up.weight.copy_(up.reshape(self.up.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` of --lora."""
+    path, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    if sep and not Path(text).exists():
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            raise BfError(f"--lora {text}: the scale after ':' must be a number, e.g. --lora style.safetensors:0.8") from None
+    return Path(text), 1.0
+
+
+def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """The UNet's adapters of a LoRA file: module name -> (down, up) weights, and module name -> alpha / rank."""
+    from diffusers import StableDiffusionPipeline
+
+    if not path.is_file():
+        raise BfError(f"--lora {path}: no such file")
+    try:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    except Exception as e:  # diffusers' reader: an unreadable or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BfError(f"--lora {path}: not a LoRA diffusers can read ({first})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.startswith("unet."):
+            continue
+        for down, up in _DOWN_UP:
+            for part, which in ((down, "down"), (up, "up")):
+                suffix = f".{part}.weight"
+                if key.endswith(suffix):
+                    pairs.setdefault(key[len("unet.") : -len(suffix)], {})[which] = tensor.float()
+    if not pairs:
+        raise BfError(f"--lora {path}: no UNet adapters in it (a LoRA for another model, or for the text encoder only?)")
+    broken = [m for m, p in pairs.items() if set(p) != {"down", "up"}]
+    if broken:
+        raise BfError(f"--lora {path}: {broken[0]} has a down or an up weight but not both")
+    unet_meta = (metadata or {}).get("unet", metadata or {}) if isinstance(metadata, dict) else {}
+    if unet_meta.get("rank_pattern") or unet_meta.get("alpha_pattern"):
+        raise BfError(f"--lora {path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
+    ratios = {}
+    for module, p in pairs.items():
+        rank = p["down"].shape[0]
+        alpha = (alphas or {}).get(f"unet.{module}.alpha", unet_meta.get("lora_alpha"))
+        ratios[module] = float(alpha) / (unet_meta.get("r") or rank) if alpha is not None else 1.0
+    return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
+
+
+def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]]) -> list[dict]:
+    """Every adapter of ``loras`` (file, scale) as a branch beside its layer of ``unet``, in place; what was applied."""
+    applied = []
+    for path, scale in loras:
+        weights, ratios = read_lora(path)
+        for module, (down, up) in weights.items():
+            parent_name, _, child = module.rpartition(".")
+            try:
+                parent = unet.get_submodule(parent_name) if parent_name else unet
+                base = getattr(parent, child)
+            except AttributeError:
+                raise BfError(f"--lora {path}: {module} matches no layer of this UNet (a LoRA for another architecture?)") from None
+            conv = {k: getattr(_innermost(base), k) for k in ("stride", "padding", "dilation")} if down.dim() == 4 else None
+            out_features, in_features = up.shape[0], down.shape[1]
+            shape = _layer_shape(_innermost(base))
+            if shape is not None and (shape[0] != out_features or (shape[1] != in_features)):
+                raise BfError(f"--lora {path}: {module} maps {in_features} to {out_features} features, the layer {shape[1]} to {shape[0]}")
+            setattr(parent, child, LoRABranch(base, down, up, scale * ratios[module], conv))
+        applied.append({"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": scale,
+                        "layers": len(weights)})  # fmt: skip
+    return applied
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, LoRABranch):
+        module = module.base
+    return module
+
+
+def _layer_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features of a layer: a plain Conv2d / Linear, or an export low-bit module (its packed weight's)."""
+    shape = module.weight_op.shape if hasattr(module, "weight_op") else getattr(getattr(module, "weight", None), "shape", None)
+    return None if shape is None else (shape[0], shape[1] * getattr(module, "groups", 1))
