@@ -8,6 +8,7 @@ are in the file (diffusers would cast the float32 scales to the model's dtype); 
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
@@ -46,6 +47,9 @@ class BitsFusionQuantizer(DiffusersQuantizer):
             if expected != tuple(spec["shape"]):
                 raise BfError(f"bitsfusion layer {name} holds a {tuple(spec['shape'])} weight, the model's is {expected}")
             setattr(parent, child, low_bit_layer(module, expected, cfg.grid(name), cfg.keep_decoded, device="meta"))
+        # enable_layerwise_casting would store the layers' float32 scales in its storage dtype: it skips them by name
+        names = "|".join(re.escape(n) for n in cfg.layers)
+        model._skip_layerwise_casting_patterns = (*(type(model)._skip_layerwise_casting_patterns or ()), f"^(?:{names})$")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

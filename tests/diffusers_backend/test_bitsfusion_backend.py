@@ -68,6 +68,12 @@ def test_from_pretrained_gives_the_dequantized_unets_outputs_and_round_trips(dif
         again = UNet2DConditionModel.from_pretrained(tmp_path / "again")
         assert torch.equal(again(x, torch.tensor(500), ctx).sample, ours)
     assert all(isinstance(again.get_submodule(n), LowBitLayer) for n in ckpt.layers)
+    # layerwise casting (float8 storage) leaves the low-bit layers' float32 scales alone and still runs
+    again.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert all(again.get_submodule(n).scale.dtype == torch.float32 for n in ckpt.layers)
+    assert again.conv_norm_out.weight.dtype == torch.float32 and again.time_embedding.linear_1.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        assert (again(x, torch.tensor(500), ctx).sample - ours).abs().max() < 0.5
 
 
 def test_a_diffusers_pipeline_runs_it_like_the_dequantized_model(diffusers_dir):
