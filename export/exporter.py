@@ -127,6 +127,10 @@ def export_model(
                       gpu_archs=req.gpu_archs or (DEFAULT_RTX_ARCHS if req.target == "trt-rtx" else ()))  # fmt: skip
         engine_gpus = prepare(req)
     form = graph_form(req)
+    if req.loras:  # every file read and checked before the model loads
+        from bf.export.lora_branch import read_lora
+
+        lora_files = {Path(f): read_lora(Path(f)) for f, _ in req.loras}
     ckpt = None
     if Path(source).is_dir():  # the FP model itself, exported the same way: the reference for the runtime
         from bf.models.directory import ModelDir
@@ -149,7 +153,7 @@ def export_model(
     if req.loras:
         from bf.export.lora_branch import apply_loras
 
-        for lora in apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras]):
+        for lora in apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras], lora_files):
             log(f"LoRA {lora['file']} at scale {lora['scale']:g}: a branch beside {lora['layers']} layers")
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)

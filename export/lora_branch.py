@@ -9,6 +9,8 @@ the user's times alpha / rank (the file's network alphas, or its adapter metadat
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -41,18 +43,40 @@ class LoRABranch(nn.Module):
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` of --lora."""
-    path, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
-    if sep and not Path(text).exists():
-        try:
-            return Path(path), float(scale)
-        except ValueError:
-            raise BfError(f"--lora {text}: the scale after ':' must be a number, e.g. --lora style.safetensors:0.8") from None
-    return Path(text), 1.0
+    """``FILE[:SCALE]`` of --lora (a path that exists as written is a path, colons and all)."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return Path(text), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        return Path(text), 1.0  # not FILE:SCALE: a path, which the caller finds missing
+    if not math.isfinite(value):
+        raise BfError(f"--lora {text}: the scale must be a finite number")
+    return Path(path), value
+
+
+# The module of an adapter key (under "unet.", ".weight" cut) and which half it is: peft's and diffusers' names, and
+# the attention-processor names diffusers gives kohya's and older files.
+_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<half>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
+                  r"|processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<phalf>down|up))$")  # fmt: skip
+_DOWN = {"lora_A", "lora.down", "lora_down", "down"}
+_TIME = re.compile(r"(^|\.)(time_embedding|time_emb_proj)(\.|$)")  # computed from the export's time-feature table
+
+
+def _module_and_half(key: str) -> tuple[str, str] | None:
+    m = _KEY.match(key)
+    if m is None:
+        return None
+    if m["proj"]:
+        module = f"{m['module']}.{m['proj']}" + (".0" if m["proj"] == "to_out" else "")
+        return module, "down" if m["phalf"] in _DOWN else "up"
+    return m["module"], "down" if m["half"] in _DOWN else "up"
 
 
 def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """The UNet's adapters of a LoRA file: module name -> (down, up) weights, and module name -> alpha / rank."""
+    """The UNet's adapters of a LoRA file: module name -> (down, up) weights, and module name -> alpha / rank
+    (alpha / sqrt(rank) for rsLoRA). Anything under ``unet.`` that is not such a weight or its alpha is refused."""
     from diffusers import StableDiffusionPipeline
 
     if not path.is_file():
@@ -66,32 +90,43 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
     for key, tensor in state.items():
         if not key.startswith("unet."):
             continue
-        for down, up in _DOWN_UP:
-            for part, which in ((down, "down"), (up, "up")):
-                suffix = f".{part}.weight"
-                if key.endswith(suffix):
-                    pairs.setdefault(key[len("unet.") : -len(suffix)], {})[which] = tensor.float()
+        found = _module_and_half(key[len("unet.") :].removesuffix(".weight")) if key.endswith(".weight") else None
+        if found is None:
+            raise BfError(f"--lora {path}: {key} is no LoRA down or up weight bf export can place (DoRA, biases and "
+                          "other adapter types are not supported)")  # fmt: skip
+        pairs.setdefault(found[0], {})[found[1]] = tensor.float()
     if not pairs:
         raise BfError(f"--lora {path}: no UNet adapters in it (a LoRA for another model, or for the text encoder only?)")
     broken = [m for m, p in pairs.items() if set(p) != {"down", "up"}]
     if broken:
         raise BfError(f"--lora {path}: {broken[0]} has a down or an up weight but not both")
-    unet_meta = (metadata or {}).get("unet", metadata or {}) if isinstance(metadata, dict) else {}
-    if unet_meta.get("rank_pattern") or unet_meta.get("alpha_pattern"):
+    time = [m for m in pairs if _TIME.search(m)]
+    if time:
+        raise BfError(f"--lora {path}: {time[0]} is a time-embedding layer, which the export computes into its time-feature "
+                      "table; a LoRA there is not supported")  # fmt: skip
+    meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()} if isinstance(metadata, dict) else {}
+    if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise BfError(f"--lora {path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
+    file_alphas: dict[str, float] = {}
+    for key, value in (alphas or {}).items():
+        found = _module_and_half(key.removeprefix("unet.").removesuffix(".alpha").removesuffix(".weight"))
+        name = found[0] if found else key.removeprefix("unet.").removesuffix(".alpha")
+        file_alphas[name] = float(value)
     ratios = {}
     for module, p in pairs.items():
         rank = p["down"].shape[0]
-        alpha = (alphas or {}).get(f"unet.{module}.alpha", unet_meta.get("lora_alpha"))
-        ratios[module] = float(alpha) / (unet_meta.get("r") or rank) if alpha is not None else 1.0
+        alpha = file_alphas.get(module, meta.get("lora_alpha"))
+        denominator = math.sqrt(rank) if meta.get("use_rslora") else rank
+        ratios[module] = float(alpha) / denominator if alpha is not None else 1.0
     return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
 
 
-def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]]) -> list[dict]:
-    """Every adapter of ``loras`` (file, scale) as a branch beside its layer of ``unet``, in place; what was applied."""
+def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None = None) -> list[dict]:
+    """Every adapter of ``loras`` (file, scale) as a branch beside its layer of ``unet``, in place; what was applied.
+    ``read``: the files already read (read_lora), by path."""
     applied = []
     for path, scale in loras:
-        weights, ratios = read_lora(path)
+        weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():
             parent_name, _, child = module.rpartition(".")
             try:

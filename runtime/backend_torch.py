@@ -272,6 +272,9 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             raise BfError("the torch backend runs on a CUDA GPU and none is visible; use --backend ort")
         quantized = model.manifest.model.quantized
+        if (model.manifest.raw.get("export_settings") or {}).get("loras"):
+            raise BfError(f"{model.root} was exported with a LoRA, which the torch backend (it runs the source model) would "
+                          "leave out; use --backend ort or trt")  # fmt: skip
         weights = weights or ("streamed" if quantized else "fp")
         if weights not in WEIGHT_MODES:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")

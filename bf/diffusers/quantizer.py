@@ -104,9 +104,13 @@ def register() -> None:
 
     auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD.value] = BitsFusionQuantizer
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD.value] = BitsFusionConfig
+    from diffusers.models.attention_processor import Attention
+
     mixin = diffusers_peft.PeftAdapterMixin
     if not getattr(mixin.fuse_lora, "_bitsfusion", False):
         mixin.fuse_lora = _refusing_low_bit(mixin.fuse_lora)
+    if not getattr(Attention.fuse_projections, "_bitsfusion", False):
+        Attention.fuse_projections = _refusing_fused_projections(Attention.fuse_projections)
 
 
 def _refusing_low_bit(fuse_lora):
@@ -120,6 +124,20 @@ def _refusing_low_bit(fuse_lora):
             raise BfError(f"fuse_lora: {low} is a 1.99-bit layer (packed codes) that a LoRA cannot be fused into; keep the LoRA "
                           "as a branch (it already runs beside the layer), or fuse it into the FP model and quantize that")  # fmt: skip
         return fuse_lora(self, *args, **kwargs)
+
+    refusing._bitsfusion = True
+    return refusing
+
+
+def _refusing_fused_projections(fuse_projections):
+    """Attention.fuse_projections (what fuse_qkv_projections calls) that refuses low-bit projections: it would
+    concatenate their weights, and a low-bit layer's weight is a shape-only stand-in, not the weight."""
+
+    def refusing(self, *args, **kwargs):
+        if any(isinstance(getattr(self, n, None), LowBitLayer) for n in ("to_q", "to_k", "to_v", "add_q_proj")):
+            raise BfError("fuse_qkv_projections: the attention projections are 1.99-bit layers (packed codes), which are not "
+                          "concatenated; run without fusing them")  # fmt: skip
+        return fuse_projections(self, *args, **kwargs)
 
     refusing._bitsfusion = True
     return refusing

@@ -2,6 +2,7 @@
 through the registered bitsfusion backend: packed codes kept, outputs equal to the dequantized UNet, round trips."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,10 @@ def test_from_pretrained_gives_the_dequantized_unets_outputs_and_round_trips(dif
         again = UNet2DConditionModel.from_pretrained(tmp_path / "again")
         assert torch.equal(again(x, torch.tensor(500), ctx).sample, ours)
     assert all(isinstance(again.get_submodule(n), LowBitLayer) for n in ckpt.layers)
+    from bf.errors import BfError
+
+    with pytest.raises(BfError, match=r"fuse_qkv_projections: the attention projections are 1\.99-bit layers"):
+        again.fuse_qkv_projections()
     # layerwise casting (float8 storage) leaves the low-bit layers' float32 scales alone and still runs
     again.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert all(again.get_submodule(n).scale.dtype == torch.float32 for n in ckpt.layers)
@@ -255,6 +260,12 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     mse = float(((np.round(with_lora * 255) / 255 - ours) ** 2).mean())
     assert mse == 0 or 10 * np.log10(1 / mse) >= 35
     assert np.abs(np.round(plain * 255) / 255 - ours).max() > 0.1
+    from bf.errors import BfError
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+
+    with pytest.raises(BfError, match=r"exported with a LoRA, which the torch backend .* would leave out"):
+        TorchBackend(ExportedModel.open(tmp_path / "e"), device="cpu")
 
     from safetensors.torch import load_file, save_file
 
@@ -262,9 +273,46 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     save_file({k.replace("down_blocks", "middle_blocks"): v for k, v in tensors.items()}, str(tmp_path / "other.safetensors"))
     key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
     save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(tmp_path / "rank.safetensors"))
-    for arg, message in ((f"{lora}:x", "the scale after ':' must be a number"), (str(tmp_path / "none.safetensors"), "no such file"),
+    for arg, message in ((f"{lora}:x", "style.safetensors:x: no such file"), (str(tmp_path / "none.safetensors"), "no such file"),
                          (str(tmp_path / "other.safetensors"), "matches no layer of this UNet"),
                          (str(tmp_path / "rank.safetensors"), "features, the layer")):  # fmt: skip
         r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", "--lora", arg, "--out", tmp_path / "bad")
         assert r.returncode == 1 and message in r.stderr.strip().splitlines()[-1], (arg, r.stderr[-400:])
         assert not (tmp_path / "bad").exists()
+
+
+def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cannot_place_them(tmp_path):
+    """read_lora: alpha / rank from the adapter metadata diffusers stores (lora_alpha 8, rank 4: 2.0), rsLoRA's
+    alpha / sqrt(rank); a time-embedding adapter (the export computes those into a table) and keys that are no
+    down/up weight are refused by name; FILE:SCALE parsing."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from bf.errors import BfError
+    from bf.export.lora_branch import parse_lora_arg, read_lora
+
+    _, ref = _dequantized_unet()
+    for rslora, ratio in ((False, 2.0), (True, 8 / 4**0.5)):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q"], use_rslora=rslora)
+        ref.add_adapter(config, "m")
+        out = tmp_path / f"meta{rslora}"
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(ref, adapter_name="m"),
+                                                  unet_lora_adapter_metadata=config.to_dict())  # fmt: skip
+        ref.delete_adapters("m")
+        weights, ratios = read_lora(out / "pytorch_lora_weights.safetensors")
+        assert weights and all(r == pytest.approx(ratio) for r in ratios.values())
+    _, ref = _dequantized_unet()  # without peft's wrappers
+    plain = _lora_file(tmp_path / "plain.safetensors", ref, targets=("to_q", "time_emb_proj"))
+    with pytest.raises(BfError, match="time_emb_proj is a time-embedding layer"):
+        read_lora(plain)
+    tensors = load_file(str(_lora_file(tmp_path / "q.safetensors", ref, targets=("to_q",))))
+    key = next(iter(tensors))
+    save_file({**tensors, key.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(BfError, match="is no LoRA down or up weight"):
+        read_lora(tmp_path / "dora.safetensors")
+    assert parse_lora_arg("a.safetensors:0.5") == (Path("a.safetensors"), 0.5)
+    assert parse_lora_arg("C:/x/a.safetensors") == (Path("C:/x/a.safetensors"), 1.0)
+    with pytest.raises(BfError, match="finite"):
+        parse_lora_arg("a.safetensors:nan")
