@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bf.errors import BfError
+from bf.module_paths import parent_and_attribute
 
 _DOWN_UP = (("lora_A", "lora_B"), ("lora.down", "lora.up"), ("lora_down", "lora_up"))
 
@@ -128,9 +129,8 @@ def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | N
     for path, scale in loras:
         weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():
-            parent_name, _, child = module.rpartition(".")
             try:
-                parent = unet.get_submodule(parent_name) if parent_name else unet
+                parent, child = parent_and_attribute(unet, module)
                 base = getattr(parent, child)
             except AttributeError:
                 raise BfError(f"--lora {path}: {module} matches no layer of this UNet (a LoRA for another architecture?)") from None

@@ -15,6 +15,7 @@ from torch import nn
 
 from bf.format import QuantizedLayer
 from bf.format.dequant_op import DOMAIN, DTYPES, OP_TYPE, DequantSpec
+from bf.module_paths import parent_and_attribute
 
 ONNX_DTYPES = {getattr(torch, name): code for code, name in DTYPES.items()}  # the op's output dtype attribute
 
@@ -88,8 +89,7 @@ class LowBitLinear(nn.Module):
 def swap_quantized_layers(unet: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
     """Replace (in place) every quantized Conv2d / Linear of ``unet`` by its low-bit module."""
     for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
+        parent, child = parent_and_attribute(unet, name)
         old = getattr(parent, child)
         if isinstance(old, nn.Conv2d):
             new = LowBitConv2d(old, layer)

@@ -43,6 +43,7 @@ from torch import nn
 
 from bf.errors import BfError
 from bf.format.dequant_op import DequantSpec
+from bf.module_paths import parent_and_attribute
 
 _DECODER: list = [None]  # the decode library the ops run (None: bf.decode_kernels.load(), found as bf.native says)
 
@@ -235,8 +236,7 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
         for member, pw in groups.pop(block).items():  # around another group: its layers alone
             groups[f"{block}.{member}"] = {"": pw}
     for block, members in groups.items():
-        parent_name, _, child = block.rpartition(".")
-        parent = owner.get_submodule(parent_name) if parent_name else owner
+        parent, child = parent_and_attribute(owner, block)
         setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype))
     return len(packed)
 

@@ -28,6 +28,7 @@ from bf.errors import BfError
 from bf.format import QuantizedLayer
 from bf.format.dequant_op import DequantSpec
 from bf.format.packing import Packing, pack_codes, unpack_codes
+from bf.module_paths import parent_and_attribute
 
 
 @dataclass
@@ -391,8 +392,7 @@ def stream_weights(
     ring = WeightRing([None if i in keep else w for i, w in enumerate(entries)], dtype=dtype, slots=slots, decoder=decoder, group=group,
                       priority=priority, max_blocks=decode_blocks)  # fmt: skip
     for index, (name, module) in enumerate(modules.items()):
-        parent_name, _, child = name.rpartition(".")
-        parent = owner.get_submodule(parent_name) if parent_name else owner
+        parent, child = parent_and_attribute(owner, name)
         fw = _fused_weight(module, entries[index], ring) if fused != "off" and index not in keep else None
         layer = StreamedLayer(module, ring, index, fw, fused)
         if index in keep:

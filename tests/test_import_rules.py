@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import REPO
 
 STAGES = {"trainer": "bf.trainer", "export": "bf.export", "runtime": "bf.runtime"}
-SHARED = ["bf/format", "bf/errors.py", "bf/atomic.py"]
+SHARED = ["bf/format", "bf/errors.py", "bf/atomic.py", "bf/module_paths.py"]
 
 
 def imported_modules(path) -> set[str]:

@@ -16,6 +16,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from bf.diffusers.config import QUANT_METHOD, BitsFusionConfig
 from bf.diffusers.layers import LowBitLayer, low_bit_layer
 from bf.errors import BfError
+from bf.module_paths import parent_and_attribute
 
 SUPPORTED_DIFFUSERS = ((0, 42), (0, 43))  # [from, to): the versions whose quantizer hooks this is written against
 
@@ -37,9 +38,8 @@ class BitsFusionQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg: BitsFusionConfig = self.quantization_config
         for name, spec in cfg.layers.items():
-            parent_name, _, child = name.rpartition(".")
             try:
-                parent = model.get_submodule(parent_name) if parent_name else model
+                parent, child = parent_and_attribute(model, name)
                 module = getattr(parent, child)
             except AttributeError:
                 raise BfError(f"bitsfusion quantization_config names layer {name}, which this {type(model).__name__} has not") from None
@@ -60,7 +60,7 @@ class BitsFusionQuantizer(DiffusersQuantizer):
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
-        module, _, tensor = _owner(model, param_name)
+        module, tensor = _owner(model, param_name)
         return isinstance(module, LowBitLayer) and tensor in ("codes", "scale")
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param) -> bool:
@@ -69,7 +69,7 @@ class BitsFusionQuantizer(DiffusersQuantizer):
         return True
 
     def create_quantized_param(self, model, param_value, param_name: str, target_device, state_dict, unexpected_keys, **kwargs):
-        module, _, tensor = _owner(model, param_name)
+        module, tensor = _owner(model, param_name)
         stored = state_dict[param_name]  # as in the file: diffusers has cast param_value to the model's dtype
         if stored.dtype != module._buffers[tensor].dtype:
             raise BfError(f"{param_name}: stored as {stored.dtype}, a bitsfusion layer keeps {module._buffers[tensor].dtype}")
@@ -89,11 +89,11 @@ class BitsFusionQuantizer(DiffusersQuantizer):
 
 
 def _owner(model: torch.nn.Module, param_name: str):
-    parent, _, tensor = param_name.rpartition(".")
+    """(the module holding a parameter or buffer, or None, and the tensor's attribute name)."""
     try:
-        return model.get_submodule(parent), parent, tensor
+        return parent_and_attribute(model, param_name)
     except AttributeError:
-        return None, parent, tensor
+        return None, param_name.rpartition(".")[2]
 
 
 def register() -> None:
