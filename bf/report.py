@@ -67,6 +67,7 @@ def save_eval_grid(path: Path, sets, generated, models, reference, cfg) -> None:
     """Rows: every prompt evaluated; columns: the reference, then each other model, at each CFG scale (first seed).
 
     A model that is also the reference has one column, the reference's."""
+    from bf.evaluate.evaluation import split_seeds
     from bf.evaluate.image_grid import save_grid
 
     shown = ([reference] if reference is not None else []) + [m for m in models if reference is None or m.pipe is not reference.pipe]
@@ -75,7 +76,8 @@ def save_eval_grid(path: Path, sets, generated, models, reference, cfg) -> None:
     for ps in sets:
         for i, prompt in enumerate(ps.prompts):
             rows.append(f"[{ps.split}] {prompt}")
-            cells.append([generated[(m.label, scale, ps.split)].images[i * cfg.seeds] for m, scale in columns])
+            cells.append([generated[(m.label, scale, ps.split)].images[i * len(split_seeds(cfg, len(ps.prompts)))]
+                          for m, scale in columns])  # fmt: skip
     save_grid(path, rows, [f"{m.label}\ncfg {scale:g}" for m, scale in columns], cells)
 
 

@@ -128,7 +128,7 @@ def export_model(
         engine_gpus = prepare(req)
     form = graph_form(req)
     if req.loras:  # every file read and checked before the model loads
-        from bf.export.lora_branch import read_lora
+        from bf.lora_adapters import read_lora
 
         lora_files = {Path(f): read_lora(Path(f)) for f, _ in req.loras}
     ckpt = None
@@ -151,7 +151,7 @@ def export_model(
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
     if req.loras:
-        from bf.export.lora_branch import apply_loras
+        from bf.lora_adapters import apply_loras
 
         for lora in apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras], lora_files):
             log(f"LoRA {lora['file']} at scale {lora['scale']:g}: a branch beside {lora['layers']} layers")

@@ -17,7 +17,7 @@ def _eval_results(rng, p_success: float, prompts: int = 12, seeds: int = 2) -> l
     for cfg in (3.5, 5.5, 7.5, 9.5):
         for split in ("single", "two", "heldout", "heldout-two"):
             v = (rng.random(prompts * seeds) < p_success).astype(float)
-            out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "accuracy": {"overall": float(v.mean())},
+            out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "seeds": seeds, "accuracy": {"overall": float(v.mean())},
                         "accuracy_ci95": [0.0, 1.0], "overall_per_image": v.tolist(), "mse": 0.01, "psnr": 20.0})  # fmt: skip
     return out
 
@@ -39,7 +39,7 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "_inspect", lambda p: {"avg_bits": 2.0, "unet_bytes": 1000, "stored_bits_per_weight": 2.1,
                                                          "fp16_bytes": 8000})  # fmt: skip
     args = argparse.Namespace(work=tmp_path, rows="lsq2,fpctl", steps=10, batch_size=4, lr=1e-4, images=8, seed=0, seeds=2,
-                              limit=None, prompts="shapes-test")  # fmt: skip
+                              limit=None, prompts="shapes-test", cfgs=(3.5, 5.5, 7.5, 9.5), images_per_split=0)  # fmt: skip
     result = ablation.table(args, ablation.rows(tmp_path / "r.json", 10))
     by_key = {r["key"]: r for r in result["rows"]}
     assert list(by_key) == ["fp", "lsq2", "fpctl"]
@@ -48,8 +48,8 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
         d = by_key[key]["differences"][name]
         assert d["row"] == other
         for cfg in ("3.5", "7.5"):
-            a = np.concatenate([v for v, _ in ablation.per_image(evals[other], float(cfg), 2)])
-            b = np.concatenate([v for v, _ in ablation.per_image(evals[key], float(cfg), 2)])
+            a = np.concatenate([v for v, _ in ablation.per_image(evals[other], float(cfg))])
+            b = np.concatenate([v for v, _ in ablation.per_image(evals[key], float(cfg))])
             assert d[cfg]["difference"] == pytest.approx(b.mean() - a.mean())
             assert d[cfg]["ci95"][0] <= d[cfg]["difference"] <= d[cfg]["ci95"][1]
     assert "fp_control" not in by_key["fpctl"]["differences"] and by_key["fp"]["differences"] == {}
@@ -57,7 +57,7 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     assert by_key["lsq2"]["differences"]["fp_control"]["row"] == "fp"
     acc = by_key["lsq2"]["cfg"]["7.5"]
     assert acc["accuracy_ci95"][0] < acc["accuracy"] < acc["accuracy_ci95"][1]
-    assert acc["accuracy"] == pytest.approx(np.mean([v for v, _ in ablation.per_image(evals["lsq2"], 7.5, 2)]))
+    assert acc["accuracy"] == pytest.approx(np.mean([v for v, _ in ablation.per_image(evals["lsq2"], 7.5)]))
     assert by_key["lsq2"]["training"]["final"]["2"]["step"] == 5
     ablation.plot(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000

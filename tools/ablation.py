@@ -4,7 +4,7 @@ Every row is one ``bf train`` command with the same number of training steps; ea
 adds one technique to the row above. Beside them, the FP control: the FP model trained
 with the same data, batch, learning rate, steps and losses (``bf train --fp-control``), so
 that a row above the FP model can be told apart from what training alone does. All rows
-are evaluated with ``bf eval`` against the FP model at CFG 3.5/5.5/7.5/9.5 on the same
+are evaluated with ``bf eval`` against the FP model at CFG 3.5/5.5/7.5/9.5 (or --cfg) on the same
 prompts and seeds, and the table is written as JSON and a plot: overall accuracy with its
 95% interval (bf.evaluate.intervals: prompts resampled, or seeds alone where the prompts
 are all of a split's scenes), and each row's paired difference against the row it adds a technique to, against the FP model and against the
@@ -112,20 +112,21 @@ def evaluate(args, table_rows) -> None:
             continue
         model = "shipped" if extra is None else str(output(args.work, key))
         jobs[key] = bf(
-            "eval", "--model", model, "--reference", "shipped", "--cfg", ",".join(map(str, CFGS)), "--seeds", str(args.seeds),
+            "eval", "--model", model, "--reference", "shipped", "--cfg", ",".join(map(str, args.cfgs)), "--seeds", str(args.seeds),
+            "--images-per-split", str(args.images_per_split),
             "--prompts", args.prompts, "--batch-size", str(args.eval_batch), "--json", str(out),
             *(["--limit", str(args.limit)] if args.limit else []),
         )  # fmt: skip
     run_parallel(jobs, args.work, args.parallel, "eval")
 
 
-def per_image(results: list[dict], cfg: float, seeds: int) -> list[tuple[np.ndarray, bool]]:
+def per_image(results: list[dict], cfg: float) -> list[tuple[np.ndarray, bool]]:
     """Every image's overall verdict at one CFG scale, by split (in name order): (prompts x seeds, whether the
     prompts are all the split's scenes)."""
     rs = sorted((r for r in results if r["cfg"] == cfg), key=lambda r: r["split"])
     if any("overall_per_image" not in r for r in rs):
         raise BfError("an evaluation without per-image verdicts (made by an older bf eval); run the eval phase again")
-    return [(np.array(r["overall_per_image"], dtype=np.float64).reshape(-1, seeds), r.get("whole_split", False)) for r in rs]
+    return [(np.array(r["overall_per_image"], dtype=np.float64).reshape(-1, r["seeds"]), r.get("whole_split", False)) for r in rs]
 
 
 def paired(a: list[tuple[np.ndarray, bool]], b: list[tuple[np.ndarray, bool]]) -> dict:
@@ -135,11 +136,11 @@ def paired(a: list[tuple[np.ndarray, bool]], b: list[tuple[np.ndarray, bool]]) -
     return combined_difference([(va, vb, whole) for (va, whole), (vb, _) in zip(a, b, strict=True)])
 
 
-def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
+def per_cfg(results: list[dict], cfgs: tuple[float, ...]) -> dict[str, dict]:
     """Accuracy over all images of a CFG scale (the splits weighted by images) with its 95% interval (combined_ci:
     each split varies by its own rule), PSNR of their mean MSE, and each split's figures."""
     out = {}
-    for cfg in CFGS:
+    for cfg in cfgs:
         rs = [r for r in results if r["cfg"] == cfg]
         n = sum(r["images"] for r in rs)
         mse = sum(r["mse"] * r["images"] for r in rs) / n
@@ -147,7 +148,7 @@ def per_cfg(results: list[dict], seeds: int) -> dict[str, dict]:
                   for r in rs}  # fmt: skip
         out[str(cfg)] = {
             "accuracy": sum(r["accuracy"]["overall"] * r["images"] for r in rs) / n,
-            "accuracy_ci95": combined_ci(per_image(results, cfg, seeds)),
+            "accuracy_ci95": combined_ci(per_image(results, cfg)),
             "psnr": None if mse == 0 else 10 * math.log10(1 / mse),
             "splits": splits,
         }
@@ -160,7 +161,7 @@ def control_of(args: list[str] | None) -> str:
     return "fp" if args and "--no-stage2" in args else "fpctl"
 
 
-def differences(evals: dict[str, list[dict]], seeds: int, args: dict[str, list[str] | None]) -> dict[str, dict]:
+def differences(evals: dict[str, list[dict]], cfgs: tuple[float, ...], args: dict[str, list[str] | None]) -> dict[str, dict]:
     """Each row's paired difference of overall accuracy (this row minus the other, same prompts and seeds) against the
     row it adds a technique to, the FP model and its same-budget FP control (control_of), at every CFG scale, with
     95% intervals."""
@@ -172,7 +173,7 @@ def differences(evals: dict[str, list[dict]], seeds: int, args: dict[str, list[s
                 continue
             out.setdefault(key, {})[name] = {
                 "row": other,
-                **{str(c): paired(per_image(evals[other], c, seeds), per_image(evals[key], c, seeds)) for c in CFGS},
+                **{str(c): paired(per_image(evals[other], c), per_image(evals[key], c)) for c in cfgs},
             }
     return out
 
@@ -207,24 +208,24 @@ def table(args, table_rows) -> dict:
         if extra is not None:
             out = output(args.work, key)
             row["training"] = {"seconds": times.get(key), "final": _final_losses(out.with_name(out.name + ".work") / "log.csv")}
-        row["cfg"] = per_cfg(evals[key], args.seeds)
+        row["cfg"] = per_cfg(evals[key], args.cfgs)
         out_rows.append(row)
     if fp16_bytes is None:  # no quantized row in this table: the FP16 size of the same UNet, from the shipped model
         fp16_bytes = _inspect("shipped-1.99bit")["fp16_bytes"]
     for row in out_rows:
         if row["avg_bits"] == 16.0:
             row["stored_bytes"] = fp16_bytes
-    diffs = differences(evals, args.seeds, {key: extra for key, _, extra in table_rows})
-    fp = {c: out_rows[0]["cfg"][str(c)]["accuracy"] for c in CFGS}
+    diffs = differences(evals, args.cfgs, {key: extra for key, _, extra in table_rows})
+    fp = {c: out_rows[0]["cfg"][str(c)]["accuracy"] for c in args.cfgs}
     for row in out_rows:
         row["differences"] = diffs.get(row["key"], {})
-        for c in CFGS:
+        for c in args.cfgs:
             row["cfg"][str(c)]["accuracy_vs_fp"] = row["cfg"][str(c)]["accuracy"] / fp[c] if fp[c] else None
     result = {
         "rows": out_rows,
         "settings": {
             "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "lr": args.lr, "images": args.images, "seed": args.seed,
-            "eval": {"cfgs": CFGS, "seeds": args.seeds, "limit": args.limit, "prompts": args.prompts, "sampler": "PNDM, 50 steps",
+            "eval": {"cfgs": args.cfgs, "seeds": args.seeds, "images_per_split": args.images_per_split, "limit": args.limit, "prompts": args.prompts, "sampler": "PNDM, 50 steps",
                      "reference": "FP model", "intervals": "95%, normal, from each split's variance: bootstrap over prompts (a "
                      "prompt's seeds together), or over seeds where the prompts are all of the split's scenes; paired for differences"},
         },
@@ -242,19 +243,20 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    cfgs = tuple(result["settings"]["eval"]["cfgs"])
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.1, 1.2, 1]})
     for row in rows:
-        per = [row["cfg"][str(c)] for c in CFGS]
+        per = [row["cfg"][str(c)] for c in cfgs]
         style = "k--" if row["key"] == "fp" else ("k:" if row["key"] == "fpctl" else "-o")
-        (line,) = a1.plot(CFGS, [r["accuracy"] for r in per], style, label=f"{row['row']} ({row['avg_bits']:.2f} bits)")
+        (line,) = a1.plot(cfgs, [r["accuracy"] for r in per], style, label=f"{row['row']} ({row['avg_bits']:.2f} bits)")
         if all(r.get("accuracy_ci95") for r in per):
-            a1.fill_between(CFGS, [r["accuracy_ci95"][0] for r in per], [r["accuracy_ci95"][1] for r in per], color=line.get_color(),
+            a1.fill_between(cfgs, [r["accuracy_ci95"][0] for r in per], [r["accuracy_ci95"][1] for r in per], color=line.get_color(),
                             alpha=0.1)  # fmt: skip
         if row["key"] != "fp":
-            a3.plot(CFGS, [r["psnr"] for r in per], style, label=row["row"])
+            a3.plot(cfgs, [r["psnr"] for r in per], style, label=row["row"])
     compared = [row for row in rows if "previous" in row.get("differences", {})]
-    for j, c in enumerate(CFGS):
-        ys = [i + (j - 1.5) * 0.18 for i in range(len(compared))]
+    for j, c in enumerate(cfgs):
+        ys = [i + (j - (len(cfgs) - 1) / 2) * 0.18 for i in range(len(compared))]
         d = [row["differences"]["previous"][str(c)] for row in compared]
         xs = [x["difference"] for x in d]
         err = [[x["difference"] - x["ci95"][0] for x in d], [x["ci95"][1] - x["difference"] for x in d]]
@@ -264,7 +266,7 @@ def plot(result: dict, out: Path) -> None:
     a2.invert_yaxis()
     a2.set(xlabel="paired difference of overall accuracy (95% interval)", title="What each row adds")
     a2.legend(fontsize=7)
-    splits = ", ".join(sorted(rows[0]["cfg"][str(CFGS[0])]["splits"]))
+    splits = ", ".join(sorted(rows[0]["cfg"][str(cfgs[0])]["splits"]))
     a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
     a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model")
     a1.legend(fontsize=6, loc="lower left")
@@ -287,12 +289,15 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=9, help="Processes at once.")
     p.add_argument("--rows", default=None, help="Only these rows (comma-separated keys: lsq2,balance,...); the FP row is always in.")
     p.add_argument("--seeds", type=int, default=2, help="Eval images per prompt.")
+    p.add_argument("--images-per-split", type=int, default=0, help="bf eval --images-per-split: more seeds for a split of few prompts.")
+    p.add_argument("--cfg", default=",".join(map(str, CFGS)), help="Guidance scales of the eval (comma-separated).")
     p.add_argument("--limit", type=int, default=None, help="Eval prompts per split (default: all).")
     p.add_argument("--prompts", default="shapes-test", help="bf eval --prompts (default: shapes-test, its four splits).")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--json", type=Path, default=Path("results/ablation.json"))
     p.add_argument("--plot", type=Path, default=Path("results/ablation.png"))
     args = p.parse_args()
+    args.cfgs = tuple(float(c) for c in args.cfg.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.recipe or args.work / "recipe.json"
     table_rows = rows(recipe, args.steps)
@@ -305,12 +310,13 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
         plot(result, args.plot)
-        print(f"{'row':52s} {'bits':>6s} {'size':>10s}  accuracy [95%] at CFG 7.5   vs previous row [95%]       psnr at {CFGS}")
+        shown = "7.5" if 7.5 in args.cfgs else str(args.cfgs[-1])
+        print(f"{'row':52s} {'bits':>6s} {'size':>10s}  accuracy [95%] at CFG {shown}   vs previous row [95%]       psnr at {args.cfgs}")
         for row in result["rows"]:
-            per = [row["cfg"][str(c)] for c in CFGS]
-            at = row["cfg"]["7.5"]
+            per = [row["cfg"][str(c)] for c in args.cfgs]
+            at = row["cfg"][shown]
             lo, hi = at["accuracy_ci95"]
-            prev = row["differences"].get("previous", {}).get("7.5")
+            prev = row["differences"].get("previous", {}).get(shown)
             delta = f"{prev['difference']:+.3f} [{prev['ci95'][0]:+.3f}, {prev['ci95'][1]:+.3f}]" if prev else " " * 24
             psnr = " ".join("  -  " if r["psnr"] is None else f"{r['psnr']:5.1f}" for r in per)
             size = f"{row['stored_bytes'] / 1e6:7.2f} MB"

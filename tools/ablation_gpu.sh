@@ -8,6 +8,10 @@
 #            (.rows/ holds the train phase's tars when the machine is new),
 #            then benchmarks/sd15_qat_step.py -> results/qat_sd15_throughput.json
 #   budgets  the same rows trained 0 steps (PTQ) and STEPS steps -> results/ablation_steps{0,STEPS}.json
+#   run      train, eval and table in one go, the eval in the background (setsid) so that it outlives a call that ends
+#            $DEADLINE seconds after this script started (default 540); then
+#   collect  (the next call, on the same machine) waits for that eval and writes the table
+#            eval, run and collect take CFGS (default 3.5,5.5,7.5,9.5) and IMAGES_PER_SPLIT (bf eval --images-per-split)
 # usage: tools/ablation_gpu.sh PHASE OUT_DIR [STEPS]
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
@@ -17,6 +21,17 @@ mkdir -p "$out" "$work"
 source tools/device_env.sh
 repo=$PWD
 cd "$work"  # not the source tree: its bf/ would shadow the installed package
+recipe=$repo/results/shapes_recipe_1.99.json
+eval_args=(--prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}" --cfg "${CFGS:-3.5,5.5,7.5,9.5}"
+           --images-per-split "${IMAGES_PER_SPLIT:-0}")
+evaluate_rows() {
+  time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --rows "$rows" --phase eval \
+    --eval-batch 128 "${eval_args[@]}"
+}
+table_to() {
+  python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --rows "$rows" --batch-size "$batch" \
+    --images "${IMAGES:-10000}" --phase table "${eval_args[@]}" --json "$1/ablation.json" --plot "$1/ablation.png"
+}
 case $phase in
   analyze)
     # 8 prompts per split, 1 seed: 24 images per candidate; resumes part files left by an interrupted call
@@ -55,13 +70,26 @@ case $phase in
   eval)
     for t in "$repo"/.rows/*.tar; do [ -e "$t" ] && tar xf "$t"; done
     [ -e "$repo/.rows/train_seconds.json" ] && cp "$repo/.rows/train_seconds.json" .
-    time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" \
-      --phase eval --eval-batch 128 --prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}"
-    python3 "$repo/tools/ablation.py" --work "$work" --recipe "$repo/results/shapes_recipe_1.99.json" --steps "$steps" --phase table \
-      --prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}" \
-      --json "$out/ablation.json" --plot "$out/ablation.png"
+    evaluate_rows
+    table_to "$out"
     tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log
     time python3 "$repo/benchmarks/sd15_qat_step.py" --batch 8 --json "$out/qat_sd15_throughput.json"
+    ;;
+  run)
+    time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
+      --images "${IMAGES:-10000}" --rows "$rows" || exit 1
+    rm -f eval.done
+    setsid bash -c "$(declare -p repo work recipe steps rows eval_args); $(declare -f evaluate_rows); evaluate_rows > eval.out 2>&1; \
+      touch eval.done" < /dev/null &
+    while [ ! -e eval.done ] && [ "$SECONDS" -lt "${DEADLINE:-540}" ]; do sleep 1; done
+    if [ -e eval.done ]; then table_to "$out"; tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log train_seconds.json eval.out
+    else echo "the eval is still running: call the collect phase next"; tail -n 3 ./*.eval.log; fi
+    ;;
+  collect)
+    while [ ! -e eval.done ]; do sleep 1; done
+    cat eval.out | tail -n 5
+    table_to "$out"
+    tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log train_seconds.json eval.out
     ;;
   budgets)
     # the same rows at smaller training budgets: 0 steps (the initialisation alone, i.e. PTQ) and $steps steps

@@ -31,6 +31,9 @@ from bf.scheduler_names import SCHEDULERS
 )
 @click.option("--cfg", "cfgs", default="3.5,5.5,7.5,9.5", show_default=True, help="Classifier-free guidance scales.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--images-per-split", type=click.IntRange(0), default=0, show_default=True,
+              help="At least this many images per split: a split with fewer prompts than that over --seeds gets more seeds "
+              "(e.g. 600 gives held-out's 30 prompts 20 seeds each), so every split's interval is about as narrow.")  # fmt: skip
 @click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the first image of every prompt.")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
@@ -43,7 +46,7 @@ from bf.scheduler_names import SCHEDULERS
     "--grid", "grid_out", type=click.Path(path_type=Path), help="Write an image grid (prompts down, models and CFG scales across)."
 )
 def command(
-    models, reference, base_model, prompts, cfgs, seeds, seed, scheduler, steps, limit, batch_size, device, clip_dir, json_out, grid_out
+    models, reference, base_model, prompts, cfgs, seeds, images_per_split, seed, scheduler, steps, limit, batch_size, device, clip_dir, json_out, grid_out
 ):
     """Prompt faithfulness and fidelity of generated images.
 
@@ -62,14 +65,14 @@ def command(
     """
     import dataclasses
 
-    from bf.evaluate.evaluation import EvalConfig, evaluate, paired_differences, prompt_sets
+    from bf.evaluate.evaluation import EvalConfig, evaluate, paired_differences, prompt_sets, split_seeds
     from bf.models.diffusers_pipeline import load_model
     from bf.models.shipped import model_source
     from bf.report import format_eval_table, save_eval_grid
 
     device = default_device(device)
     cfg = EvalConfig(prompts=prompts, cfgs=parse_guidance_scales(cfgs), seeds=seeds, seed=seed, steps=steps, batch_size=batch_size,
-                     limit=limit)  # fmt: skip
+                     limit=limit, images_per_split=images_per_split)  # fmt: skip
     check_outputs(json_out=json_out, grid_out=grid_out)
     sets = prompt_sets(prompts, limit)  # fail on a bad prompt file before loading models
     sources = [model_source(m) for m in models] or [model_source(None)]
@@ -96,13 +99,13 @@ def command(
 
         clip = ClipScorer(clip_dir, device)
     pipes = {id(m.pipe) for m in [*loaded, *([ref] if ref is not None else [])]}
-    total = sum(len(s.prompts) for s in sets) * seeds * len(cfg.cfgs) * len(pipes)
+    total = sum(len(s.prompts) * len(split_seeds(cfg, len(s.prompts))) for s in sets) * len(cfg.cfgs) * len(pipes)
     with progress_bar(total=total, desc="generate", unit="img") as bar:
         results, generated = evaluate(loaded, ref, cfg, clip, progress=bar.update)
-    differences = paired_differences(results, seeds)
+    differences = paired_differences(results)
     click.echo(format_eval_table(results, differences), err=json_out == Path("-"))  # stdout carries the JSON then
     if json_out is not None:
-        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "seed": seed, "scheduler": scheduler, "steps": steps,
+        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "seed": seed, "scheduler": scheduler, "steps": steps,
                     "models": [str(s) for s in sources], "reference": str(reference) if reference else None, "device": device}  # fmt: skip
         # JSON has no infinity: identical images (PSNR inf) are written as null
         rows = [{**r, **({"psnr": None, "psnr_ci95": None} if r.get("psnr") == float("inf") else {})} for r in results]

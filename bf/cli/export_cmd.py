@@ -59,7 +59,7 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     time-feature table built for --scheduler and --steps.
     """
     from bf.export.exporter import ExportRequest, export_model
-    from bf.export.lora_branch import parse_lora_arg
+    from bf.lora_adapters import parse_lora_arg
     from bf.export.onnx_graphs import GRAPHS
     from bf.models.shipped import model_source
     from bf.tensorrt_flavors import arch_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +28,21 @@ class EvalConfig:
     steps: int = 50
     batch_size: int = 16
     limit: int | None = None  # prompts per split
+    images_per_split: int = 0  # at least this many images per split: a split of fewer prompts gets more seeds
+
+
+def split_seeds(cfg: EvalConfig, prompts: int) -> list[int]:
+    """The seeds every prompt of a split of ``prompts`` prompts is generated with: ``cfg.seeds`` of them, or as many as
+    ``cfg.images_per_split`` needs."""
+    count = max(cfg.seeds, -(-cfg.images_per_split // max(prompts, 1)))
+    return [cfg.seed + k for k in range(count)]
 
 
 @dataclass
 class Generated:
     images: np.ndarray
     latents: np.ndarray
+    seconds: float = 0.0  # generating them
 
 
 @dataclass
@@ -87,16 +97,16 @@ def prompt_sets(spec: str, limit: int | None = None) -> list[PromptSet]:
 def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tuple[list[dict], dict]:
     """Results (one per model, CFG scale and split) and every generation, for grids."""
     sets = prompt_sets(cfg.prompts, cfg.limit)
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
     generated: dict[tuple[str, float, str], Generated] = {}
     by_pipe: dict[tuple[int, float, str], Generated] = {}  # a model that is also the reference is generated once
 
     def run(model, scale, ps):
         key, same = (model.label, scale, ps.split), (id(model.pipe), scale, ps.split)
         if same not in by_pipe:
-            jobs = [(p, s) for p in ps.prompts for s in seeds]
+            jobs = [(p, s) for p in ps.prompts for s in split_seeds(cfg, len(ps.prompts))]
+            t0 = time.perf_counter()
             imgs, lats = generate(model.pipe, jobs, scale, cfg.steps, cfg.batch_size, on_batch=progress or (lambda n: None))
-            by_pipe[same] = Generated(imgs, lats)
+            by_pipe[same] = Generated(imgs, lats, time.perf_counter() - t0)
         generated[key] = by_pipe[same]
         return generated[key]
 
@@ -104,18 +114,21 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
     for scale in cfg.cfgs:
         for ps in sets:
             ref = run(reference, scale, ps) if reference is not None else None
+            seeds = split_seeds(cfg, len(ps.prompts))
             scenes = [sc for sc in ps.scenes for _ in seeds]
             prompts = [p for p in ps.prompts for _ in seeds]
             grid = (len(ps.prompts), len(seeds))  # images are prompt-major: the seeds of prompt 0, then of prompt 1, ...
             whole = _whole_split(ps)
             for model in models:
                 out = run(model, scale, ps)
+                t0 = time.perf_counter()
                 judged = verdicts(out.images, scenes)
                 entry = {
                     "model": model.label,
                     "cfg": scale,
                     "split": ps.split,
                     "images": len(out.images),
+                    "seeds": len(seeds),
                     "accuracy": accuracy_of(judged),
                 }
                 if judged and all(v is not None for v in judged):
@@ -134,6 +147,8 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                     entry["psnr_ci95"] = psnr_ci(image_mse(out.images, ref.images).reshape(grid), whole)
                 if clip is not None:
                     entry["clip_score"] = clip(out.images, prompts)
+                # where an evaluation's time goes (a model that is also the reference shares its generation)
+                entry["seconds"] = {"generate": round(out.seconds, 3), "metrics": round(time.perf_counter() - t0, 3)}
                 results.append(entry)
     return results, generated
 
@@ -144,9 +159,10 @@ def _whole_split(ps: PromptSet) -> bool:
     return space is not None and set(ps.scenes) == set(space)
 
 
-def paired_differences(results: list[dict], seeds: int) -> list[dict]:
+def paired_differences(results: list[dict]) -> list[dict]:
     """Overall accuracy of each model minus each model listed before it, at every CFG scale and split,
-    paired on the same prompts and seeds, with its 95% interval (bf.evaluate.intervals)."""
+    paired on the same prompts and seeds (each result's ``seeds`` per prompt), with its 95% interval
+    (bf.evaluate.intervals)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -155,7 +171,7 @@ def paired_differences(results: list[dict], seeds: int) -> list[dict]:
     for (scale, split), rows in groups.items():
         for i, a in enumerate(rows):
             for b in rows[i + 1 :]:
-                va, vb = (np.array(r["overall_per_image"]).reshape(-1, seeds) for r in (a, b))
+                va, vb = (np.array(r["overall_per_image"]).reshape(-1, r["seeds"]) for r in (a, b))
                 out.append({"cfg": scale, "split": split, "a": a["model"], "b": b["model"], "metric": "overall accuracy, b - a"}
                            | paired_difference(va, vb, a.get("whole_split", False)))  # fmt: skip
     return out

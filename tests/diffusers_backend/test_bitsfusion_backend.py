@@ -291,7 +291,7 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
     from safetensors.torch import load_file, save_file
 
     from bf.errors import BfError
-    from bf.export.lora_branch import parse_lora_arg, read_lora
+    from bf.lora_adapters import parse_lora_arg, read_lora
 
     _, ref = _dequantized_unet()
     for rslora, ratio in ((False, 2.0), (True, 8 / 4**0.5)):

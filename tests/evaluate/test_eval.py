@@ -141,3 +141,23 @@ def test_eval_reports_the_distance_to_rendered_ground_truth_from_30_images(tiny_
     assert e["split"] == "single" and e["images"] == 30
     # a random model draws no shapes: far from the renderings, which a second clean draw is not
     assert 1 < e["fd_rendered_floor"] < 8 and e["fd_rendered"] > 10 * e["fd_rendered_floor"], (e["fd_rendered"], e["fd_rendered_floor"])
+
+
+def test_images_per_split_gives_a_split_of_few_prompts_more_seeds(tiny_model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a small red circle on the left\na red circle to the left of a blue square\na blue square above a red circle\n")
+    out = tmp_path / "e.json"
+    r = run_bf("eval", "--model", tiny_model, "--model", tiny_model, "--prompts", prompts, "--cfg", "7.5", "--steps", "2",
+               "--device", "cpu", "--images-per-split", "5", "--json", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    payload = json.loads(out.read_text())
+    # one prompt: 5 seeds; two prompts: ceil(5 / 2) = 3 seeds each
+    for e in payload["results"]:
+        want = {"single": 5, "two": 3}[e["split"]]
+        assert e["seeds"] == want and e["images"] == len(e["overall_per_image"]) == want * (1 if e["split"] == "single" else 2)
+        assert set(e["seconds"]) == {"generate", "metrics"} and e["seconds"]["metrics"] >= 0
+    by = {(e["model"], e["split"]): np.mean(e["overall_per_image"]) for e in payload["results"]}
+    assert len(payload["differences"]) == 2  # the same model twice: paired image by image, no difference
+    for d in payload["differences"]:
+        assert d["difference"] == by[(d["b"], d["split"])] - by[(d["a"], d["split"])] == 0
+    assert payload["config"]["images_per_split"] == 5

@@ -1,8 +1,9 @@
-"""LoRA adapters in an exported UNet: each as a low-rank branch beside its layer, ``layer(x) + scale * up(down(x))``,
-traced into standard MatMul / Conv nodes, so every runtime runs it and the low-bit layer stays packed codes.
+"""LoRA adapter files and the low-rank branch that runs one beside a UNet layer, ``layer(x) + scale * up(down(x))``.
 
-The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``: diffusers', peft's
-and kohya's formats), so ``bf export --lora`` takes what ``pipe.load_lora_weights`` takes. A branch's scale is
+``bf export --lora`` traces the branches into standard MatMul / Conv nodes, so every runtime runs them; the torch
+backend (``bf infer --lora``) runs them as they are, in its streamed, decoded or compiled step. Either way the low-bit
+layer stays packed codes. The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``:
+diffusers', peft's and kohya's formats), so ``--lora`` takes what ``pipe.load_lora_weights`` takes. A branch's scale is
 the user's times alpha / rank (the file's network alphas, or its adapter metadata; 1 without either).
 """
 
@@ -93,7 +94,7 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
             continue
         found = _module_and_half(key[len("unet.") :].removesuffix(".weight")) if key.endswith(".weight") else None
         if found is None:
-            raise BfError(f"--lora {path}: {key} is no LoRA down or up weight bf export can place (DoRA, biases and "
+            raise BfError(f"--lora {path}: {key} is no LoRA down or up weight bf can place (DoRA, biases and "
                           "other adapter types are not supported)")  # fmt: skip
         pairs.setdefault(found[0], {})[found[1]] = tensor.float()
     if not pairs:
