@@ -49,7 +49,7 @@ def format_eval_table(results: list[dict], differences: list[dict] | None = None
     for r in results:
         acc = r.get("accuracy") or {}
         cells = " ".join(f"{acc[a]:>8.3f}" if a in acc else f"{'-':>8}" for a in attrs)
-        psnr = f"{r['psnr']:>7.2f}" if "psnr" in r else f"{'-':>7}"
+        psnr = f"{r['psnr']:>7.2f}" if r.get("psnr") is not None else f"{'inf' if 'psnr' in r else '-':>7}"  # null in JSON: identical
         mse = f"{r['mse']:>9.2e}" if "mse" in r else f"{'-':>9}"
         overall = f"{acc['overall']:>7.3f}" if "overall" in acc else f"{'-':>7}"
         ci = f"[{r['accuracy_ci95'][0]:.2f}, {r['accuracy_ci95'][1]:.2f}]" if "accuracy_ci95" in r else "-"

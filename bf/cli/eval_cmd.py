@@ -105,7 +105,7 @@ def command(
     differences = paired_differences(results)
     click.echo(format_eval_table(results, differences), err=json_out == Path("-"))  # stdout carries the JSON then
     if json_out is not None:
-        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "seed": seed, "scheduler": scheduler, "steps": steps,
+        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "limit": limit, "seed": seed, "scheduler": scheduler, "steps": steps,
                     "models": [str(s) for s in sources], "reference": str(reference) if reference else None, "device": device}  # fmt: skip
         # JSON has no infinity: identical images (PSNR inf) are written as null
         rows = [{**r, **({"psnr": None, "psnr_ci95": None} if r.get("psnr") == float("inf") else {})} for r in results]

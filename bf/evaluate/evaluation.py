@@ -13,7 +13,17 @@ from bf.evaluate.frechet import fd_to_rendered, rendered_truth
 from bf.evaluate.generate import generate
 from bf.evaluate.intervals import mean_ci, paired_difference, psnr_ci
 from bf.evaluate.metrics import accuracy_of, fidelity, image_mse, verdicts
-from bf.shapes.scenes import SPLITS, TEST_SCENES, Scene, caption, eval_scenes, parse_prompt, split_space
+from bf.shapes.scenes import (
+    HELDOUT_PAIRS,
+    SPACE_SIZE,
+    SPLITS,
+    TEST_SCENES,
+    Scene,
+    caption,
+    eval_scenes,
+    parse_prompt,
+    split_space,
+)
 
 SHAPES_TEST = "shapes-test"
 MIN_FD_IMAGES = 30  # the distance to rendered ground truth is reported from this many images per split on
@@ -154,9 +164,26 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
 
 
 def _whole_split(ps: PromptSet) -> bool:
-    """Whether the prompts are every scene of their shapes split (its accuracy then varies with the seeds alone)."""
-    space = split_space(ps.split) if ps.split in SPLITS else None
-    return space is not None and set(ps.scenes) == set(space)
+    """Whether the prompts are every scene of their shapes split (its accuracy then varies with the seeds alone): all
+    of a small split's scenes, or every distinct caption of a two-object split (sizes unnamed: a caption is a prompt)."""
+    return whole_split(ps.split, ps.scenes)
+
+
+def whole_split(split: str, scenes: list) -> bool:
+    """``_whole_split`` for a split's name and scenes (None: a prompt that is no shapes caption)."""
+    if split not in SPLITS or any(sc is None for sc in scenes):
+        return False
+    space = split_space(split)
+    if space is not None:
+        return set(scenes) == set(space)
+    captions = {caption(sc) for sc in scenes if _in_split(split, sc)}
+    return len(captions) == SPACE_SIZE[split]
+
+
+def _in_split(split: str, scene: Scene) -> bool:
+    """Whether a two-object scene belongs to ``split`` ("two": training pairs only; "heldout-two": a held-out one)."""
+    held = any(pair in HELDOUT_PAIRS for pair in scene.pairs)
+    return len(scene.objects) == 2 and held == (split == "heldout-two")
 
 
 def paired_differences(results: list[dict]) -> list[dict]:

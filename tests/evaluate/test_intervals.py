@@ -87,3 +87,21 @@ def test_splits_combine_by_their_images():
     half = Z95 * ((60 / 80) ** 2 * difference_variance(a, a2) + (20 / 80) ** 2 * difference_variance(b, b2, True)) ** 0.5
     assert d["difference"] == pytest.approx(((a2 - a).sum() + (b2 - b).sum()) / 80)
     assert d["ci95"] == pytest.approx([max(d["difference"] - half, -1), min(d["difference"] + half, 1)])
+
+
+def test_every_prompt_of_a_split_makes_it_whole():
+    from bf.evaluate.evaluation import prompt_sets, whole_split
+    from bf.shapes.scenes import SPACE_SIZE, caption
+
+    whole = {n: {ps.split: whole_split(ps.split, ps.scenes) for ps in prompt_sets(f"shapes-test:{n}")} for n in (30, 150, 384, 840)}
+    assert whole[30] == {"single": False, "two": False, "heldout": True, "heldout-two": False}
+    assert whole[150] == {"single": True, "two": False, "heldout": True, "heldout-two": False}
+    assert whole[384] == {"single": True, "two": False, "heldout": True, "heldout-two": True}
+    assert all(whole[840].values())
+    two = next(ps for ps in prompt_sets("shapes-test:840") if ps.split == "two")
+    assert len({caption(sc) for sc in two.scenes}) == SPACE_SIZE["two"] == 840
+    assert not whole_split("two", two.scenes[:-1])  # one caption short
+    # the held-out two-object captions are not "two" captions, however many there are
+    held = next(ps for ps in prompt_sets("shapes-test:840") if ps.split == "heldout-two")
+    assert not whole_split("two", held.scenes) and not whole_split("heldout-two", two.scenes)
+    assert not whole_split("two", [*two.scenes[:-1], None])  # a prompt that is no shapes caption
