@@ -18,7 +18,8 @@ def _eval_results(rng, p_success: float, prompts: int = 12, seeds: int = 2) -> l
         for split in ("single", "two", "heldout", "heldout-two"):
             v = (rng.random(prompts * seeds) < p_success).astype(float)
             out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "seeds": seeds, "accuracy": {"overall": float(v.mean())},
-                        "accuracy_ci95": [0.0, 1.0], "overall_per_image": v.tolist(), "mse": 0.01, "psnr": 20.0})  # fmt: skip
+                        "accuracy_ci95": [0.0, 1.0], "overall_per_image": v.tolist(), "mse": 0.01, "psnr": 20.0,
+                        "mse_per_image": (0.01 * (1 + 0.2 * rng.standard_normal(v.size))).tolist()})  # fmt: skip
     return out
 
 
@@ -59,6 +60,9 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     assert acc["accuracy_ci95"][0] < acc["accuracy"] < acc["accuracy_ci95"][1]
     assert acc["accuracy"] == pytest.approx(np.mean([v for v, _ in ablation.per_image(evals["lsq2"], 7.5)]))
     assert by_key["lsq2"]["training"]["final"]["2"]["step"] == 5
+    # PSNR of the mean MSE (0.01 on every split: 20 dB) with an interval from the per-image MSEs around it
+    lo, hi = acc["psnr_ci95"]
+    assert lo < 20.0 < hi and hi - lo < 0.5
     ablation.plot(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
     evals["fp"][0].pop("overall_per_image")

@@ -150,9 +150,21 @@ def per_cfg(results: list[dict], cfgs: tuple[float, ...]) -> dict[str, dict]:
             "accuracy": sum(r["accuracy"]["overall"] * r["images"] for r in rs) / n,
             "accuracy_ci95": combined_ci(per_image(results, cfg)),
             "psnr": None if mse == 0 else 10 * math.log10(1 / mse),
+            "psnr_ci95": psnr_interval(rs),
             "splits": splits,
         }
     return out
+
+
+def psnr_interval(rs: list[dict]) -> list[float] | None:
+    """95% interval of the PSNR of the mean MSE over several splits' images (each split varying by its own rule, as
+    combined_ci), the MSE interval's ends swapped through PSNR = 10 log10(1 / MSE); None without per-image MSEs (an
+    older bf eval, or the reference itself)."""
+    if not rs or any("mse_per_image" not in r for r in rs):
+        return None
+    lo, hi = combined_ci([(np.array(r["mse_per_image"], dtype=np.float64).reshape(-1, r["seeds"]), r.get("whole_split", False))
+                          for r in rs])  # fmt: skip
+    return [math.inf if hi <= 0 else 10 * math.log10(1 / hi), math.inf if lo <= 0 else 10 * math.log10(1 / lo)]
 
 
 def control_of(args: list[str] | None) -> str:
@@ -253,7 +265,9 @@ def plot(result: dict, out: Path) -> None:
             a1.fill_between(cfgs, [r["accuracy_ci95"][0] for r in per], [r["accuracy_ci95"][1] for r in per], color=line.get_color(),
                             alpha=0.1)  # fmt: skip
         if row["key"] != "fp":
-            a3.plot(cfgs, [r["psnr"] for r in per], style, label=row["row"])
+            (line,) = a3.plot(cfgs, [r["psnr"] for r in per], style, label=row["row"])
+            if all(r.get("psnr_ci95") for r in per):
+                a3.fill_between(cfgs, [r["psnr_ci95"][0] for r in per], [r["psnr_ci95"][1] for r in per], color=line.get_color(), alpha=0.1)
     compared = [row for row in rows if "previous" in row.get("differences", {})]
     for j, c in enumerate(cfgs):
         ys = [i + (j - (len(cfgs) - 1) / 2) * 0.18 for i in range(len(compared))]
@@ -268,7 +282,7 @@ def plot(result: dict, out: Path) -> None:
     a2.legend(fontsize=7)
     splits = ", ".join(sorted(rows[0]["cfg"][str(cfgs[0])]["splits"]))
     a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
-    a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model")
+    a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model, 95% bands")
     a1.legend(fontsize=6, loc="lower left")
     for ax in (a1, a2, a3):
         ax.grid(alpha=0.3)

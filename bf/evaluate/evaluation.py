@@ -154,7 +154,9 @@ def evaluate(models, reference, cfg: EvalConfig, clip=None, progress=None) -> tu
                 if ref is not None:
                     entry.update(fidelity(out.images, ref.images, out.latents, ref.latents))
                     entry["reference"] = reference.label
-                    entry["psnr_ci95"] = psnr_ci(image_mse(out.images, ref.images).reshape(grid), whole)
+                    mse = image_mse(out.images, ref.images)
+                    entry["psnr_ci95"] = psnr_ci(mse.reshape(grid), whole)
+                    entry["mse_per_image"] = [float(x) for x in mse]  # for intervals over several splits (tools/ablation.py)
                 if clip is not None:
                     entry["clip_score"] = clip(out.images, prompts)
                 # where an evaluation's time goes (a model that is also the reference shares its generation)

@@ -77,6 +77,7 @@ def test_eval_quantized_checkpoint_against_its_base(tiny_model, tmp_path):
         if e["model"] != "tiny":  # the .bfq against its base model
             assert e["mse"] > 0 and 0 < e["psnr"] < 100 and e["latent_mse"] > 0
             assert e["psnr_ci95"][0] <= e["psnr"] <= e["psnr_ci95"][1]
+            assert np.mean(e["mse_per_image"]) == pytest.approx(e["mse"]) and len(e["mse_per_image"]) == e["images"]
         per_image = e["overall_per_image"]
         assert len(per_image) == e["images"] == 2 and np.mean(per_image) == e["accuracy"]["overall"]
         assert 0 <= e["accuracy_ci95"][0] <= e["accuracy"]["overall"] <= e["accuracy_ci95"][1] <= 1
