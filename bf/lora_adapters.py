@@ -44,20 +44,6 @@ class LoRABranch(nn.Module):
         return self.base(x) + self.scale * self.up(self.down(x))
 
 
-def parse_lora_arg(text: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` of --lora (a path that exists as written is a path, colons and all)."""
-    path, sep, scale = text.rpartition(":")
-    if not sep or Path(text).exists():
-        return Path(text), 1.0
-    try:
-        value = float(scale)
-    except ValueError:
-        return Path(text), 1.0  # not FILE:SCALE: a path, which the caller finds missing
-    if not math.isfinite(value):
-        raise BfError(f"--lora {text}: the scale must be a finite number")
-    return Path(path), value
-
-
 # The module of an adapter key (under "unet.", ".weight" cut) and which half it is: peft's and diffusers' names, and
 # the attention-processor names diffusers gives kohya's and older files.
 _KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<half>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
@@ -123,10 +109,10 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
     return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
 
 
-def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None = None) -> list[dict]:
-    """Every adapter of ``loras`` (file, scale) as a branch beside its layer of ``unet``, in place; what was applied.
-    ``read``: the files already read (read_lora), by path."""
-    applied = []
+def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None) -> list[tuple]:
+    """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (file, layer name, down, up,
+    scale, convolution geometry or None for a linear layer)."""
+    placed = []
     for path, scale in loras:
         weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():
@@ -140,10 +126,55 @@ def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | N
             shape = _layer_shape(_innermost(base))
             if shape is not None and (shape[0] != out_features or (shape[1] != in_features)):
                 raise BfError(f"--lora {path}: {module} maps {in_features} to {out_features} features, the layer {shape[1]} to {shape[0]}")
-            setattr(parent, child, LoRABranch(base, down, up, scale * ratios[module], conv))
-        applied.append({"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": scale,
-                        "layers": len(weights)})  # fmt: skip
-    return applied
+            placed.append((path, module, down, up, scale * ratios[module], conv))
+    return placed
+
+
+def _applied(loras: list[tuple[Path, float]], placed: list) -> list[dict]:
+    counts = {path: sum(1 for p in placed if p[0] == path) for path, _ in loras}
+    return [{"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": scale, "layers": counts[path]}
+            for path, scale in loras]  # fmt: skip
+
+
+def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None = None) -> list[dict]:
+    """Every adapter of ``loras`` (file, scale) as a branch beside its layer of ``unet`` (LoRABranch, in place: what an
+    export traces); what was applied. ``read``: the files already read (read_lora), by path."""
+    placed = _placed(unet, loras, read)
+    for _, module, down, up, scale, conv in placed:
+        parent, child = parent_and_attribute(unet, module)
+        setattr(parent, child, LoRABranch(getattr(parent, child), down, up, scale, conv))
+    return _applied(loras, placed)
+
+
+class LoRAHook(nn.Module):
+    """A low-rank branch added to its layer's output by a forward hook, ``layer(x) + scale * up(down(x))``, for a
+    runtime that swaps the layer itself (streamed or compiled weights) and finds it by name: the layer stays where
+    it is, under its name."""
+
+    def __init__(self, layer: str, down: torch.Tensor, up: torch.Tensor, scale: float, conv: dict | None):
+        super().__init__()
+        self.layer = layer
+        branch = LoRABranch(nn.Identity(), down, up, scale, conv)
+        self.down, self.up, self.scale = branch.down, branch.up, branch.scale
+
+    def forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.scale * self.up(self.down(args[0]))
+
+
+class LoRAHooks(nn.Module):
+    """The LoRA branches of a UNet as forward hooks (LoRAHook), checked against the UNet's layers when built;
+    ``register`` hooks them onto the layers of that name, wherever the runtime has put them by then."""
+
+    def __init__(self, unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None = None):
+        super().__init__()
+        placed = _placed(unet, loras, read)
+        self.hooks = nn.ModuleList(LoRAHook(module, down, up, scale, conv) for _, module, down, up, scale, conv in placed)
+        self.applied = _applied(loras, placed)
+        self._handles: list = []
+
+    def register(self, unet: nn.Module) -> None:
+        for hook in self.hooks:
+            self._handles.append(unet.get_submodule(hook.layer).register_forward_hook(hook))
 
 
 def _innermost(module: nn.Module) -> nn.Module:

@@ -77,6 +77,9 @@ class TorchUNet:
     bf.runtime.streamed_weights.stream_weights). ``decoder``: the decode library
     (bf.decode_kernels.load() when None).
 
+    ``loras``: (file, scale) pairs of LoRA adapters (bf.lora_adapters), each a low-rank branch beside its layer in
+    whatever form the weights take (``lora_files``: the files already read, by path).
+
     ``step(sample, step_index, context)`` runs one step (its output may be reused by the next
     call; ``eager_step`` is the same without the CUDA graph); ``module`` is the model it runs and
     ``ring`` the streamed weights' decode ring (None unless streamed).
@@ -85,7 +88,8 @@ class TorchUNet:
     def __init__(self, unet, timesteps, layers: dict | None = None, *, weights: str = "streamed", device: str = "cuda",
                  dtype: str = "float16", channels_last: bool = True, cuda_graph: bool = True, slots: int = 2, fused: str | None = None,
                  keep_decoded_bytes: int = 0, decoder=None, group: bool = True, priority: int = 0, decode_blocks: int = 0,
-                 compile: bool = False, ahead_slots: int = 0, log=lambda msg: None):  # fmt: skip
+                 compile: bool = False, ahead_slots: int = 0, loras=(), lora_files: dict | None = None,
+                 log=lambda msg: None):  # fmt: skip
         import torch
 
         from bf.models.time_cache import cache_time_features
@@ -96,6 +100,15 @@ class TorchUNet:
         if weights != "fp" and not layers:
             raise BfError(f"weights={weights!r} needs the quantized layers")
         torch_dtype = getattr(torch, dtype)
+        self.lora = None
+        if loras:  # checked against the layers before any is swapped; hooked on where the weights end up
+            from bf.lora_adapters import LoRAHooks
+
+            self.lora = LoRAHooks(unet, list(loras), lora_files).to(device, torch_dtype)
+            if channels_last:
+                self.lora.to(memory_format=torch.channels_last)
+            if not (weights == "streamed" and not compile):  # the ring replaces the layers: hook on its layers, below
+                self.lora.register(unet)
         module = cache_time_features(unet, torch.as_tensor(timesteps))
         self.unet = unet  # the diffusers UNet inside ``module``: its layers by their state-dict names
         self.ring = None
@@ -118,6 +131,8 @@ class TorchUNet:
                                     decoder=decoder, group=group, fused=self.fused, keep_decoded_bytes=keep_decoded_bytes,
                                     priority=priority, decode_blocks=decode_blocks)  # fmt: skip
             module = module.to(device, torch_dtype)
+            if self.lora is not None:
+                self.lora.register(unet)
             self.ring = module.ring
             self.decoded_layers = len(self.ring.weights)
         else:
@@ -261,7 +276,7 @@ class TorchBackend:
 
     def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
                  cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
-                 keep_decoded_bytes: int = 0, compile: bool = False, log=lambda msg: None):  # fmt: skip
+                 keep_decoded_bytes: int = 0, compile: bool = False, loras=(), log=lambda msg: None):  # fmt: skip
         try:
             import torch
 
@@ -272,9 +287,18 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             raise BfError("the torch backend runs on a CUDA GPU and none is visible; use --backend ort")
         quantized = model.manifest.model.quantized
-        if (model.manifest.raw.get("export_settings") or {}).get("loras"):
-            raise BfError(f"{model.root} was exported with a LoRA, which the torch backend (it runs the source model) would "
-                          "leave out; use --backend ort or trt")  # fmt: skip
+        # the export's own LoRAs (traced into its graphs) first: this backend runs the source model, so it adds them
+        exported = [(Path(f), float(scale)) for f, scale in (model.manifest.raw.get("export_settings") or {}).get("loras") or ()]
+        for path, _ in exported:
+            if not path.is_file():
+                raise BfError(f"{model.root} was exported with the LoRA {path}, which is gone; the torch backend runs the source "
+                              "model and adds the LoRA itself: put the file back, or use --backend ort or trt")  # fmt: skip
+        self.loras = [*exported, *((Path(f), float(scale)) for f, scale in loras)]
+        lora_files = {}
+        if self.loras:  # every file read and checked before the model loads
+            from bf.lora_adapters import read_lora
+
+            lora_files = {path: read_lora(path) for path, _ in self.loras}
         weights = weights or ("streamed" if quantized else "fp")
         if weights not in WEIGHT_MODES:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
@@ -301,7 +325,8 @@ class TorchBackend:
         self.torch_unet = TorchUNet(pipe.unet.float().eval(), model.manifest.scheduler.timesteps, ckpt.layers if ckpt else None,
                                     weights=weights, device=device, dtype=dtype, channels_last=channels_last, cuda_graph=cuda_graph,
                                     slots=slots, fused=fused, keep_decoded_bytes=keep_decoded_bytes, compile=compile,
-                                    log=log)  # fmt: skip
+                                    loras=self.loras, lora_files=lora_files, log=log)  # fmt: skip
+        self.lora_applied = self.torch_unet.lora.applied if self.torch_unet.lora is not None else []
         self.ring, self.decoded_layers, self.fused = self.torch_unet.ring, self.torch_unet.decoded_layers, self.torch_unet.fused
         self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
         self.unet_module = self.torch_unet.module

@@ -17,7 +17,8 @@ def _eval_results(rng, p_success: float, prompts: int = 12, seeds: int = 2) -> l
     for cfg in (3.5, 5.5, 7.5, 9.5):
         for split in ("single", "two", "heldout", "heldout-two"):
             v = (rng.random(prompts * seeds) < p_success).astype(float)
-            out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "seeds": seeds, "accuracy": {"overall": float(v.mean())},
+            out.append({"model": "m", "cfg": cfg, "split": split, "images": v.size, "seeds": seeds,
+                        "accuracy": {"overall": float(v.mean())},
                         "accuracy_ci95": [0.0, 1.0], "overall_per_image": v.tolist(), "mse": 0.01, "psnr": 20.0,
                         "mse_per_image": (0.01 * (1 + 0.2 * rng.standard_normal(v.size))).tolist()})  # fmt: skip
     return out

@@ -237,7 +237,8 @@ def table(args, table_rows) -> dict:
         "rows": out_rows,
         "settings": {
             "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "lr": args.lr, "images": args.images, "seed": args.seed,
-            "eval": {"cfgs": args.cfgs, "seeds": args.seeds, "images_per_split": args.images_per_split, "limit": args.limit, "prompts": args.prompts, "sampler": "PNDM, 50 steps",
+            "eval": {"cfgs": args.cfgs, "seeds": args.seeds, "images_per_split": args.images_per_split, "limit": args.limit,
+                     "prompts": args.prompts, "sampler": "PNDM, 50 steps",
                      "reference": "FP model", "intervals": "95%, normal, from each split's variance: bootstrap over prompts (a "
                      "prompt's seeds together), or over seeds where the prompts are all of the split's scenes; paired for differences"},
         },

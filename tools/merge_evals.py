@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from bf.errors import BfError
 from bf.evaluate.evaluation import paired_differences, prompt_sets, shapes_test_size, whole_split

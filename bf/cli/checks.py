@@ -113,3 +113,26 @@ def parse_guidance_scales(text: str) -> tuple[float, ...]:
     if not values or min(values) < 0 or not all(math.isfinite(v) for v in values):
         raise click.BadParameter(f"{text!r}: give one or more finite guidance scales of at least 0", param_hint="--cfg")
     return values
+
+
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` of --lora (a path that exists as written is a path, colons and all)."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return Path(text), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        return Path(text), 1.0  # not FILE:SCALE: a path, which the caller finds missing
+    if not math.isfinite(value):
+        raise BfError(f"--lora {text}: the scale must be a finite number")
+    return Path(path), value
+
+
+def parse_lora_args(texts) -> tuple[tuple[Path, float], ...]:
+    """Every --lora FILE[:SCALE], each file there."""
+    parsed = tuple(parse_lora_arg(t) for t in texts)
+    for path, _ in parsed:
+        if not path.is_file():
+            raise BfError(f"--lora {path}: no such file")
+    return parsed

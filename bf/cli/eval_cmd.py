@@ -46,7 +46,22 @@ from bf.scheduler_names import SCHEDULERS
     "--grid", "grid_out", type=click.Path(path_type=Path), help="Write an image grid (prompts down, models and CFG scales across)."
 )
 def command(
-    models, reference, base_model, prompts, cfgs, seeds, images_per_split, seed, scheduler, steps, limit, batch_size, device, clip_dir, json_out, grid_out
+    models,
+    reference,
+    base_model,
+    prompts,
+    cfgs,
+    seeds,
+    images_per_split,
+    seed,
+    scheduler,
+    steps,
+    limit,
+    batch_size,
+    device,
+    clip_dir,
+    json_out,
+    grid_out,
 ):
     """Prompt faithfulness and fidelity of generated images.
 
@@ -105,8 +120,9 @@ def command(
     differences = paired_differences(results)
     click.echo(format_eval_table(results, differences), err=json_out == Path("-"))  # stdout carries the JSON then
     if json_out is not None:
-        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "limit": limit, "seed": seed, "scheduler": scheduler, "steps": steps,
-                    "models": [str(s) for s in sources], "reference": str(reference) if reference else None, "device": device}  # fmt: skip
+        settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "limit": limit,
+                    "seed": seed, "scheduler": scheduler, "steps": steps, "models": [str(s) for s in sources],
+                    "reference": str(reference) if reference else None, "device": device}  # fmt: skip
         # JSON has no infinity: identical images (PSNR inf) are written as null
         rows = [{**r, **({"psnr": None, "psnr_ci95": None} if r.get("psnr") == float("inf") else {})} for r in results]
         write_json(json_out, {"results": rows, "differences": differences, "config": settings})

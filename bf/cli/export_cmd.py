@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from bf.cli.checks import check_output_dir
+from bf.cli.checks import check_output_dir, parse_lora_args
 from bf.cli.output import log, progress_bar
-from bf.errors import BfError
 from bf.scheduler_names import SCHEDULERS
 
 
@@ -59,17 +58,13 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     time-feature table built for --scheduler and --steps.
     """
     from bf.export.exporter import ExportRequest, export_model
-    from bf.lora_adapters import parse_lora_arg
     from bf.export.onnx_graphs import GRAPHS
     from bf.models.shipped import model_source
     from bf.tensorrt_flavors import arch_name
 
     checkpoint = model_source(checkpoint)
     check_output_dir(out)
-    lora_args = tuple(parse_lora_arg(a) for a in loras)
-    for path, _ in lora_args:
-        if not path.is_file():
-            raise BfError(f"--lora {path}: no such file")
+    lora_args = parse_lora_args(loras)
     engines = target in ("trt", "trt-rtx")
     precision = ("fp16" if engines else "fp32") if fp16 is None else ("fp16" if fp16 else "fp32")
     archs = tuple(arch_name(a) for a in gpu_arch.split(",")) if gpu_arch else ()

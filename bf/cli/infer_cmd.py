@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from bf.cli.cached_exports import shipped_export
-from bf.cli.checks import check_gpu_backend, check_png_out
-from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
+from bf.cli.checks import check_gpu_backend, check_png_out, parse_lora_args
+from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, RUNTIME_LORA_OPTION, backend_options
 from bf.cli.output import log, progress_bar
 from bf.errors import BfError
 from bf.scheduler_names import SCHEDULERS
@@ -39,9 +39,10 @@ from bf.scheduler_names import SCHEDULERS
 @FUSED_OPTION
 @KEEP_DECODED_OPTION
 @COMPILE_OPTION
+@RUNTIME_LORA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
 def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, fused,
-            keep_decoded, compile_step, out, as_json) -> None:  # fmt: skip
+            keep_decoded, compile_step, loras, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
@@ -63,9 +64,13 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError(f"--compile applies to --backend torch, not {backend}")
     if compile_step and fused not in (None, "off"):
         raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
+    if loras and backend != "torch":
+        raise BfError(f"--lora runs on --backend torch; the {backend} backend runs the exported graph: put the LoRA into it "
+                      "with bf export --lora")  # fmt: skip
+    lora_args = parse_lora_args(loras)
     check_png_out(out)
     check_gpu_backend(backend)
-    options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step)
+    options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step, lora_args)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
     if warning := model.size_warning(height, width):
@@ -83,11 +88,13 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     if result.dropped_tokens:
         log(f"warning: the prompt is longer than 75 tokens; the last {result.dropped_tokens} were dropped")
     paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(num_images)]
+    lora = getattr(runner, "lora_applied", [])
     for i, (path, image) in enumerate(zip(paths, result.images, strict=True)):
-        settings = {**result.settings, "seed": seed + i}  # what reproduces this image alone
+        settings = {**result.settings, "seed": seed + i, **({"loras": lora} if lora else {})}  # what reproduces this image alone
         write_png(path, image, {"bf": json.dumps(settings), **{k: str(v) for k, v in settings.items()}})
     log(f"wrote {', '.join(map(str, paths))}")
     if as_json:
         execution = {"backend": runner.name, "provider": getattr(runner, "provider", None)}  # ort: the execution provider it took
-        click.echo(json.dumps({"files": [str(p) for p in paths], "settings": result.settings, "execution": execution,
+        click.echo(json.dumps({"files": [str(p) for p in paths], "settings": {**result.settings, **({"loras": lora} if lora else {})},
+                               "execution": execution,
                                "timings": result.timings}, indent=1))  # fmt: skip

@@ -21,6 +21,12 @@ FUSED_OPTION = click.option(
 )  # fmt: skip
 
 
+RUNTIME_LORA_OPTION = click.option(
+    "--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+    help="torch: a LoRA (diffusers, peft or kohya format) run as a low-rank branch beside its UNet layers, the low-bit "
+         "layers left packed; repeatable; SCALE defaults to 1. The ort and trt backends run the exported graph: put a LoRA "
+         "into it with bf export --lora.",
+)  # fmt: skip
 COMPILE_OPTION = click.option(
     "--compile", "compile_step", is_flag=True,
     help="torch: compile the UNet step with torch.compile (inductor) and replay it from a CUDA graph (unless --no-cuda-graph); "
@@ -29,9 +35,11 @@ COMPILE_OPTION = click.option(
 )  # fmt: skip
 
 
-def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int, compile_step: bool = False):
-    """The runtime's BackendOptions from the command line's (--keep-decoded is in MB there, bytes from here on)."""
+def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int, compile_step: bool = False,
+                    loras: tuple = ()):  # fmt: skip
+    """The runtime's BackendOptions from the command line's (--keep-decoded is in MB there, bytes from here on;
+    ``loras``: parsed --lora arguments)."""
     from bf.runtime.backend_options import BackendOptions
 
     return BackendOptions(weights=weights, cuda_graph=cuda_graph, fused=fused, keep_decoded_bytes=keep_decoded_mb * 2**20,
-                          compile=compile_step)  # fmt: skip
+                          compile=compile_step, loras=tuple((str(p), s) for p, s in loras))  # fmt: skip

@@ -69,6 +69,10 @@ CASES = [
     (["infer", "--prompt", "x", "--backend", "trt"], 1, "none is visible here"),
     (["infer", "--prompt", "x", "--compile"], 1, "--compile applies to --backend torch, not ort"),
     (["infer", "--prompt", "x", "--backend", "torch", "--compile", "--fused", "on"], 1, "--fused on runs on the streamed ring"),
+    (["infer", "--prompt", "x", "--lora", "style.safetensors"], 1, "--lora runs on --backend torch; the ort backend runs the exported"),
+    (["infer", "--prompt", "x", "--backend", "torch", "--lora", "nosuch.safetensors:0.5"], 1, "--lora nosuch.safetensors: no such file"),
+    (["infer", "--prompt", "x", "--backend", "torch", "--lora", "nosuch.safetensors:inf"], 1, "the scale must be a finite number"),
+    (["eval", "--images-per-split", "-1"], USAGE, "Invalid value for '--images-per-split'"),
     # bench
     (["bench", "--batch", "0"], USAGE, "batch sizes must be at least 1"),
     (["bench", "nosuch"], 1, "nosuch"),

@@ -264,8 +264,20 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
 
-    with pytest.raises(BfError, match=r"exported with a LoRA, which the torch backend .* would leave out"):
-        TorchBackend(ExportedModel.open(tmp_path / "e"), device="cpu")
+    from bf.runtime.generation import GenerationRequest, generate
+
+    # the torch backend runs the source model and adds the export's LoRA itself (eager here: inductor is the GPU tests')
+    exported = ExportedModel.open(tmp_path / "e")
+    backend = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False)
+    assert [(a["file"], a["scale"]) for a in backend.lora_applied] == [(str(lora), 0.8)] and backend.lora_applied[0]["layers"] > 8
+    backend.torch_unet.step = backend.torch_unet.eager_step
+    torch_image = generate(exported, backend, GenerationRequest(prompt, steps=3, seed=7)).images[0].astype(np.float32) / 255
+    mse = float(((torch_image - ours) ** 2).mean())
+    assert mse == 0 or 10 * np.log10(1 / mse) >= 35
+    lora.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(BfError, match=r"exported with the LoRA .*style\.safetensors, which is gone"):
+        TorchBackend(exported, device="cpu")
+    (tmp_path / "moved.safetensors").rename(lora)
 
     from safetensors.torch import load_file, save_file
 
@@ -290,8 +302,9 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from bf.cli.checks import parse_lora_arg
     from bf.errors import BfError
-    from bf.lora_adapters import parse_lora_arg, read_lora
+    from bf.lora_adapters import read_lora
 
     _, ref = _dequantized_unet()
     for rslora, ratio in ((False, 2.0), (True, 8 / 4**0.5)):

@@ -1,0 +1,120 @@
+"""LoRA adapters on the torch backend (bf infer --lora): low-rank branches hooked beside the UNet's layers in whatever
+form the weights take, equal to the same LoRA as branches around the decoded-weight layers (what bf export traces)."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+
+def _lora_file(path, unet, rank=4, seed=0, targets=("to_q", "to_v", "conv1")):
+    """A random LoRA in diffusers' format (peft's lora_A / lora_B under 'unet.') for ``unet``'s layers named ``targets``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in unet.named_modules():
+        if name.rpartition(".")[2] in targets and isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            w = m.weight
+            tensors[f"unet.{name}.lora_A.weight"] = torch.randn((rank, w.shape[1], *w.shape[2:]), generator=g) * 0.1
+            tensors[f"unet.{name}.lora_B.weight"] = torch.randn((w.shape[0], rank, *((1, 1) if w.dim() == 4 else ())), generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path
+
+
+def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_build, monkeypatch, tmp_path):
+    """Two LoRAs at their scales (attention projections and ResNet convolutions) on TorchUNet's compiled low-bit layers
+    (the weights decoded inside the step) and on its fp form: equal, step for step, to the decoded-weight UNet with
+    the same LoRAs as export's branches; dynamo traces the step whole; the hooks are registered where the layers are,
+    so the low-bit layers stay packed codes."""
+    from test_compiled_weights import _tiny_unet
+
+    from bf.lora_adapters import apply_loras
+    from bf.runtime.backend_torch import TorchUNet
+    from bf.runtime.compiled_weights import CompiledLowBitGroup
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
+    loras = [(_lora_file(tmp_path / "a.safetensors", decoded), 0.7),
+             (_lora_file(tmp_path / "b.safetensors", decoded, seed=1, targets=("to_k", "0")), 1.5)]  # fmt: skip
+    reference = copy.deepcopy(decoded)
+    applied = apply_loras(reference, loras)
+    from safetensors.torch import load_file
+
+    assert [a["layers"] for a in applied] == [len(load_file(str(f))) // 2 for f, _ in loras] and min(a["layers"] for a in applied) > 8
+    timesteps = torch.arange(900, -1, -100)
+    opts = {"device": "cpu", "dtype": "float32", "channels_last": False, "cuda_graph": False}
+    ref = TorchUNet(reference, timesteps, weights="fp", **opts)
+    plain = TorchUNet(copy.deepcopy(decoded), timesteps, weights="fp", **opts)
+    fp = TorchUNet(copy.deepcopy(decoded), timesteps, weights="fp", loras=loras, **opts)
+    ours = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, loras=loras, **opts)
+    assert any(isinstance(m, CompiledLowBitGroup) for m in ours.unet.modules())
+    assert [a["layers"] for a in ours.lora.applied] == [a["layers"] for a in applied]
+    sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    with torch.inference_mode():
+        for i in (0, 5):
+            step = torch.tensor([i])
+            want = ref.eager_step(sample, step, ctx)
+            assert torch.equal(fp.eager_step(sample, step, ctx), want)
+            assert torch.equal(ours.eager_step(sample, step, ctx), want)
+            assert (want - plain.eager_step(sample, step, ctx)).abs().max() > 1e-2  # the LoRAs change the output
+        # dynamo traces the step whole through the hooks and the group ops (inductor's kernels: the GPU tests)
+        traced = torch.compile(ours.eager_step, fullgraph=True, backend="eager")
+        assert torch.equal(traced(sample, torch.tensor([3]), ctx), ref.eager_step(sample, torch.tensor([3]), ctx))
+
+
+def test_a_lora_that_does_not_fit_is_refused_before_the_weights_move(tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from bf.errors import BfError
+    from bf.runtime.backend_torch import TorchUNet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    good = load_file(str(_lora_file(tmp_path / "a.safetensors", unet)))
+    key = next(k for k in good if k.endswith("to_q.lora_A.weight"))
+    save_file({**good, key: good[key][:, :-1].contiguous()}, str(tmp_path / "rank.safetensors"))
+    save_file({k.replace("down_blocks", "middle_blocks"): v for k, v in good.items()}, str(tmp_path / "other.safetensors"))
+    for name, message in (("rank", "features, the layer"), ("other", "matches no layer of this UNet")):
+        with pytest.raises(BfError, match=message):
+            TorchUNet(unet, torch.arange(10), weights="fp", device="cpu", dtype="float32", cuda_graph=False,
+                      loras=[(tmp_path / f"{name}.safetensors", 1.0)])  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_bf_infer_lora_on_the_gpu_equals_the_export_that_holds_it(tmp_path, native_build, monkeypatch):
+    """bf infer --backend torch --lora FILE:0.8 (streamed ring, CUDA graph; and compiled) on an export without the LoRA
+    equals bf infer (ONNX Runtime) on the export that holds it (>= 35 dB), and differs from the model without it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import numpy as np
+    from conftest import run_bf
+    from PIL import Image
+
+    from diffusers import UNet2DConditionModel
+
+    from bf.format import Checkpoint
+    from bf.models.shipped import shipped_bfq
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    unet = UNet2DConditionModel.from_config(Checkpoint.load(shipped_bfq()).unet_config)  # the layers' names and shapes
+    lora = _lora_file(tmp_path / "style.safetensors", unet)
+    for name, extra in (("with", ["--lora", f"{lora}:0.8"]), ("plain", [])):
+        r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", *extra, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    args = ["--prompt", "a red circle above a blue square", "--seed", "7"]
+
+    def image(*cmd) -> np.ndarray:
+        out = tmp_path / f"{len(list(tmp_path.glob('*.png')))}.png"
+        r = run_bf("infer", *cmd, *args, "--out", out)
+        assert r.returncode == 0, r.stderr
+        return np.asarray(Image.open(out)).astype(np.float32) / 255
+
+    want = image(tmp_path / "with")
+    for options in ([], ["--compile"]):
+        ours = image(tmp_path / "plain", "--backend", "torch", "--lora", f"{lora}:0.8", *options)
+        mse = float(((ours - want) ** 2).mean())
+        assert mse == 0 or 10 * np.log10(1 / mse) >= 35, options
+    assert np.abs(image(tmp_path / "plain", "--backend", "torch") - want).max() > 0.1
