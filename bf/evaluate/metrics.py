@@ -19,9 +19,10 @@ def fidelity(images: np.ndarray, ref_images: np.ndarray, latents: np.ndarray, re
     return {"mse": mse, "psnr": psnr, "latent_mse": latent_mse}
 
 
-def verdicts(images: np.ndarray, scenes: list[Scene | None]) -> list[dict | None]:
-    """The detector's verdicts per image (None where the prompt is not a shapes scene)."""
-    return [judge(sc, detect(img)) if sc is not None else None for img, sc in zip(images, scenes, strict=True)]
+def verdicts(images: np.ndarray, scenes: list[Scene | None], palette: dict | None = None) -> list[dict | None]:
+    """The detector's verdicts per image (None where the prompt is not a shapes scene); ``palette``: the colors the
+    detector tells apart (default: the shapes palette)."""
+    return [judge(sc, detect(img, palette)) if sc is not None else None for img, sc in zip(images, scenes, strict=True)]
 
 
 def accuracy(images: np.ndarray, scenes: list[Scene | None]) -> dict:

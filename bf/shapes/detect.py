@@ -57,16 +57,18 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def detect(image: np.ndarray) -> list[Detection]:
+def detect(image: np.ndarray, palette: dict | None = None) -> list[Detection]:
+    """The objects of a shapes image. ``palette``: color name -> RGB to tell apart (default PALETTE)."""
+    names, colors = (_COLOR_NAMES, _PALETTE) if palette is None else (tuple(palette), np.asarray(list(palette.values()), np.float32))
     img = np.asarray(image, np.float32)[..., :3]
     h, w = img.shape[:2]
     k = RESOLUTION / w
     fg = np.linalg.norm(img - np.asarray(BACKGROUND, np.float32), axis=-1) > FOREGROUND_DISTANCE
-    d2 = ((img[:, :, None, :] - _PALETTE) ** 2).sum(-1)
+    d2 = ((img[:, :, None, :] - colors) ** 2).sum(-1)
     nearest = np.argmin(d2, axis=-1)
     fg &= d2.min(-1) < PALETTE_DISTANCE**2
     found = []
-    for ci, cname in enumerate(_COLOR_NAMES):
+    for ci, cname in enumerate(names):
         for comp in _components(fg & (nearest == ci)):
             if comp.size < MIN_AREA_FRACTION * h * w:
                 continue

@@ -37,8 +37,9 @@ def _coverage(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
     return inside.reshape(n, _SS, n, _SS).mean(axis=(1, 3))
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None, resolution: int = RESOLUTION) -> np.ndarray:
-    """uint8 (H, W, 3). With ``rng``, positions and sizes are jittered slightly."""
+def render(scene: Scene, rng: np.random.Generator | None = None, resolution: int = RESOLUTION, palette: dict | None = None) -> np.ndarray:
+    """uint8 (H, W, 3). With ``rng``, positions and sizes are jittered slightly. ``palette``: color name -> RGB
+    (default PALETTE; a larger one draws colors the shapes model was never trained on)."""
     k = resolution / RESOLUTION
     img = np.empty((resolution, resolution, 3), dtype=np.float32)
     img[:] = BACKGROUND
@@ -49,7 +50,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None, resolution: int
             cx, cy = cx + rng.uniform(-JITTER_POS, JITTER_POS), cy + rng.uniform(-JITTER_POS, JITTER_POS)
             r += rng.uniform(-JITTER_SIZE, JITTER_SIZE)
         a = _coverage(obj.shape, cx * k, cy * k, r * k, resolution)[..., None]
-        img = img * (1 - a) + np.asarray(PALETTE[obj.color], np.float32) * a
+        img = img * (1 - a) + np.asarray((palette or PALETTE)[obj.color], np.float32) * a
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 

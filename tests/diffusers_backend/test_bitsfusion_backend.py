@@ -263,7 +263,6 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     from bf.errors import BfError
     from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
-
     from bf.runtime.generation import GenerationRequest, generate
 
     # the torch backend runs the source model and adds the export's LoRA itself (eager here: inductor is the GPU tests')

@@ -91,9 +91,8 @@ def test_bf_infer_lora_on_the_gpu_equals_the_export_that_holds_it(tmp_path, nati
         pytest.skip("needs a CUDA GPU")
     import numpy as np
     from conftest import run_bf
-    from PIL import Image
-
     from diffusers import UNet2DConditionModel
+    from PIL import Image
 
     from bf.format import Checkpoint
     from bf.models.shipped import shipped_bfq

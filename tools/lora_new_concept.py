@@ -1,0 +1,289 @@
+"""A concept the shipped model cannot draw, taught by a LoRA trained on the FP model and applied, unchanged, to the
+1.99-bit model: does LoRA work on a 1.99-bit UNet?
+
+The concept is a new color, pink (RGB 236, 112, 180): the shipped model was trained on six colors, the renderer
+draws pink when given it, and the detector tells pink apart when its palette holds it (bf.shapes palettes).
+"pink" is one token of the CLIP vocabulary the shipped tokenizer has, which the text encoder never saw in training.
+
+1. Train a LoRA (peft, rank --rank, on every attention projection of the UNet) on the FP model: the noise-prediction
+   loss on rendered scenes, half with a pink object (single objects, and two objects one of which is pink) and half
+   the shipped model's own training scenes, so that what it could draw is kept; empty prompt 10% of the time
+   (classifier-free guidance). Saved in diffusers' format (``save_lora_weights``).
+2. Apply that file with ``pipe.load_lora_weights`` to the FP model and to the 1.99-bit model loaded through the
+   bitsfusion backend (``bf to-diffusers``; its low-bit layers stay packed codes, the LoRA runs beside them).
+3. Score the new concept, the 30 pink single-object scenes (every shape, size and position) and 30 two-object
+   scenes with a pink object, for the base models and both with the LoRA; and the four shapes-test splits with the
+   LoRA loaded and without. Accuracy by bf's detector (its palette with pink for the new split; the standard one
+   for the old splits), with 95% intervals and paired differences (bf.evaluate.intervals).
+
+    python tools/lora_new_concept.py --out results/lora_new_concept.json [--device cuda] [--steps 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NEW_COLOR, NEW_RGB = "pink", (236, 112, 180)
+
+
+def palette() -> dict:
+    from bf.shapes.render import PALETTE
+
+    return {**PALETTE, NEW_COLOR: NEW_RGB}
+
+
+def new_scenes(split: str) -> list:
+    """The new concept's test scenes: ``pink`` (30 single objects: every shape, size and position) or ``pink-two``
+    (30 two-object scenes, a pink object and a training pair, in a relation; fixed seed)."""
+    from bf.shapes.scenes import POSITIONS, RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene, caption
+
+    if split == "pink":
+        return [Scene((Obj(s, NEW_COLOR, size, pos),)) for s in SHAPES for size in SIZES for pos in POSITIONS]
+    rng = np.random.default_rng(20261130)
+    scenes, seen = [], set()
+    while len(scenes) < 30:
+        other = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+        pink = (SHAPES[int(rng.integers(len(SHAPES)))], NEW_COLOR)
+        pair = [pink, other] if rng.random() < 0.5 else [other, pink]
+        rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+        sc = Scene(tuple(Obj(*p, "any", q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
+        if caption(sc) not in seen:
+            seen.add(caption(sc))
+            scenes.append(sc)
+    return scenes
+
+
+def training_set(n: int, resolution: int, seed: int = 0):
+    """``n`` rendered images and captions: half with a pink object, half the shipped model's training scenes."""
+    from bf.shapes.render import render
+    from bf.shapes.scenes import POSITIONS, RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene, caption, sample_scene
+
+    pal = palette()
+    images, captions = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        if i % 2:
+            scene = sample_scene(rng)
+        elif rng.random() < 0.6:
+            obj = Obj(SHAPES[int(rng.integers(3))], NEW_COLOR, SIZES[int(rng.integers(2))], POSITIONS[int(rng.integers(5))])
+            scene = Scene((obj,))
+        else:
+            rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+            pink, other = (SHAPES[int(rng.integers(3))], NEW_COLOR), TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+            pair = [pink, other] if rng.random() < 0.5 else [other, pink]
+            scene = Scene(tuple(Obj(*p, SIZES[int(rng.integers(2))], q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
+        images.append(render(scene, rng, resolution=resolution, palette=pal))
+        captions.append(caption(scene, rng))
+    return np.stack(images), captions
+
+
+def train_lora(pipe, args, log) -> dict:
+    """Train the LoRA on ``pipe``'s UNet (left without it); its state dict in peft's naming, and the training record."""
+    import torch
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from bf.trainer.data import encode_images
+
+    dev = args.device
+    unet, vae, text, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    t0 = time.perf_counter()
+    images, captions = training_set(args.images, vae.config.sample_size)
+    latents = encode_images(vae, images)
+    log(f"rendered and encoded {len(images)} training images in {time.perf_counter() - t0:.0f} s")
+    with torch.no_grad():
+        prompts = [*sorted(set(captions)), ""]
+        index = {p: i for i, p in enumerate(prompts)}
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        embeddings = torch.cat([text(ids[i : i + 256].to(dev))[0] for i in range(0, len(ids), 256)])
+    caption_index = torch.tensor([index[c] for c in captions])
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets, init_lora_weights="gaussian"), "concept")
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for n, p in unet.named_parameters():
+        p.requires_grad_("lora_" in n)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    log_every, losses, t0 = max(args.steps // 20, 1), [], time.perf_counter()
+    unet.train()
+    for step in range(1, args.steps + 1):
+        pick = torch.randint(0, len(latents), (args.batch,), generator=g)
+        x0 = latents[pick].to(dev)
+        cond = caption_index[pick].clone()
+        cond[torch.rand(args.batch, generator=g) < 0.1] = index[""]
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g).to(dev)
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, embeddings[cond.to(dev)]).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % log_every == 0 or step == args.steps:
+            log(f"LoRA step {step}/{args.steps}: loss {np.mean(losses[-log_every:]):.5f}, {time.perf_counter() - t0:.0f} s")
+    unet.eval()
+    state = get_peft_model_state_dict(unet, adapter_name="concept")
+    unet.delete_adapters("concept")
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    record = {"rank": args.rank, "alpha": args.rank, "targets": targets, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "images": args.images, "p_uncond": 0.1, "seconds": time.perf_counter() - t0,
+              "final_loss": float(np.mean(losses[-log_every:])), "adapters": len(state) // 2}  # fmt: skip
+    return state, record
+
+
+def evaluate_models(models: dict, args, log) -> list[dict]:
+    """Every model on the new concept's splits (detector palette with pink) and on shapes-test's four (standard)."""
+    from bf.evaluate.evaluation import prompt_sets, whole_split
+    from bf.evaluate.generate import generate
+    from bf.evaluate.intervals import mean_ci
+    from bf.evaluate.metrics import accuracy_of, verdicts
+    from bf.shapes.scenes import caption
+
+    sets = [(s, new_scenes(s), palette()) for s in ("pink", "pink-two")]
+    sets += [(ps.split, ps.scenes, None) for ps in prompt_sets("shapes-test")]
+    seeds = [1024 + k for k in range(args.seeds)]
+    results = []
+    for label, pipe in models.items():
+        for split, scenes, pal in sets:
+            t0 = time.perf_counter()
+            jobs = [(caption(sc), s) for sc in scenes for s in seeds]
+            images, _ = generate(pipe, jobs, args.cfg, args.sample_steps, args.eval_batch)
+            judged = verdicts(images, [sc for sc in scenes for _ in seeds], pal)
+            overall = np.array([float(v["overall"]) for v in judged]).reshape(len(scenes), len(seeds))
+            whole = split == "pink" or whole_split(split, scenes)
+            results.append({"model": label, "split": split, "images": len(images), "seeds": len(seeds),
+                            "accuracy": accuracy_of(judged), "accuracy_ci95": mean_ci(overall, whole), "whole_split": whole,
+                            "overall_per_image": overall.ravel().tolist()})  # fmt: skip
+            acc, (lo, hi) = results[-1]["accuracy"]["overall"], results[-1]["accuracy_ci95"]
+            log(f"{label:>18s} {split:>11s}: {acc:.3f} [{lo:.3f}, {hi:.3f}] ({time.perf_counter() - t0:.0f} s)")
+            if split == "pink" and args.grid:
+                results[-1]["_images"] = images[:: len(seeds)][:12]
+    return results
+
+
+def differences(results: list[dict]) -> list[dict]:
+    """With the LoRA minus without, and 1.99-bit minus FP (both with the LoRA), per split, paired on the same images."""
+    from bf.evaluate.intervals import paired_difference
+
+    by = {(r["model"], r["split"]): r for r in results}
+    pairs = [("FP", "FP + LoRA"), ("1.99-bit", "1.99-bit + LoRA"), ("FP + LoRA", "1.99-bit + LoRA")]
+    out = []
+    for split in dict.fromkeys(r["split"] for r in results):
+        for a, b in pairs:
+            ra, rb = by[(a, split)], by[(b, split)]
+            va, vb = (np.array(r["overall_per_image"]).reshape(-1, r["seeds"]) for r in (ra, rb))
+            out.append({"split": split, "a": a, "b": b, **paired_difference(va, vb, ra["whole_split"])})
+    return out
+
+
+def save_grid(results: list[dict], path: Path) -> None:
+    from bf.evaluate.image_grid import save_grid as grid
+    from bf.shapes.scenes import caption
+
+    rows = [r for r in results if "_images" in r]
+    scenes = new_scenes("pink")[:12]
+    cells = [[r["_images"][i] for r in rows] for i in range(len(scenes))]
+    grid(path, [caption(sc) for sc in scenes], [r["model"] for r in rows], cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("results/lora_new_concept.json"))
+    ap.add_argument("--lora-out", type=Path, help="Keep the trained LoRA file here (diffusers' format).")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=600, help="LoRA training steps.")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--images", type=int, default=4000, help="Rendered training images (half with the new color).")
+    ap.add_argument("--seeds", type=int, default=2, help="Eval images per prompt.")
+    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--sample-steps", type=int, default=50, help="PNDM steps of each eval image.")
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--grid", type=Path, help="Write the new concept's images, one column per model, here.")
+    args = ap.parse_args()
+
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    import bf.diffusers  # noqa: F401  (registers the bitsfusion backend)
+    from bf.diffusers.directory import write_diffusers_model
+    from bf.format import Checkpoint
+    from bf.models.diffusers_pipeline import load_model
+    from bf.models.shipped import model_source, shipped_bfq
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    fp = load_model(model_source("shipped"), device=args.device).pipe
+    fp.set_progress_bar_config(disable=True)
+    state, record = train_lora(fp, args, log)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = Path(tmp) / "pink.safetensors"
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, weight_name=lora.name)
+        if args.lora_out:
+            args.lora_out.write_bytes(lora.read_bytes())
+        # what bf to-diffusers writes; on the CPU each weight decoded once and kept (the format's rule is slow per call)
+        ckpt = Checkpoint.load(shipped_bfq())
+        write_diffusers_model(ckpt, model_source("shipped"), Path(tmp) / "q", keep_decoded=args.device == "cpu")
+        models = {}
+        quantized = Path(tmp) / "q"
+        makers = {"FP": lambda: load_model(model_source("shipped"), device=args.device).pipe,
+                  "1.99-bit": lambda: DiffusionPipeline.from_pretrained(quantized, dtype=torch.float32).to(args.device)}  # fmt: skip
+        for label, make in makers.items():
+            base, with_lora = make(), make()
+            with_lora.load_lora_weights(lora, adapter_name="concept")
+            for p in (base, with_lora):
+                p.set_progress_bar_config(disable=True)
+            models[label], models[f"{label} + LoRA"] = base, with_lora
+        results = evaluate_models(models, args, log)
+    if args.grid:
+        save_grid(results, args.grid)
+    for r in results:
+        r.pop("_images", None)
+    payload = {
+        "command": " ".join(["python", "tools/lora_new_concept.py", *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} ({torch.get_num_threads()} threads)",
+        "concept": {
+            "color": NEW_COLOR,
+            "rgb": NEW_RGB,
+            "splits": {
+                "pink": "30 single pink objects (every shape, size, position)",
+                "pink-two": "30 two-object scenes, one object pink, the other a training pair",
+            },
+        },
+        "lora": record,
+        "low_bit_layers": "packed codes, decoded on every call"
+        if args.device != "cpu"
+        else "packed codes, each decoded once at its first call (keep_decoded)",
+        "eval": {
+            "cfg": args.cfg,
+            "seeds": args.seeds,
+            "sampler": f"PNDM, {args.sample_steps} steps",
+            "detector": "bf.shapes.detect, palette with pink for the new splits, standard for shapes-test",
+        },
+        "results": results,
+        "differences": differences(results),
+        "seconds": time.perf_counter() - t_start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    for d in payload["differences"]:
+        lo, hi = d["ci95"]
+        log(f"{d['split']:>11s} {d['b']:>16s} - {d['a']:<16s}: {d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    log(f"wrote {args.out} in {payload['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
