@@ -5,7 +5,11 @@
 #   checks   pytest -m gpu (the compiled low-bit layers and the torch backend, compiled included, against the
 #            decoded weights and ONNX Runtime), then bf bench --backend torch --compile on the shipped model twice:
 #            the second process finds inductor's cache warm
-# Needs .whl/ for diffusers (carry it). usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks [sd15_compiled_step.py args]
+#   lora     benchmarks/sd15_lora_step.py: a rank-16 LoRA on every attention projection, its cost to the step
+#   diffusers  benchmarks/sd15_diffusers_unet_step.py: the UNet in diffusers, bitsfusion backend against FP16, then
+#            pytest -m gpu of the LoRA and diffusers paths
+# Needs .whl/ for diffusers, peft and accelerate (carry it).
+# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
 mkdir -p "$out"
@@ -21,6 +25,17 @@ if [ "$part" = step ]; then
   echo "== SD-v1.5 UNet step: 1.99 bits against the fastest FP16"
   (cd /tmp && python3 "$repo/benchmarks/sd15_compiled_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_compiled_step.json" "$@") 2>&1 \
     | grep -v "Loading weights" | tee "$out/sd15_compiled_step.txt"
+elif [ "$part" = lora ]; then
+  echo "== SD-v1.5 UNet step: a rank-16 LoRA's cost"
+  (cd /tmp && python3 "$repo/benchmarks/sd15_lora_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_lora_step.json" "$@") 2>&1 \
+    | grep -v "Loading weights" | tee "$out/sd15_lora_step.txt"
+elif [ "$part" = diffusers ]; then
+  echo "== SD-v1.5 UNet in diffusers: bitsfusion backend against FP16"
+  (cd /tmp && python3 "$repo/benchmarks/sd15_diffusers_unet_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_diffusers_unet_step.json" \
+     "$@") 2>&1 | grep -v "Loading weights" | tee "$out/sd15_diffusers_unet_step.txt"
+  echo "== pytest -m gpu: LoRA on the torch backend, bitsfusion in diffusers"
+  (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
+     "$repo/tests/runtime/test_runtime_lora.py" "$repo/tests/diffusers_backend" 2>&1 | tail -15) | tee "$out/pytest_lora.txt"
 else
   echo "== pytest -m gpu: compiled low-bit layers, torch backend"
   (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
