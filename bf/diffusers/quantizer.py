@@ -111,6 +111,10 @@ def register() -> None:
         mixin.fuse_lora = _refusing_low_bit(mixin.fuse_lora)
     if not getattr(Attention.fuse_projections, "_bitsfusion", False):
         Attention.fuse_projections = _refusing_fused_projections(Attention.fuse_projections)
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if not getattr(ModelMixin.save_pretrained, "_bitsfusion", False):
+        ModelMixin.save_pretrained = _refusing_low_bit_with_lora(ModelMixin.save_pretrained)
 
 
 def _refusing_low_bit(fuse_lora):
@@ -118,12 +122,30 @@ def _refusing_low_bit(fuse_lora):
     the layer's weight, and a bitsfusion layer's weight is packed codes on a grid the product does not fit."""
 
     def refusing(self, *args, **kwargs):
-        low = next((n for n, m in self.named_modules() if hasattr(m, "get_base_layer") and isinstance(m.get_base_layer(), LowBitLayer)),
-                   None)  # fmt: skip
-        if low is not None:
+        if (low := _low_bit_under_lora(self)) is not None:
             raise BfError(f"fuse_lora: {low} is a 1.99-bit layer (packed codes) that a LoRA cannot be fused into; keep the LoRA "
                           "as a branch (it already runs beside the layer), or fuse it into the FP model and quantize that")  # fmt: skip
         return fuse_lora(self, *args, **kwargs)
+
+    refusing._bitsfusion = True
+    return refusing
+
+
+def _low_bit_under_lora(model) -> str | None:
+    """The first low-bit layer that a LoRA wraps (peft keeps it as its base_layer), or None."""
+    return next((n for n, m in model.named_modules() if hasattr(m, "get_base_layer") and isinstance(m.get_base_layer(), LowBitLayer)),
+                None)  # fmt: skip
+
+
+def _refusing_low_bit_with_lora(save_pretrained):
+    """``save_pretrained`` that refuses a bitsfusion model with a LoRA loaded, before it writes anything: the file would
+    hold the low-bit layers under peft's names (``base_layer.codes``), which no loader reads back."""
+
+    def refusing(self, *args, **kwargs):
+        if (low := _low_bit_under_lora(self)) is not None:
+            raise BfError(f"save_pretrained: a LoRA is loaded beside the 1.99-bit layer {low}; save the LoRA on its own "
+                          "(save_lora_weights), unload it (unload_lora_weights), then save the model")  # fmt: skip
+        return save_pretrained(self, *args, **kwargs)
 
     refusing._bitsfusion = True
     return refusing

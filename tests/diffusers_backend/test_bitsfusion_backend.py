@@ -205,8 +205,12 @@ def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
     assert np.array_equal(images(pipes[0]), images(pipes[1]))
     with pytest.raises(BfError, match=r"is a 1\.99-bit layer \(packed codes\) that a LoRA cannot be fused into"):
         pipes[0].fuse_lora()
+    with pytest.raises(BfError, match=r"save_pretrained: a LoRA is loaded beside the 1\.99-bit layer .*unload_lora_weights"):
+        pipes[0].unet.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
     pipes[0].unload_lora_weights()
     assert np.array_equal(images(pipes[0]), base)
+    pipes[0].unet.save_pretrained(tmp_path / "saved")  # without the LoRA: the packed layout
 
 
 def _lora_file(path, unet, rank=4, seed=0, targets=("to_q", "to_v", "conv1")):
