@@ -109,6 +109,35 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
     return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
 
 
+def check_adapter_keys(model: nn.Module, state: dict, what: str) -> None:
+    """One line for an adapter state dict (module-relative keys, peft's or diffusers' names) that does not fit
+    ``model``: a key that names no LoRA weight, a layer the model has not (a LoRA for another architecture), a down
+    and up of different ranks, or shapes that are not the layer's."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.endswith(".weight") or ".lora_magnitude_vector" in key:
+            continue
+        base = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)  # peft's per-adapter names
+        found = _module_and_half(base.removesuffix(".weight"))
+        if found is not None:
+            pairs.setdefault(found[0], {})[found[1]] = tensor
+    if not pairs:
+        raise BfError(f"{what}: no LoRA weights for this model in it (a LoRA for another model, or the text encoder only?)")
+    for module, p in pairs.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise BfError(f"{what}: {module} matches no layer of this {type(model).__name__} (a LoRA for another architecture?)") from None
+        if set(p) != {"down", "up"}:
+            raise BfError(f"{what}: {module} has a down or an up weight but not both")
+        down, up = p["down"], p["up"]
+        if down.shape[0] != up.shape[1]:
+            raise BfError(f"{what}: {module}'s down weight has rank {down.shape[0]}, its up weight {up.shape[1]}")
+        shape = _layer_shape(layer)
+        if shape is not None and (shape[0] != up.shape[0] or shape[1] != down.shape[1]):
+            raise BfError(f"{what}: {module} maps {down.shape[1]} to {up.shape[0]} features, the layer {shape[1]} to {shape[0]}")
+
+
 def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None) -> list[tuple]:
     """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (file, layer name, down, up,
     scale, convolution geometry or None for a linear layer)."""

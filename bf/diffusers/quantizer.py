@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from pathlib import Path
 
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
@@ -111,6 +112,8 @@ def register() -> None:
         mixin.fuse_lora = _refusing_low_bit(mixin.fuse_lora)
     if not getattr(Attention.fuse_projections, "_bitsfusion", False):
         Attention.fuse_projections = _refusing_fused_projections(Attention.fuse_projections)
+    if not getattr(mixin.load_lora_adapter, "_bitsfusion", False):
+        mixin.load_lora_adapter = _checking_adapters(mixin.load_lora_adapter)
     from diffusers.models.modeling_utils import ModelMixin
 
     if not getattr(ModelMixin.save_pretrained, "_bitsfusion", False):
@@ -149,6 +152,31 @@ def _refusing_low_bit_with_lora(save_pretrained):
 
     refusing._bitsfusion = True
     return refusing
+
+
+def _checking_adapters(load_lora_adapter):
+    """``load_lora_adapter`` (what ``pipe.load_lora_weights`` calls) that, on a model with low-bit layers, checks the
+    adapters against the layers first: a LoRA for another architecture, a rank or a shape that does not fit get one
+    line, before anything is injected (peft would load the first silently and fail the others in many lines)."""
+
+    def checking(self, pretrained_model_name_or_path_or_dict, prefix="transformer", *args, **kwargs):
+        if any(isinstance(m, LowBitLayer) for m in self.modules()):
+            from bf.lora_adapters import check_adapter_keys
+
+            state, what = pretrained_model_name_or_path_or_dict, "load_lora_weights"
+            if not isinstance(state, dict):
+                path = Path(state) / kwargs["weight_name"] if kwargs.get("weight_name") else Path(state)
+                if path.is_file() and path.suffix == ".safetensors":
+                    from safetensors.torch import load_file
+
+                    state, what = load_file(str(path)), f"load_lora_weights {path}"
+            if isinstance(state, dict):
+                head = f"{prefix}." if prefix else ""
+                check_adapter_keys(self, {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}, what)
+        return load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
+
+    checking._bitsfusion = True
+    return checking
 
 
 def _refusing_fused_projections(fuse_projections):

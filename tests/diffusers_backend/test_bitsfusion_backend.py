@@ -332,3 +332,31 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
     assert parse_lora_arg("C:/x/a.safetensors") == (Path("C:/x/a.safetensors"), 1.0)
     with pytest.raises(BfError, match="finite"):
         parse_lora_arg("a.safetensors:nan")
+
+
+def test_a_lora_that_does_not_fit_the_low_bit_unet_gets_one_line(diffusers_dir, tmp_path):
+    """load_lora_adapter / load_lora_weights on a bitsfusion UNet: a LoRA for another architecture, a shape or a rank
+    that does not fit, and a file with no UNet adapters are refused in one line before anything is injected."""
+    pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    from bf.errors import BfError
+
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet")
+    good = load_file(str(_lora_file(tmp_path / "ok.safetensors", unet)))
+    key = next(k for k in good if k.endswith("to_q.lora_A.weight"))
+    up = key.replace("lora_A", "lora_B")
+    bad = {
+        "other": ({k.replace("down_blocks", "middle_blocks"): v for k, v in good.items()}, "matches no layer of this UNet2DConditionModel"),
+        "shape": ({**good, key: good[key][:, :-1].contiguous()}, "maps 47 to 48 features, the layer 48 to 48"),
+        "rank": ({**good, up: good[up][:, :-1].contiguous()}, "down weight has rank 4, its up weight 3"),
+        "text": ({k.replace("unet.", "text_encoder."): v for k, v in good.items()}, "no LoRA weights for this model in it"),
+    }
+    for name, (tensors, message) in bad.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(BfError, match=message):
+            unet.load_lora_adapter(str(tmp_path / f"{name}.safetensors"), prefix="unet", adapter_name=name)
+        assert not any("lora" in n for n, _ in unet.named_parameters()), name  # nothing injected
+    unet.load_lora_adapter(str(tmp_path / "ok.safetensors"), prefix="unet", adapter_name="ok")
+    assert any("lora_A" in n for n, _ in unet.named_parameters())
