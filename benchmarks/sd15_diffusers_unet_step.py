@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_diffusers_unet_step.json")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--configs", default="fp16_eager,fp16_compile,bitsfusion_eager,bitsfusion_kept,bitsfusion_compile")
     args = ap.parse_args()
@@ -69,6 +73,8 @@ def main() -> None:
     from bf.models.architectures import ARCHITECTURES
     from bf.runtime.diffusers_layers import compile_low_bit_layers
 
+    if args.lib:  # the eager bitsfusion layers find the library by this variable
+        os.environ["BF_DECODE_LIB"] = str(args.lib)
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_diffusers_unet_step.py", args)
     master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
@@ -76,7 +82,8 @@ def main() -> None:
     bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
     packed = random_packed(shapes, bits, False, seed=1)  # diffusers' layout: NCHW
     g = torch.Generator(device=DEV).manual_seed(0)
-    sample, ctx = torch.randn(2, 4, 64, 64, device=DEV, generator=g).half(), torch.randn(2, 77, 768, device=DEV, generator=g).half()
+    b, h = args.batch, args.size // 8
+    sample, ctx = torch.randn(b, 4, h, h, device=DEV, generator=g).half(), torch.randn(b, 77, 768, device=DEV, generator=g).half()
     t = torch.tensor(500, device=DEV)
     configs: dict = {}
     outputs: dict = {}
@@ -90,6 +97,9 @@ def main() -> None:
                 compile_low_bit_layers(unet, decoder=lib)
         graphed = name.endswith("compile")
         model = torch.compile(unet, mode="reduce-overhead") if graphed else unet
+        gc.collect()  # what building the model left behind (the replaced layers' codes) is not this configuration's peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
         def step(model=model, graphed=graphed):
             if graphed:

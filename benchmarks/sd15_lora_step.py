@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_lora_step.json")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--configs", default="lowbit_compile,lowbit_streamed,fp16_compile", help="which pairs to measure")
     args = ap.parse_args()
@@ -76,8 +78,9 @@ def main() -> None:
     packed = random_packed(shapes, bits, True, seed=1)
     timesteps = torch.arange(980, -1, -20)
     g = torch.Generator(device=DEV).manual_seed(0)
-    inputs = (torch.randn(2, 4, 64, 64, device=DEV, generator=g).half(), torch.zeros(1, dtype=torch.long, device=DEV),
-              torch.randn(2, 77, 768, device=DEV, generator=g).half())  # fmt: skip
+    b, h = args.batch, args.size // 8
+    inputs = (torch.randn(b, 4, h, h, device=DEV, generator=g).half(), torch.zeros(1, dtype=torch.long, device=DEV),
+              torch.randn(b, 77, 768, device=DEV, generator=g).half())  # fmt: skip
     configs: dict = {}
     outputs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -139,10 +139,10 @@ def check_adapter_keys(model: nn.Module, state: dict, what: str) -> None:
 
 
 def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None) -> list[tuple]:
-    """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (file, layer name, down, up,
-    scale, convolution geometry or None for a linear layer)."""
+    """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (index of its entry in ``loras``,
+    layer name, down, up, scale, convolution geometry or None for a linear layer)."""
     placed = []
-    for path, scale in loras:
+    for i, (path, scale) in enumerate(loras):
         weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():
             try:
@@ -155,14 +155,14 @@ def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None)
             shape = _layer_shape(_innermost(base))
             if shape is not None and (shape[0] != out_features or (shape[1] != in_features)):
                 raise BfError(f"--lora {path}: {module} maps {in_features} to {out_features} features, the layer {shape[1]} to {shape[0]}")
-            placed.append((path, module, down, up, scale * ratios[module], conv))
+            placed.append((i, module, down, up, scale * ratios[module], conv))
     return placed
 
 
 def _applied(loras: list[tuple[Path, float]], placed: list) -> list[dict]:
-    counts = {path: sum(1 for p in placed if p[0] == path) for path, _ in loras}
-    return [{"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": scale, "layers": counts[path]}
-            for path, scale in loras]  # fmt: skip
+    """What was applied, one entry per (file, scale) given (a file given twice is applied twice)."""
+    return [{"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "scale": scale,
+             "layers": sum(1 for p in placed if p[0] == i)} for i, (path, scale) in enumerate(loras)]  # fmt: skip
 
 
 def apply_loras(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None = None) -> list[dict]:

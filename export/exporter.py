@@ -150,10 +150,12 @@ def export_model(
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
+    lora_applied: list[dict] = []
     if req.loras:
         from bf.lora_adapters import apply_loras
 
-        for lora in apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras], lora_files):
+        lora_applied = apply_loras(comps.unet.unet, [(Path(f), scale) for f, scale in req.loras], lora_files)
+        for lora in lora_applied:
             log(f"LoRA {lora['file']} at scale {lora['scale']:g}: a branch beside {lora['layers']} layers")
     log(f"time-feature table: {req.scheduler}, {req.steps} steps, {len(comps.timesteps)} UNet calls")
     check_batch = min(req.batch, 2)
@@ -205,6 +207,7 @@ def export_model(
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         pipe.scheduler.save_config(tmp / "scheduler")
         manifest = _manifest(identity, layers, req, form, comps, graphs, checks, native)
+        manifest["loras"] = lora_applied  # each file (absolute), its SHA-256, scale and layers: in the UNet graph
         if req.target in ENGINE_TARGETS:
             from bf.export.tensorrt_engines import build_engines
 

@@ -33,6 +33,7 @@ does with random ones).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -287,12 +288,16 @@ class TorchBackend:
         if device == "cuda" and not torch.cuda.is_available():
             raise BfError("the torch backend runs on a CUDA GPU and none is visible; use --backend ort")
         quantized = model.manifest.model.quantized
-        # the export's own LoRAs (traced into its graphs) first: this backend runs the source model, so it adds them
-        exported = [(Path(f), float(scale)) for f, scale in (model.manifest.raw.get("export_settings") or {}).get("loras") or ()]
-        for path, _ in exported:
-            if not path.is_file():
-                raise BfError(f"{model.root} was exported with the LoRA {path}, which is gone; the torch backend runs the source "
-                              "model and adds the LoRA itself: put the file back, or use --backend ort or trt")  # fmt: skip
+        # the export's own LoRAs (traced into its graphs) first: this backend runs the source model, so it adds them, the
+        # same files (by SHA-256) at the same scales
+        recorded = model.manifest.raw.get("loras") or []
+        exported = [(Path(r["file"]), float(r["scale"])) for r in recorded]
+        for r in recorded:
+            path = Path(r["file"])
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != r["sha256"]:
+                why = "is gone" if not path.is_file() else "has changed since"
+                raise BfError(f"{model.root} was exported with the LoRA {path}, which {why}; the torch backend runs the source "
+                              "model and adds the LoRA itself: put the file back as it was, or use --backend ort or trt")  # fmt: skip
         self.loras = [*exported, *((Path(f), float(scale)) for f, scale in loras)]
         lora_files = {}
         if self.loras:  # every file read and checked before the model loads

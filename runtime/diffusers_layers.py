@@ -9,9 +9,10 @@ torch backend's compiled step: each UNet block's weights decoded by one launch o
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")  # optional: fused kernels, CUDA graphs
 
 Load LoRAs first (``pipe.load_lora_weights``): each stays a branch beside its layer (peft keeps the layer as its
-``base_layer``), and ``set_adapters`` and ``unload_lora_weights`` work after; an adapter loaded after this call
-finds no layers, because each block now sits inside its decode group. The packed codes stay on the model's device;
-no decoded copy is kept.
+``base_layer``), and ``set_adapters`` works after. Unloading them or loading others needs the model loaded again:
+each block now sits inside its decode group, under names peft does not expect. Call it once the model is on the
+device it runs on: the codes are the decode groups' plain attributes, which ``.to()`` does not move. The packed
+codes stay on that device; no decoded copy is kept.
 """
 
 from __future__ import annotations

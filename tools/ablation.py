@@ -160,8 +160,8 @@ def psnr_interval(rs: list[dict]) -> list[float] | None:
     """95% interval of the PSNR of the mean MSE over several splits' images (each split varying by its own rule, as
     combined_ci), the MSE interval's ends swapped through PSNR = 10 log10(1 / MSE); None without per-image MSEs (an
     older bf eval, or the reference itself)."""
-    if not rs or any("mse_per_image" not in r for r in rs):
-        return None
+    if not rs or any("mse_per_image" not in r for r in rs) or not any(any(r["mse_per_image"]) for r in rs):
+        return None  # (all zero: the reference itself)
     lo, hi = combined_ci([(np.array(r["mse_per_image"], dtype=np.float64).reshape(-1, r["seeds"]), r.get("whole_split", False))
                           for r in rs])  # fmt: skip
     return [math.inf if hi <= 0 else 10 * math.log10(1 / hi), math.inf if lo <= 0 else 10 * math.log10(1 / lo)]

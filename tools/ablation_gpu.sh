@@ -16,6 +16,7 @@
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
 phase=$1 out=$2 steps=${3:-800} batch=${BATCH:-256} rows=${ROWS:-lsq2,balance,altinit,mixed}
+only=(); [ -n "${ROWS:-}" ] && only=(--rows "$ROWS")  # eval and table: every row trained, unless ROWS says
 work=${WORK:-/tmp/ablation}
 mkdir -p "$out" "$work"
 source tools/device_env.sh
@@ -25,11 +26,11 @@ recipe=$repo/results/shapes_recipe_1.99.json
 eval_args=(--prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}" --cfg "${CFGS:-3.5,5.5,7.5,9.5}"
            --images-per-split "${IMAGES_PER_SPLIT:-0}")
 evaluate_rows() {
-  time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --rows "$rows" --phase eval \
+  time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" "${only[@]}" --phase eval \
     --eval-batch 128 "${eval_args[@]}"
 }
 table_to() {
-  python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --rows "$rows" --batch-size "$batch" \
+  python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" "${only[@]}" --batch-size "$batch" \
     --images "${IMAGES:-10000}" --phase table "${eval_args[@]}" --json "$1/ablation.json" --plot "$1/ablation.png"
 }
 case $phase in
@@ -79,11 +80,11 @@ case $phase in
     time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" --batch-size "$batch" --phase train \
       --images "${IMAGES:-10000}" --rows "$rows" || exit 1
     rm -f eval.done
-    setsid bash -c "$(declare -p repo work recipe steps rows eval_args); $(declare -f evaluate_rows); evaluate_rows > eval.out 2>&1; \
-      touch eval.done" < /dev/null &
+    setsid bash -c "$(declare -p repo work recipe steps only eval_args); $(declare -f evaluate_rows); evaluate_rows > eval.out 2>&1; \
+      touch eval.done" < /dev/null > eval.bg.log 2>&1 &
     while [ ! -e eval.done ] && [ "$SECONDS" -lt "${DEADLINE:-540}" ]; do sleep 1; done
     if [ -e eval.done ]; then table_to "$out"; tar cf "$out/evals.tar" ./*.eval.json ./*.eval.log train_seconds.json eval.out
-    else echo "the eval is still running: call the collect phase next"; tail -n 3 ./*.eval.log; fi
+    else echo "the eval is still running: call the collect phase next"; tail -n 3 ./*.eval.log || true; fi
     ;;
   collect)
     while [ ! -e eval.done ]; do sleep 1; done

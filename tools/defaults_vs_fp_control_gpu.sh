@@ -36,7 +36,7 @@ if [ -z "${COLLECT:-}" ]; then
       --json $evals/quantized_$cfg.json > $evals/quantized_$cfg.log 2>&1 & "
     jobs+="python3 -m bf.cli eval --model $control ${common[*]} --cfg $cfg --json $evals/control_$cfg.json > $evals/control_$cfg.log 2>&1 & "
   done
-  setsid bash -c "start=\$SECONDS; $jobs wait; echo \"evals: \$((SECONDS - start)) s\" > $evals/seconds.txt; touch $evals/done" < /dev/null &
+  setsid bash -c "start=\$SECONDS; $jobs wait; echo \"evals: \$((SECONDS - start)) s\" > $evals/seconds.txt; touch $evals/done" < /dev/null > "$evals/background.log" 2>&1 &
   while [ ! -e "$evals/done" ] && [ "$SECONDS" -lt "${DEADLINE:-540}" ]; do sleep 1; done
 else
   while [ ! -e "$evals/done" ]; do sleep 1; done

@@ -22,6 +22,8 @@ from bf.evaluate.evaluation import paired_differences, prompt_sets, shapes_test_
 from bf.evaluate.intervals import mean_ci
 from bf.report import format_eval_table
 
+SAME = ("prompts", "seeds", "seed", "steps", "scheduler", "limit", "images_per_split")  # what pairing needs equal
+
 
 def merge(payloads: list[dict], order: list[str] | None = None) -> dict:
     """One payload: each (model, cfg, split) once (a model in several files must agree image for image), models in
@@ -29,6 +31,7 @@ def merge(payloads: list[dict], order: list[str] | None = None) -> dict:
     seen: dict[tuple, dict] = {}
     for p in payloads:
         for r in p["results"]:
+            r.setdefault("seeds", p.get("config", {}).get("seeds", 1))  # (files of a bf eval that did not record it)
             key = (r["model"], r["cfg"], r["split"])
             if key in seen and seen[key].get("overall_per_image") != r.get("overall_per_image"):
                 raise BfError(f"{key}: two files disagree on the same model's images; were they made with the same settings?")
@@ -43,8 +46,14 @@ def merge(payloads: list[dict], order: list[str] | None = None) -> dict:
         if shapes.setdefault((r["cfg"], r["split"]), (r["images"], r["seeds"])) != (r["images"], r["seeds"]):
             raise BfError(f"cfg {r['cfg']} {r['split']}: the files hold different prompts or seeds; they cannot be paired")
     configs = [p.get("config", {}) for p in payloads]
+    for key in SAME:
+        values = {json.dumps(cf.get(key)) for cf in configs}
+        if len(values) > 1:
+            raise BfError(f"the files differ in {key} ({', '.join(sorted(values))}); only evals of the same prompts and seeds pair")
+    references = list(dict.fromkeys(cf["reference"] for cf in configs if cf.get("reference")))
     config = dict(configs[0]) | {"cfg": sorted({c for cf in configs for c in cf.get("cfg", [])}),
-                                 "models": list(dict.fromkeys(m for cf in configs for m in cf.get("models", [])))}  # fmt: skip
+                                 "models": list(dict.fromkeys(m for cf in configs for m in cf.get("models", []))),
+                                 "reference": references[0] if len(references) == 1 else references or None}  # fmt: skip
     return {"results": rows, "differences": paired_differences(rows), "config": config}
 
 

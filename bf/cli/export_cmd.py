@@ -70,7 +70,7 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     archs = tuple(arch_name(a) for a in gpu_arch.split(",")) if gpu_arch else ()
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
                         precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs,
-                        loras=tuple((str(path), scale) for path, scale in lora_args))  # fmt: skip
+                        loras=tuple((str(path.resolve()), scale) for path, scale in lora_args))  # fmt: skip
     stages = len(GRAPHS) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
     bar = progress_bar(total=stages, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
 

@@ -118,6 +118,10 @@ def register() -> None:
 
     if not getattr(ModelMixin.save_pretrained, "_bitsfusion", False):
         ModelMixin.save_pretrained = _refusing_low_bit_with_lora(ModelMixin.save_pretrained)
+    from diffusers import DiffusionPipeline
+
+    if not getattr(DiffusionPipeline.save_pretrained, "_bitsfusion", False):  # before it writes its other components
+        DiffusionPipeline.save_pretrained = _refusing_low_bit_with_lora(DiffusionPipeline.save_pretrained)
 
 
 def _refusing_low_bit(fuse_lora):
@@ -145,7 +149,8 @@ def _refusing_low_bit_with_lora(save_pretrained):
     hold the low-bit layers under peft's names (``base_layer.codes``), which no loader reads back."""
 
     def refusing(self, *args, **kwargs):
-        if (low := _low_bit_under_lora(self)) is not None:
+        models = [self] if isinstance(self, torch.nn.Module) else [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+        if (low := next((n for m in models if (n := _low_bit_under_lora(m)) is not None), None)) is not None:
             raise BfError(f"save_pretrained: a LoRA is loaded beside the 1.99-bit layer {low}; save the LoRA on its own "
                           "(save_lora_weights), unload it (unload_lora_weights), then save the model")  # fmt: skip
         return save_pretrained(self, *args, **kwargs)
@@ -172,7 +177,9 @@ def _checking_adapters(load_lora_adapter):
                     state, what = load_file(str(path)), f"load_lora_weights {path}"
             if isinstance(state, dict):
                 head = f"{prefix}." if prefix else ""
-                check_adapter_keys(self, {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}, what)
+                mine = {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
+                if mine:  # none: a LoRA for the other components, which diffusers loads there (and says so)
+                    check_adapter_keys(self, mine, what)
         return load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix, *args, **kwargs)
 
     checking._bitsfusion = True

@@ -178,8 +178,8 @@ def whole_split(split: str, scenes: list) -> bool:
     space = split_space(split)
     if space is not None:
         return set(scenes) == set(space)
-    captions = {caption(sc) for sc in scenes if _in_split(split, sc)}
-    return len(captions) == SPACE_SIZE[split]
+    captions = [caption(sc) for sc in scenes]
+    return len(captions) == len(set(captions)) == SPACE_SIZE[split] and all(_in_split(split, sc) for sc in scenes)
 
 
 def _in_split(split: str, scene: Scene) -> bool:

@@ -207,6 +207,8 @@ def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
         pipes[0].fuse_lora()
     with pytest.raises(BfError, match=r"save_pretrained: a LoRA is loaded beside the 1\.99-bit layer .*unload_lora_weights"):
         pipes[0].unet.save_pretrained(tmp_path / "saved")
+    with pytest.raises(BfError, match=r"save_pretrained: a LoRA is loaded beside the 1\.99-bit layer"):
+        pipes[0].save_pretrained(tmp_path / "saved")  # the whole pipeline: refused before its first component is written
     assert not (tmp_path / "saved").exists()
     pipes[0].unload_lora_weights()
     assert np.array_equal(images(pipes[0]), base)
@@ -281,6 +283,12 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     with pytest.raises(BfError, match=r"exported with the LoRA .*style\.safetensors, which is gone"):
         TorchBackend(exported, device="cpu")
     (tmp_path / "moved.safetensors").rename(lora)
+    original = lora.read_bytes()
+    lora.write_bytes(original + b" ")
+    with pytest.raises(BfError, match=r"exported with the LoRA .*style\.safetensors, which has changed since"):
+        TorchBackend(exported, device="cpu")
+    lora.write_bytes(original)
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["loras"][0]["file"] == str(lora.resolve())
 
     from safetensors.torch import load_file, save_file
 
@@ -351,7 +359,8 @@ def test_a_lora_that_does_not_fit_the_low_bit_unet_gets_one_line(diffusers_dir, 
         "other": ({k.replace("down_blocks", "middle_blocks"): v for k, v in good.items()}, "matches no layer of this UNet2DConditionModel"),
         "shape": ({**good, key: good[key][:, :-1].contiguous()}, "maps 47 to 48 features, the layer 48 to 48"),
         "rank": ({**good, up: good[up][:, :-1].contiguous()}, "down weight has rank 4, its up weight 3"),
-        "text": ({k.replace("unet.", "text_encoder."): v for k, v in good.items()}, "no LoRA weights for this model in it"),
+        "half": ({k.replace("lora_A", "lora_C"): v for k, v in good.items()}, "has a down or an up weight but not both"),
+        "none": ({k.replace(".weight", ".scale"): v for k, v in good.items()}, "no LoRA weights for this model in it"),
     }
     for name, (tensors, message) in bad.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
