@@ -283,7 +283,11 @@ def plot(result: dict, out: Path) -> None:
     a2.legend(fontsize=7)
     splits = ", ".join(sorted(rows[0]["cfg"][str(cfgs[0])]["splits"]))
     a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
-    a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model, 95% bands")
+    a3.set(
+        xlabel="CFG scale",
+        ylabel="PSNR vs FP model (dB)",
+        title="Fidelity to the FP model" + (", 95% bands" if any(r["cfg"][str(c)].get("psnr_ci95") for r in rows for c in cfgs) else ""),
+    )
     a1.legend(fontsize=6, loc="lower left")
     for ax in (a1, a2, a3):
         ax.grid(alpha=0.3)
