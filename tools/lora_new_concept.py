@@ -5,9 +5,10 @@ The concept is a new color, pink (RGB 236, 112, 180): the shipped model was trai
 draws pink when given it, and the detector tells pink apart when its palette holds it (bf.shapes palettes).
 "pink" is one token of the CLIP vocabulary the shipped tokenizer has, which the text encoder never saw in training.
 
-1. Train a LoRA (peft, rank --rank, on every attention projection of the UNet) on the FP model: the noise-prediction
-   loss on rendered scenes, half with a pink object (single objects, and two objects one of which is pink) and half
-   the shipped model's own training scenes, so that what it could draw is kept; empty prompt 10% of the time
+1. Train a LoRA (peft, rank --rank, on the transformer blocks' projections: attention, proj_in/out, feed-forward) on
+   the FP model: the noise-prediction loss on rendered scenes, two thirds with a pink object (single objects, and two
+   objects one of which is pink) and a third the shipped model's own training scenes, so that what it could draw is
+   kept; empty prompt 10% of the time
    (classifier-free guidance). Saved in diffusers' format (``save_lora_weights``).
 2. Apply that file with ``pipe.load_lora_weights`` to the FP model and to the 1.99-bit model loaded through the
    bitsfusion backend (``bf to-diffusers``; its low-bit layers stay packed codes, the LoRA runs beside them).
@@ -61,7 +62,7 @@ def new_scenes(split: str) -> list:
 
 
 def training_set(n: int, resolution: int, seed: int = 0):
-    """``n`` rendered images and captions: half with a pink object, half the shipped model's training scenes."""
+    """``n`` rendered images and captions: two thirds with a pink object, a third the shipped model's training scenes."""
     from bf.shapes.render import render
     from bf.shapes.scenes import POSITIONS, RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene, caption, sample_scene
 
@@ -69,7 +70,7 @@ def training_set(n: int, resolution: int, seed: int = 0):
     images, captions = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        if i % 2:
+        if i % 3 == 2:
             scene = sample_scene(rng)
         elif rng.random() < 0.6:
             obj = Obj(SHAPES[int(rng.integers(3))], NEW_COLOR, SIZES[int(rng.integers(2))], POSITIONS[int(rng.integers(5))])
@@ -105,7 +106,7 @@ def train_lora(pipe, args, log) -> dict:
         embeddings = torch.cat([text(ids[i : i + 256].to(dev))[0] for i in range(0, len(ids), 256)])
     caption_index = torch.tensor([index[c] for c in captions])
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    targets = list(args.targets.split(","))
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets, init_lora_weights="gaussian"), "concept")
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for n, p in unet.named_parameters():
@@ -200,10 +201,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/lora_new_concept.json"))
     ap.add_argument("--lora-out", type=Path, help="Keep the trained LoRA file here (diffusers' format).")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=600, help="LoRA training steps.")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2",
+                    help="The UNet modules the LoRA adapts (peft target_modules).")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=1500, help="LoRA training steps.")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--images", type=int, default=4000, help="Rendered training images (half with the new color).")
     ap.add_argument("--seeds", type=int, default=2, help="Eval images per prompt.")
     ap.add_argument("--cfg", type=float, default=7.5)
