@@ -89,3 +89,31 @@ def ort_op_library(native_build) -> Path:
     if not lib.is_file():
         pytest.fail("libbf_ort_op.so was not built: run 'make ort-headers' first (make test does)")
     return lib
+
+
+@pytest.fixture(scope="session")
+def diffusers_dir(tmp_path_factory) -> Path:
+    """The shipped 1.99-bit model written by bf to-diffusers (read only)."""
+    out = tmp_path_factory.mktemp("to_diffusers") / "shipped"
+    r = run_bf("to-diffusers", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def random_lora_file(path: Path, unet, rank: int = 4, seed: int = 0, targets=("to_q", "to_v", "conv1")) -> Path:
+    """A random LoRA in diffusers' format (peft's lora_A / lora_B under 'unet.') for ``unet``'s layers named ``targets``
+    (the last part of their name), shaped from each layer's ``weight``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in unet.named_modules():
+        if name.rpartition(".")[2] in targets and isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            w = m.weight
+            down = (rank, w.shape[1], *w.shape[2:])
+            up = (w.shape[0], rank, *((1, 1) if w.dim() == 4 else ()))
+            tensors[f"unet.{name}.lora_A.weight"] = torch.randn(down, generator=g) * 0.1
+            tensors[f"unet.{name}.lora_B.weight"] = torch.randn(up, generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path

@@ -11,15 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-
-@pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
-    from conftest import run_bf
-
-    out = tmp_path_factory.mktemp("to_diffusers") / "shipped"
-    r = run_bf("to-diffusers", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+from conftest import random_lora_file  # noqa: E402
 
 
 def _dequantized_unet():
@@ -215,23 +207,6 @@ def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
     pipes[0].unet.save_pretrained(tmp_path / "saved")  # without the LoRA: the packed layout
 
 
-def _lora_file(path, unet, rank=4, seed=0, targets=("to_q", "to_v", "conv1")):
-    """A LoRA in diffusers' format (peft's lora_A / lora_B under 'unet.'), random, for ``unet``'s layers named ``targets``."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, m in unet.named_modules():
-        if name.rpartition(".")[2] in targets and isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
-            w = m.weight
-            down = (rank, w.shape[1], *w.shape[2:])
-            up = (w.shape[0], rank, *((1, 1) if w.dim() == 4 else ()))
-            tensors[f"unet.{name}.lora_A.weight"] = torch.randn(down, generator=g) * 0.1
-            tensors[f"unet.{name}.lora_B.weight"] = torch.randn(up, generator=g) * 0.1
-    save_file(tensors, str(path))
-    return path
-
-
 def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     """bf export --lora FILE:SCALE: the exported model run by bf infer (ONNX Runtime) equals the diffusers pipeline with the
     same LoRA at the same scale (>= 35 dB), and differs from the model without it; bad LoRAs get one line."""
@@ -244,7 +219,7 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     from bf.runtime.generation import initial_latents
 
     _, ref = _dequantized_unet()
-    lora = _lora_file(tmp_path / "style.safetensors", ref)
+    lora = random_lora_file(tmp_path / "style.safetensors", ref)
     prompt = "a red circle above a blue square"
     r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", "--lora", f"{lora}:0.8", "--out", tmp_path / "e")
     assert r.returncode == 0, r.stderr
@@ -328,10 +303,10 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
         weights, ratios = read_lora(out / "pytorch_lora_weights.safetensors")
         assert weights and all(r == pytest.approx(ratio) for r in ratios.values())
     _, ref = _dequantized_unet()  # without peft's wrappers
-    plain = _lora_file(tmp_path / "plain.safetensors", ref, targets=("to_q", "time_emb_proj"))
+    plain = random_lora_file(tmp_path / "plain.safetensors", ref, targets=("to_q", "time_emb_proj"))
     with pytest.raises(BfError, match="time_emb_proj is a time-embedding layer"):
         read_lora(plain)
-    tensors = load_file(str(_lora_file(tmp_path / "q.safetensors", ref, targets=("to_q",))))
+    tensors = load_file(str(random_lora_file(tmp_path / "q.safetensors", ref, targets=("to_q",))))
     key = next(iter(tensors))
     save_file({**tensors, key.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)}, str(tmp_path / "dora.safetensors"))
     with pytest.raises(BfError, match="is no LoRA down or up weight"):
@@ -352,7 +327,7 @@ def test_a_lora_that_does_not_fit_the_low_bit_unet_gets_one_line(diffusers_dir, 
     from bf.errors import BfError
 
     unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet")
-    good = load_file(str(_lora_file(tmp_path / "ok.safetensors", unet)))
+    good = load_file(str(random_lora_file(tmp_path / "ok.safetensors", unet)))
     key = next(k for k in good if k.endswith("to_q.lora_A.weight"))
     up = key.replace("lora_A", "lora_B")
     bad = {

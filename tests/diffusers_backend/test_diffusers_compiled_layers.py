@@ -9,20 +9,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 
-@pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
-    from conftest import run_bf
-
-    out = tmp_path_factory.mktemp("to_diffusers") / "shipped"
-    r = run_bf("to-diffusers", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def test_compiled_low_bit_layers_equal_the_layers_they_replace(diffusers_dir, native_build, monkeypatch, tmp_path):
     pytest.importorskip("peft")
+    from conftest import random_lora_file
     from diffusers import UNet2DConditionModel
-    from test_bitsfusion_backend import _lora_file
 
     from bf.diffusers import LowBitLayer
     from bf.runtime.compiled_weights import CompiledLowBitGroup, decode_launches
@@ -45,7 +35,7 @@ def test_compiled_low_bit_layers_equal_the_layers_they_replace(diffusers_dir, na
         assert torch.equal(traced(sample, t, ctx).sample, want)
     # a LoRA loaded before runs beside the compiled layers (peft keeps each as its base_layer): as on diffusers' layers
     ref = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet").eval()
-    lora = _lora_file(tmp_path / "a.safetensors", ref, targets=("to_q", "to_v", "conv1"))
+    lora = random_lora_file(tmp_path / "a.safetensors", ref, targets=("to_q", "to_v", "conv1"))
     ours = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet").eval()
     for m in (ref, ours):
         m.load_lora_adapter(str(lora), prefix="unet", adapter_name="a")

@@ -8,20 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-
-def _lora_file(path, unet, rank=4, seed=0, targets=("to_q", "to_v", "conv1")):
-    """A random LoRA in diffusers' format (peft's lora_A / lora_B under 'unet.') for ``unet``'s layers named ``targets``."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, m in unet.named_modules():
-        if name.rpartition(".")[2] in targets and isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
-            w = m.weight
-            tensors[f"unet.{name}.lora_A.weight"] = torch.randn((rank, w.shape[1], *w.shape[2:]), generator=g) * 0.1
-            tensors[f"unet.{name}.lora_B.weight"] = torch.randn((w.shape[0], rank, *((1, 1) if w.dim() == 4 else ())), generator=g) * 0.1
-    save_file(tensors, str(path))
-    return path
+from conftest import random_lora_file  # noqa: E402
 
 
 def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_build, monkeypatch, tmp_path):
@@ -37,8 +24,8 @@ def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_b
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
-    loras = [(_lora_file(tmp_path / "a.safetensors", decoded), 0.7),
-             (_lora_file(tmp_path / "b.safetensors", decoded, seed=1, targets=("to_k", "0")), 1.5)]  # fmt: skip
+    loras = [(random_lora_file(tmp_path / "a.safetensors", decoded), 0.7),
+             (random_lora_file(tmp_path / "b.safetensors", decoded, seed=1, targets=("to_k", "0")), 1.5)]  # fmt: skip
     reference = copy.deepcopy(decoded)
     applied = apply_loras(reference, loras)
     from safetensors.torch import load_file
@@ -73,7 +60,7 @@ def test_a_lora_that_does_not_fit_is_refused_before_the_weights_move(tiny_model,
     from bf.runtime.backend_torch import TorchUNet
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
-    good = load_file(str(_lora_file(tmp_path / "a.safetensors", unet)))
+    good = load_file(str(random_lora_file(tmp_path / "a.safetensors", unet)))
     key = next(k for k in good if k.endswith("to_q.lora_A.weight"))
     save_file({**good, key: good[key][:, :-1].contiguous()}, str(tmp_path / "rank.safetensors"))
     save_file({k.replace("down_blocks", "middle_blocks"): v for k, v in good.items()}, str(tmp_path / "other.safetensors"))
@@ -99,7 +86,7 @@ def test_bf_infer_lora_on_the_gpu_equals_the_export_that_holds_it(tmp_path, nati
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     unet = UNet2DConditionModel.from_config(Checkpoint.load(shipped_bfq()).unet_config)  # the layers' names and shapes
-    lora = _lora_file(tmp_path / "style.safetensors", unet)
+    lora = random_lora_file(tmp_path / "style.safetensors", unet)
     for name, extra in (("with", ["--lora", f"{lora}:0.8"]), ("plain", [])):
         r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", *extra, "--out", tmp_path / name)
         assert r.returncode == 0, r.stderr
