@@ -47,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sd15_unet_step import clean, random_packed, run_record, stats  # noqa: E402
+from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet, stats  # noqa: E402
 
 DEV = "cuda"
 
@@ -153,13 +153,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
 
-    from diffusers import UNet2DConditionModel
-    from sd15_mix import mixed_bits
-
     from bf.decode_kernels import load
-    from bf.format import quantizable_layers
-    from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
-    from bf.models.architectures import ARCHITECTURES
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
     from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead, decode_launches, packed_bytes
     from bf.runtime.streamed_weights import largest_within
@@ -168,10 +162,8 @@ def main() -> None:
     res: dict = run_record("benchmarks/sd15_compiled_step.py", args) | {
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
     }
-    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
+    master, shapes, bits = sd15_mixed_unet()
     res["fp16_unet_bytes"] = sum(p.numel() * 2 for p in master.parameters())
-    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
-    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
     timesteps = torch.arange(980, -1, -20)
     b, h = args.batch, args.size // 8
     g = torch.Generator(device=DEV).manual_seed(0)

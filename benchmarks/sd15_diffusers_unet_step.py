@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from sd15_compiled_step import timed, warm_up  # noqa: E402
-from sd15_unet_step import clean, random_packed, run_record  # noqa: E402
+from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet  # noqa: E402
 
 DEV = "cuda"
 
@@ -64,22 +64,14 @@ def main() -> None:
     ap.add_argument("--configs", default="fp16_eager,fp16_compile,bitsfusion_eager,bitsfusion_kept,bitsfusion_compile")
     args = ap.parse_args()
 
-    from diffusers import UNet2DConditionModel
-    from sd15_mix import mixed_bits
-
     from bf.decode_kernels import load
-    from bf.format import quantizable_layers
-    from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
-    from bf.models.architectures import ARCHITECTURES
     from bf.runtime.diffusers_layers import compile_low_bit_layers
 
     if args.lib:  # the eager bitsfusion layers find the library by this variable
         os.environ["BF_DECODE_LIB"] = str(args.lib)
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_diffusers_unet_step.py", args)
-    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
-    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
-    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
+    master, shapes, bits = sd15_mixed_unet()
     packed = random_packed(shapes, bits, False, seed=1)  # diffusers' layout: NCHW
     g = torch.Generator(device=DEV).manual_seed(0)
     b, h = args.batch, args.size // 8

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from sd15_compiled_step import timed, warm_up  # noqa: E402
-from sd15_unet_step import clean, random_packed, run_record  # noqa: E402
+from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet  # noqa: E402
 
 DEV = "cuda"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -61,20 +61,12 @@ def main() -> None:
     ap.add_argument("--configs", default="lowbit_compile,lowbit_streamed,fp16_compile", help="which pairs to measure")
     args = ap.parse_args()
 
-    from diffusers import UNet2DConditionModel
-    from sd15_mix import mixed_bits
-
     from bf.decode_kernels import load
-    from bf.format import quantizable_layers
-    from bf.format.unet_layers import EDGE_BITS, EDGE_LAYERS
-    from bf.models.architectures import ARCHITECTURES
     from bf.runtime.backend_torch import TorchUNet
 
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_lora_step.py", args)
-    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
-    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
-    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
+    master, shapes, bits = sd15_mixed_unet()
     packed = random_packed(shapes, bits, True, seed=1)
     timesteps = torch.arange(980, -1, -20)
     g = torch.Generator(device=DEV).manual_seed(0)

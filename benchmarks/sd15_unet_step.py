@@ -123,6 +123,18 @@ def matmul_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
+def sd15_mixed_unet():
+    """SD-v1.5's UNet with random weights in fp16 on the CPU (each configuration copies it), its quantizable layers'
+    weight shapes, and the 1.99-bit mix's bits for each (tools/sd15_mix; the edge layers at EDGE_BITS)."""
+    from diffusers import UNet2DConditionModel
+    from sd15_mix import mixed_bits
+
+    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()
+    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
+    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
+    return master, shapes, bits
+
+
 def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int) -> dict[str, PackedWeight]:
     """Valid random codes in the stored layout; scales put the weights at diffusers' init magnitude."""
     rng = np.random.default_rng(seed)
@@ -274,7 +286,6 @@ def main() -> None:
     ap.add_argument("--resummarize", type=Path, default=None, metavar="JSON",
                     help="recompute the summary of a JSON this script wrote (no GPU), fixing undercounted peaks of older runs")  # fmt: skip
     args = ap.parse_args()
-    from sd15_mix import mixed_bits
 
     if args.resummarize:
         res = json.loads(args.resummarize.read_text())
@@ -291,15 +302,11 @@ def main() -> None:
     res["bf16_matmul_tflops"] = matmul_tflops()
     print(f"{res['device']}: bf16 8192^3 matmul {res['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
 
-    from diffusers import UNet2DConditionModel
-
     res |= write_floor_ms()
     print(f"fp16 weights' bytes: fill {res['fp16_weights_fill_ms']:.3f} ms, copy {res['fp16_weights_copy_ms']:.3f} ms", flush=True)
 
-    master = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).half().eval()  # on the CPU: each configuration copies it
+    master, shapes, bits = sd15_mixed_unet()
     res["fp16_unet_bytes"] = sum(p.numel() * 2 for p in master.parameters())
-    shapes = quantizable_layers({k: tuple(v.shape) for k, v in master.state_dict().items()})
-    bits = mixed_bits({k: v for k, v in shapes.items() if k not in EDGE_LAYERS}) | dict.fromkeys(EDGE_LAYERS, EDGE_BITS)
     timesteps = torch.arange(980, -1, -20)  # 50 steps: the table's length, not its values, matters here
     b, h = args.batch, args.size // 8
     g = torch.Generator(device=DEV).manual_seed(0)
