@@ -23,22 +23,28 @@ from bf.module_paths import parent_and_attribute
 _DOWN_UP = (("lora_A", "lora_B"), ("lora.down", "lora.up"), ("lora_down", "lora_up"))
 
 
-class LoRABranch(nn.Module):
-    """``base(x) + scale * up(down(x))``; down and up are convolutions beside a convolution (down with its kernel,
+def _low_rank(down: torch.Tensor, up: torch.Tensor, conv: dict | None) -> tuple[nn.Module, nn.Module]:
+    """The down and up layers holding ``down`` and ``up``: convolutions beside a convolution (down with its kernel,
     stride and padding), matrix products beside a linear layer."""
+    rank = down.shape[0]
+    if conv is not None:
+        d = nn.Conv2d(down.shape[1], rank, tuple(down.shape[2:]), conv["stride"], conv["padding"], conv["dilation"], bias=False)
+        u = nn.Conv2d(rank, up.shape[0], tuple(up.shape[2:]), bias=False)
+    else:
+        d, u = nn.Linear(down.shape[1], rank, bias=False), nn.Linear(rank, up.shape[0], bias=False)
+    with torch.no_grad():
+        d.weight.copy_(down.reshape(d.weight.shape))
+        u.weight.copy_(up.reshape(u.weight.shape))
+    return d, u
+
+
+class LoRABranch(nn.Module):
+    """``base(x) + scale * up(down(x))`` (the down and up layers: _low_rank)."""
 
     def __init__(self, base: nn.Module, down: torch.Tensor, up: torch.Tensor, scale: float, conv: dict | None):
         super().__init__()
         self.base, self.scale = base, float(scale)
-        rank = down.shape[0]
-        if conv is not None:
-            self.down = nn.Conv2d(down.shape[1], rank, tuple(down.shape[2:]), conv["stride"], conv["padding"], conv["dilation"], bias=False)
-            self.up = nn.Conv2d(rank, up.shape[0], tuple(up.shape[2:]), bias=False)
-        else:
-            self.down, self.up = nn.Linear(down.shape[1], rank, bias=False), nn.Linear(rank, up.shape[0], bias=False)
-        with torch.no_grad():
-            self.down.weight.copy_(down.reshape(self.down.weight.shape))
-            self.up.weight.copy_(up.reshape(self.up.weight.shape))
+        self.down, self.up = _low_rank(down, up, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scale * self.up(self.down(x))
@@ -109,6 +115,13 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
     return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
 
 
+def _check_fit(what: str, module: str, down: torch.Tensor, up: torch.Tensor, layer: nn.Module) -> None:
+    """One line if ``down`` / ``up`` do not map the features ``layer`` maps (a layer of unknown shape passes)."""
+    shape = _layer_shape(layer)
+    if shape is not None and (shape[0] != up.shape[0] or shape[1] != down.shape[1]):
+        raise BfError(f"{what}: {module} maps {down.shape[1]} to {up.shape[0]} features, the layer {shape[1]} to {shape[0]}")
+
+
 def check_adapter_keys(model: nn.Module, state: dict, what: str) -> None:
     """One line for an adapter state dict (module-relative keys, peft's or diffusers' names) that does not fit
     ``model``: a key that names no LoRA weight, a layer the model has not (a LoRA for another architecture), a down
@@ -133,9 +146,7 @@ def check_adapter_keys(model: nn.Module, state: dict, what: str) -> None:
         down, up = p["down"], p["up"]
         if down.shape[0] != up.shape[1]:
             raise BfError(f"{what}: {module}'s down weight has rank {down.shape[0]}, its up weight {up.shape[1]}")
-        shape = _layer_shape(layer)
-        if shape is not None and (shape[0] != up.shape[0] or shape[1] != down.shape[1]):
-            raise BfError(f"{what}: {module} maps {down.shape[1]} to {up.shape[0]} features, the layer {shape[1]} to {shape[0]}")
+        _check_fit(what, module, down, up, layer)
 
 
 def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None) -> list[tuple]:
@@ -151,10 +162,7 @@ def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None)
             except AttributeError:
                 raise BfError(f"--lora {path}: {module} matches no layer of this UNet (a LoRA for another architecture?)") from None
             conv = {k: getattr(_innermost(base), k) for k in ("stride", "padding", "dilation")} if down.dim() == 4 else None
-            out_features, in_features = up.shape[0], down.shape[1]
-            shape = _layer_shape(_innermost(base))
-            if shape is not None and (shape[0] != out_features or (shape[1] != in_features)):
-                raise BfError(f"--lora {path}: {module} maps {in_features} to {out_features} features, the layer {shape[1]} to {shape[0]}")
+            _check_fit(f"--lora {path}", module, down, up, _innermost(base))
             placed.append((i, module, down, up, scale * ratios[module], conv))
     return placed
 
@@ -182,9 +190,8 @@ class LoRAHook(nn.Module):
 
     def __init__(self, layer: str, down: torch.Tensor, up: torch.Tensor, scale: float, conv: dict | None):
         super().__init__()
-        self.layer = layer
-        branch = LoRABranch(nn.Identity(), down, up, scale, conv)
-        self.down, self.up, self.scale = branch.down, branch.up, branch.scale
+        self.layer, self.scale = layer, float(scale)
+        self.down, self.up = _low_rank(down, up, conv)
 
     def forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + self.scale * self.up(self.down(args[0]))
