@@ -40,21 +40,30 @@ def palette() -> dict:
     return {**PALETTE, NEW_COLOR: NEW_RGB}
 
 
+def pink_pair(rng: np.random.Generator, sized: bool):
+    """A two-object scene: a pink shape and a training pair, either side of a relation; sizes drawn (``sized``: as
+    training scenes have them) or "any" (what a two-object caption names)."""
+    from bf.shapes.scenes import RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene
+
+    other = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
+    pink = (SHAPES[int(rng.integers(len(SHAPES)))], NEW_COLOR)
+    pair = [pink, other] if rng.random() < 0.5 else [other, pink]
+    rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+    size = (lambda: SIZES[int(rng.integers(len(SIZES)))]) if sized else (lambda: "any")
+    return Scene(tuple(Obj(*p, size(), q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
+
+
 def new_scenes(split: str) -> list:
     """The new concept's test scenes: ``pink`` (30 single objects: every shape, size and position) or ``pink-two``
     (30 two-object scenes, a pink object and a training pair, in a relation; fixed seed)."""
-    from bf.shapes.scenes import POSITIONS, RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene, caption
+    from bf.shapes.scenes import POSITIONS, SHAPES, SIZES, Obj, Scene, caption
 
     if split == "pink":
         return [Scene((Obj(s, NEW_COLOR, size, pos),)) for s in SHAPES for size in SIZES for pos in POSITIONS]
     rng = np.random.default_rng(20261130)
     scenes, seen = [], set()
     while len(scenes) < 30:
-        other = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
-        pink = (SHAPES[int(rng.integers(len(SHAPES)))], NEW_COLOR)
-        pair = [pink, other] if rng.random() < 0.5 else [other, pink]
-        rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
-        sc = Scene(tuple(Obj(*p, "any", q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
+        sc = pink_pair(rng, sized=False)
         if caption(sc) not in seen:
             seen.add(caption(sc))
             scenes.append(sc)
@@ -64,7 +73,7 @@ def new_scenes(split: str) -> list:
 def training_set(n: int, resolution: int, seed: int = 0):
     """``n`` rendered images and captions: two thirds with a pink object, a third the shipped model's training scenes."""
     from bf.shapes.render import render
-    from bf.shapes.scenes import POSITIONS, RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene, caption, sample_scene
+    from bf.shapes.scenes import POSITIONS, SHAPES, SIZES, Obj, Scene, caption, sample_scene
 
     pal = palette()
     images, captions = [], []
@@ -76,10 +85,7 @@ def training_set(n: int, resolution: int, seed: int = 0):
             obj = Obj(SHAPES[int(rng.integers(3))], NEW_COLOR, SIZES[int(rng.integers(2))], POSITIONS[int(rng.integers(5))])
             scene = Scene((obj,))
         else:
-            rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
-            pink, other = (SHAPES[int(rng.integers(3))], NEW_COLOR), TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
-            pair = [pink, other] if rng.random() < 0.5 else [other, pink]
-            scene = Scene(tuple(Obj(*p, SIZES[int(rng.integers(2))], q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
+            scene = pink_pair(rng, sized=True)
         images.append(render(scene, rng, resolution=resolution, palette=pal))
         captions.append(caption(scene, rng))
     return np.stack(images), captions
