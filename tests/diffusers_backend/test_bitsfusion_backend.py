@@ -207,7 +207,7 @@ def test_a_lora_runs_beside_the_low_bit_layers(diffusers_dir, tmp_path):
     pipes[0].unet.save_pretrained(tmp_path / "saved")  # without the LoRA: the packed layout
 
 
-def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
+def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path, native_build, monkeypatch):
     """bf export --lora FILE:SCALE: the exported model run by bf infer (ONNX Runtime) equals the diffusers pipeline with the
     same LoRA at the same scale (>= 35 dB), and differs from the model without it; bad LoRAs get one line."""
     pytest.importorskip("peft")
@@ -247,6 +247,7 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path):
     from bf.runtime.generation import GenerationRequest, generate
 
     # the torch backend runs the source model and adds the export's LoRA itself (eager here: inductor is the GPU tests')
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     exported = ExportedModel.open(tmp_path / "e")
     backend = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False)
     assert [(a["file"], a["scale"]) for a in backend.lora_applied] == [(str(lora), 0.8)] and backend.lora_applied[0]["layers"] > 8
