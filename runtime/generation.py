@@ -73,7 +73,8 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     start = latents.copy()
     t0 = time.perf_counter()
     for i in range(len(sampler.timesteps)):
-        noise = backend.unet(np.concatenate([latents, latents]), i, context)
+        model_input = sampler.scale_model_input(latents, i)
+        noise = backend.unet(np.concatenate([model_input, model_input]), i, context)
         uncond, cond = noise[:k], noise[k:]
         latents = sampler.step((uncond + np.float32(req.cfg) * (cond - uncond)).astype(np.float32), i, latents)
         progress(i + 1, len(sampler.timesteps))

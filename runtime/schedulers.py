@@ -1,11 +1,13 @@
 """The samplers of the deployment runtime in NumPy: PNDM (SD-v1.5's default, PLMS only, as
-diffusers runs it with ``skip_prk_steps``), DDIM (eta 0) and DPM-Solver++ 2M.
+diffusers runs it with ``skip_prk_steps``), DDIM (eta 0), DPM-Solver++ 2M and Euler (SDXL's default,
+diffusers' EulerDiscreteScheduler without churn).
 
 Each follows diffusers' implementation (0.31-0.42) step for step, from the exported
 ``scheduler/scheduler_config.json``, in float32: fed the same model outputs, the latents agree
 with diffusers' within 1e-5 at every step (tests/runtime/test_runtime_schedulers.py). The runtime drives
 the UNet by step index, so ``step`` takes the index of the call; ``timesteps`` are the values the
-exported time-feature table was built for.
+exported time-feature table was built for. The UNet is fed ``scale_model_input(latents, index)``
+(the latents themselves but for Euler, whose latents carry the noise scale sigma).
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ def _check_config(config: dict, spacing: str) -> None:
         raise ValueError(f"timestep_spacing {config['timestep_spacing']!r} is not supported here ({spacing!r} is)")
 
 
-class PNDM:
+class _Unscaled:
+    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
+        return sample
+
+
+class PNDM(_Unscaled):
     """Pseudo linear multistep (PLMS) with diffusers' warm-up: the second step repeats a timestep."""
 
     def __init__(self, config: dict, steps: int):
@@ -91,7 +98,7 @@ class PNDM:
         return (sample_coeff * sample - (a_prev - a_t) * out / denom).astype(F32)
 
 
-class DDIM:
+class DDIM(_Unscaled):
     """Deterministic DDIM (eta 0), without clipping or thresholding."""
 
     def __init__(self, config: dict, steps: int):
@@ -113,14 +120,19 @@ class DDIM:
         return (a_prev ** F32(0.5) * x0 + (F32(1) - a_prev) ** F32(0.5) * model_output).astype(F32)
 
 
-class DPMSolverPP2M:
-    """DPM-Solver++ (2M, midpoint), linspace timesteps, final sigma 0, first order on the last step."""
+class DPMSolverPP2M(_Unscaled):
+    """DPM-Solver++ (2M, midpoint), linspace (or leading) timesteps, final sigma 0, first order on the last step."""
 
     def __init__(self, config: dict, steps: int):
-        _check_config(config, "linspace")
+        spacing = config.get("timestep_spacing", "linspace")
+        _check_config(config, spacing if spacing == "leading" else "linspace")  # leading: SDXL's config
         ac = alphas_cumprod(config)
         n = len(ac)
-        self.timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if spacing == "leading":
+            ratio = n // (steps + 1)
+            self.timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(config.get("steps_offset", 0))
+        else:
+            self.timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         sigmas = (((F32(1) - ac) / ac) ** F32(0.5)).astype(F32)
         sigmas = np.interp(self.timesteps, np.arange(0, n), sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
@@ -155,11 +167,45 @@ class DPMSolverPP2M:
         return np.asarray(x, dtype=F32)
 
 
+class EulerDiscrete:
+    """Euler steps in sigma (diffusers' EulerDiscreteScheduler with s_churn 0: no noise is added), leading
+    timesteps, linear sigma interpolation, final sigma 0; the model sees the latents divided by sqrt(sigma^2 + 1)."""
+
+    def __init__(self, config: dict, steps: int):
+        if config.get("timestep_spacing", "linspace") != "leading":  # diffusers' default for Euler is linspace
+            raise ValueError(
+                f"euler with timestep_spacing {config.get('timestep_spacing', 'linspace (the default)')!r} is not supported: its "
+                "timesteps are fractional and the time table holds whole ones; use it with 'leading' (SDXL's scheduler config)"
+            )
+        _check_config(config, "leading")
+        for key, default in (("interpolation_type", "linear"), ("final_sigmas_type", "zero"), ("timestep_type", "discrete")):
+            if config.get(key, default) != default:
+                raise ValueError(f"{key} {config[key]!r} is not supported here ({default!r} is)")
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if config.get(key):
+                raise ValueError(f"{key} is not supported here")
+        ac = alphas_cumprod(config)
+        _, base = _leading(config, len(ac), steps)
+        self.timesteps = base[::-1].copy()
+        sigmas = ((F32(1) - ac) / ac) ** F32(0.5)
+        self.sigmas = np.concatenate([np.interp(self.timesteps, np.arange(0, len(ac)), sigmas), [0.0]]).astype(F32)
+        self.init_noise_sigma = float((self.sigmas.max() ** F32(2) + F32(1)) ** F32(0.5))
+
+    def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
+        return (sample / (self.sigmas[index] ** F32(2) + F32(1)) ** F32(0.5)).astype(F32)
+
+    def step(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        sigma = self.sigmas[index]
+        x0 = sample - sigma * model_output
+        derivative = (sample - x0) / sigma
+        return (sample + derivative * (self.sigmas[index + 1] - sigma)).astype(F32)
+
+
 def make_scheduler(name: str, config: dict, steps: int):
     """A fresh sampler (they keep state between steps) for ``steps`` inference steps."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    classes = {"pndm": PNDM, "ddim": DDIM, "dpmpp2m": DPMSolverPP2M}
+    classes = {"pndm": PNDM, "ddim": DDIM, "dpmpp2m": DPMSolverPP2M, "euler": EulerDiscrete}
     if name not in classes:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
     return classes[name](config, steps)

@@ -18,6 +18,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A random sdxl-tiny model directory, built once per test session."""
+    from bf.models.architectures import ARCHITECTURES
+    from bf.models.random_model import write_random_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    write_random_model(ARCHITECTURES["sdxl-tiny"], out, seed=0, log=lambda m: None)
+    return out
+
+
 def run_bf(*args: str, cwd: Path | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
     """Run the CLI in this process, as a user would from a shell: exit code, stdout and stderr.
 

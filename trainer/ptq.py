@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from bf.errors import BfError
-from bf.format import Grid, QuantizedLayer, is_time_layer
+from bf.format import Grid, QuantizedLayer, has_added_embedding, is_time_layer
 from bf.trainer.quantizer import DEFAULT_ALT_ITERS, init_scale, quantize_levels
 
 
@@ -44,6 +44,9 @@ def quantize_state_dict(
 def kept_tensors(state: dict[str, torch.Tensor], quantized: set[str]) -> dict[str, np.ndarray]:
     """The unquantized tensors as a checkpoint stores them: time layers in float32 (they build
     the time-feature table later), everything else (biases, norms) in float16, as deployed."""
+    added = has_added_embedding(state)
     return {
-        k: v.detach().to(torch.float32 if is_time_layer(k) else torch.float16).cpu().numpy() for k, v in state.items() if k not in quantized
+        k: v.detach().to(torch.float32 if is_time_layer(k, added) else torch.float16).cpu().numpy()
+        for k, v in state.items()
+        if k not in quantized
     }

@@ -13,10 +13,11 @@ from bf.errors import BfError
 @click.command("random-model")
 @click.option(
     "--arch",
-    type=click.Choice(["sd15", "sd15-tiny"]),
+    type=click.Choice(["sd15", "sd15-tiny", "sdxl", "sdxl-tiny"]),
     default="sd15-tiny",
     show_default=True,
-    help="sd15: SD-v1.5's exact architecture (859.52M UNet parameters); sd15-tiny: same block types, tiny width.",
+    help="sd15: SD-v1.5's exact architecture (859.52M UNet parameters); sdxl: SDXL base 1.0's (2567.46M UNet parameters, "
+    "two text encoders); -tiny: the same block types at tiny width, for tests.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Precision the weights are saved in.")
@@ -27,8 +28,10 @@ def command(arch: str, seed: int, dtype: str, out: Path, force: bool) -> None:
 
     For size and speed work without pretrained weights, and for tests. The directory
     has unet/, text_encoder/, tokenizer/ (the real CLIP vocabulary), vae/, scheduler/
-    (PNDM, SD-v1.5 settings) and model_index.json, and loads with diffusers'
-    StableDiffusionPipeline.from_pretrained.
+    and model_index.json, and loads with diffusers' DiffusionPipeline.from_pretrained:
+    SD-v1.5 with PNDM (its settings); SDXL with Euler (SDXL base's settings) and also
+    text_encoder_2/ and tokenizer_2/. The full SDXL takes about 14 GB on disk in fp32
+    (--dtype fp16: about 7 GB).
     """
     from bf.models.architectures import ARCHITECTURES
     from bf.models.random_model import write_random_model

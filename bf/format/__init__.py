@@ -11,6 +11,7 @@ from bf.format.unet_layers import (
     EDGE_BITS,
     EDGE_LAYERS,
     candidate_layers,
+    has_added_embedding,
     is_time_layer,
     quantizable_layers,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Packing",
     "QuantizedLayer",
     "candidate_layers",
+    "has_added_embedding",
     "is_time_layer",
     "pack_codes",
     "quantizable_layers",

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from bf.format.checkpoint import FORMAT_VERSION, Checkpoint
 from bf.format.grid import Grid
-from bf.format.unet_layers import is_time_layer
+from bf.format.unet_layers import has_added_embedding, is_time_layer
 
 TIME_TABLE_STEPS = 50  # the paper caches features for 50 sampling steps
 FP16_BYTES = 2
@@ -37,10 +37,12 @@ def time_layer_counts(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
     """(weights of the time layers, time features per step) of a UNet's parameter shapes.
 
     The first is in the paper's N_w; the second, every ResBlock's time-projection
-    width, is one row of the cached table.
+    width (with an added embedding, SDXL: the time embedding's width), is one row of the cached table.
     """
-    weights = sum(math.prod(s) for k, s in shapes.items() if is_time_layer(k) and k.endswith(".weight") and len(s) in (2, 4))
-    per_step = sum(s[0] for k, s in shapes.items() if k.endswith(".time_emb_proj.weight"))
+    added = has_added_embedding(shapes)
+    weights = sum(math.prod(s) for k, s in shapes.items() if is_time_layer(k, added) and k.endswith(".weight") and len(s) in (2, 4))
+    row = "time_embedding.linear_2.weight" if added else ".time_emb_proj.weight"
+    per_step = sum(s[0] for k, s in shapes.items() if k.endswith(row))
     return weights, per_step
 
 
@@ -68,9 +70,10 @@ def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
 
     quantized_params = sum(rec["params"] for rec in layers)
     quantized_bytes = sum(rec["stored_bytes"] for rec in layers)
-    time_tensors = {k: v for k, v in ckpt.tensors.items() if is_time_layer(k)}
-    other_tensors = {k: v for k, v in ckpt.tensors.items() if not is_time_layer(k)}
-    time_weight_params, per_step = time_layer_counts({k: v.shape for k, v in time_tensors.items()})
+    added = has_added_embedding(ckpt.tensors)  # (its biases are kept tensors, its weights quantized or kept)
+    time_tensors = {k: v for k, v in ckpt.tensors.items() if is_time_layer(k, added)}
+    other_tensors = {k: v for k, v in ckpt.tensors.items() if not is_time_layer(k, added)}
+    time_weight_params, per_step = time_layer_counts({k: v.shape for k, v in ckpt.tensors.items()})
     n_tf = TIME_TABLE_STEPS * per_step
     unet_bytes = quantized_bytes + sum(v.nbytes for v in other_tensors.values())
     all_params = quantized_params + sum(v.size for v in ckpt.tensors.values())

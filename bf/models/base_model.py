@@ -15,7 +15,7 @@ from bf.errors import BfError
 from bf.format import Bundle, Checkpoint, read_header
 from bf.models.directory import BASE_COMPONENTS, ModelDir
 
-_WEIGHT_FILE = {"text_encoder": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+_WEIGHT_FILE = {"text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
 
 
 def extract_bundle(bundle: Bundle, out: Path) -> Path:

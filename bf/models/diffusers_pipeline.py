@@ -13,18 +13,20 @@ from bf.scheduler_names import SCHEDULERS
 
 @dataclass
 class LoadedModel:
-    pipe: object  # diffusers.StableDiffusionPipeline
+    pipe: object  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
     label: str
     source: Path
 
 
 def make_scheduler(name: str, config: dict):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
     if name == "pndm":
         return PNDMScheduler.from_config(config)
     if name == "ddim":
         return DDIMScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
     if name == "dpmpp2m":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"scheduler must be one of {SCHEDULERS}")
@@ -67,11 +69,35 @@ def load_model(
         root = ModelDir.open(source).root
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     base = ModelDir(root)
-    pipe = assemble_pipeline(
+    parts = (
         AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
         CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
         CLIPTokenizer.from_pretrained(root / "tokenizer"),
         unet,
         make_scheduler(scheduler, base.config("scheduler")),
     )
+    pipe = assemble_xl_pipeline(root, *parts) if base.family == "sdxl" else assemble_pipeline(*parts)
     return LoadedModel(pipe=pipe.to(device), label=source.name, source=source)
+
+
+def assemble_xl_pipeline(root: Path, vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionXLPipeline from components and ``root``'s second text encoder and tokenizer; no watermarker,
+    and empty negative prompts as zeros when model_index.json says so (SDXL base does)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    zeros = ModelDir(root).model_index().get("force_zeros_for_empty_prompt", True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=torch.float32),
+        tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=bool(zeros),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

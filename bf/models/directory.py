@@ -19,8 +19,10 @@ from bf.format import Bundle
 
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 BASE_COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")  # what a .bfq refers back to
-_CONFIG = {"unet": "config.json", "text_encoder": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
-_WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
+SDXL_COMPONENTS = {"text_encoder": "text_encoder_2", "tokenizer": "tokenizer_2"}  # SDXL's second of each
+_CONFIG = {"unet": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json", "vae": "config.json",
+           "scheduler": "scheduler_config.json"}  # fmt: skip
+_WEIGHT_STEM = {"unet": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model", "vae": "diffusion_pytorch_model"}
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -38,11 +40,30 @@ class ModelDir:
                 f"{root}: no such model directory; pass a local diffusers Stable Diffusion directory or make one with 'bf random-model'"
             )
         problems = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+        family = model_family(root)
+        if family == "sdxl":
+            components = _with_sdxl_components(components)
         for comp in components:
             problems += _component_problems(root, comp)
         if problems:
-            raise BfError(f"{root} is not a complete diffusers Stable Diffusion directory: missing {', '.join(problems)}")
+            what = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
+            raise BfError(f"{root} is not a complete diffusers {what} directory: missing {', '.join(problems)}")
         return cls(root)
+
+    @property
+    def family(self) -> str:
+        """ "sdxl" (two text encoders, the UNet's text_time added embedding) or "sd15" (SD-v1.x/2.x layout)."""
+        return model_family(self.root)
+
+    def base_components(self) -> tuple[str, ...]:
+        """What a .bfq of this model refers back to: everything but the UNet."""
+        return _with_sdxl_components(BASE_COMPONENTS) if self.family == "sdxl" else BASE_COMPONENTS
+
+    def model_index(self) -> dict:
+        obj = _read_json(self.root / "model_index.json", "model index")
+        if not isinstance(obj, dict):
+            raise BfError(f"{self.root / 'model_index.json'}: unreadable model index (not a JSON object)")
+        return obj
 
     def config(self, component: str) -> dict:
         path = self.root / component / _CONFIG[component]
@@ -74,12 +95,17 @@ class ModelDir:
     def component_files(self, component: str) -> list[Path]:
         return sorted(p for p in (self.root / component).rglob("*") if p.is_file())
 
-    def content_hash(self, components: tuple[str, ...] = BASE_COMPONENTS) -> str:
-        """SHA-256 over model_index.json and every file of the components (path and bytes).
+    def content_hash(self, components: tuple[str, ...] | None = None) -> str:
+        """SHA-256 over model_index.json and every file of the components (path and bytes); by default the
+        base components (``base_components``).
 
         Which files, their order and the bytes hashed are specified in docs/FORMAT.md section 2
         ("base_model"), so an independent reader can recompute the hash.
         """
+        if components is None:
+            components = self.base_components()
+        elif self.family == "sdxl":
+            components = _with_sdxl_components(components)
         h = hashlib.sha256()
         files = [self.root / "model_index.json"] + [f for c in components for f in self.component_files(c)]
         for rel, f in sorted((f.relative_to(self.root).as_posix(), f) for f in files):
@@ -92,6 +118,24 @@ class ModelDir:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
         return "sha256:" + h.hexdigest()
+
+
+def model_family(root: Path) -> str:
+    """ "sdxl" when model_index.json names a second text encoder or the UNet config has SDXL's text_time added
+    embedding (either suffices: a directory missing one of them still gets SDXL's error), else "sd15"."""
+    index, unet = root / "model_index.json", root / "unet" / "config.json"
+    for path, key, value in ((index, "text_encoder_2", None), (unet, "addition_embed_type", "text_time")):
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # missing or unreadable: reported by the component checks
+        if isinstance(obj, dict) and key in obj and (value is None or obj[key] == value):
+            return "sdxl"
+    return "sd15"
+
+
+def _with_sdxl_components(components: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(c for comp in components for c in (comp, SDXL_COMPONENTS.get(comp)) if c is not None)
 
 
 def _weight_files(comp_dir: Path, stem: str) -> list[Path] | None:
@@ -132,7 +176,7 @@ def _component_problems(root: Path, comp: str) -> list[str]:
     d = root / comp
     if not d.is_dir():
         return [f"{comp}/"]
-    if comp == "tokenizer":
+    if comp.startswith("tokenizer"):
         return [f"{comp}/{f}" for f in _TOKENIZER_FILES if not (d / f).is_file()]
     problems = [] if (d / _CONFIG[comp]).is_file() else [f"{comp}/{_CONFIG[comp]}"]
     if comp in _WEIGHT_STEM:
@@ -147,20 +191,21 @@ def _component_problems(root: Path, comp: str) -> list[str]:
 
 
 def bundle_from_model_dir(model: ModelDir) -> Bundle:
-    """Text encoder and VAE weights in fp16 and every small file a deployment needs."""
-    tensors = {comp: {k: np.asarray(v).astype(np.float16) for k, v in model.read_weights(comp).items()} for comp in ("text_encoder", "vae")}
+    """Text encoder(s) and VAE weights in fp16 and every small file a deployment needs."""
+    weighted = [c for c in model.base_components() if c in _WEIGHT_STEM]
+    tensors = {comp: {k: np.asarray(v).astype(np.float16) for k, v in model.read_weights(comp).items()} for comp in weighted}
     files = {"model_index.json": (model.root / "model_index.json").read_bytes()}
-    for comp in ("text_encoder", "vae", "tokenizer", "scheduler"):
+    for comp in model.base_components():
         for f in model.component_files(comp):
             is_config = f.suffix == ".json" and not f.name.endswith(".index.json")
-            if comp == "tokenizer" or is_config:
+            if comp.startswith("tokenizer") or is_config:
                 files[str(f.relative_to(model.root))] = f.read_bytes()
     return Bundle(files=files, tensors=tensors)
 
 
 def copy_base(src: Path, dst: Path) -> None:
-    """``src``'s text encoder, tokenizer, VAE, scheduler and model_index.json into ``dst``: a model directory but its UNet."""
-    for comp in BASE_COMPONENTS:
+    """``src``'s text encoder(s), tokenizer(s), VAE, scheduler and model_index.json into ``dst``: a model directory but its UNet."""
+    for comp in ModelDir(src).base_components():
         shutil.copytree(src / comp, dst / comp)
     shutil.copy2(src / "model_index.json", dst / "model_index.json")
 

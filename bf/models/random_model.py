@@ -27,12 +27,24 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 
 def write_random_model(arch: Architecture, out: Path, seed: int, dtype: str = "fp32", overwrite: bool = False, log=print) -> None:
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
 
@@ -52,6 +64,12 @@ def write_random_model(arch: Architecture, out: Path, seed: int, dtype: str = "f
         text = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
         save(text, tmp / "text_encoder")
         del text
+        if arch.text_encoder_2 is not None:
+            log("building second text encoder (with projection)")
+            text = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2))
+            save(text, tmp / "text_encoder_2")
+            del text
+            write_tokenizer_dir(tmp / "tokenizer_2", pad_token="!")
         log("building VAE")
         vae = AutoencoderKL(**arch.vae)
         save(vae, tmp / "vae")
@@ -59,4 +77,5 @@ def write_random_model(arch: Architecture, out: Path, seed: int, dtype: str = "f
         write_tokenizer_dir(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps({**arch.scheduler, **version}, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps({**MODEL_INDEX, **version}, indent=2))
+        index = SDXL_MODEL_INDEX if arch.family == "sdxl" else MODEL_INDEX
+        (tmp / "model_index.json").write_text(json.dumps({**index, **version}, indent=2))

@@ -40,12 +40,14 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def write_tokenizer_dir(out: Path) -> None:
+def write_tokenizer_dir(out: Path, pad_token: str = EOS) -> None:
+    """``pad_token``: SD-v1.5's and SDXL's first tokenizer pad with the end token; SDXL's second with "!" (id 0),
+    which changes the padded positions its text encoder sees."""
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {
         "tokenizer_class": "CLIPTokenizer",

@@ -61,3 +61,43 @@ def test_fp16_table_stays_close():
         out = cache_time_features(unet, ts, dtype=torch.float16)(x, 4, enc)
     err = float((out - ref).abs().max())
     assert 0 < err < 1e-2
+
+
+def _sdxl_unet(seed=0):
+    from bf.models.architectures import TINY_SDXL_UNET
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**TINY_SDXL_UNET).eval()
+    with torch.no_grad():
+        for p in [*unet.time_embedding.parameters(), *unet.add_embedding.parameters()]:
+            p.mul_(3.0)
+    return unet
+
+
+def test_sdxl_caches_the_time_embedding_alone_and_equals_the_original():
+    """With the added embedding the table holds the time embedding (one row per step); the pooled prompt and the
+    micro-conditioning still change the output, and the cached UNet equals the original at every Euler step."""
+    from bf.models.architectures import SDXL_SCHEDULER, TINY_SDXL_UNET
+
+    unet = _sdxl_unet()
+    ts = sampler_timesteps("euler", SDXL_SCHEDULER, 20)
+    size, pooled = TINY_SDXL_UNET["sample_size"], TINY_SDXL_UNET["projection_class_embeddings_input_dim"] - 6 * 8
+    torch.manual_seed(1)
+    x, enc = torch.randn(2, 4, size, size), torch.randn(2, 77, TINY_SDXL_UNET["cross_attention_dim"])
+    text_embeds, time_ids = torch.randn(2, pooled), torch.tensor([[64.0, 64, 0, 0, 64, 64], [128, 96, 8, 0, 64, 64]])
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    with torch.no_grad():
+        ref = [unet(x, t, enc, added_cond_kwargs=added).sample for t in ts.tolist()]
+        other_size = unet(x, int(ts[5]), enc, added_cond_kwargs={**added, "time_ids": time_ids.flip(0)}).sample
+        table = time_feature_table(unet, ts)
+        cached = cache_time_features(unet, ts)
+        worst = max(float((cached(x, k, enc, text_embeds, time_ids) - r).abs().max()) for k, r in enumerate(ref))
+        with pytest.raises(ValueError, match="an SDXL UNet takes text_embeds and time_ids"):
+            cached(x, 0, enc)
+    assert list(table) == ["time_embedding"] and table["time_embedding"].shape == (len(ts), unet.time_embedding.table.shape[1])
+    assert worst <= 1e-5
+    assert float((ref[5] - other_size).abs().max()) > 1e-3  # the micro-conditioning reaches the output
+    assert float((ref[10] - ref[11]).abs().max()) > 1e-3
+    names = [n for n, _ in cached.named_parameters()]
+    assert not [n for n in names if n.startswith("unet.time_embedding.")]
+    assert [n for n in names if ".time_emb_proj." in n] and [n for n in names if n.startswith("unet.add_embedding.")]
