@@ -1,4 +1,5 @@
-"""The three exportable PyTorch modules of a .bfq, and example inputs of the export's shapes."""
+"""The exportable PyTorch modules of a .bfq (text encoder, UNet, VAE decoder; SDXL: and the second text encoder), and
+example inputs of the export's shapes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 
 from bf.export.torch_modules import swap_quantized_layers
-from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
+from bf.models.added_condition import pooled_dim
+from bf.models.graph_modules import VaeDecoderGraph, text_encoder_graphs
 from bf.models.time_cache import cache_time_features, sampler_timesteps
 
 MAX_TOKENS = 77
@@ -17,12 +19,18 @@ MAX_TOKENS = 77
 @dataclass
 class Components:
     text_encoder: torch.nn.Module
-    unet: torch.nn.Module  # forward(sample, step, encoder_hidden_states)
+    unet: torch.nn.Module  # forward(sample, step, encoder_hidden_states[, text_embeds, time_ids])
     vae_decoder: torch.nn.Module
     timesteps: list[int]  # the sampler's UNet calls, in order: the rows of the time-feature table
     latent_channels: int
     latent_scale: int  # image pixels per latent pixel
-    hidden_size: int
+    hidden_size: int  # of the UNet's encoder_hidden_states (SDXL: both text encoders' side by side)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: input_ids -> (hidden_states, text_embeds)
+    pooled_size: int = 0  # SDXL: width of text_embeds
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd15"
 
 
 def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Components:
@@ -36,16 +44,18 @@ def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Componen
     timesteps = sampler_timesteps(scheduler, dict(pipe.scheduler.config), steps)
     unet = cache_time_features(pipe.unet.float().eval(), timesteps)
     swap_quantized_layers(unet.unet, layers)
-    text = TextEncoderGraph(pipe.text_encoder).float().eval()
+    texts = {name: m.float().eval() for name, m in text_encoder_graphs(pipe).items()}
     vae = VaeDecoderGraph(pipe.vae).float().eval()
     return Components(
-        text_encoder=text,
+        text_encoder=texts["text_encoder"],
         unet=unet.eval(),
         vae_decoder=vae,
         timesteps=[int(t) for t in timesteps],
         latent_channels=int(pipe.unet.config.in_channels),
         latent_scale=int(pipe.vae_scale_factor),
-        hidden_size=int(pipe.text_encoder.config.hidden_size),
+        hidden_size=int(pipe.unet.config.cross_attention_dim),
+        text_encoder_2=texts.get("text_encoder_2"),
+        pooled_size=pooled_dim(pipe.unet.config) if "text_encoder_2" in texts else 0,
     )
 
 
@@ -53,7 +63,7 @@ def example_inputs(c: Components, batch: int, height: int, width: int, seed: int
     """Random inputs of every graph, as NumPy arrays keyed by graph and input name."""
     rng = np.random.default_rng(seed)
     h, w = height // c.latent_scale, width // c.latent_scale
-    return {
+    out = {
         "text_encoder": {"input_ids": rng.integers(0, 1000, (batch, MAX_TOKENS)).astype(np.int64)},
         "unet": {
             "sample": rng.standard_normal((batch, c.latent_channels, h, w)).astype(np.float32),
@@ -62,3 +72,9 @@ def example_inputs(c: Components, batch: int, height: int, width: int, seed: int
         },
         "vae_decoder": {"latent": (rng.standard_normal((batch, c.latent_channels, h, w)) * 5).astype(np.float32)},
     }
+    if c.family == "sdxl":
+        out["text_encoder_2"] = {"input_ids": rng.integers(0, 1000, (batch, MAX_TOKENS)).astype(np.int64)}
+        out["unet"]["text_embeds"] = rng.standard_normal((batch, c.pooled_size)).astype(np.float32)
+        sizes = rng.integers(1, 9, (batch, 1)) * 128  # original and target sizes, a crop corner: what SDXL was trained on
+        out["unet"]["time_ids"] = np.concatenate([sizes, sizes, np.zeros((batch, 2)), sizes, sizes], axis=1).astype(np.float32)
+    return out

@@ -20,7 +20,7 @@ from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
 from bf.export.components import MAX_TOKENS, build_components, example_inputs
 from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
-from bf.export.onnx_graphs import GRAPHS, UNET, save_graph, store_exact_fp16, trace_to_onnx
+from bf.export.onnx_graphs import graph_specs, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
@@ -40,7 +40,7 @@ GRAPH_FORMS = {"onnx": "custom", "onnx-std": "std", "onnx-qdq": "qdq"}
 @dataclass(frozen=True)
 class ExportRequest:
     target: str = "onnx"
-    scheduler: str = "pndm"
+    scheduler: str | None = None  # None: the model's own
     steps: int = 50
     height: int | None = None  # None: the model's native size
     width: int | None = None
@@ -146,7 +146,7 @@ def export_model(
     loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt)  # the .bfq read once
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    req = replace(req, height=req.height or native, width=req.width or native)
+    req = replace(req, height=req.height or native, width=req.width or native, scheduler=loaded.scheduler)
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
@@ -162,7 +162,7 @@ def export_model(
     inputs = example_inputs(comps, check_batch, req.height, req.width)
     with atomic_dir(out) as tmp:  # an empty out is replaced; nothing of a failed or killed export stays
         graphs, checks = {}, []
-        for spec in GRAPHS:
+        for spec in graph_specs(comps.family):
             progress(f"tracing {spec.name}")
             module = getattr(comps, spec.name)
             args = tuple(torch.from_numpy(inputs[spec.name][k]) for k in spec.inputs)
@@ -183,7 +183,8 @@ def export_model(
             if req.check:
                 progress(f"checking {spec.name}")
                 with torch.no_grad():
-                    ref = module(*args).numpy()
+                    ref = module(*args)
+                ref = [r.numpy() for r in ref] if isinstance(ref, tuple) else ref.numpy()
                 # The custom-op graph is checked through its standard lowering (same decode, no op library needed).
                 checked = lowered("std") if form == "custom" else deployed
                 if checked is deployed and len(files) > 1:  # past 2 GiB ONNX Runtime reads it from the file
@@ -198,15 +199,17 @@ def export_model(
                 "qdq_weights": qdq_nodes(deployed) if form == "qdq" else 0,
                 "opset": next(o.version for o in deployed.opset_import if o.domain in ("", "ai.onnx")),
             }
-            if spec is UNET:
+            if spec.name == "unet":
                 graphs[spec.name]["size_breakdown"] = unet_breakdown(deployed, sum(f.stat().st_size for f in files))
         if checks:
             for c in checks:
                 log(f"check {c.graph}: {c.psnr_db:.1f} dB PSNR against PyTorch (floor {c.floor_db:.0f} dB)")
             raise_on_failures(checks)
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+        if comps.family == "sdxl":
+            pipe.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
         pipe.scheduler.save_config(tmp / "scheduler")
-        manifest = _manifest(identity, layers, req, form, comps, graphs, checks, native)
+        manifest = _manifest(identity, layers, req, form, comps, graphs, checks, native, pipe)
         manifest["loras"] = lora_applied  # each file (absolute), its SHA-256, scale and layers: in the UNet graph
         if req.target in ENGINE_TARGETS:
             from bf.export.tensorrt_engines import build_engines
@@ -218,7 +221,7 @@ def export_model(
 
 
 def _manifest(
-    identity: dict, layers: dict, req: ExportRequest, form: str, comps, graphs: dict, checks: list[GraphCheck], native: int
+    identity: dict, layers: dict, req: ExportRequest, form: str, comps, graphs: dict, checks: list[GraphCheck], native: int, pipe
 ) -> dict:
     from bf import __version__
 
@@ -236,8 +239,12 @@ def _manifest(
         "model": identity,
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
         "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale, "native": native},
+        "family": comps.family,
         "latent_channels": comps.latent_channels,
         "hidden_size": comps.hidden_size,
+        "pooled_size": comps.pooled_size,  # SDXL: text_embeds' width (0: none)
+        "force_zeros_for_empty_prompt": bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False)),
+        "vae_upcast": bool(pipe.vae.config.get("force_upcast", False)),  # its fp16 overflows: engines and fp16 runs keep it fp32
         "max_tokens": MAX_TOKENS,
         "graphs": graphs,
         "check": [c.to_json() for c in checks] if checks else None,

@@ -51,6 +51,25 @@ VAE_DECODER = GraphSpec(
 )
 GRAPHS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
+# SDXL: the second text encoder gives its pooled projection too; the UNet takes it and the micro-conditioning
+TEXT_ENCODER_2 = GraphSpec(
+    "text_encoder_2",
+    ("input_ids",),
+    ("hidden_states", "text_embeds"),
+    {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}, "text_embeds": {0: "batch"}},
+)
+UNET_XL = GraphSpec(
+    "unet",
+    (*UNET.inputs, "text_embeds", "time_ids"),
+    UNET.outputs,
+    {**UNET.dynamic, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}},
+)
+XL_GRAPHS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET_XL, VAE_DECODER)
+
+
+def graph_specs(family: str) -> tuple[GraphSpec, ...]:
+    return XL_GRAPHS if family == "sdxl" else GRAPHS
+
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, spec: GraphSpec) -> onnx.ModelProto:
     """The traced graph, in memory (the caller decides where and how it is written).

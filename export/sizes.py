@@ -6,7 +6,7 @@ import onnx
 
 from bf.export.lowering import dequant_inputs
 
-TIME_TABLE_MARK = "time_emb_proj.table"
+TIME_TABLE_MARKS = ("time_emb_proj.table", "time_embedding.table")  # SD-v1.5's per-ResBlock tables, SDXL's one
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -24,7 +24,7 @@ def unet_breakdown(model: onnx.ModelProto, file_bytes: int) -> dict:
         elif t.name in scales:
             key = "scales"
         else:
-            key = "time_table" if TIME_TABLE_MARK in t.name else "other_tensors"
+            key = "time_table" if any(m in t.name for m in TIME_TABLE_MARKS) else "other_tensors"
         out[key] += _tensor_bytes(t)
     out["graph"] = file_bytes - sum(out.values())
     out["total"] = file_bytes

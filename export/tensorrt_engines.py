@@ -71,14 +71,24 @@ def profile_shapes(manifest: dict, graph: str) -> dict[str, tuple[tuple, tuple, 
     c, tokens, hidden = manifest["latent_channels"], manifest["max_tokens"], manifest["hidden_size"]
     opt_b = min(2, b)
     lo = (min(MIN_LATENT, h), min(MIN_LATENT, w))
-    if graph == "text_encoder":
+    if graph in ("text_encoder", "text_encoder_2"):
         return {"input_ids": ((1, tokens), (opt_b, tokens), (b, tokens))}
     if graph == "unet":
-        return {
+        shapes = {
             "sample": ((1, c, *lo), (opt_b, c, h, w), (b, c, h, w)),
             "encoder_hidden_states": ((1, tokens, hidden), (opt_b, tokens, hidden), (b, tokens, hidden)),
         }
+        if manifest.get("family") == "sdxl":
+            pooled = manifest["pooled_size"]
+            shapes["text_embeds"] = ((1, pooled), (opt_b, pooled), (b, pooled))
+            shapes["time_ids"] = ((1, 6), (opt_b, 6), (b, 6))
+        return shapes
     return {"latent": ((1, c, *lo), (1, c, h, w), (b, c, h, w))}
+
+
+def engine_precision(manifest: dict, graph: str) -> str:
+    """The export's precision, but float32 for a VAE decoder that overflows in float16 (SDXL's: ``vae_upcast``)."""
+    return "fp32" if graph == "vae_decoder" and manifest.get("vae_upcast") else manifest["precision"]
 
 
 def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda m: None) -> dict:
@@ -106,12 +116,13 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
               "plugin": sha256_file(plugin) if plugin else None}  # fmt: skip
     engines = {}
     for name, graph in manifest["graphs"].items():
-        key_src = {"graph": graph["files"], **common}
+        precision = engine_precision(manifest, name)
+        key_src = {"graph": graph["files"], **common, "precision": precision}
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
         cached = cache / f"{name}-{key}.plan"
         t0, hit = time.time(), cached.is_file()
         if not hit:
-            log(f"building the {name} engine ({flavor.label} {trt.__version__}, {manifest['precision']}, for {', '.join(targets)}); "
+            log(f"building the {name} engine ({flavor.label} {trt.__version__}, {precision}, for {', '.join(targets)}); "
                 "minutes for a full-size UNet")  # fmt: skip
             plan = _build_one(trt, builder, logger, out / graph["file"], manifest, name, req, archs, timing_path)
             with atomic_path(cached) as tmp:
@@ -122,7 +133,8 @@ def build_engines(out: Path, manifest: dict, req, targets: list[str], log=lambda
         shutil.copy2(cached, out / "engines" / f"{name}.plan")
         seconds = None if hit else round(time.time() - t0, 2)
         engines[name] = {"file": f"engines/{name}.plan", "bytes": cached.stat().st_size, "cache_key": key, "runtime": flavor.module,
-                         "tensorrt": trt.__version__, "gpus": targets, "build_seconds": seconds, "cached": hit}  # fmt: skip
+                         "tensorrt": trt.__version__, "gpus": targets, "build_seconds": seconds, "cached": hit,
+                         "precision": precision}  # fmt: skip
     return {"plugin": f"engines/{plugin.name}" if plugin else None, **engines}
 
 
@@ -148,7 +160,7 @@ def _build_one(trt, builder, logger, onnx_path: Path, manifest: dict, name: str,
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory(prefix="bf-fp16-") as scratch:
-        path = _graph_for_builder(onnx_path, manifest["precision"], Path(scratch))
+        path = _graph_for_builder(onnx_path, engine_precision(manifest, name), Path(scratch))
         if not parser.parse_from_file(str(path)):
             errors = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
             raise BfError(f"{req.target}: {FLAVORS[req.target].label} cannot parse {onnx_path.name}: {errors}")

@@ -52,8 +52,15 @@ class OrtBackend:
     def text_encoder(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["text_encoder"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
 
-    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def text_encoder_2(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's second text encoder: (hidden states, pooled projection)."""
+        hidden, pooled = self.sessions["text_encoder_2"].run(None, {"input_ids": input_ids.astype(np.int64)})
+        return hidden, pooled
+
+    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray, added: dict | None = None) -> np.ndarray:
+        """``added``: SDXL's text_embeds and time_ids."""
         feeds = {"sample": sample, "step": np.array([step], dtype=np.int64), "encoder_hidden_states": encoder_hidden_states}
+        feeds.update(added or {})
         return self.sessions["unet"].run(None, feeds)[0]
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:

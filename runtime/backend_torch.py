@@ -282,7 +282,7 @@ class TorchBackend:
             import torch
 
             from bf.models.diffusers_pipeline import load_model
-            from bf.models.graph_modules import TextEncoderGraph, VaeDecoderGraph
+            from bf.models.graph_modules import VaeDecoderGraph, text_encoder_graphs
         except ImportError:
             raise BfError("the torch backend needs PyTorch and diffusers: pip install 'bf[train]'") from None
         if device == "cuda" and not torch.cuda.is_available():
@@ -335,8 +335,12 @@ class TorchBackend:
         self.ring, self.decoded_layers, self.fused = self.torch_unet.ring, self.torch_unet.decoded_layers, self.torch_unet.fused
         self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
         self.unet_module = self.torch_unet.module
-        self.text = TextEncoderGraph(pipe.text_encoder).eval().to(device, self.dtype)
-        self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.dtype)
+        texts = text_encoder_graphs(pipe)
+        self.text = texts["text_encoder"].eval().to(device, self.dtype)
+        self.text_2 = texts["text_encoder_2"].eval().to(device, self.dtype) if "text_encoder_2" in texts else None
+        # SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers runs it
+        self.vae_dtype = torch.float32 if model.manifest.vae_upcast else self.dtype
+        self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.vae_dtype)
 
     @property
     def device_name(self) -> str:
@@ -347,20 +351,32 @@ class TorchBackend:
         with self.torch.inference_mode():
             return self.torch_unet.step(sample, step, context)
 
-    def _run(self, fn, *arrays: np.ndarray) -> np.ndarray:
+    def _run(self, fn, *arrays: np.ndarray, dtype=None):
         torch = self.torch
         with torch.inference_mode():
-            args = [torch.from_numpy(a).to(self.device, (a.dtype == np.int64 and torch.long) or self.dtype) for a in arrays]
-            return fn(*args).float().cpu().numpy()
+            args = [torch.from_numpy(a).to(self.device, (a.dtype == np.int64 and torch.long) or dtype or self.dtype) for a in arrays]
+            out = fn(*args)
+            return tuple(o.float().cpu().numpy() for o in out) if isinstance(out, tuple) else out.float().cpu().numpy()
 
     def text_encoder(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text, input_ids.astype(np.int64))
 
-    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def text_encoder_2(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._run(self.text_2, input_ids.astype(np.int64))
+
+    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray, added: dict | None = None) -> np.ndarray:
+        """``added``: SDXL's text_embeds and time_ids, packed after the hidden states (the one context tensor the
+        captured and compiled steps take; the UNet unpacks it)."""
+        if added is not None:
+            from bf.models.added_condition import pack
+
+            torch = self.torch
+            encoder_hidden_states = pack(*(torch.from_numpy(a) for a in (encoder_hidden_states, added["text_embeds"], added["time_ids"])))
+            encoder_hidden_states = encoder_hidden_states.numpy()
         return self._run(self.unet_device, sample, np.array([step], dtype=np.int64), encoder_hidden_states)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
-        return self._run(self.vae, latent)
+        return self._run(self.vae, latent, dtype=self.vae_dtype)
 
     # bf bench: the stages on device tensors, timed with CUDA events.
     def device_calls(self, inputs: dict[str, np.ndarray]) -> dict:
@@ -368,6 +384,10 @@ class TorchBackend:
         torch = self.torch
         t = {k: torch.from_numpy(a).to(self.device, torch.long if a.dtype == np.int64 else self.dtype) for k, a in inputs.items()}
         step = torch.zeros((1,), dtype=torch.long, device=self.device)
+        if "text_embeds" in t:  # SDXL: the added conditioning packed after the hidden states, as ``unet`` feeds it
+            from bf.models.added_condition import pack
+
+            t["context"] = pack(t["context"], t["text_embeds"], t["time_ids"])
 
         def timed(fn):
             def call():
@@ -377,9 +397,9 @@ class TorchBackend:
             return call
 
         return {
-            "text_encoder": timed(lambda: self.text(t["input_ids"])),
+            "text_encoder": timed(lambda: (self.text(t["input_ids"]), self.text_2(t["input_ids"]) if self.text_2 is not None else None)),
             "unet_step": timed(lambda: self.unet_device(t["sample"], step, t["context"])),
-            "vae_decoder": timed(lambda: self.vae(t["latent"])),
+            "vae_decoder": timed(lambda: self.vae(t["latent"].to(self.vae_dtype))),
         }
 
     def time_ms(self, call, runs: int, warmup: int) -> list[float]:
@@ -398,7 +418,7 @@ class TorchBackend:
         return {
             "unet_weight_bytes": unet,
             "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else self.torch_unet.slot_bytes,
-            "text_vae_bytes": nbytes(self.text) + nbytes(self.vae),
+            "text_vae_bytes": nbytes(self.text) + (nbytes(self.text_2) if self.text_2 is not None else 0) + nbytes(self.vae),
             "allocated_bytes": torch.cuda.memory_allocated(),
         }
 

@@ -16,7 +16,7 @@ import numpy as np
 from bf.errors import BfError
 from bf.native import register_trt_plugin
 from bf.runtime.cuda_runtime import CudaRuntime, gpu_count
-from bf.runtime.exported import GRAPHS, ExportedModel
+from bf.runtime.exported import ExportedModel
 from bf.tensorrt_flavors import RTX_ARCHS, RUNTIME_MODULES, TENSORRT, arch_name, make_logger
 
 
@@ -28,7 +28,7 @@ def engine_gpus(engine: dict) -> list[str]:
 def check_engines_fit(model: ExportedModel, engines: dict, local_cc: str) -> None:
     """Refuse, in one line, engines that were not built for this GPU (``local_cc`` like "sm_90")."""
     here = arch_name(local_cc)
-    for name in GRAPHS:
+    for name in model.manifest.graph_names:
         e = engines[name]
         flavor = RUNTIME_MODULES.get(e.get("runtime", TENSORRT.module), TENSORRT)
         gpus = engine_gpus(e)
@@ -64,7 +64,7 @@ class TrtBackend:
         if engines.get("plugin"):
             register_trt_plugin(trt, model.root / engines["plugin"])
         self.contexts = {}
-        for name in GRAPHS:
+        for name in model.manifest.graph_names:
             engine = runtime.deserialize_cuda_engine((model.root / engines[name]["file"]).read_bytes())
             if engine is None:
                 why = "; ".join(self.logger.errors + self.logger.held) or "see its log"
@@ -113,7 +113,8 @@ class TrtBackend:
         if not ok:
             raise BfError(f"TensorRT failed to run the {graph} engine (see its log)")
 
-    def _run(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, graph: str, inputs: dict[str, np.ndarray], every: bool = False):
+        """The first output (``every``: all outputs, in the engine's order), as float32."""
         trt = self.trt
         engine, context, outputs = self.contexts[graph]  # tensor names read once at load, not every UNet step
         for name, array in inputs.items():
@@ -128,16 +129,23 @@ class TrtBackend:
             dtype = trt.nptype(engine.get_tensor_dtype(name))
             context.set_tensor_address(name, self._buffer(graph, name, int(np.prod(shapes[name])) * np.dtype(dtype).itemsize))
         self._execute(graph, context, tuple(a.shape for a in inputs.values()))
-        out = outputs[0]
-        return self.cuda.from_device(self.buffers[(graph, out)][0], shapes[out], trt.nptype(engine.get_tensor_dtype(out))).astype(
-            np.float32
-        )
+        arrays = [
+            self.cuda.from_device(self.buffers[(graph, out)][0], shapes[out], trt.nptype(engine.get_tensor_dtype(out))).astype(np.float32)
+            for out in (outputs if every else outputs[:1])
+        ]
+        return arrays if every else arrays[0]
 
     def text_encoder(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run("text_encoder", {"input_ids": input_ids})
 
-    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray) -> np.ndarray:
+    def text_encoder_2(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.contexts["text_encoder_2"][2]
+        out = dict(zip(outputs, self._run("text_encoder_2", {"input_ids": input_ids}, every=True), strict=True))
+        return out["hidden_states"], out["text_embeds"]
+
+    def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray, added: dict | None = None) -> np.ndarray:
         feeds = {"sample": sample, "step": np.array([step], dtype=np.int64), "encoder_hidden_states": encoder_hidden_states}
+        feeds.update(added or {})
         return self._run("unet", feeds)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:

@@ -52,20 +52,33 @@ def stage_inputs(model: ExportedModel, batch: int, height: int, width: int) -> d
     rng = np.random.default_rng(0)
     scale = m.image.latent_scale
     latent = (m.latent_channels, height // scale, width // scale)
-    return {
+    out = {
         "input_ids": np.zeros((2, m.max_tokens), dtype=np.int64),
         "sample": rng.standard_normal((batch, *latent)).astype(np.float32),
         "context": rng.standard_normal((batch, m.max_tokens, m.hidden_size)).astype(np.float32),
         "latent": rng.standard_normal((max(1, batch // 2), *latent)).astype(np.float32),
     }
+    if m.family == "sdxl":  # the pooled prompt and the micro-conditioning of a height x width image
+        out["text_embeds"] = rng.standard_normal((batch, m.pooled_size)).astype(np.float32)
+        out["time_ids"] = np.tile(np.array([[height, width, 0, 0, height, width]], dtype=np.float32), (batch, 1))
+    return out
 
 
 def _host_calls(backend, inputs: dict[str, np.ndarray]) -> dict:
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids")} if "text_embeds" in inputs else None
+    sdxl = added is not None
+
+    def text():  # SDXL: both text encoders
+        backend.text_encoder(inputs["input_ids"])
+        if sdxl:
+            backend.text_encoder_2(inputs["input_ids"])
+
     return {
-        "text_encoder": lambda: backend.text_encoder(inputs["input_ids"]),
-        "unet_step": lambda: backend.unet(inputs["sample"], 0, inputs["context"]),
+        "text_encoder": text,
+        "unet_step": (lambda: backend.unet(inputs["sample"], 0, inputs["context"], added)) if sdxl else
+                     (lambda: backend.unet(inputs["sample"], 0, inputs["context"])),
         "vae_decoder": lambda: backend.vae_decoder(inputs["latent"]),
-    }
+    }  # fmt: skip
 
 
 def _host_time_ms(call, runs: int, warmup: int) -> list[float]:

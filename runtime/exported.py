@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from bf.errors import BfError
-from bf.format.export_manifest import GRAPHS, ExportManifest, read_manifest
+from bf.format.export_manifest import ExportManifest, read_manifest
 from bf.native_size import far_from_native
 
 
@@ -21,11 +21,11 @@ class ExportedModel:
     def open(cls, root: Path) -> ExportedModel:
         root = Path(root)
         manifest = read_manifest(root)
-        for name in GRAPHS:
+        for name in manifest.graph_names:
             for f in manifest.graphs[name]["files"]:
                 if not (root / f).is_file():
                     raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
-        for f in ("tokenizer", "scheduler/scheduler_config.json"):
+        for f in ("tokenizer", *(["tokenizer_2"] if manifest.family == "sdxl" else []), "scheduler/scheduler_config.json"):
             if not (root / f).exists():
                 raise BfError(f"{root}: {f} is missing; export again with 'bf export'")
         return cls(root, manifest)
@@ -36,6 +36,13 @@ class ExportedModel:
         from bf.runtime.tokenizer import ClipTokenizer
 
         return ClipTokenizer(self.root / "tokenizer")
+
+    @cached_property
+    def tokenizer_2(self):
+        """SDXL's second tokenizer (its own pad token)."""
+        from bf.runtime.tokenizer import ClipTokenizer
+
+        return ClipTokenizer(self.root / "tokenizer_2")
 
     @property
     def scheduler_config(self) -> dict:

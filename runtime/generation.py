@@ -44,6 +44,29 @@ def initial_latents(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarr
     return (np.random.default_rng(seed).standard_normal(shape) * sigma).astype(np.float32)
 
 
+def encode_prompts(model: ExportedModel, backend, req: GenerationRequest, height: int, width: int):
+    """(negative, positive) conditioning: hidden states (2, 77, D), SDXL's added conditioning (text_embeds and
+    time_ids, each of 2 rows; None for SD-v1.5), and the tokens the prompt lost to the 77-token limit.
+
+    SDXL as diffusers' StableDiffusionXLPipeline runs it: both encoders' penultimate hidden states side by side, the
+    second's pooled projection, micro-conditioning of an uncropped image generated at its own size (original and
+    target size = height x width, crop corner 0, 0); an empty negative prompt is all zeros where the model says so
+    (SDXL base's ``force_zeros_for_empty_prompt``; diffusers does this for no negative prompt)."""
+    m = model.manifest
+    (neg_ids, _), (ids, dropped) = model.tokenizer.encode(req.negative_prompt), model.tokenizer.encode(req.prompt)
+    hidden = backend.text_encoder(np.array([neg_ids, ids], dtype=np.int64))
+    if m.family != "sdxl":
+        return hidden, None, dropped
+    (neg_ids, _), (ids, dropped_2) = model.tokenizer_2.encode(req.negative_prompt), model.tokenizer_2.encode(req.prompt)
+    hidden_2, pooled = backend.text_encoder_2(np.array([neg_ids, ids], dtype=np.int64))
+    hidden = np.concatenate([hidden, hidden_2], axis=-1).astype(np.float32)
+    pooled = np.asarray(pooled, dtype=np.float32)
+    if req.negative_prompt == "" and m.force_zeros_for_empty_prompt:
+        hidden[0], pooled[0] = 0.0, 0.0
+    time_ids = np.array([[height, width, 0, 0, height, width]] * 2, dtype=np.float32)
+    return hidden, {"text_embeds": pooled, "time_ids": time_ids}, max(dropped, dropped_2)
+
+
 def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
     m = model.manifest
     name = req.scheduler or m.scheduler.name
@@ -58,10 +81,11 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    (neg_ids, _), (ids, dropped) = model.tokenizer.encode(req.negative_prompt), model.tokenizer.encode(req.prompt)
-    hidden = backend.text_encoder(np.array([neg_ids, ids], dtype=np.int64))
     k = req.num_images
+    hidden, added, dropped = encode_prompts(model, backend, req, height, width)
     context = np.concatenate([np.repeat(hidden[:1], k, 0), np.repeat(hidden[1:], k, 0)])
+    if added is not None:
+        added = {name: np.concatenate([np.repeat(a[:1], k, 0), np.repeat(a[1:], k, 0)]) for name, a in added.items()}
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     sampler = make_scheduler(name, model.scheduler_config, steps)
@@ -74,7 +98,8 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     t0 = time.perf_counter()
     for i in range(len(sampler.timesteps)):
         model_input = sampler.scale_model_input(latents, i)
-        noise = backend.unet(np.concatenate([model_input, model_input]), i, context)
+        args = (np.concatenate([model_input, model_input]), i, context)
+        noise = backend.unet(*args) if added is None else backend.unet(*args, added)
         uncond, cond = noise[:k], noise[k:]
         latents = sampler.step((uncond + np.float32(req.cfg) * (cond - uncond)).astype(np.float32), i, latents)
         progress(i + 1, len(sampler.timesteps))

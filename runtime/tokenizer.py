@@ -3,7 +3,8 @@
 NFC, whitespace runs to one space, lowercase; split into special tokens, contractions, letter
 runs, single digits and runs of other symbols; bytes mapped to printable characters; BPE with
 the ``</w>`` end-of-word mark; ``<|startoftext|>`` + up to 75 tokens + ``<|endoftext|>``,
-padded with ``<|endoftext|>`` to 77. tests/runtime/test_runtime_tokenizer.py compares it with
+padded to 77 with the directory's pad token (``<|endoftext|>``; SDXL's second tokenizer:
+``!``). tests/runtime/test_runtime_tokenizer.py compares it with
 transformers on a spread of prompts.
 """
 
@@ -70,12 +71,28 @@ def read_vocab_and_merges(directory: Path) -> tuple[dict[str, int], list[tuple[s
         raise ValueError(f"{directory}: not a CLIP tokenizer directory (tokenizer.json, or vocab.json and merges.txt): {e}") from None
 
 
+def pad_token(directory: Path) -> str:
+    """The pad token a tokenizer directory names (special_tokens_map.json or tokenizer_config.json; a string or an
+    AddedToken object), else the end token."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            pad = json.loads((directory / name).read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str):
+            return pad
+    return EOS
+
+
 class ClipTokenizer:
     def __init__(self, directory: Path):
         self.vocab, merges = read_vocab_and_merges(Path(directory))
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         self.byte_map = bytes_to_unicode()
         self.bos, self.eos = self.vocab[BOS], self.vocab[EOS]
+        self.pad = self.vocab.get(pad_token(Path(directory)), self.eos)  # SDXL's second tokenizer pads with "!"
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
@@ -113,4 +130,4 @@ class ClipTokenizer:
         room = max_length - 2
         dropped = max(0, len(ids) - room)
         ids = [self.bos, *ids[:room], self.eos]
-        return ids + [self.eos] * (max_length - len(ids)), dropped
+        return ids + [self.pad] * (max_length - len(ids)), dropped

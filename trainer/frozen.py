@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from bf.models.added_condition import micro_conditioning, pack, unpack_on_forward
+
 
 class TextEncoder:
     """Captions to hidden states with a frozen CLIP text encoder; repeated captions are cached."""
@@ -23,6 +25,54 @@ class TextEncoder:
             hidden = self.model(ids.to(self.device)).last_hidden_state
             self.cache.update(zip(todo, hidden, strict=True))
         return torch.stack([self.cache[c] for c in captions])
+
+
+class XLTextEncoder:
+    """SDXL's conditioning of captions: both encoders' penultimate hidden states side by side, the second's pooled
+    projection and the micro-conditioning of uncropped ``size`` x ``size`` images, packed into one tensor
+    (bf.models.added_condition) for a UNet hooked with ``unpack_on_forward``. The empty caption is all zeros
+    but its time ids (``zero_empty``: what SDXL's pipeline feeds for an empty negative prompt, and SDXL's
+    prompt dropout in training); repeated captions are cached."""
+
+    def __init__(self, tokenizers, models, device, size: int, zero_empty: bool = True, max_cached: int = 4096):
+        self.toks, self.models = tokenizers, [m.to(device).eval() for m in models]
+        self.device, self.zero_empty, self.cache, self.max = device, zero_empty, {}, max_cached
+        self.time_ids = torch.tensor([micro_conditioning(size, size)], device=device)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        hidden, pooled = [], None
+        for tok, model in zip(self.toks, self.models, strict=True):
+            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out = model(ids.to(self.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        packed = pack(torch.cat(hidden, dim=-1), pooled, self.time_ids.expand(len(captions), -1))
+        if self.zero_empty:
+            empty = torch.tensor([c == "" for c in captions], device=self.device)
+            zeros = pack(torch.zeros_like(torch.cat(hidden, dim=-1)), torch.zeros_like(pooled), self.time_ids.expand(len(captions), -1))
+            packed = torch.where(empty[:, None, None], zeros, packed)
+        return packed
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            if len(self.cache) + len(todo) > self.max:
+                self.cache.clear()
+                todo = sorted(set(captions))
+            self.cache.update(zip(todo, self.encode(todo), strict=True))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def conditioning_for(pipe_parts: dict, unets: list, device, size: int, zero_empty: bool = True):
+    """The caption encoder for ``unets`` (SDXL: ``XLTextEncoder``, with each UNet hooked to unpack it; else
+    ``TextEncoder``) from ``pipe_parts``' tokenizer(s) and text encoder(s) (diffusers' component names)."""
+    if getattr(unets[0], "add_embedding", None) is None:
+        return TextEncoder(pipe_parts["tokenizer"], pipe_parts["text_encoder"], device)
+    for unet in unets:
+        unpack_on_forward(unet)
+    return XLTextEncoder([pipe_parts["tokenizer"], pipe_parts["tokenizer_2"]], [pipe_parts["text_encoder"], pipe_parts["text_encoder_2"]],
+                         device, size, zero_empty)  # fmt: skip
 
 
 def training_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:

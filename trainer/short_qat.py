@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from bf.format import Grid, QuantizedLayer
 from bf.trainer.data import load_latents
-from bf.trainer.frozen import TextEncoder, training_alphas_cumprod
+from bf.trainer.frozen import conditioning_for, training_alphas_cumprod
 from bf.trainer.qat import LossConfig, attach_fake_quant, export_layers, hold_scales, stage1_loss
 from bf.trainer.train import Frozen, noisy_batch, optimizer_step
 
@@ -42,7 +42,9 @@ class ShortQAT:
         log(f"short QAT: encoding {cfg.images} shapes images ({size}x{size}) for {cfg.steps} steps per layer and width")
         self.frozen = Frozen(
             teacher,
-            TextEncoder(pipe.tokenizer, pipe.text_encoder, self.device),
+            conditioning_for(
+                pipe.components, [teacher, pipe.unet], self.device, size, pipe.config.get("force_zeros_for_empty_prompt", True)
+            ),
             load_latents("shapes", pipe.vae, size, cfg.images, cfg.seed, log),
             training_alphas_cumprod(dict(pipe.scheduler.config)).to(self.device),
         )

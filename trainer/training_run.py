@@ -20,7 +20,7 @@ from bf.format import Checkpoint, candidate_layers, quantizable_layers
 from bf.models.directory import ModelDir, bundle_from_model_dir
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import check_data, load_latents
-from bf.trainer.frozen import TextEncoder, training_alphas_cumprod
+from bf.trainer.frozen import conditioning_for, training_alphas_cumprod
 from bf.trainer.qat import scale_health
 from bf.trainer.recipe import load_recipe, plan_from_recipe, uniform_recipe
 from bf.trainer.train import Frozen, TrainConfig, check_cuda_graph, check_work, pack_student, train_student
@@ -117,9 +117,20 @@ def check_fp_control(req: TrainRequest) -> None:
                       "its gradient are zero); give --stage2-steps")  # fmt: skip
 
 
+def text_parts(model: ModelDir) -> dict:
+    """The model's tokenizer(s) and text encoder(s), by diffusers' component names."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = {"tokenizer": CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
+             "text_encoder": CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32)}  # fmt: skip
+    if model.family == "sdxl":
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model.root / "tokenizer_2")
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(model.root / "text_encoder_2", torch_dtype=torch.float32)
+    return parts
+
+
 def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, progress, log):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     device = torch.device(req.device)
     unet_config = model.config("unet")
@@ -137,11 +148,7 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
     log(f"encoding {req.images if req.data == 'shapes' else 'up to ' + str(req.images)} training images ({req.data}, {size}x{size})")
     data = load_latents(req.data, vae, size, req.images, req.train.seed, log)
     del vae
-    text = TextEncoder(
-        CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
-        CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32),
-        device,
-    )
+    text = conditioning_for(text_parts(model), [teacher], device, size, model.model_index().get("force_zeros_for_empty_prompt", True))
     frozen = Frozen(teacher, text, data, training_alphas_cumprod(model.config("scheduler")).to(device))
     if req.fp_control:
         # Stage I distils the student from the teacher, and an FP student starts equal to it: zero loss and gradient,

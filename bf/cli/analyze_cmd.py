@@ -10,7 +10,7 @@ from bf.cli.checks import check_outputs, default_device, parse_bit_widths
 from bf.cli.options import DEVICE_OPTION, MODEL_OPTION
 from bf.cli.output import log, progress_bar
 from bf.errors import BfError
-from bf.scheduler_names import SCHEDULERS
+from bf.scheduler_names import NATIVE_HELP, SCHEDULERS, native_scheduler
 
 
 @click.command("analyze")
@@ -20,7 +20,7 @@ from bf.scheduler_names import SCHEDULERS
 @click.option("--limit", type=click.IntRange(1), default=4, show_default=True, help="Prompts per split.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--cfg", "cfg_scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help=f"Sampler of the images. {NATIVE_HELP}")
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps per image.")
 @click.option("--layers", "layer_regex", default=None, help="Only layers whose name matches this regular expression.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -72,6 +72,7 @@ def command(model_dir, bits_text, prompts, limit, seeds, cfg_scale, scheduler, s
         raise BfError("give --workers or --shard, not both")
     check_outputs(out=out, plot=plot)
     root = ModelDir.open(model_source(model_dir))
+    scheduler = scheduler or native_scheduler(root.config("scheduler"))
     cfg = AnalyzeConfig(
         bits=parse_bit_widths(bits_text),
         prompts=prompts,

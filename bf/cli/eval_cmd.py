@@ -9,7 +9,7 @@ import click
 from bf.cli.checks import check_outputs, default_device, parse_guidance_scales
 from bf.cli.options import DEVICE_OPTION
 from bf.cli.output import log, progress_bar, write_json
-from bf.scheduler_names import SCHEDULERS
+from bf.scheduler_names import NATIVE_HELP, SCHEDULERS
 
 
 @click.command("eval")
@@ -35,7 +35,7 @@ from bf.scheduler_names import SCHEDULERS
               help="At least this many images per split: a split with fewer prompts than that over --seeds gets more seeds "
               "(e.g. 600 gives held-out's 30 prompts 20 seeds each), so every split's interval is about as narrow.")  # fmt: skip
 @click.option("--seed", type=int, default=1024, show_default=True, help="Seed of the first image of every prompt.")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help=f"Sampler of the images. {NATIVE_HELP}")
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Use only the first N prompts of each split.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -121,7 +121,7 @@ def command(
     click.echo(format_eval_table(results, differences), err=json_out == Path("-"))  # stdout carries the JSON then
     if json_out is not None:
         settings = {"prompts": prompts, "cfg": list(cfg.cfgs), "seeds": seeds, "images_per_split": images_per_split, "limit": limit,
-                    "seed": seed, "scheduler": scheduler, "steps": steps, "models": [str(s) for s in sources],
+                    "seed": seed, "scheduler": scheduler or loaded[0].scheduler, "steps": steps, "models": [str(s) for s in sources],
                     "reference": str(reference) if reference else None, "device": device}  # fmt: skip
         # JSON has no infinity: identical images (PSNR inf) are written as null
         rows = [{**r, **({"psnr": None, "psnr_ci95": None} if r.get("psnr") == float("inf") else {})} for r in results]

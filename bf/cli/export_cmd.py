@@ -9,7 +9,7 @@ import click
 
 from bf.cli.checks import check_output_dir, parse_lora_args
 from bf.cli.output import log, progress_bar
-from bf.scheduler_names import SCHEDULERS
+from bf.scheduler_names import NATIVE_HELP, SCHEDULERS
 
 
 @click.command("export")
@@ -20,8 +20,8 @@ from bf.scheduler_names import SCHEDULERS
                    "constants (any ONNX runtime, TensorRT); trt: graphs plus TensorRT engines for this machine's GPU; "
                    "trt-rtx: graphs plus TensorRT for RTX engines, built on any machine for --gpu-arch.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (must not exist or be empty).")
-@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="pndm", show_default=True,
-              help="Sampler the UNet's time-feature table is built for.")  # fmt: skip
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
+              help=f"Sampler the UNet's time-feature table is built for. {NATIVE_HELP}")  # fmt: skip
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="Sampling steps the table is built for.")
 @click.option("--height", type=click.IntRange(8), default=None, help="Image height [default: the model's native size].")
 @click.option("--width", type=click.IntRange(8), default=None, help="Image width [default: the model's native size].")
@@ -58,7 +58,8 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     time-feature table built for --scheduler and --steps.
     """
     from bf.export.exporter import ExportRequest, export_model
-    from bf.export.onnx_graphs import GRAPHS
+    from bf.export.onnx_graphs import graph_specs
+    from bf.models.base_model import source_family
     from bf.models.shipped import model_source
     from bf.tensorrt_flavors import arch_name
 
@@ -71,7 +72,7 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
     req = ExportRequest(target=target, scheduler=scheduler, steps=steps, height=height, width=width, batch=batch,
                         precision=precision, check=check, plugin=plugin, weights=weights, gpu_archs=archs,
                         loras=tuple((str(path.resolve()), scale) for path, scale in lora_args))  # fmt: skip
-    stages = len(GRAPHS) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
+    stages = len(graph_specs(source_family(checkpoint))) * (2 if check else 1) + engines  # trace each graph, check each, build the engines
     bar = progress_bar(total=stages, desc="export", bar_format="{desc}: {n}/{total} {postfix}")
 
     def progress(stage: str) -> None:

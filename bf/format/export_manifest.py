@@ -15,6 +15,7 @@ from bf.errors import BfError
 
 EXPORT_FORMAT, EXPORT_VERSION = "bf.export", 1
 GRAPHS = ("text_encoder", "unet", "vae_decoder")
+FAMILY_GRAPHS = {"sd15": GRAPHS, "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
 GRAPH_FORMS = ("custom", "std", "qdq")
 
@@ -56,6 +57,10 @@ class ExportManifest:
     max_tokens: int
     graphs: dict[str, dict]
     engines: dict | None = None
+    family: str = "sd15"  # sdxl: a second text encoder, the pooled prompt and micro-conditioning into the UNet
+    pooled_size: int = 0
+    force_zeros_for_empty_prompt: bool = False  # an empty negative prompt is fed as zeros (SDXL base)
+    vae_upcast: bool = False  # the VAE overflows in float16: run in float32
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # every field, as written
 
     @classmethod
@@ -74,7 +79,10 @@ class ExportManifest:
             raise BfError(f"{where}: target {target!r} with graph form {form!r} is not one bf knows; export again with this bf")
         m, s, i = need(obj, "model", dict), need(obj, "scheduler", dict), need(obj, "image", dict)
         graphs = need(obj, "graphs", dict)
-        for name in GRAPHS:
+        family = obj.get("family", "sd15")
+        if family not in FAMILY_GRAPHS:
+            raise BfError(f"{where}: family {family!r} is not one bf knows ({', '.join(FAMILY_GRAPHS)}); export again with this bf")
+        for name in FAMILY_GRAPHS[family]:
             g = need(graphs, name, dict, "graphs.")
             need(g, "files", dict, f"graphs.{name}.")
         timesteps = need(s, "timesteps", list, "scheduler.")
@@ -98,11 +106,19 @@ class ExportManifest:
             max_tokens=need(obj, "max_tokens", int),
             graphs=graphs,
             engines=obj.get("engines"),
+            family=family,
+            pooled_size=int(obj.get("pooled_size") or 0),
+            force_zeros_for_empty_prompt=bool(obj.get("force_zeros_for_empty_prompt", False)),
+            vae_upcast=bool(obj.get("vae_upcast", False)),
             raw=obj,
         )
 
     def to_json(self) -> dict:
         return self.raw
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        return FAMILY_GRAPHS[self.family]
 
 
 def read_manifest(root: Path) -> ExportManifest:

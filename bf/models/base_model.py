@@ -70,3 +70,16 @@ def quantized_from(bfq: Path) -> ModelDir:
         return ModelDir.open(path)
     except BfError as e:
         raise BfError(f"the FP model {bfq} was quantized from: {e}") from None
+
+
+def source_family(source: Path) -> str:
+    """ "sdxl" or "sd15": of a .bfq (its UNet config) or a model directory; "sd15" where it cannot be read (the
+    caller reports that)."""
+    source = Path(source)
+    try:
+        if source.is_file():
+            added = read_header(source).get("unet_config", {}).get("addition_embed_type")
+            return "sdxl" if added == "text_time" else "sd15"
+        return ModelDir(source).family
+    except BfError:
+        return "sd15"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bf.errors import BfError
 from bf.format import Checkpoint
 from bf.models.base_model import resolve_base_model
 from bf.models.directory import ModelDir
-from bf.scheduler_names import SCHEDULERS
+from bf.scheduler_names import SCHEDULERS, native_scheduler
 
 
 @dataclass
@@ -16,6 +17,7 @@ class LoadedModel:
     pipe: object  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
     label: str
     source: Path
+    scheduler: str = "pndm"  # the sampler's name (bf.scheduler_names)
 
 
 def make_scheduler(name: str, config: dict):
@@ -51,10 +53,11 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 
 def load_model(
-    source: Path, scheduler: str = "pndm", device: str = "cpu", base_model: Path | None = None, log=lambda m: None,
+    source: Path, scheduler: str | None = None, device: str = "cpu", base_model: Path | None = None, log=lambda m: None,
     checkpoint: Checkpoint | None = None,
 ) -> LoadedModel:  # fmt: skip
-    """``checkpoint``: the .bfq at ``source``, when the caller has loaded it already."""
+    """``scheduler``: a sampler name, or None for the model's own. ``checkpoint``: the .bfq at ``source``, when the
+    caller has loaded it already."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -69,6 +72,12 @@ def load_model(
         root = ModelDir.open(source).root
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     base = ModelDir(root)
+    unet_family = "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
+    if unet_family != base.family:
+        names = {"sdxl": "an SDXL", "sd15": "an SD-v1.5-style"}
+        raise BfError(f"{source}: its UNet is {names[unet_family]} one and {root} is {names[base.family]} model (text encoders, "
+                      f"VAE); pass the {'SDXL' if unet_family == 'sdxl' else 'SD-v1.5-style'} model it was quantized from")  # fmt: skip
+    scheduler = scheduler or native_scheduler(base.config("scheduler"))
     parts = (
         AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
         CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
@@ -77,7 +86,7 @@ def load_model(
         make_scheduler(scheduler, base.config("scheduler")),
     )
     pipe = assemble_xl_pipeline(root, *parts) if base.family == "sdxl" else assemble_pipeline(*parts)
-    return LoadedModel(pipe=pipe.to(device), label=source.name, source=source)
+    return LoadedModel(pipe=pipe.to(device), label=source.name, source=source, scheduler=scheduler)
 
 
 def assemble_xl_pipeline(root: Path, vae, text_encoder, tokenizer, unet, scheduler):

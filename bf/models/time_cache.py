@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bf.errors import BfError
+from bf.models.added_condition import pooled_dim, unpack
+
 
 def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -> torch.Tensor:
     """The timesteps the sampler feeds the UNet, in call order (PNDM repeats one)."""
@@ -25,7 +28,12 @@ def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -
 
     sched = make_scheduler(scheduler_name, scheduler_config)
     sched.set_timesteps(steps)
-    return torch.as_tensor(sched.timesteps).long()
+    ts = torch.as_tensor(sched.timesteps)
+    if not torch.equal(ts, ts.round()):  # Euler's linspace spacing: the table and the runtime hold whole timesteps
+        spacing = scheduler_config.get("timestep_spacing", "linspace (its default)")
+        raise BfError(f"{scheduler_name} with timestep_spacing {spacing!r} gives fractional timesteps, which the time table does not "
+                      "hold; set \"timestep_spacing\": \"leading\" in the model's scheduler_config.json, or pick another --scheduler")  # fmt: skip
+    return ts.long()
 
 
 def has_added_embedding(unet: nn.Module) -> bool:
@@ -101,13 +109,16 @@ class CachedTimeUNet(nn.Module):
         self.unet, self.step = unet, step
         self.register_buffer("timesteps", timesteps)
         self.added = has_added_embedding(unet)
+        self.pooled = pooled_dim(unet.config) if self.added else 0
 
     def forward(self, sample: torch.Tensor, step_index, encoder_hidden_states: torch.Tensor, text_embeds=None, time_ids=None,
                 timestep=0) -> torch.Tensor:  # fmt: skip
         """``timestep`` is ignored (the table holds its features); pass a device tensor when
         capturing a CUDA graph, where turning the int into one would copy from the host."""
+        if self.added and text_embeds is None and time_ids is None:  # packed after the hidden states (bf.models.added_condition)
+            encoder_hidden_states, text_embeds, time_ids = unpack(encoder_hidden_states, self.pooled)
         if self.added != (text_embeds is not None and time_ids is not None):
-            raise ValueError("an SDXL UNet takes text_embeds and time_ids; an SD-v1.5 one neither")
+            raise ValueError("an SDXL UNet takes text_embeds and time_ids (or them packed after the hidden states); an SD-v1.5 one neither")
         idx = torch.as_tensor(step_index, device=sample.device).long().reshape(-1).expand(sample.shape[0])
         self.step.index = idx
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.added else None

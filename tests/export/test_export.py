@@ -216,6 +216,10 @@ def test_bad_input_gets_one_line(exported, tmp_path):
         assert r.returncode == 1 and message in lines[-1] and sum(x.startswith("error") for x in lines) == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
-    for option, value in [("--scheduler", "euler"), ("--steps", "0")]:  # refused by click's own checks, before any work
+    # Euler on a model whose sampler config spaces timesteps by linspace (fractional timesteps): one line
+    r = run_bf("export", tmp / "m.bfq", "--out", tmp_path / "x", "--scheduler", "euler")
+    assert r.returncode == 1 and "euler with timestep_spacing 'linspace" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "x").exists()
+    for option, value in [("--scheduler", "lms"), ("--steps", "0")]:  # refused by click's own checks, before any work
         r = run_bf("export", tmp / "m.bfq", "--out", tmp_path / "x", option, value)
         assert r.returncode == 2 and f"Invalid value for '{option}'" in r.stderr, r.stderr

@@ -77,6 +77,7 @@ def _sdxl_unet(seed=0):
 def test_sdxl_caches_the_time_embedding_alone_and_equals_the_original():
     """With the added embedding the table holds the time embedding (one row per step); the pooled prompt and the
     micro-conditioning still change the output, and the cached UNet equals the original at every Euler step."""
+    from bf.models.added_condition import pack
     from bf.models.architectures import SDXL_SCHEDULER, TINY_SDXL_UNET
 
     unet = _sdxl_unet()
@@ -92,10 +93,11 @@ def test_sdxl_caches_the_time_embedding_alone_and_equals_the_original():
         table = time_feature_table(unet, ts)
         cached = cache_time_features(unet, ts)
         worst = max(float((cached(x, k, enc, text_embeds, time_ids) - r).abs().max()) for k, r in enumerate(ref))
+        packed = float((cached(x, 0, pack(enc, text_embeds, time_ids)) - ref[0]).abs().max())  # what the trainer and torch backend feed
         with pytest.raises(ValueError, match="an SDXL UNet takes text_embeds and time_ids"):
-            cached(x, 0, enc)
+            cached(x, 0, enc, text_embeds)
     assert list(table) == ["time_embedding"] and table["time_embedding"].shape == (len(ts), unet.time_embedding.table.shape[1])
-    assert worst <= 1e-5
+    assert worst <= 1e-5 and packed <= 1e-5
     assert float((ref[5] - other_size).abs().max()) > 1e-3  # the micro-conditioning reaches the output
     assert float((ref[10] - ref[11]).abs().max()) > 1e-3
     names = [n for n, _ in cached.named_parameters()]

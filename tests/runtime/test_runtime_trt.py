@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from bf.errors import BfError
+from bf.format.export_manifest import GRAPHS
 from bf.runtime.backend_trt import TrtBackend, check_engines_fit
-from bf.runtime.exported import GRAPHS, ExportedModel
+from bf.runtime.exported import ExportedModel
 
 
 def fake_export(tmp_path, engines=None) -> ExportedModel:

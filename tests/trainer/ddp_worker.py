@@ -1,5 +1,5 @@
-"""Run by test_train.py under torchrun (2 CPU processes, gloo): a short Stage I; each rank
-saves its student and its losses so the test can compare them."""
+"""Run by test_train.py under torchrun (2 CPU processes, gloo): a short Stage I of an sd15 or sdxl (argv[2]) tiny
+UNet; each rank saves its student and its losses so the test can compare them."""
 
 import json
 import sys
@@ -18,7 +18,7 @@ out = Path(sys.argv[1])
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)
-frozen = _frozen()
+frozen = _frozen(arch=sys.argv[2] if len(sys.argv) > 2 else "sd15")
 losses = []
 cfg = TrainConfig(stage1_steps=16, stage2_steps=0, batch_size=4, lr=2e-3, checkpoint_every=100)
 student, _ = train_student(frozen, _plan(frozen, 1), cfg, out / "work", progress=lambda st, step, info: losses.append(info["loss"]))

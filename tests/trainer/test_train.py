@@ -17,16 +17,25 @@ from bf.trainer.recipe import uniform_recipe  # noqa: E402
 from bf.trainer.train import STATE_FILE, Frozen, TrainConfig, train_student  # noqa: E402
 
 
-def _frozen(n=8, nan=False):
+def _frozen(n=8, nan=False, arch="sd15"):
+    """A tiny teacher, random latents and caption encodings; ``arch="sdxl"``: an SDXL UNet fed packed conditioning."""
+    from bf.models.added_condition import pack, unpack_on_forward
+    from bf.models.architectures import TINY_SDXL_UNET
+
+    config = TINY_SDXL_UNET if arch == "sdxl" else TINY_UNET
     torch.manual_seed(0)
-    teacher = diffusers.UNet2DConditionModel(**TINY_UNET)
+    teacher = diffusers.UNet2DConditionModel(**config)
     g = torch.Generator().manual_seed(1)
-    size = TINY_UNET["sample_size"]
+    size = config["sample_size"]
     latents = torch.randn(n, 4, size, size, generator=g)
     if nan:
         latents[:] = float("nan")
-    table = {f"c{i}": torch.randn(77, TINY_UNET["cross_attention_dim"], generator=g) for i in range(n)}
-    table[""] = torch.zeros(77, TINY_UNET["cross_attention_dim"])
+    table = {f"c{i}": torch.randn(77, config["cross_attention_dim"], generator=g) for i in range(n)}
+    table[""] = torch.zeros(77, config["cross_attention_dim"])
+    if arch == "sdxl":
+        unpack_on_forward(teacher)
+        time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+        table = {c: pack(h[None], torch.randn(1, 32, generator=g) * (c != ""), time_ids)[0] for c, h in table.items()}
 
     def encode(caps):
         return torch.stack([table[c] for c in caps])
@@ -200,7 +209,8 @@ def test_bf_train_cli_on_an_fp16_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_ddp_two_cpu_processes_train_identical_students(tmp_path, arch):
     import json
     import os
     import subprocess
@@ -211,7 +221,7 @@ def test_ddp_two_cpu_processes_train_identical_students(tmp_path):
 
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), arch]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))

@@ -1,0 +1,121 @@
+"""SDXL through export and the runtime: both text encoders, the UNet's added conditioning, every lowering, and
+images equal to diffusers' StableDiffusionXLPipeline on the same quantized model."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("onnxruntime")
+
+from conftest import run_bf  # noqa: E402
+
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def sdxl_bfq(tiny_sdxl_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sdxl")
+    r = run_bf("quantize", "--model", tiny_sdxl_model, "--bits", "2", "--out", tmp / "xl.bfq")
+    assert r.returncode == 0, r.stderr
+    return tmp / "xl.bfq"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def _diffusers_image(bfq, prompt, negative=None, steps=4, seed=7):
+    """The quantized model (dequantized) in StableDiffusionXLPipeline, Euler, from the runtime's initial noise."""
+    from bf.models.diffusers_pipeline import load_model
+    from bf.runtime.generation import initial_latents
+
+    pipe = load_model(bfq).pipe
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    noise = torch.from_numpy(initial_latents(seed, (1, 4, 8, 8), 1.0))  # the pipeline scales it by init_noise_sigma
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5, latents=noise, output_type="np")
+    return np.round(out.images[0] * 255) / 255
+
+
+@pytest.mark.parametrize("target", ["onnx-std", "onnx", "onnx-qdq"])
+def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, tmp_path, ort_op_library, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("BF_ORT_OP_LIB", str(ort_op_library))
+    out = tmp_path / "e"
+    r = run_bf("export", sdxl_bfq, "--target", target, "--steps", "4", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["family"], m["scheduler"]["name"], m["pooled_size"], m["hidden_size"]) == ("sdxl", "euler", 32, 64)
+    assert m["vae_upcast"] and m["force_zeros_for_empty_prompt"]
+    assert set(m["graphs"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert [i["name"] for i in m["graphs"]["unet"]["inputs"]] == ["sample", "step", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert [o["name"] for o in m["graphs"]["text_encoder_2"]["outputs"]] == ["hidden_states", "text_embeds"]
+    assert all(c["psnr_db"] >= 40 for c in m["check"]) and len(m["check"]) == 4  # every graph, both outputs of the second encoder
+    assert m["graphs"]["unet"]["size_breakdown"]["time_table"] >= 4 * 128 * 2  # (steps, time embedding width), the only table
+    assert (out / "tokenizer_2").is_dir()
+    r = run_bf("infer", out, "--prompt", PROMPT, "--steps", "4", "--seed", "7", "--out", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "a.png")).astype(np.float32) / 255
+    assert _psnr(ours, _diffusers_image(sdxl_bfq, PROMPT)) >= 35
+    assert np.abs(ours - _diffusers_image(sdxl_bfq, "a green triangle")).max() > 0.02  # the prompt reaches the image
+    if target == "onnx-std":  # a negative prompt is encoded (not zeros), as diffusers does for a given one
+        args = ["--prompt", PROMPT, "--negative-prompt", "blurry", "--steps", "4", "--seed", "7", "--out", tmp_path / "n.png"]
+        r = run_bf("infer", out, *args)
+        assert r.returncode == 0, r.stderr
+        neg = np.asarray(Image.open(tmp_path / "n.png")).astype(np.float32) / 255
+        assert _psnr(neg, _diffusers_image(sdxl_bfq, PROMPT, negative="blurry")) >= 35
+        assert np.abs(neg - ours).max() > 0.02
+
+
+def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
+    """The torch backend runs the .bfq's packed layers with the added conditioning packed after the hidden states;
+    the same image as ONNX Runtime on the export."""
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.generation import GenerationRequest, generate
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    r = run_bf("export", sdxl_bfq, "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    exported = ExportedModel.open(tmp_path / "e")
+    req = GenerationRequest(PROMPT, steps=4, seed=7)
+    ort = generate(exported, OrtBackend(exported), req).images[0].astype(np.float32) / 255
+    # the compiled step's weights decode on the CPU too (eager here: inductor is the GPU tests')
+    backend = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False)
+    backend.torch_unet.step = backend.torch_unet.eager_step
+    assert backend.text_2 is not None and backend.vae_dtype == torch.float32
+    image = generate(exported, backend, req).images[0].astype(np.float32) / 255
+    assert _psnr(image, ort) >= 35
+    assert np.abs(image - generate(exported, backend, GenerationRequest("a green triangle", steps=4, seed=7)).images[0] / 255).max() > 0.02
+
+
+def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tmp_path):
+    """An SDXL .bfq with an SD-v1.5-style base model, and an SD-v1.5 export whose manifest says SDXL: one line each."""
+    r = run_bf("export", sdxl_bfq, "--base-model", tiny_model, "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "e")
+    assert r.returncode != 0 and "its UNet is an SDXL one" in r.stderr and "is an SD-v1.5-style model" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "e").exists()
+    r = run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp_path / "sd.bfq")
+    assert r.returncode == 0, r.stderr
+    r = run_bf("export", tmp_path / "sd.bfq", "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "sd")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "sd" / "manifest.json").read_text())
+    assert manifest["family"] == "sd15"
+    (tmp_path / "sd" / "manifest.json").write_text(json.dumps({**manifest, "family": "sdxl"}))
+    r = run_bf("infer", tmp_path / "sd", "--prompt", PROMPT, "--steps", "4", "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "graphs.text_encoder_2 is missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sdxl_trt_rtx_engines_keep_the_vae_in_float32(sdxl_bfq, tmp_path):
+    """Four engines built on this CPU for RTX GPUs; fp16 but for SDXL's VAE decoder, which overflows in float16."""
+    pytest.importorskip("tensorrt_rtx")
+    r = run_bf("export", sdxl_bfq, "--target", "trt-rtx", "--steps", "4", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    engines = json.loads((tmp_path / "r" / "manifest.json").read_text())["engines"]
+    precisions = {name: e["precision"] for name, e in engines.items() if isinstance(e, dict)}
+    assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    assert all((tmp_path / "r" / e["file"]).stat().st_size > 0 for e in engines.values() if isinstance(e, dict))
