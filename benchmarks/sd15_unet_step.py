@@ -135,7 +135,7 @@ def sd15_mixed_unet():
     return master, shapes, bits
 
 
-def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int) -> dict[str, PackedWeight]:
+def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int, device: str = DEV) -> dict[str, PackedWeight]:
     """Valid random codes in the stored layout; scales put the weights at diffusers' init magnitude."""
     rng = np.random.default_rng(seed)
     cache, out = {}, {}
@@ -148,8 +148,8 @@ def random_packed(shapes: dict, bits: dict, channels_last: bool, seed: int) -> d
         if key not in cache:  # packing on the CPU is the slow part; equal shapes share codes (each layer its own copy)
             cache[key] = pack_codes(rng.integers(0, grid.levels, spec.shape, dtype=np.int32), spec.packing)
         fan_in = math.prod(shape[1:])
-        scale = torch.full((shape[0],), 1.0 / math.sqrt(fan_in) / grid.qmax, device=DEV)
-        out[name] = PackedWeight(torch.from_numpy(cache[key]).to(DEV), scale, spec, cl)
+        scale = torch.full((shape[0],), 1.0 / math.sqrt(fan_in) / grid.qmax, device=device)
+        out[name] = PackedWeight(torch.from_numpy(cache[key]).to(device), scale, spec, cl)
     return out
 
 

@@ -165,5 +165,8 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
     if held:
         log(f"{held} learned scale(s) ended at their floor (weights of those rows are near zero)")
     training = {"data": req.data, "images": len(data.captions), **asdict(req.train), "scales_at_floor": held}
+    if device.type == "cuda":  # this process's GPU (rank 0's under torchrun): what a run of this size needs per GPU
+        training["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        log(f"peak GPU memory {training['peak_gpu_memory_bytes'] / 1e9:.2f} GB")
     meta = {**recipe, "init": req.train.init, "training": training}
     return pack_student(student, quants, unet_config, base, meta, bundle_from_model_dir(model) if req.bundle else None)

@@ -31,8 +31,9 @@ def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -
     ts = torch.as_tensor(sched.timesteps)
     if not torch.equal(ts, ts.round()):  # Euler's linspace spacing: the table and the runtime hold whole timesteps
         spacing = scheduler_config.get("timestep_spacing", "linspace (its default)")
-        raise BfError(f"{scheduler_name} with timestep_spacing {spacing!r} gives fractional timesteps, which the time table does not "
-                      "hold; set \"timestep_spacing\": \"leading\" in the model's scheduler_config.json, or pick another --scheduler")  # fmt: skip
+        raise BfError(f"{scheduler_name} with timestep_spacing {spacing!r} gives fractional timesteps, which the time table does "
+                      "not hold; set \"timestep_spacing\": \"leading\" in the model's scheduler_config.json, or pick another "
+                      "--scheduler")  # fmt: skip
     return ts.long()
 
 
