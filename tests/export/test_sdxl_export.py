@@ -94,13 +94,15 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     assert np.abs(image - generate(exported, backend, GenerationRequest("a green triangle", steps=4, seed=7)).images[0] / 255).max() > 0.02
 
 
-def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tmp_path):
+def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tiny_sdxl_model, tmp_path):
     """An SDXL .bfq with an SD-v1.5-style base model, and an SD-v1.5 export whose manifest says SDXL: one line each."""
     r = run_bf("export", sdxl_bfq, "--base-model", tiny_model, "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "e")
     assert r.returncode != 0 and "its UNet is an SDXL one" in r.stderr and "is an SD-v1.5-style model" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "e").exists()
     r = run_bf("quantize", "--model", tiny_model, "--bits", "2", "--out", tmp_path / "sd.bfq")
     assert r.returncode == 0, r.stderr
+    r = run_bf("export", tmp_path / "sd.bfq", "--base-model", tiny_sdxl_model, "--target", "onnx-std", "--out", tmp_path / "e")
+    assert r.returncode != 0 and "its UNet is an SD-v1.5-style one and" in r.stderr and "is an SDXL model" in r.stderr
     r = run_bf("export", tmp_path / "sd.bfq", "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "sd")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "sd" / "manifest.json").read_text())
