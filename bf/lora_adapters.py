@@ -55,7 +55,10 @@ class LoRABranch(nn.Module):
 _KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<half>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
                   r"|processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<phalf>down|up))$")  # fmt: skip
 _DOWN = {"lora_A", "lora.down", "lora_down", "down"}
-_TIME = re.compile(r"(^|\.)(time_embedding|time_emb_proj)(\.|$)")  # computed from the export's time-feature table
+# computed into the export's time-feature table: the time embedding, and (without SDXL's added embedding) the ResBlocks'
+# time projections
+_TIME = re.compile(r"(^|\.)(time_embedding)(\.|$)")
+_TIME_PROJ = re.compile(r"(^|\.)(time_emb_proj)(\.|$)")
 
 
 def _module_and_half(key: str) -> tuple[str, str] | None:
@@ -96,8 +99,7 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
         raise BfError(f"--lora {path}: {broken[0]} has a down or an up weight but not both")
     time = [m for m in pairs if _TIME.search(m)]
     if time:
-        raise BfError(f"--lora {path}: {time[0]} is a time-embedding layer, which the export computes into its time-feature "
-                      "table; a LoRA there is not supported")  # fmt: skip
+        _refuse_time_layer(path, time[0])
     meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()} if isinstance(metadata, dict) else {}
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise BfError(f"--lora {path}: per-layer ranks or alphas (rank_pattern / alpha_pattern) are not supported")
@@ -113,6 +115,13 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
         denominator = math.sqrt(rank) if meta.get("use_rslora") else rank
         ratios[module] = float(alpha) / denominator if alpha is not None else 1.0
     return {m: (p["down"], p["up"]) for m, p in pairs.items()}, ratios
+
+
+def _refuse_time_layer(path: Path, module: str) -> None:
+    raise BfError(
+        f"--lora {path}: {module} is a time-embedding layer, which the export computes into its time-feature "
+        "table; a LoRA there is not supported"
+    )
 
 
 def _check_fit(what: str, module: str, down: torch.Tensor, up: torch.Tensor, layer: nn.Module) -> None:
@@ -153,9 +162,12 @@ def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None)
     """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (index of its entry in ``loras``,
     layer name, down, up, scale, convolution geometry or None for a linear layer)."""
     placed = []
+    added = getattr(unet, "add_embedding", None) is not None  # SDXL: its time projections also see the prompt
     for i, (path, scale) in enumerate(loras):
         weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():
+            if not added and _TIME_PROJ.search(module):
+                _refuse_time_layer(path, module)
             try:
                 parent, child = parent_and_attribute(unet, module)
                 base = getattr(parent, child)

@@ -291,7 +291,7 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
 
     from bf.cli.checks import parse_lora_arg
     from bf.errors import BfError
-    from bf.lora_adapters import read_lora
+    from bf.lora_adapters import LoRAHooks, read_lora
 
     _, ref = _dequantized_unet()
     for rslora, ratio in ((False, 2.0), (True, 8 / 4**0.5)):
@@ -305,8 +305,10 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
         assert weights and all(r == pytest.approx(ratio) for r in ratios.values())
     _, ref = _dequantized_unet()  # without peft's wrappers
     plain = random_lora_file(tmp_path / "plain.safetensors", ref, targets=("to_q", "time_emb_proj"))
-    with pytest.raises(BfError, match="time_emb_proj is a time-embedding layer"):
-        read_lora(plain)
+    with pytest.raises(BfError, match="time_emb_proj is a time-embedding layer"):  # SD-v1.5's are in the time table
+        LoRAHooks(ref, [(plain, 1.0)])
+    with pytest.raises(BfError, match=r"time_embedding\.linear_1 is a time-embedding layer"):  # in every model's table
+        read_lora(random_lora_file(tmp_path / "t.safetensors", ref, targets=("to_q", "linear_1")))
     tensors = load_file(str(random_lora_file(tmp_path / "q.safetensors", ref, targets=("to_q",))))
     key = next(iter(tensors))
     save_file({**tensors, key.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(3)}, str(tmp_path / "dora.safetensors"))

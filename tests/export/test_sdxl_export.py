@@ -121,3 +121,33 @@ def test_sdxl_trt_rtx_engines_keep_the_vae_in_float32(sdxl_bfq, tmp_path):
     precisions = {name: e["precision"] for name, e in engines.items() if isinstance(e, dict)}
     assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
     assert all((tmp_path / "r" / e["file"]).stat().st_size > 0 for e in engines.values() if isinstance(e, dict))
+
+
+def test_sdxl_lora_on_the_time_projections_is_exported(sdxl_bfq, tmp_path):
+    """SDXL's ResBlock time projections are ordinary layers (they see the prompt): a LoRA on them and on attention goes
+    into the UNet graph, and the export run by bf infer equals StableDiffusionXLPipeline with the same LoRA."""
+    pytest.importorskip("peft")
+    from conftest import random_lora_file
+    from PIL import Image
+
+    from bf.models.diffusers_pipeline import load_model
+    from bf.runtime.generation import initial_latents
+
+    pipe = load_model(sdxl_bfq).pipe
+    lora = random_lora_file(tmp_path / "l.safetensors", pipe.unet, targets=("to_q", "to_v", "conv1", "time_emb_proj"))
+    r = run_bf("export", sdxl_bfq, "--target", "onnx-std", "--steps", "4", "--lora", f"{lora}:0.8", "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    r = run_bf("infer", tmp_path / "e", "--prompt", PROMPT, "--steps", "4", "--seed", "7", "--out", tmp_path / "l.png")
+    assert r.returncode == 0, r.stderr
+    ours = np.asarray(Image.open(tmp_path / "l.png")).astype(np.float32) / 255
+    noise = torch.from_numpy(initial_latents(7, (1, 4, 8, 8), 1.0))
+
+    def image():
+        out = pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(), output_type="np")
+        return np.round(out.images[0] * 255) / 255
+
+    plain = image()
+    pipe.load_lora_weights(lora, adapter_name="l")
+    pipe.set_adapters(["l"], adapter_weights=[0.8])
+    assert _psnr(ours, image()) >= 35
+    assert np.abs(ours - plain).max() > 0.05
