@@ -148,6 +148,26 @@ def train_lora(pipe, args, log) -> dict:
     return state, record
 
 
+def probe(pipe, lora: Path, args, log) -> dict:
+    """The FP model with the LoRA on the first 12 pink single-object scenes, one seed: the detector's accuracy and the
+    mean color of the pixels it calls the object (a look before the full evaluation)."""
+    from bf.evaluate.generate import generate
+    from bf.evaluate.metrics import accuracy_of, verdicts
+    from bf.shapes.scenes import caption
+
+    pipe.load_lora_weights(lora, adapter_name="probe")
+    scenes = new_scenes("pink")[:12]
+    images, _ = generate(pipe, [(caption(sc), 1024) for sc in scenes], args.cfg, args.sample_steps, args.eval_batch)
+    pipe.delete_adapters("probe")
+    acc = accuracy_of(verdicts(images, scenes, palette()))
+    background = images.reshape(len(images), -1, 3).astype(np.float32)
+    far = np.abs(background - np.median(background, axis=1, keepdims=True)).sum(-1) > 60  # pixels unlike the background
+    color = [float(c) for c in (background[far].mean(0) if far.any() else np.zeros(3))]
+    log(f"probe (FP + LoRA, 12 pink scenes): accuracy {acc['overall']:.3f}, object pixels' mean RGB "
+        f"({color[0]:.0f}, {color[1]:.0f}, {color[2]:.0f}) against pink {NEW_RGB}")  # fmt: skip
+    return {"accuracy": acc["overall"], "mean_object_rgb": color}
+
+
 def evaluate_models(models: dict, args, log) -> list[dict]:
     """Every model on the new concept's splits (detector palette with pink) and on shapes-test's four (standard)."""
     from bf.evaluate.evaluation import prompt_sets, whole_split
@@ -220,6 +240,7 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=50, help="PNDM steps of each eval image.")
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--grid", type=Path, help="Write the new concept's images, one column per model, here.")
+    ap.add_argument("--train-only", action="store_true", help="Train, probe (12 pink scenes) and stop: no evaluation.")
     args = ap.parse_args()
 
     import torch
@@ -244,6 +265,9 @@ def main() -> None:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, weight_name=lora.name)
         if args.lora_out:
             args.lora_out.write_bytes(lora.read_bytes())
+        record["probe"] = probe(fp, lora, args, log)
+        if args.train_only:
+            return
         # what bf to-diffusers writes; on the CPU each weight decoded once and kept (the format's rule is slow per call)
         ckpt = Checkpoint.load(shipped_bfq())
         write_diffusers_model(ckpt, model_source("shipped"), Path(tmp) / "q", keep_decoded=args.device == "cpu")
