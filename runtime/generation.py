@@ -29,6 +29,8 @@ class GenerationRequest:
     height: int | None = None  # default: the export's resolution
     width: int | None = None
     num_images: int = 1
+    original_size: tuple[int, int] | None = None  # SDXL micro-conditioning (height, width); default: the image's size
+    crop: tuple[int, int] = (0, 0)  # SDXL micro-conditioning: crop top, left
 
 
 @dataclass
@@ -49,8 +51,8 @@ def encode_prompts(model: ExportedModel, backend, req: GenerationRequest, height
     time_ids, each of 2 rows; None for SD-v1.5), and the tokens the prompt lost to the 77-token limit.
 
     SDXL as diffusers' StableDiffusionXLPipeline runs it: both encoders' penultimate hidden states side by side, the
-    second's pooled projection, micro-conditioning of an uncropped image generated at its own size (original and
-    target size = height x width, crop corner 0, 0); an empty negative prompt is all zeros where the model says so
+    second's pooled projection, micro-conditioning (original size: ``req.original_size``, default height x width;
+    crop corner: ``req.crop``, default 0, 0; target size: height x width); an empty negative prompt is all zeros where the model says so
     (SDXL base's ``force_zeros_for_empty_prompt``; diffusers does this for no negative prompt)."""
     m = model.manifest
     (neg_ids, _), (ids, dropped) = model.tokenizer.encode(req.negative_prompt), model.tokenizer.encode(req.prompt)
@@ -63,7 +65,8 @@ def encode_prompts(model: ExportedModel, backend, req: GenerationRequest, height
     pooled = np.asarray(pooled, dtype=np.float32)
     if req.negative_prompt == "" and m.force_zeros_for_empty_prompt:
         hidden[0], pooled[0] = 0.0, 0.0
-    time_ids = np.array([[height, width, 0, 0, height, width]] * 2, dtype=np.float32)
+    original = req.original_size or (height, width)
+    time_ids = np.array([[*original, *req.crop, height, width]] * 2, dtype=np.float32)
     return hidden, {"text_embeds": pooled, "time_ids": time_ids}, max(dropped, dropped_2)
 
 
@@ -78,6 +81,8 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     scale = m.image.latent_scale
     if req.num_images < 1:
         raise BfError(f"--num-images {req.num_images}: must be at least 1")
+    if m.family != "sdxl" and (req.original_size is not None or tuple(req.crop) != (0, 0)):
+        raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -119,6 +124,7 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
         "scheduler": name,
         "height": height,
         "width": width,
+        **({"original_size": list(req.original_size or (height, width)), "crop": list(req.crop)} if m.family == "sdxl" else {}),
         "model_sha256": m.model.sha256,
         "backend": getattr(backend, "name", "?"),
     }

@@ -28,6 +28,20 @@ from bf.scheduler_names import SCHEDULERS
 @click.option("--height", type=int, default=None, help="Image height [default: the export's].")
 @click.option("--width", type=int, default=None, help="Image width [default: the export's].")
 @click.option("--num-images", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt (one batch).")
+@click.option(
+    "--original-size",
+    "original_size",
+    metavar="HxW",
+    default=None,
+    help="SDXL micro-conditioning: the size the model is told the image was originally [default: --height x --width].",
+)
+@click.option(
+    "--crop",
+    metavar="TOP,LEFT",
+    default="0,0",
+    show_default=True,
+    help="SDXL micro-conditioning: the crop corner the model is told the image was cut at.",
+)
 @click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
               help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt: the TensorRT engines of a --target trt export "
                    "(needs bf[trt]). torch: PyTorch on a CUDA GPU, weights decoded by plugins_trt's kernels (needs bf[train] "
@@ -41,8 +55,8 @@ from bf.scheduler_names import SCHEDULERS
 @COMPILE_OPTION
 @RUNTIME_LORA_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
-def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, backend, cuda_graph, fused,
-            keep_decoded, compile_step, loras, out, as_json) -> None:  # fmt: skip
+def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, original_size, crop, backend,
+            cuda_graph, fused, keep_decoded, compile_step, loras, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
@@ -68,11 +82,15 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError(f"--lora runs on --backend torch; the {backend} backend runs the exported graph: put the LoRA into it "
                       "with bf export --lora")  # fmt: skip
     lora_args = parse_lora_args(loras)
+    original = _pair(original_size, "--original-size", "x", "HxW, e.g. 1024x1024") if original_size else None
+    crop_at = _pair(crop, "--crop", ",", "TOP,LEFT, e.g. 0,0", minimum=0)
     check_png_out(out)
     check_gpu_backend(backend)
     options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step, lora_args)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))
-    req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images)
+    if model.manifest.family != "sdxl" and (original is not None or crop_at != (0, 0)):
+        raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")
+    req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, original, crop_at)
     if warning := model.size_warning(height, width):
         log(warning)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
@@ -98,3 +116,14 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         click.echo(json.dumps({"files": [str(p) for p in paths], "settings": {**result.settings, **({"loras": lora} if lora else {})},
                                "execution": execution,
                                "timings": result.timings}, indent=1))  # fmt: skip
+
+
+def _pair(text: str, option: str, sep: str, form: str, minimum: int = 1) -> tuple[int, int]:
+    parts = text.lower().split(sep)
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        raise BfError(f"{option} {text}: expected {form}") from None
+    if a < minimum or b < minimum:
+        raise BfError(f"{option} {text}: both must be at least {minimum}")
+    return a, b

@@ -28,15 +28,16 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
-def _diffusers_image(bfq, prompt, negative=None, steps=4, seed=7):
-    """The quantized model (dequantized) in StableDiffusionXLPipeline, Euler, from the runtime's initial noise."""
+def _diffusers_image(bfq, prompt, negative=None, steps=4, seed=7, **micro):
+    """The quantized model (dequantized) in StableDiffusionXLPipeline, Euler, from the runtime's initial noise;
+    ``micro``: original_size, crops_coords_top_left."""
     from bf.models.diffusers_pipeline import load_model
     from bf.runtime.generation import initial_latents
 
     pipe = load_model(bfq).pipe
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     noise = torch.from_numpy(initial_latents(seed, (1, 4, 8, 8), 1.0))  # the pipeline scales it by init_noise_sigma
-    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5, latents=noise, output_type="np")
+    out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5, latents=noise, output_type="np", **micro)
     return np.round(out.images[0] * 255) / 255
 
 
@@ -69,6 +70,13 @@ def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, 
         neg = np.asarray(Image.open(tmp_path / "n.png")).astype(np.float32) / 255
         assert _psnr(neg, _diffusers_image(sdxl_bfq, PROMPT, negative="blurry")) >= 35
         assert np.abs(neg - ours).max() > 0.02
+        # the micro-conditioning: told the image was 32x48 and cut at (8, 0), as diffusers' original_size and crops
+        args = ["--prompt", PROMPT, "--original-size", "32x48", "--crop", "8,0", "--steps", "4", "--seed", "7", "--out", tmp_path / "m.png"]
+        r = run_bf("infer", out, *args)
+        assert r.returncode == 0, r.stderr
+        micro = np.asarray(Image.open(tmp_path / "m.png")).astype(np.float32) / 255
+        assert _psnr(micro, _diffusers_image(sdxl_bfq, PROMPT, original_size=(32, 48), crops_coords_top_left=(8, 0))) >= 35
+        assert np.abs(micro - ours).max() > 0.02
 
 
 def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
@@ -107,6 +115,8 @@ def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tiny_sdxl_model
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "sd" / "manifest.json").read_text())
     assert manifest["family"] == "sd15"
+    r = run_bf("infer", tmp_path / "sd", "--prompt", PROMPT, "--steps", "4", "--crop", "8,8", "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "--original-size and --crop are SDXL's micro-conditioning" in r.stderr
     (tmp_path / "sd" / "manifest.json").write_text(json.dumps({**manifest, "family": "sdxl"}))
     r = run_bf("infer", tmp_path / "sd", "--prompt", PROMPT, "--steps", "4", "--out", tmp_path / "x.png")
     assert r.returncode != 0 and "graphs.text_encoder_2 is missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
