@@ -25,7 +25,7 @@ if [ "$part" = step ]; then
     | grep -v "Loading weights\|should be kept in float32" | tee "$out/sdxl_step_and_memory.txt"
 else
   steps=${STEPS:-12}
-  [ -d /tmp/sdxl ] || python3 -m bf.cli random-model --arch sdxl --dtype fp16 --out /tmp/sdxl
+  [ -d /tmp/sdxl ] || (cd /tmp && python3 -m bf.cli random-model --arch sdxl --dtype fp16 --out /tmp/sdxl)
   common=(--model /tmp/sdxl --recipe "$repo/results/sdxl_recipe_1.99.json" --images 32 --stage1-steps "$steps" --no-stage2
           --batch-size 1 --grad-checkpoint --bf16 --checkpoint-every 100000)
   rm -rf /tmp/one.bfq /tmp/one.bfq.work /tmp/two.bfq /tmp/two.bfq.work

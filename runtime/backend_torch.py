@@ -215,14 +215,20 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
 
 
 def _smallest_inputs(unet, device: str, dtype):
-    """A step's inputs at the smallest latent the UNet's resamplers take, one token of context."""
+    """A step's inputs at the smallest latent the UNet's resamplers take, one token of context (SDXL: and its added
+    conditioning, packed after it)."""
     import torch
 
     side = 2 ** (len(unet.config.block_out_channels) - 1)
     width = unet.config.cross_attention_dim
     width = width[0] if isinstance(width, (list, tuple)) else width
     sample = torch.zeros(1, unet.config.in_channels, side, side, device=device, dtype=dtype)
-    return sample, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, 1, width, device=device, dtype=dtype)
+    tokens = 1
+    if getattr(unet, "add_embedding", None) is not None:  # SDXL: the added conditioning's rows after the token (packed)
+        from bf.models.added_condition import extra_rows, pooled_dim
+
+        tokens += extra_rows(width, pooled_dim(unet.config))
+    return sample, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, tokens, width, device=device, dtype=dtype)
 
 
 def _logged_first_calls(step, log, cache_dir: str):
