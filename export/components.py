@@ -27,6 +27,7 @@ class Components:
     hidden_size: int  # of the UNet's encoder_hidden_states (SDXL: both text encoders' side by side)
     text_encoder_2: torch.nn.Module | None = None  # SDXL: input_ids -> (hidden_states, text_embeds)
     pooled_size: int = 0  # SDXL: width of text_embeds
+    size_multiple: int = 8  # image sizes the UNet graph takes: multiples of the latent scale x its downsampling
 
     @property
     def family(self) -> str:
@@ -56,6 +57,7 @@ def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Componen
         hidden_size=int(pipe.unet.config.cross_attention_dim),
         text_encoder_2=texts.get("text_encoder_2"),
         pooled_size=pooled_dim(pipe.unet.config) if "text_encoder_2" in texts else 0,
+        size_multiple=int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1),
     )
 
 

@@ -147,6 +147,13 @@ def export_model(
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native, scheduler=loaded.scheduler)
+    # the graph halves the latents once per resampling level and doubles them back: sizes that do not halve evenly
+    # would need the upsampling sizes traced, which the export does not do
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name, v in (("--height", req.height), ("--width", req.width)):
+        if v % multiple:
+            raise BfError(f"{name} {v}: this UNet halves its latents {multiple // int(pipe.vae_scale_factor)}x, so image sizes must be "
+                          f"multiples of {multiple} (nearest: {max(multiple, int(v / multiple + 0.5) * multiple)})")  # fmt: skip
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)
@@ -238,7 +245,14 @@ def _manifest(
         "plugin": {"name": OP_TYPE, "version": str(OP_VERSION), "namespace": PLUGIN_NAMESPACE} if form == "custom" else None,
         "model": identity,
         "scheduler": {"name": req.scheduler, "steps": req.steps, "timesteps": comps.timesteps},
-        "image": {"height": req.height, "width": req.width, "max_batch": req.batch, "latent_scale": comps.latent_scale, "native": native},
+        "image": {
+            "height": req.height,
+            "width": req.width,
+            "max_batch": req.batch,
+            "latent_scale": comps.latent_scale,
+            "native": native,
+            "size_multiple": comps.size_multiple,
+        },
         "family": comps.family,
         "latent_channels": comps.latent_channels,
         "hidden_size": comps.hidden_size,

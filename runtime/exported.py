@@ -61,14 +61,16 @@ class ExportedModel:
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The image size to run at (default: the export's), checked against the latent scale."""
         image = self.manifest.image
-        height, width, scale = height or image.height, width or image.width, image.latent_scale
+        height, width, scale = height or image.height, width or image.width, image.size_multiple or image.latent_scale
         if height <= 0 or width <= 0 or height % scale or width % scale:
-            raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale}")
+            near = ", ".join(f"{n} {max(scale, int(v / scale + 0.5) * scale)}" for n, v in (("--height", height), ("--width", width)))
+            raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale} (nearest: {near})")
         return height, width
 
     def size_warning(self, height: int | None, width: int | None) -> str | None:
         """A line for a size far (beyond 2x either way) from the model's native one (exports that do not
-        record it: the export's size)."""
+        record it: the export's size); a size the model cannot take is refused first (``image_size``)."""
+        self.image_size(height, width)
         image = self.manifest.image
         native = image.native or max(image.height, image.width)
         return far_from_native(height or image.height, width or image.width, native)

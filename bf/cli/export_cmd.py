@@ -52,10 +52,11 @@ def command(checkpoint, target, out, scheduler, steps, height, width, batch, fp1
 
     \b
     Writes text_encoder.onnx, unet.onnx, vae_decoder.onnx, tokenizer/, scheduler/ and
-    manifest.json (plus engines/ for trt and trt-rtx). Every quantized weight of unet.onnx is
-    one bitsfusion::LowBitDequant node over its packed codes (onnx-std: the same decode in
-    standard operators; onnx-qdq: DequantizeLinear), and the UNet takes a step index into a
-    time-feature table built for --scheduler and --steps.
+    manifest.json (plus engines/ for trt and trt-rtx; SDXL: also text_encoder_2.onnx and
+    tokenizer_2/). Every quantized weight of unet.onnx is one bitsfusion::LowBitDequant node
+    over its packed codes (onnx-std: the same decode in standard operators; onnx-qdq:
+    DequantizeLinear), and the UNet takes a step index into a time-feature table built for
+    --scheduler and --steps (SDXL: and the pooled prompt and micro-conditioning).
     """
     from bf.export.exporter import ExportRequest, export_model
     from bf.export.onnx_graphs import graph_specs

@@ -42,6 +42,7 @@ class ImageInfo:
     max_batch: int
     latent_scale: int
     native: int | None = None  # the model's training size; absent in older exports
+    size_multiple: int | None = None  # what height and width must be multiples of (latent scale x the UNet's downsampling)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class ExportManifest:
                 need(i, "max_batch", int, "image."),
                 need(i, "latent_scale", int, "image."),
                 i.get("native"),
+                i.get("size_multiple"),
             ),
             latent_channels=need(obj, "latent_channels", int),
             hidden_size=need(obj, "hidden_size", int),

@@ -33,6 +33,7 @@ def resolve_base_model(ckpt: Checkpoint, source: Path, override: Path | None = N
     """Directory holding the checkpoint's text encoder, VAE, tokenizer and scheduler."""
     if override is not None:
         model = ModelDir.open(override, BASE_COMPONENTS)
+        check_same_family(ckpt.unet_config, model, source)
         if model.content_hash() != ckpt.base_model.get("hash"):
             log(f"warning: {override} differs from the base model {source} was quantized from")
         return model.root
@@ -83,3 +84,12 @@ def source_family(source: Path) -> str:
         return ModelDir(source).family
     except BfError:
         return "sd15"
+
+
+def check_same_family(unet_config: dict, base: ModelDir, source: Path) -> None:
+    """One line when a UNet (its config) and a base model (text encoders, VAE) are of different families."""
+    unet_family = "sdxl" if dict(unet_config).get("addition_embed_type") == "text_time" else "sd15"
+    if unet_family != base.family:
+        names = {"sdxl": "an SDXL", "sd15": "an SD-v1.5-style"}
+        raise BfError(f"{source}: its UNet is {names[unet_family]} one and {base.root} is {names[base.family]} model (text encoders, "
+                      f"VAE); pass the {'SDXL' if unet_family == 'sdxl' else 'SD-v1.5-style'} model it was quantized from")  # fmt: skip

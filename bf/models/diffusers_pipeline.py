@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bf.errors import BfError
 from bf.format import Checkpoint
-from bf.models.base_model import resolve_base_model
+from bf.models.base_model import check_same_family, resolve_base_model
 from bf.models.directory import ModelDir
 from bf.scheduler_names import SCHEDULERS, native_scheduler
 
@@ -72,11 +71,7 @@ def load_model(
         root = ModelDir.open(source).root
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
     base = ModelDir(root)
-    unet_family = "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
-    if unet_family != base.family:
-        names = {"sdxl": "an SDXL", "sd15": "an SD-v1.5-style"}
-        raise BfError(f"{source}: its UNet is {names[unet_family]} one and {root} is {names[base.family]} model (text encoders, "
-                      f"VAE); pass the {'SDXL' if unet_family == 'sdxl' else 'SD-v1.5-style'} model it was quantized from")  # fmt: skip
+    check_same_family(unet.config, base, source)
     scheduler = scheduler or native_scheduler(base.config("scheduler"))
     parts = (
         AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),

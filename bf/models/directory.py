@@ -47,7 +47,8 @@ class ModelDir:
             problems += _component_problems(root, comp)
         if problems:
             what = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
-            raise BfError(f"{root} is not a complete diffusers {what} directory: missing {', '.join(problems)}")
+            raise BfError(f"{root} is not a complete diffusers {what} directory: missing {', '.join(problems)}; "
+                          "copy the whole model (every component, safetensors weights) or pass another directory")  # fmt: skip
         return cls(root)
 
     @property

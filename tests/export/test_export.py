@@ -200,6 +200,10 @@ def test_bad_input_gets_one_line(exported, tmp_path):
     cases = [
         (["export", tmp / "m.bfq", "--out", tmp / "onnx"], "exists and is not empty"),
         (["export", tmp / "m.bfq", "--out", tmp_path / "x", "--height", "100"], "must be positive multiples of 8"),
+        (
+            ["export", tmp / "m.bfq", "--out", tmp_path / "x", "--height", "72"],
+            "so image sizes must be multiples of 64 (nearest: 64)",
+        ),
         (["export", tmp / "m.bfq", "--out", tmp_path / "x", "--fp16"], "--fp16 applies to TensorRT engines only"),
         (["export", tmp_path / "nope.bfq", "--out", tmp_path / "x"], "nope.bfq"),
         (["export", tmp / "m.bfq", "--out", tmp_path / "x", "--base-model", tmp_path / "gone"], "gone"),

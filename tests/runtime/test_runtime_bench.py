@@ -52,7 +52,7 @@ def test_bench_bad_input_gets_one_line(quantized_bfq, tmp_path):
     cases = [
         (("--batch", "0"), "batch sizes must be at least 1"),
         (("--batch", "two"), "expected comma-separated batch sizes"),
-        (("--height", "100"), "multiples of 8"),
+        (("--height", "100"), "multiples of 64 (nearest: --height 128"),
         (("--steps", "7"), "export again"),
     ]
     for args, message in cases:

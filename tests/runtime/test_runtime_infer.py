@@ -105,7 +105,7 @@ def test_bad_input_gets_one_line(exported_std, tmp_path):
         (["infer", d, "--prompt", "  "], "--prompt is empty"),
         (["infer", d, "--prompt", "x", "--steps", "20"], "exported for pndm with 10 steps, not pndm with 20"),
         (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "bf export"),
-        (["infer", d, "--prompt", "x", "--height", "100"], "must be positive multiples of 8"),
+        (["infer", d, "--prompt", "x", "--height", "100"], "multiples of 64 (nearest: --height 128, --width 64)"),
         (["infer", d, "--prompt", "x", "--steps", "0"], "must be at least 1"),
     ]
     for args, message in cases:
@@ -113,6 +113,10 @@ def test_bad_input_gets_one_line(exported_std, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.png").exists()
+    # a multiple of 8 the UNet cannot halve three times (its upsampling was traced for even sizes), far from native: one line,
+    # the refusal alone with no warning first, and no traceback from ONNX Runtime
+    r = run_bf("infer", d, "--prompt", "x", "--height", "2000", "--out", tmp_path / "x.png")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "multiples of 64 (nearest: --height 1984" in r.stderr, r.stderr
     for out, message in [(tmp_path / "x.jpg", "bf infer writes PNG images; give a .png file name"),
                          (tmp_path / "no" / "x.png", "does not exist; create it first")]:  # fmt: skip
         r = run_bf("infer", d, "--prompt", "x", "--out", out)
