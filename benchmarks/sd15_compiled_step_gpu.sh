@@ -16,10 +16,7 @@ mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
 export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor
-build=/tmp/bfbuild
-cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
-cmake --build $build -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
-export BF_DECODE_LIB=$build/libbf_decode.so
+build_decode_library
 
 if [ "$part" = step ]; then
   echo "== SD-v1.5 UNet step: 1.99 bits against the fastest FP16"

@@ -11,10 +11,7 @@ mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
 export BF_CACHE=/tmp/bfcache
-build=/tmp/bfbuild
-cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
-cmake --build $build -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
-export BF_DECODE_LIB=$build/libbf_decode.so
+build_decode_library
 
 pytest_gpu() {
   (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" "$@" 2>&1 | tail -15)

@@ -14,10 +14,7 @@ repo=$PWD
 source tools/device_env.sh
 export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
-build=/tmp/bfbuild
-cmake -S plugins_trt -B $build -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
-cmake --build $build -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
-export BF_DECODE_LIB=$build/libbf_decode.so
+build_decode_library
 
 if [ "$part" = step ]; then
   echo "== SDXL and SD-v1.5: UNet step and memory, 1.99 bits against FP16"

@@ -8,3 +8,10 @@ if [ -d .whl ] && ! python3 -c "import diffusers, bf.trainer" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+# The decode kernels for the GPU here (sm_90), built once into /tmp/bfbuild; BF_DECODE_LIB names the library.
+build_decode_library() {
+  cmake -S plugins_trt -B /tmp/bfbuild -DBF_CUDA_ARCHITECTURES="90" | grep "bf:"
+  cmake --build /tmp/bfbuild -j16 --target bf_decode 2>&1 | grep -E "error|Built target" || true
+  export BF_DECODE_LIB=/tmp/bfbuild/libbf_decode.so
+}

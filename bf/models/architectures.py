@@ -142,25 +142,15 @@ SHAPES_VAE = {
 
 
 SDXL_UNET = {
-    "act_fn": "silu",
+    **SD15_UNET,  # SDXL's settings where they differ: three levels, deeper transformers, the added embedding
     "addition_embed_type": "text_time",
     "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256,
     "attention_head_dim": [5, 10, 20],
     "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
     "cross_attention_dim": 2048,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "projection_class_embeddings_input_dim": 2816,  # pooled prompt (1280) + 6 micro-conditioning values x 256
     "sample_size": 128,
     "transformer_layers_per_block": [1, 2, 10],
