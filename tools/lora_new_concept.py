@@ -148,6 +148,48 @@ def train_lora(pipe, args, log) -> dict:
     return state, record
 
 
+VAE_COLORS = {"pink": NEW_RGB, "magenta": (220, 40, 200), "cyan": (30, 190, 200), "teal": (0, 128, 128), "navy": (20, 30, 120),
+              "brown": (140, 80, 30), "lime": (150, 220, 40), "gray": (128, 128, 128), "black": (20, 20, 20)}  # fmt: skip
+
+
+def vae_round_trip(pipe) -> dict:
+    """What the model's VAE keeps of a candidate concept: each color as a large centered square (the mean RGB of its
+    middle after encode and decode), and new shapes in a training color (the shape's pixels that come back in that
+    color, as intersection over union with the drawn shape; the training square for reference)."""
+    import torch
+
+    from bf.shapes.render import PALETTE, render
+    from bf.shapes.scenes import Obj, Scene
+
+    def round_trip(img: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+        return ((y[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).numpy()
+
+    size = pipe.vae.config.sample_size
+    colors = {}
+    for name, rgb in {**PALETTE, **VAE_COLORS}.items():
+        img = render(
+            Scene((Obj("square", name, "large", "center"),)), np.random.default_rng(0), resolution=size, palette={**PALETTE, name: rgb}
+        )
+        mid = round_trip(img)[size * 27 // 64 : size * 37 // 64, size * 27 // 64 : size * 37 // 64].reshape(-1, 3).mean(0)
+        nearest = min(PALETTE, key=lambda c: float(np.abs(np.array(PALETTE[c]) - mid).sum()))
+        colors[name] = {"rgb": list(rgb), "after_vae": [round(float(v)) for v in mid], "trained": name in PALETTE,
+                        "max_error": float(np.abs(mid - np.array(rgb)).max()), "nearest_training_color": nearest}  # fmt: skip
+    yy, xx = np.mgrid[0:size, 0:size] * (128 / size)
+    masks = {"square": (np.abs(yy - 64) <= 25) & (np.abs(xx - 64) <= 25), "diamond": (np.abs(yy - 64) + np.abs(xx - 64)) <= 30,
+             "cross": ((np.abs(yy - 64) <= 8) & (np.abs(xx - 64) <= 30)) | ((np.abs(xx - 64) <= 8) & (np.abs(yy - 64) <= 30)),
+             "ring": ((yy - 64) ** 2 + (xx - 64) ** 2 <= 900) & ((yy - 64) ** 2 + (xx - 64) ** 2 >= 324)}  # fmt: skip
+    shapes = {}
+    for name, mask in masks.items():
+        img = np.full((size, size, 3), 255, np.uint8)
+        img[mask] = PALETTE["red"]
+        kept = np.abs(round_trip(img) - np.array(PALETTE["red"])).sum(-1) < 120
+        shapes[name] = {"iou": float((kept & mask).sum() / (kept | mask).sum()), "trained": name == "square"}
+    return {"colors": colors, "shapes": shapes, "shape_color": "red"}
+
+
 def probe(pipe, lora: Path, args, log) -> dict:
     """The FP model with the LoRA on the first 12 pink single-object scenes, one seed: the detector's accuracy and the
     mean color of the pixels it calls the object (a look before the full evaluation)."""
@@ -241,6 +283,8 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--grid", type=Path, help="Write the new concept's images, one column per model, here.")
     ap.add_argument("--train-only", action="store_true", help="Train, probe (12 pink scenes) and stop: no evaluation.")
+    ap.add_argument("--vae-check", type=Path, metavar="JSON",
+                    help="Only measure what the shipped VAE keeps of candidate colors and shapes (encode, decode), into JSON.")  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -258,6 +302,16 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     fp = load_model(model_source("shipped"), device=args.device).pipe
+    if args.vae_check:
+        found = vae_round_trip(fp)
+        args.vae_check.write_text(
+            json.dumps({"command": " ".join(["python", "tools/lora_new_concept.py", *sys.argv[1:]]), **found}, indent=1) + "\n"
+        )
+        for name, c in found["colors"].items():
+            log(f"{name:>8s} {tuple(c['rgb'])} -> {tuple(c['after_vae'])} (nearest training color: {c['nearest_training_color']})")
+        for name, sh in found["shapes"].items():
+            log(f"{name:>8s}: IoU {sh['iou']:.3f} after the VAE")
+        return
     fp.set_progress_bar_config(disable=True)
     state, record = train_lora(fp, args, log)
     with tempfile.TemporaryDirectory() as tmp:
