@@ -1,21 +1,23 @@
 """A concept the shipped model cannot draw, taught by a LoRA trained on the FP model and applied, unchanged, to the
 1.99-bit model: does LoRA work on a 1.99-bit UNet?
 
-The concept is a new color, pink (RGB 236, 112, 180): the shipped model was trained on six colors, the renderer
-draws pink when given it, and the detector tells pink apart when its palette holds it (bf.shapes palettes).
-"pink" is one token of the CLIP vocabulary the shipped tokenizer has, which the text encoder never saw in training.
+The concept is a new shape, a diamond: the shipped model was trained on circles, squares and triangles, the renderer
+draws diamonds, and the detector tells them from triangles when asked to (``diamonds=True``). "diamond" is one token of
+the CLIP vocabulary the shipped tokenizer has, which the text encoder never saw in training. Not a new color: the
+shipped VAE decodes every color it was not trained on as one it was (pink comes back purple), so no UNet LoRA can
+draw one; shapes come through it (``--vae-check`` measures both).
 
 1. Train a LoRA (peft, rank --rank, on the transformer blocks' projections: attention, proj_in/out, feed-forward) on
-   the FP model: the noise-prediction loss on rendered scenes, two thirds with a pink object (single objects, and two
-   objects one of which is pink) and a third the shipped model's own training scenes, so that what it could draw is
+   the FP model: the noise-prediction loss on rendered scenes, two thirds with a diamond (single objects, and two
+   objects one of which is a diamond) and a third the shipped model's own training scenes, so that what it could draw is
    kept; empty prompt 10% of the time
    (classifier-free guidance). Saved in diffusers' format (``save_lora_weights``).
 2. Apply that file with ``pipe.load_lora_weights`` to the FP model and to the 1.99-bit model loaded through the
    bitsfusion backend (``bf to-diffusers``; its low-bit layers stay packed codes, the LoRA runs beside them).
-3. Score the new concept, the 30 pink single-object scenes (every shape, size and position) and 30 two-object
-   scenes with a pink object, for the base models and both with the LoRA; and the four shapes-test splits with the
-   LoRA loaded and without. Accuracy by bf's detector (its palette with pink for the new split; the standard one
-   for the old splits), with 95% intervals and paired differences (bf.evaluate.intervals).
+3. Score the new concept, 30 single diamonds (every color and position, both sizes) and 30 two-object scenes with a
+   diamond, for the base models and both with the LoRA; and the four shapes-test splits with the LoRA loaded and
+   without. Accuracy by bf's detector (telling diamonds for the new splits; as always for the old ones), with 95%
+   intervals and paired differences (bf.evaluate.intervals).
 
     python tools/lora_new_concept.py --out results/lora_new_concept.json [--device cuda] [--steps 600]
 """
@@ -31,39 +33,35 @@ from pathlib import Path
 
 import numpy as np
 
-NEW_COLOR, NEW_RGB = "pink", (236, 112, 180)
+NEW_SHAPE = "diamond"
+PINK = (236, 112, 180)  # a color the shipped model never saw (the VAE check's first candidate)
 
 
-def palette() -> dict:
-    from bf.shapes.render import PALETTE
-
-    return {**PALETTE, NEW_COLOR: NEW_RGB}
-
-
-def pink_pair(rng: np.random.Generator, sized: bool):
-    """A two-object scene: a pink shape and a training pair, either side of a relation; sizes drawn (``sized``: as
-    training scenes have them) or "any" (what a two-object caption names)."""
-    from bf.shapes.scenes import RELATIONS, SHAPES, SIZES, TRAIN_PAIRS, Obj, Scene
+def new_pair(rng: np.random.Generator, sized: bool):
+    """A two-object scene: a diamond in a training color and a training pair, either side of a relation; sizes drawn
+    (``sized``: as training scenes have them) or "any" (what a two-object caption names)."""
+    from bf.shapes.scenes import COLORS, RELATIONS, SIZES, TRAIN_PAIRS, Obj, Scene
 
     other = TRAIN_PAIRS[int(rng.integers(len(TRAIN_PAIRS)))]
-    pink = (SHAPES[int(rng.integers(len(SHAPES)))], NEW_COLOR)
-    pair = [pink, other] if rng.random() < 0.5 else [other, pink]
+    new = (NEW_SHAPE, COLORS[int(rng.integers(len(COLORS)))])
+    pair = [new, other] if rng.random() < 0.5 else [other, new]
     rel = tuple(RELATIONS)[int(rng.integers(len(RELATIONS)))]
     size = (lambda: SIZES[int(rng.integers(len(SIZES)))]) if sized else (lambda: "any")
     return Scene(tuple(Obj(*p, size(), q) for p, q in zip(pair, RELATIONS[rel], strict=True)), relation=rel)
 
 
 def new_scenes(split: str) -> list:
-    """The new concept's test scenes: ``pink`` (30 single objects: every shape, size and position) or ``pink-two``
-    (30 two-object scenes, a pink object and a training pair, in a relation; fixed seed)."""
-    from bf.shapes.scenes import POSITIONS, SHAPES, SIZES, Obj, Scene, caption
+    """The new concept's test scenes: ``diamond`` (30 single diamonds: every color and position, sizes alternating)
+    or ``diamond-two`` (30 two-object scenes, a diamond and a training pair, in a relation; fixed seed)."""
+    from bf.shapes.scenes import COLORS, POSITIONS, SIZES, Obj, Scene, caption
 
-    if split == "pink":
-        return [Scene((Obj(s, NEW_COLOR, size, pos),)) for s in SHAPES for size in SIZES for pos in POSITIONS]
+    if split == NEW_SHAPE:
+        cells = [(c, p) for c in COLORS for p in POSITIONS]
+        return [Scene((Obj(NEW_SHAPE, c, SIZES[i % len(SIZES)], p),)) for i, (c, p) in enumerate(cells)]
     rng = np.random.default_rng(20261130)
     scenes, seen = [], set()
     while len(scenes) < 30:
-        sc = pink_pair(rng, sized=False)
+        sc = new_pair(rng, sized=False)
         if caption(sc) not in seen:
             seen.add(caption(sc))
             scenes.append(sc)
@@ -71,22 +69,21 @@ def new_scenes(split: str) -> list:
 
 
 def training_set(n: int, resolution: int, seed: int = 0):
-    """``n`` rendered images and captions: two thirds with a pink object, a third the shipped model's training scenes."""
+    """``n`` rendered images and captions: two thirds with a diamond, a third the shipped model's training scenes."""
     from bf.shapes.render import render
-    from bf.shapes.scenes import POSITIONS, SHAPES, SIZES, Obj, Scene, caption, sample_scene
+    from bf.shapes.scenes import COLORS, POSITIONS, SIZES, Obj, Scene, caption, sample_scene
 
-    pal = palette()
     images, captions = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         if i % 3 == 2:
             scene = sample_scene(rng)
         elif rng.random() < 0.6:
-            obj = Obj(SHAPES[int(rng.integers(3))], NEW_COLOR, SIZES[int(rng.integers(2))], POSITIONS[int(rng.integers(5))])
+            obj = Obj(NEW_SHAPE, COLORS[int(rng.integers(len(COLORS)))], SIZES[int(rng.integers(2))], POSITIONS[int(rng.integers(5))])
             scene = Scene((obj,))
         else:
-            scene = pink_pair(rng, sized=True)
-        images.append(render(scene, rng, resolution=resolution, palette=pal))
+            scene = new_pair(rng, sized=True)
+        images.append(render(scene, rng, resolution=resolution))
         captions.append(caption(scene, rng))
     return np.stack(images), captions
 
@@ -148,7 +145,7 @@ def train_lora(pipe, args, log) -> dict:
     return state, record
 
 
-VAE_COLORS = {"pink": NEW_RGB, "magenta": (220, 40, 200), "cyan": (30, 190, 200), "teal": (0, 128, 128), "navy": (20, 30, 120),
+VAE_COLORS = {"pink": PINK, "magenta": (220, 40, 200), "cyan": (30, 190, 200), "teal": (0, 128, 128), "navy": (20, 30, 120),
               "brown": (140, 80, 30), "lime": (150, 220, 40), "gray": (128, 128, 128), "black": (20, 20, 20)}  # fmt: skip
 
 
@@ -191,51 +188,52 @@ def vae_round_trip(pipe) -> dict:
 
 
 def probe(pipe, lora: Path, args, log) -> dict:
-    """The FP model with the LoRA on the first 12 pink single-object scenes, one seed: the detector's accuracy and the
-    mean color of the pixels it calls the object (a look before the full evaluation)."""
+    """The FP model with the LoRA on the first 12 single-diamond scenes, one seed: the detector's accuracy and how
+    many of the objects it finds are diamonds (a look before the full evaluation)."""
     from bf.evaluate.generate import generate
     from bf.evaluate.metrics import accuracy_of, verdicts
     from bf.shapes.scenes import caption
 
     pipe.load_lora_weights(lora, adapter_name="probe")
-    scenes = new_scenes("pink")[:12]
+    from bf.shapes.detect import detect
+
+    scenes = new_scenes(NEW_SHAPE)[:12]
     images, _ = generate(pipe, [(caption(sc), 1024) for sc in scenes], args.cfg, args.sample_steps, args.eval_batch)
     pipe.delete_adapters("probe")
-    acc = accuracy_of(verdicts(images, scenes, palette()))
-    background = images.reshape(len(images), -1, 3).astype(np.float32)
-    far = np.abs(background - np.median(background, axis=1, keepdims=True)).sum(-1) > 60  # pixels unlike the background
-    color = [float(c) for c in (background[far].mean(0) if far.any() else np.zeros(3))]
-    log(f"probe (FP + LoRA, 12 pink scenes): accuracy {acc['overall']:.3f}, object pixels' mean RGB "
-        f"({color[0]:.0f}, {color[1]:.0f}, {color[2]:.0f}) against pink {NEW_RGB}")  # fmt: skip
-    return {"accuracy": acc["overall"], "mean_object_rgb": color}
+    acc = accuracy_of(verdicts(images, scenes, diamonds=True))
+    found = [d.shape for img in images for d in detect(img, diamonds=True)]
+    share = found.count(NEW_SHAPE) / max(len(found), 1)
+    log(f"probe (FP + LoRA, 12 diamond scenes): accuracy {acc['overall']:.3f}; {len(found)} objects found, "
+        f"{share:.0%} of them diamonds ({', '.join(sorted(set(found)))})")  # fmt: skip
+    return {"accuracy": acc["overall"], "objects": len(found), "diamond_share": share}
 
 
 def evaluate_models(models: dict, args, log) -> list[dict]:
-    """Every model on the new concept's splits (detector palette with pink) and on shapes-test's four (standard)."""
+    """Every model on the new concept's splits (the detector telling diamonds) and on shapes-test's four (as always)."""
     from bf.evaluate.evaluation import prompt_sets, whole_split
     from bf.evaluate.generate import generate
     from bf.evaluate.intervals import mean_ci
     from bf.evaluate.metrics import accuracy_of, verdicts
     from bf.shapes.scenes import caption
 
-    sets = [(s, new_scenes(s), palette()) for s in ("pink", "pink-two")]
-    sets += [(ps.split, ps.scenes, None) for ps in prompt_sets("shapes-test")]
+    sets = [(s, new_scenes(s), True) for s in (NEW_SHAPE, f"{NEW_SHAPE}-two")]
+    sets += [(ps.split, ps.scenes, False) for ps in prompt_sets("shapes-test")]
     seeds = [1024 + k for k in range(args.seeds)]
     results = []
     for label, pipe in models.items():
-        for split, scenes, pal in sets:
+        for split, scenes, diamonds in sets:
             t0 = time.perf_counter()
             jobs = [(caption(sc), s) for sc in scenes for s in seeds]
             images, _ = generate(pipe, jobs, args.cfg, args.sample_steps, args.eval_batch)
-            judged = verdicts(images, [sc for sc in scenes for _ in seeds], pal)
+            judged = verdicts(images, [sc for sc in scenes for _ in seeds], diamonds=diamonds)
             overall = np.array([float(v["overall"]) for v in judged]).reshape(len(scenes), len(seeds))
-            whole = split == "pink" or whole_split(split, scenes)
+            whole = split == NEW_SHAPE or whole_split(split, scenes)
             results.append({"model": label, "split": split, "images": len(images), "seeds": len(seeds),
                             "accuracy": accuracy_of(judged), "accuracy_ci95": mean_ci(overall, whole), "whole_split": whole,
                             "overall_per_image": overall.ravel().tolist()})  # fmt: skip
             acc, (lo, hi) = results[-1]["accuracy"]["overall"], results[-1]["accuracy_ci95"]
             log(f"{label:>18s} {split:>11s}: {acc:.3f} [{lo:.3f}, {hi:.3f}] ({time.perf_counter() - t0:.0f} s)")
-            if split == "pink" and args.grid:
+            if split == NEW_SHAPE and args.grid:
                 results[-1]["_images"] = images[:: len(seeds)][:12]
     return results
 
@@ -260,7 +258,7 @@ def save_grid(results: list[dict], path: Path) -> None:
     from bf.shapes.scenes import caption
 
     rows = [r for r in results if "_images" in r]
-    scenes = new_scenes("pink")[:12]
+    scenes = new_scenes(NEW_SHAPE)[:12]
     cells = [[r["_images"][i] for r in rows] for i in range(len(scenes))]
     grid(path, [caption(sc) for sc in scenes], [r["model"] for r in rows], cells)
 
@@ -282,7 +280,7 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=50, help="PNDM steps of each eval image.")
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--grid", type=Path, help="Write the new concept's images, one column per model, here.")
-    ap.add_argument("--train-only", action="store_true", help="Train, probe (12 pink scenes) and stop: no evaluation.")
+    ap.add_argument("--train-only", action="store_true", help="Train, probe (12 diamond scenes) and stop: no evaluation.")
     ap.add_argument("--vae-check", type=Path, metavar="JSON",
                     help="Only measure what the shipped VAE keeps of candidate colors and shapes (encode, decode), into JSON.")  # fmt: skip
     args = ap.parse_args()
@@ -315,7 +313,7 @@ def main() -> None:
     fp.set_progress_bar_config(disable=True)
     state, record = train_lora(fp, args, log)
     with tempfile.TemporaryDirectory() as tmp:
-        lora = Path(tmp) / "pink.safetensors"
+        lora = Path(tmp) / f"{NEW_SHAPE}.safetensors"
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, weight_name=lora.name)
         if args.lora_out:
             args.lora_out.write_bytes(lora.read_bytes())
@@ -344,11 +342,10 @@ def main() -> None:
         "command": " ".join(["python", "tools/lora_new_concept.py", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"{args.device} ({torch.get_num_threads()} threads)",
         "concept": {
-            "color": NEW_COLOR,
-            "rgb": NEW_RGB,
+            "shape": NEW_SHAPE,
             "splits": {
-                "pink": "30 single pink objects (every shape, size, position)",
-                "pink-two": "30 two-object scenes, one object pink, the other a training pair",
+                NEW_SHAPE: "30 single diamonds (every color and position, sizes alternating)",
+                f"{NEW_SHAPE}-two": "30 two-object scenes, one object a diamond, the other a training pair",
             },
         },
         "lora": record,
@@ -359,7 +356,7 @@ def main() -> None:
             "cfg": args.cfg,
             "seeds": args.seeds,
             "sampler": f"PNDM, {args.sample_steps} steps",
-            "detector": "bf.shapes.detect, palette with pink for the new splits, standard for shapes-test",
+            "detector": "bf.shapes.detect, telling diamonds (diamonds=True) for the new splits, as always for shapes-test",
         },
         "results": results,
         "differences": differences(results),

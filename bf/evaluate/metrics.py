@@ -19,10 +19,10 @@ def fidelity(images: np.ndarray, ref_images: np.ndarray, latents: np.ndarray, re
     return {"mse": mse, "psnr": psnr, "latent_mse": latent_mse}
 
 
-def verdicts(images: np.ndarray, scenes: list[Scene | None], palette: dict | None = None) -> list[dict | None]:
+def verdicts(images: np.ndarray, scenes: list[Scene | None], palette: dict | None = None, diamonds: bool = False) -> list[dict | None]:
     """The detector's verdicts per image (None where the prompt is not a shapes scene); ``palette``: the colors the
-    detector tells apart (default: the shapes palette)."""
-    return [judge(sc, detect(img, palette)) if sc is not None else None for img, sc in zip(images, scenes, strict=True)]
+    detector tells apart (default: the shapes palette); ``diamonds``: it also tells diamonds (bf.shapes.detect)."""
+    return [judge(sc, detect(img, palette, diamonds)) if sc is not None else None for img, sc in zip(images, scenes, strict=True)]
 
 
 def accuracy(images: np.ndarray, scenes: list[Scene | None]) -> dict:

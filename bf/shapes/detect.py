@@ -57,8 +57,18 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def detect(image: np.ndarray, palette: dict | None = None) -> list[Detection]:
-    """The objects of a shapes image. ``palette``: color name -> RGB to tell apart (default PALETTE)."""
+def _widest_row_at(ys: np.ndarray, xs: np.ndarray) -> float:
+    """Where a region's widest row lies, from its top (0) to its bottom (1)."""
+    rows = ys - ys.min()
+    width = np.bincount(rows, minlength=rows.max() + 1)
+    return float(np.argmax(width) / max(rows.max(), 1))
+
+
+def detect(image: np.ndarray, palette: dict | None = None, diamonds: bool = False) -> list[Detection]:
+    """The objects of a shapes image. ``palette``: color name -> RGB to tell apart (default PALETTE). ``diamonds``:
+    also tell diamonds (a shape the shipped model never saw) from triangles: both fill half their box, a
+    triangle's widest row is its base, a diamond's its middle (off by default, so the shapes-test verdicts stay
+    what they are)."""
     names, colors = (_COLOR_NAMES, _PALETTE) if palette is None else (tuple(palette), np.asarray(list(palette.values()), np.float32))
     img = np.asarray(image, np.float32)[..., :3]
     h, w = img.shape[:2]
@@ -76,6 +86,8 @@ def detect(image: np.ndarray, palette: dict | None = None) -> list[Detection]:
             bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
             fill = comp.size / (bw * bh)
             shape = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+            if diamonds and shape == "triangle" and 0.3 <= _widest_row_at(ys, xs) <= 0.7:
+                shape = "diamond"
             cx, cy = (xs.min() + xs.max() + 1) / 2 * k, (ys.min() + ys.max() + 1) / 2 * k
             size = "large" if max(bw, bh) * k / 2 > _SIZE_SPLIT else "small"
             position = min(ANCHORS, key=lambda a: (ANCHORS[a][0] - cx) ** 2 + (ANCHORS[a][1] - cy) ** 2)

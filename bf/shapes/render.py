@@ -32,6 +32,8 @@ def _coverage(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
         inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
     elif shape == "triangle":  # apex up, base at the bottom of the bounding box
         inside = (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
+    elif shape == "diamond":  # a new shape the shipped model never saw (bf.shapes.detect tells it when asked to)
+        inside = np.abs(x - cx) + np.abs(y - cy) <= r
     else:
         raise ValueError(shape)
     return inside.reshape(n, _SS, n, _SS).mean(axis=(1, 3))

@@ -105,6 +105,21 @@ def test_detector_is_right_on_rendered_ground_truth():
     assert np.mean(correct) >= 0.99, np.mean(correct)
 
 
+def test_diamonds_are_told_from_triangles_only_when_asked():
+    """A diamond (the shape a LoRA teaches the shipped model) is detected as one, at every size, position and color, with
+    diamonds=True; triangles stay triangles either way, and by default a diamond reads as a triangle (as before)."""
+    from bf.shapes.scenes import COLORS, POSITIONS, SIZES
+
+    cases = [Obj(shape, color, size, pos) for shape in ("diamond", "triangle") for color in COLORS for size in SIZES for pos in POSITIONS]
+    for i, obj in enumerate(cases):
+        img = render(Scene((obj,)), np.random.default_rng(i))
+        (d,) = detect(img, diamonds=True)
+        assert (d.shape, d.color, d.size, d.position) == (obj.shape, obj.color, obj.size, obj.position), obj
+        assert detect(img)[0].shape == "triangle"
+    two = Scene((Obj("diamond", "red", "small", "left"), Obj("triangle", "blue", "small", "right")), relation="to the left of")
+    assert judge(two, detect(render(two), diamonds=True))["overall"]
+
+
 def test_detector_reads_attributes():
     sc = Scene((Obj("triangle", "orange", "large", "top"),))
     (d,) = detect(render(sc))
