@@ -27,7 +27,8 @@ def format_summary(s: dict, path: Path, show_layers: bool = False) -> str:
         )
     lines += [
         "",
-        f"quantized params      {s['quantized_params']:,} of {s['unet_params']:,} UNet params",
+        f"quantized params      {s['quantized_params']:,} of {s['unet_params']:,} UNet params"
+        + ("   (an SDXL UNet)" if s.get("family") == "sdxl" else ""),
         f"avg bits (paper)      {s['avg_bits']:.3f}   (incl. a {s['avg_bits_time_table_steps']}-step time table)",
         f"stored bits/weight    {s['stored_bits_per_weight']:.4f}   (codes and scales)",
         f"UNet packed           {_mb(s['unet_bytes'])}   (FP16: {_mb(s['fp16_bytes'])}, {s['ratio_vs_fp16']:.2f}x smaller)",

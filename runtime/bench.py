@@ -213,7 +213,8 @@ def format_report(result: dict) -> str:
     if q["sizes"]["packed_unet_bytes"]:
         line("packed UNet layers", q["sizes"]["packed_unet_bytes"], None, " MB", 1e6)
     for key, s in q["run"]["stages"].items():
-        line(key.replace("_", " "), s["median_ms"], b and b["run"]["stages"].get(key, {}).get("median_ms"), " ms")
+        label = "text encoders (both)" if key == "text_encoder" and result.get("family") == "sdxl" else key.replace("_", " ")
+        line(label, s["median_ms"], b and b["run"]["stages"].get(key, {}).get("median_ms"), " ms")
     if "end_to_end" in q["run"]:
         e = q["run"]["end_to_end"]
         line(f"end to end ({e['steps']} steps)", e["seconds"], b and b["run"].get("end_to_end", {}).get("seconds"), " s ")

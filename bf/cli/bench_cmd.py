@@ -114,6 +114,7 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
             result["headline"] = headline(result)
     bar.close()
     result["device"] = result["quantized"].get("device") or f"cpu ({os.cpu_count()} cores)"
+    result["family"] = model.manifest.family
     click.echo(format_report(result), err=json_out == Path("-"))
     if json_out is not None:
         write_json(json_out, result)

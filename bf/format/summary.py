@@ -92,6 +92,7 @@ def summarize(ckpt: Checkpoint, file_bytes: int | None = None) -> dict:
     ]
     return {
         "format_version": FORMAT_VERSION,
+        "family": "sdxl" if added else "sd15",  # SDXL: the UNet's text_time added embedding
         "layers": layers,
         "by_width": widths,
         "quantized_layers": len(layers),
