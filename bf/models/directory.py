@@ -40,6 +40,7 @@ class ModelDir:
                 f"{root}: no such model directory; pass a local diffusers Stable Diffusion directory or make one with 'bf random-model'"
             )
         problems = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+        _refuse_refiner(root)
         family = model_family(root)
         if family == "sdxl":
             components = _with_sdxl_components(components)
@@ -133,6 +134,21 @@ def model_family(root: Path) -> str:
         if isinstance(obj, dict) and key in obj and (value is None or obj[key] == value):
             return "sdxl"
     return "sd15"
+
+
+def _refuse_refiner(root: Path) -> None:
+    """SDXL's refiner (the second text encoder alone, an aesthetic score in its micro-conditioning) is not a model bf
+    takes: one line rather than a missing text_encoder/."""
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(index, dict):
+        return
+    one_encoder = "text_encoder_2" in index and index.get("text_encoder") in ([None, None], None)
+    if index.get("requires_aesthetics_score") or one_encoder:
+        raise BfError(f"{root} is an SDXL refiner (one text encoder, an aesthetic score in its conditioning); bf takes SD-v1.5-style "
+                      "and SDXL base-style models: pass the base model's directory")  # fmt: skip
 
 
 def _with_sdxl_components(components: tuple[str, ...]) -> tuple[str, ...]:

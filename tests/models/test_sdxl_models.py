@@ -68,6 +68,11 @@ def test_sdxl_directory_is_recognised_and_checked(tiny_sdxl_model, tiny_model, t
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))  # only the UNet says SDXL
     with pytest.raises(BfError, match=r"missing text_encoder_2/, tokenizer_2/; "):
         ModelDir.open(broken)
+    refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True, "text_encoder": [None, None],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}  # fmt: skip
+    (broken / "model_index.json").write_text(json.dumps(refiner))
+    with pytest.raises(BfError, match=r"is an SDXL refiner .*: pass the base model's directory$"):
+        ModelDir.open(broken)
 
 
 def test_quantized_sdxl_accounts_for_the_added_embedding(tiny_sdxl_model):
