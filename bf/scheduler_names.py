@@ -7,6 +7,9 @@ NATIVE_HELP = "Default: the model's own (SD-v1.5: pndm, SDXL: euler)."
 _CLASSES = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp2m", "EulerDiscreteScheduler": "euler"}
 
 
+KNOWN_SCHEDULER_CLASSES = tuple(_CLASSES)
+
+
 def native_scheduler(config: dict) -> str:
     """The sampler a model ships with (its scheduler_config.json's class), where bf has it; else PNDM."""
     return _CLASSES.get(str(config.get("_class_name")), "pndm")

@@ -5,7 +5,7 @@ layers whose same-type counterpart at the same relative depth got them, scaled t
     python tools/sdxl_recipe.py [--arch sdxl] [--target-bits 1.99] [--out results/sdxl_recipe_1.99.json]
 
 Needs no weights (the shapes come from the architecture). For an SDXL model of your own, analyse it (bf analyze,
-bf allocate) where a GPU makes that affordable; this recipe is what bf uses without an analysis.
+bf allocate) where a GPU makes that affordable; without one, pass this recipe to bf quantize or bf train --recipe.
 """
 
 from __future__ import annotations

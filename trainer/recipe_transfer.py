@@ -97,11 +97,16 @@ def transfer_recipe(
 
     bits = {n: score[n][0] for n in candidates}
     widths = sorted({*shares, 1})
-    for n in reversed(ranked):  # over the target: lower the lowest-ranked wide layers one width each
-        if average(bits) <= target_bits:
-            break
-        if bits[n] > 1:
-            bits[n] = max(b for b in widths if b < bits[n])
+    while average(bits) > target_bits:  # over the target: lower wide layers one width each, lowest-ranked first
+        lowered = False
+        for n in reversed(ranked):
+            if bits[n] > 1:
+                bits[n] = max(b for b in widths if b < bits[n])
+                lowered = True
+                if average(bits) <= target_bits:
+                    break
+        if not lowered:
+            raise BfError(f"no recipe reaches {target_bits} bits on this UNet: every layer at 1 bit averages {average(bits):.3f}")
     step = min((b for b in widths if b > 1), default=None)
     for n in ranked:  # under it: raise 1-bit layers in rank order to the next width where the average stays under
         if step is not None and bits[n] == 1:

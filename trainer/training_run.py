@@ -122,10 +122,13 @@ def text_parts(model: ModelDir) -> dict:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     parts = {"tokenizer": CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
-             "text_encoder": CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32)}  # fmt: skip
+             "text_encoder": CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32,
+                                                           **model.variant("text_encoder"))}  # fmt: skip
     if model.family == "sdxl":
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model.root / "tokenizer_2")
-        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(model.root / "text_encoder_2", torch_dtype=torch.float32)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            model.root / "text_encoder_2", torch_dtype=torch.float32, **model.variant("text_encoder_2")
+        )
     return parts
 
 
@@ -134,7 +137,9 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
 
     device = torch.device(req.device)
     unet_config = model.config("unet")
-    teacher = UNet2DConditionModel.from_pretrained(model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device)
+    teacher = UNet2DConditionModel.from_pretrained(
+        model.root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False, **model.variant("unet")
+    ).to(device)
     shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
     work.mkdir(parents=True, exist_ok=True)
     base = {"path": str(model.root.resolve()), "hash": model.content_hash()}
@@ -143,7 +148,11 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
     else:
         recipe = resolve_recipe(model, base, shapes, req, work, resume, log)
         plan = plan_from_recipe(recipe, quantizable_layers(shapes), str(req.recipe or "recipe"))
-    vae = AutoencoderKL.from_pretrained(model.root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False).to(device).eval()
+    vae = (
+        AutoencoderKL.from_pretrained(model.root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **model.variant("vae"))
+        .to(device)
+        .eval()
+    )
     size = teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     log(f"encoding {req.images if req.data == 'shapes' else 'up to ' + str(req.images)} training images ({req.data}, {size}x{size})")
     data = load_latents(req.data, vae, size, req.images, req.train.seed, log)

@@ -109,7 +109,7 @@ class ExportManifest:
             graphs=graphs,
             engines=obj.get("engines"),
             family=family,
-            pooled_size=int(obj.get("pooled_size") or 0),
+            pooled_size=_pooled_size(obj, family, where),
             force_zeros_for_empty_prompt=bool(obj.get("force_zeros_for_empty_prompt", False)),
             vae_upcast=bool(obj.get("vae_upcast", False)),
             raw=obj,
@@ -139,6 +139,14 @@ def manifest_json(manifest: dict) -> str:
     """The text of a manifest the exporter built; checked by reading it back, so bf never writes one it would refuse."""
     ExportManifest.from_json(manifest)
     return json.dumps(manifest, indent=1)
+
+
+def _pooled_size(obj: dict, family: str, where: str) -> int:
+    """An SDXL export's text_embeds width: a positive integer (0 for other families)."""
+    value = obj.get("pooled_size", 0)
+    if family == "sdxl" and (type(value) is not int or value <= 0):
+        raise BfError(f"{where}: pooled_size must be a positive integer for an SDXL export, got {value!r}; export again with 'bf export'")
+    return value if type(value) is int else 0
 
 
 def _kind_name(kind) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from bf.format import Checkpoint
 from bf.models.base_model import check_same_family, resolve_base_model
 from bf.models.directory import ModelDir
-from bf.scheduler_names import SCHEDULERS, native_scheduler
+from bf.scheduler_names import KNOWN_SCHEDULER_CLASSES, SCHEDULERS, native_scheduler
 
 
 @dataclass
@@ -69,13 +69,18 @@ def load_model(
         unet.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.unet_state_dict().items()})
     else:
         root = ModelDir.open(source).root
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False,
+                                                    **ModelDir(root).variant("unet"))  # fmt: skip
     base = ModelDir(root)
     check_same_family(unet.config, base, source)
-    scheduler = scheduler or native_scheduler(base.config("scheduler"))
+    if scheduler is None:
+        config = base.config("scheduler")
+        scheduler = native_scheduler(config)
+        if config.get("_class_name") not in KNOWN_SCHEDULER_CLASSES:
+            log(f"{root}: its sampler {config.get('_class_name')} is not one bf has; sampling with {scheduler} (--scheduler picks another)")
     parts = (
-        AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False),
-        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
+        AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **base.variant("vae")),
+        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32, **base.variant("text_encoder")),
         CLIPTokenizer.from_pretrained(root / "tokenizer"),
         unet,
         make_scheduler(scheduler, base.config("scheduler")),
@@ -95,7 +100,9 @@ def assemble_xl_pipeline(root: Path, vae, text_encoder, tokenizer, unet, schedul
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=torch.float32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            root / "text_encoder_2", torch_dtype=torch.float32, **ModelDir(root).variant("text_encoder_2")
+        ),
         tokenizer=tokenizer,
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
         unet=unet,

@@ -80,6 +80,12 @@ class ModelDir:
             raise BfError(f"{self.root / component}: no safetensors weights")
         return files
 
+    def variant(self, component: str) -> dict:
+        """``from_pretrained``'s keyword for ``component``'s weights: {"variant": "fp16"} where the directory holds only
+        the ``.fp16`` files (as many SDXL downloads do), else nothing."""
+        files = _weight_files(self.root / component, _WEIGHT_STEM[component]) or []
+        return {"variant": "fp16"} if files and ".fp16." in files[0].name else {}
+
     def read_weights(self, component: str, framework: str = "numpy") -> dict:
         """Parameter name -> tensor ("numpy" arrays or "pt" torch tensors)."""
         from safetensors import safe_open

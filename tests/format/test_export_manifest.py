@@ -75,3 +75,13 @@ def test_reading_a_directory_without_a_readable_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps([1, 2]))
     with pytest.raises(BfError, match=r"format list, this bf reads bf.export v1"):
         read_manifest(tmp_path)
+
+
+def test_an_sdxl_manifest_needs_its_pooled_size():
+    graphs = {**MINIMAL["graphs"], "text_encoder_2": MINIMAL["graphs"]["text_encoder"]}
+    m = ExportManifest.from_json({**MINIMAL, "graphs": graphs, "family": "sdxl", "pooled_size": 1280})
+    assert (m.family, m.pooled_size, m.graph_names[1]) == ("sdxl", 1280, "text_encoder_2")
+    for bad in (None, 0, "1280"):
+        with pytest.raises(BfError, match=f"pooled_size must be a positive integer for an SDXL export, got {bad!r}"):
+            ExportManifest.from_json({**MINIMAL, "graphs": graphs, "family": "sdxl", "pooled_size": bad})
+    assert ExportManifest.from_json(MINIMAL).family == "sd15"  # a manifest from before SDXL

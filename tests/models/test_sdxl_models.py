@@ -95,3 +95,20 @@ def test_quantized_sdxl_accounts_for_the_added_embedding(tiny_sdxl_model):
     width = shapes["time_embedding.linear_2.weight"][0]
     assert s["time_table_bytes"] == 2 * 50 * width
     assert s["time_layers_bytes"] == 4 * sum(v.size for k, v in ckpt.tensors.items() if k.startswith("time_embedding."))
+
+
+def test_a_directory_of_fp16_variant_files_loads(tiny_sdxl_model, tmp_path):
+    """Many SDXL downloads hold only the .fp16 files: the pipeline and the trainer's text encoders load them."""
+    from bf.models.diffusers_pipeline import load_model
+    from bf.trainer.training_run import text_parts
+
+    d = tmp_path / "fp16"
+    shutil.copytree(tiny_sdxl_model, d)
+    for f in [*d.glob("*/model.safetensors"), *d.glob("*/diffusion_pytorch_model.safetensors")]:
+        f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+    model = ModelDir.open(d)
+    assert model.variant("unet") == {"variant": "fp16"} and ModelDir.open(tiny_sdxl_model).variant("unet") == {}
+    pipe = load_model(d).pipe
+    ref = load_model(tiny_sdxl_model).pipe
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values(), strict=True))
+    assert "text_encoder_2" in text_parts(model)

@@ -71,3 +71,15 @@ def test_sdxl_gets_a_1_99_bit_recipe_that_packs_under_0_70_gb(reference):
     total = packed + kept + 2 * 50 * 1280
     assert total <= 0.70e9, total
     assert 5.13e9 / total >= 7.5  # against the UNet's 5.13 GB in fp16
+
+
+def test_a_lower_target_is_met_or_refused(reference):
+    from bf.errors import BfError
+    from bf.models.architectures import SDXL_UNET, TINY_SDXL_UNET
+
+    layers, shapes = reference
+    _, avg = transfer_recipe(layers, shapes, _shapes(SDXL_UNET), 1.6)
+    assert 1.59 <= avg <= 1.6  # lowered as far as needed, not one pass
+    # a tiny UNet's 8-bit edge layers hold it above 1.6 bits even with every other layer at 1 bit
+    with pytest.raises(BfError, match=r"no recipe reaches 1.6 bits on this UNet: every layer at 1 bit averages 1\.62"):
+        transfer_recipe(layers, shapes, _shapes(TINY_SDXL_UNET), 1.6)
