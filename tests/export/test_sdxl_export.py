@@ -58,6 +58,23 @@ def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, 
     assert all(c["psnr_db"] >= 40 for c in m["check"]) and len(m["check"]) == 4  # every graph, both outputs of the second encoder
     assert m["graphs"]["unet"]["size_breakdown"]["time_table"] >= 4 * 128 * 2  # (steps, time embedding width), the only table
     assert (out / "tokenizer_2").is_dir()
+    if target == "onnx-qdq":  # the float16 copy engines are built from keeps the micro-conditioning's embedding float32
+        import onnx
+        import onnxruntime as ort
+
+        from bf.export.check import psnr_db
+        from bf.export.fp16_graph import _float32_island, to_fp16
+
+        unet = onnx.load(out / "unet.onnx")
+        island = {n.op_type for n in unet.graph.node if n.name in _float32_island(unet.graph)[0]}
+        assert {"Sin", "Cos", "Concat"} <= island
+        rng = np.random.default_rng(0)
+        feed = {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32), "step": np.array([1]),
+                "encoder_hidden_states": rng.standard_normal((2, 77, 64)).astype(np.float32),
+                "text_embeds": rng.standard_normal((2, 32)).astype(np.float32),
+                "time_ids": np.array([[1216, 832, 0, 0, 1216, 832]] * 2, np.float32)}  # fmt: skip
+        run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+        assert psnr_db(run(to_fp16(unet)), run(unet)) >= 40
     r = run_bf("infer", out, "--prompt", PROMPT, "--steps", "4", "--seed", "7", "--out", tmp_path / "a.png")
     assert r.returncode == 0, r.stderr
     ours = np.asarray(Image.open(tmp_path / "a.png")).astype(np.float32) / 255
