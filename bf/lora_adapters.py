@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bf.errors import BfError
+from bf.models.added_condition import has_added_embedding
 from bf.module_paths import parent_and_attribute
 
 _DOWN_UP = (("lora_A", "lora_B"), ("lora.down", "lora.up"), ("lora_down", "lora_up"))
@@ -162,7 +163,7 @@ def _placed(unet: nn.Module, loras: list[tuple[Path, float]], read: dict | None)
     """Every adapter of ``loras`` (file, scale) checked against its layer of ``unet``: (index of its entry in ``loras``,
     layer name, down, up, scale, convolution geometry or None for a linear layer)."""
     placed = []
-    added = getattr(unet, "add_embedding", None) is not None  # SDXL: its time projections also see the prompt
+    added = has_added_embedding(unet)  # SDXL: its time projections also see the prompt
     for i, (path, scale) in enumerate(loras):
         weights, ratios = (read or {}).get(path) or read_lora(path)
         for module, (down, up) in weights.items():

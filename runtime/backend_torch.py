@@ -219,14 +219,14 @@ def _smallest_inputs(unet, device: str, dtype):
     conditioning, packed after it)."""
     import torch
 
+    from bf.models.added_condition import extra_rows, has_added_embedding, pooled_dim
+
     side = 2 ** (len(unet.config.block_out_channels) - 1)
     width = unet.config.cross_attention_dim
     width = width[0] if isinstance(width, (list, tuple)) else width
     sample = torch.zeros(1, unet.config.in_channels, side, side, device=device, dtype=dtype)
     tokens = 1
-    if getattr(unet, "add_embedding", None) is not None:  # SDXL: the added conditioning's rows after the token (packed)
-        from bf.models.added_condition import extra_rows, pooled_dim
-
+    if has_added_embedding(unet):  # SDXL: the added conditioning's rows after the token (packed)
         tokens += extra_rows(width, pooled_dim(unet.config))
     return sample, torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, tokens, width, device=device, dtype=dtype)
 

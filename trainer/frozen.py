@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bf.models.added_condition import micro_conditioning, pack, unpack_on_forward
+from bf.models.added_condition import has_added_embedding, micro_conditioning, pack, unpack_on_forward
 
 
 class TextEncoder:
@@ -67,7 +67,7 @@ class XLTextEncoder:
 def conditioning_for(pipe_parts: dict, unets: list, device, size: int, zero_empty: bool = True):
     """The caption encoder for ``unets`` (SDXL: ``XLTextEncoder``, with each UNet hooked to unpack it; else
     ``TextEncoder``) from ``pipe_parts``' tokenizer(s) and text encoder(s) (diffusers' component names)."""
-    if getattr(unets[0], "add_embedding", None) is None:
+    if not has_added_embedding(unets[0]):
         return TextEncoder(pipe_parts["tokenizer"], pipe_parts["text_encoder"], device)
     for unet in unets:
         unpack_on_forward(unet)

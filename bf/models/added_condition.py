@@ -18,6 +18,11 @@ from torch import nn
 TIME_IDS = 6  # original height and width, crop top and left, target height and width
 
 
+def has_added_embedding(unet: nn.Module) -> bool:
+    """Whether a UNet module has SDXL's text_time added embedding (its parameter names: bf.format.has_added_embedding)."""
+    return getattr(unet, "add_embedding", None) is not None
+
+
 def pooled_dim(unet_config) -> int:
     """Width of the pooled prompt an SDXL UNet's added embedding takes."""
     cfg = dict(unet_config)

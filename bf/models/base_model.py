@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from bf.errors import BfError
 from bf.format import Bundle, Checkpoint, read_header
-from bf.models.directory import BASE_COMPONENTS, ModelDir
+from bf.models.directory import BASE_COMPONENTS, ModelDir, unet_config_family
 
 _WEIGHT_FILE = {"text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
 
@@ -79,8 +79,7 @@ def source_family(source: Path) -> str:
     source = Path(source)
     try:
         if source.is_file():
-            added = read_header(source).get("unet_config", {}).get("addition_embed_type")
-            return "sdxl" if added == "text_time" else "sd15"
+            return unet_config_family(read_header(source).get("unet_config", {}))
         return ModelDir(source).family
     except BfError:
         return "sd15"
@@ -88,7 +87,7 @@ def source_family(source: Path) -> str:
 
 def check_same_family(unet_config: dict, base: ModelDir, source: Path) -> None:
     """One line when a UNet (its config) and a base model (text encoders, VAE) are of different families."""
-    unet_family = "sdxl" if dict(unet_config).get("addition_embed_type") == "text_time" else "sd15"
+    unet_family = unet_config_family(unet_config)
     if unet_family != base.family:
         names = {"sdxl": "an SDXL", "sd15": "an SD-v1.5-style"}
         raise BfError(f"{source}: its UNet is {names[unet_family]} one and {base.root} is {names[base.family]} model (text encoders, "

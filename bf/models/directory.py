@@ -128,29 +128,32 @@ class ModelDir:
         return "sha256:" + h.hexdigest()
 
 
+def unet_config_family(config: dict) -> str:
+    """ "sdxl" for a UNet config with SDXL's text_time added embedding, else "sd15"."""
+    return "sdxl" if dict(config).get("addition_embed_type") == "text_time" else "sd15"
+
+
 def model_family(root: Path) -> str:
     """ "sdxl" when model_index.json names a second text encoder or the UNet config has SDXL's text_time added
     embedding (either suffices: a directory missing one of them still gets SDXL's error), else "sd15"."""
-    index, unet = root / "model_index.json", root / "unet" / "config.json"
-    for path, key, value in ((index, "text_encoder_2", None), (unet, "addition_embed_type", "text_time")):
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # missing or unreadable: reported by the component checks
-        if isinstance(obj, dict) and key in obj and (value is None or obj[key] == value):
-            return "sdxl"
-    return "sd15"
+    if "text_encoder_2" in _json_object(root / "model_index.json"):
+        return "sdxl"
+    return unet_config_family(_json_object(root / "unet" / "config.json"))
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``; empty where it is missing, unreadable or no object (the component checks say so)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _refuse_refiner(root: Path) -> None:
     """SDXL's refiner (the second text encoder alone, an aesthetic score in its micro-conditioning) is not a model bf
     takes: one line rather than a missing text_encoder/."""
-    try:
-        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(index, dict):
-        return
+    index = _json_object(root / "model_index.json")
     one_encoder = "text_encoder_2" in index and index.get("text_encoder") in ([None, None], None)
     if index.get("requires_aesthetics_score") or one_encoder:
         raise BfError(f"{root} is an SDXL refiner (one text encoder, an aesthetic score in its conditioning); bf takes SD-v1.5-style "

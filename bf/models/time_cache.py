@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bf.errors import BfError
-from bf.models.added_condition import pooled_dim, unpack
+from bf.models.added_condition import has_added_embedding, pooled_dim, unpack
 
 
 def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -> torch.Tensor:
@@ -35,10 +35,6 @@ def sampler_timesteps(scheduler_name: str, scheduler_config: dict, steps: int) -
                       "not hold; set \"timestep_spacing\": \"leading\" in the model's scheduler_config.json, or pick another "
                       "--scheduler")  # fmt: skip
     return ts.long()
-
-
-def has_added_embedding(unet: nn.Module) -> bool:
-    return getattr(unet, "add_embedding", None) is not None
 
 
 def resblock_time_projections(unet: nn.Module) -> dict[str, nn.Module]:
