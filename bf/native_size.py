@@ -1,4 +1,5 @@
-"""How far an image size is from the one a model was trained at (export and runtime both warn)."""
+"""How far an image size is from the one a model was trained at (export and runtime both warn), and the nearest
+size the exported UNet takes (both refuse others with it)."""
 
 from __future__ import annotations
 
@@ -10,3 +11,8 @@ def far_from_native(height: int, width: int, native: int) -> str | None:
     if max(height, width) > FAR * native or min(height, width) * FAR < native:
         return f"warning: {height}x{width} is far from the {native}x{native} this model was trained at; its images there are likely poor"
     return None
+
+
+def nearest_multiple(value: int, multiple: int) -> int:
+    """The positive multiple of ``multiple`` nearest ``value`` (halves round up)."""
+    return max(multiple, int(value / multiple + 0.5) * multiple)

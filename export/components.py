@@ -34,6 +34,12 @@ class Components:
         return "sdxl" if self.text_encoder_2 is not None else "sd15"
 
 
+def size_multiple(pipe) -> int:
+    """Image sizes the exported UNet takes: multiples of the latent scale x its downsampling (the graph halves the
+    latents once per resampling level and doubles them back; other sizes would need the upsampling sizes traced)."""
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
 def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Components:
     """Float32 modules over a pipeline (a .bfq's UNet already dequantized, or an FP model).
 
@@ -57,7 +63,7 @@ def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Componen
         hidden_size=int(pipe.unet.config.cross_attention_dim),
         text_encoder_2=texts.get("text_encoder_2"),
         pooled_size=pooled_dim(pipe.unet.config) if "text_encoder_2" in texts else 0,
-        size_multiple=int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1),
+        size_multiple=size_multiple(pipe),
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from bf.atomic import atomic_dir
 from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
-from bf.export.components import MAX_TOKENS, build_components, example_inputs
+from bf.export.components import MAX_TOKENS, build_components, example_inputs, size_multiple
 from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
 from bf.export.onnx_graphs import graph_specs, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
@@ -26,7 +26,7 @@ from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_json
-from bf.native_size import far_from_native
+from bf.native_size import far_from_native, nearest_multiple
 
 MANIFEST = "manifest.json"
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
@@ -147,13 +147,11 @@ def export_model(
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native, scheduler=loaded.scheduler)
-    # the graph halves the latents once per resampling level and doubles them back: sizes that do not halve evenly
-    # would need the upsampling sizes traced, which the export does not do
-    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = size_multiple(pipe)
     for name, v in (("--height", req.height), ("--width", req.width)):
         if v % multiple:
             raise BfError(f"{name} {v}: this UNet halves its latents {multiple // int(pipe.vae_scale_factor)}x, so image sizes must be "
-                          f"multiples of {multiple} (nearest: {max(multiple, int(v / multiple + 0.5) * multiple)})")  # fmt: skip
+                          f"multiples of {multiple} (nearest: {nearest_multiple(v, multiple)})")  # fmt: skip
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)

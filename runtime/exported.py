@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bf.errors import BfError
 from bf.format.export_manifest import ExportManifest, read_manifest
-from bf.native_size import far_from_native
+from bf.native_size import far_from_native, nearest_multiple
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ExportedModel:
         image = self.manifest.image
         height, width, scale = height or image.height, width or image.width, image.size_multiple or image.latent_scale
         if height <= 0 or width <= 0 or height % scale or width % scale:
-            near = ", ".join(f"{n} {max(scale, int(v / scale + 0.5) * scale)}" for n, v in (("--height", height), ("--width", width)))
+            near = ", ".join(f"{n} {nearest_multiple(v, scale)}" for n, v in (("--height", height), ("--width", width)))
             raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale} (nearest: {near})")
         return height, width
 
