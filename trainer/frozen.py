@@ -15,19 +15,21 @@ class TextEncoder:
         self.tok, self.model, self.device, self.cache, self.max = tokenizer, model.to(device).eval(), device, {}, max_cached
 
     @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tok(captions, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.model(ids.to(self.device)).last_hidden_state
+
     def __call__(self, captions: list[str]) -> torch.Tensor:
         todo = sorted({c for c in captions if c not in self.cache})
         if todo:
             if len(self.cache) + len(todo) > self.max:
                 self.cache.clear()  # whole batch recomputed: its already-cached captions went with the rest
                 todo = sorted(set(captions))
-            ids = self.tok(todo, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            hidden = self.model(ids.to(self.device)).last_hidden_state
-            self.cache.update(zip(todo, hidden, strict=True))
+            self.cache.update(zip(todo, self.encode(todo), strict=True))
         return torch.stack([self.cache[c] for c in captions])
 
 
-class XLTextEncoder:
+class XLTextEncoder(TextEncoder):
     """SDXL's conditioning of captions: both encoders' penultimate hidden states side by side, the second's pooled
     projection and the micro-conditioning of uncropped ``size`` x ``size`` images, packed into one tensor
     (bf.models.added_condition) for a UNet hooked with ``unpack_on_forward``. The empty caption is all zeros
@@ -47,21 +49,12 @@ class XLTextEncoder:
             out = model(ids.to(self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-        packed = pack(torch.cat(hidden, dim=-1), pooled, self.time_ids.expand(len(captions), -1))
+        hidden = torch.cat(hidden, dim=-1)
         if self.zero_empty:
             empty = torch.tensor([c == "" for c in captions], device=self.device)
-            zeros = pack(torch.zeros_like(torch.cat(hidden, dim=-1)), torch.zeros_like(pooled), self.time_ids.expand(len(captions), -1))
-            packed = torch.where(empty[:, None, None], zeros, packed)
-        return packed
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        todo = sorted({c for c in captions if c not in self.cache})
-        if todo:
-            if len(self.cache) + len(todo) > self.max:
-                self.cache.clear()
-                todo = sorted(set(captions))
-            self.cache.update(zip(todo, self.encode(todo), strict=True))
-        return torch.stack([self.cache[c] for c in captions])
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return pack(hidden, pooled, self.time_ids.expand(len(captions), -1))
 
 
 def conditioning_for(pipe_parts: dict, unets: list, device, size: int, zero_empty: bool = True):
