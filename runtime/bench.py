@@ -75,10 +75,9 @@ def _host_calls(backend, inputs: dict[str, np.ndarray]) -> dict:
 
     return {
         "text_encoder": text,
-        "unet_step": (lambda: backend.unet(inputs["sample"], 0, inputs["context"], added)) if sdxl else
-                     (lambda: backend.unet(inputs["sample"], 0, inputs["context"])),
+        "unet_step": lambda: backend.unet(inputs["sample"], 0, inputs["context"], added),
         "vae_decoder": lambda: backend.vae_decoder(inputs["latent"]),
-    }  # fmt: skip
+    }
 
 
 def _host_time_ms(call, runs: int, warmup: int) -> list[float]:

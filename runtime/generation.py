@@ -88,9 +88,13 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     t0 = time.perf_counter()
     k = req.num_images
     hidden, added, dropped = encode_prompts(model, backend, req, height, width)
-    context = np.concatenate([np.repeat(hidden[:1], k, 0), np.repeat(hidden[1:], k, 0)])
+
+    def per_image(pair: np.ndarray) -> np.ndarray:  # (negative, positive) -> k negatives, then k positives
+        return np.concatenate([np.repeat(pair[:1], k, 0), np.repeat(pair[1:], k, 0)])
+
+    context = per_image(hidden)
     if added is not None:
-        added = {name: np.concatenate([np.repeat(a[:1], k, 0), np.repeat(a[1:], k, 0)]) for name, a in added.items()}
+        added = {name: per_image(a) for name, a in added.items()}
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     sampler = make_scheduler(name, model.scheduler_config, steps)
@@ -103,8 +107,7 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
     t0 = time.perf_counter()
     for i in range(len(sampler.timesteps)):
         model_input = sampler.scale_model_input(latents, i)
-        args = (np.concatenate([model_input, model_input]), i, context)
-        noise = backend.unet(*args) if added is None else backend.unet(*args, added)
+        noise = backend.unet(np.concatenate([model_input, model_input]), i, context, added)
         uncond, cond = noise[:k], noise[k:]
         latents = sampler.step((uncond + np.float32(req.cfg) * (cond - uncond)).astype(np.float32), i, latents)
         progress(i + 1, len(sampler.timesteps))
