@@ -40,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-NATIVE = {"sd15": 512, "sdxl": 1024}
 TARGETS = {"packed_unet_bytes": 0.70e9, "step_vs_best_fp16": 1.05, "unet_peak_vs_fp16": 0.35, "generation_peak_bytes": 2.0e9}
 
 
@@ -74,6 +73,15 @@ class Bench:
                 call()
                 times.append(1e3 * (time.perf_counter() - t0))
         return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": len(times)}
+
+
+def torch_unet(master, b: Bench):
+    """The torch backend's UNet over a copy of ``master`` (FP16 weights, time table; not captured: the caller compiles
+    or captures it), channels-last on the GPU."""
+    from bf.runtime.backend_torch import TorchUNet
+
+    return TorchUNet(copy.deepcopy(master), torch.arange(980, -1, -20), weights="fp", device=b.device, channels_last=b.cuda,
+                     cuda_graph=False, dtype=str(b.dtype).removeprefix("torch."))  # fmt: skip
 
 
 def model_parts(arch_name: str):
@@ -161,7 +169,7 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
         del fp16
         for mode, label in [("reduce-overhead", "compile"), ("default", "compile_graph")][1 if quick else 0 :]:
             base = b.clean()
-            fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=b.device, channels_last=cl, cuda_graph=False)
+            fp16 = torch_unet(master, b)
             step = graphed_step(fp16.eager_step, mode)
             with torch.inference_mode():
                 extra = {"warmup_s": warm_up(step, inputs)}
@@ -175,8 +183,7 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
     for ahead in (0, 2) if b.cuda else (0,):
         name = "lowbit_compile_graph_cl" + (f"_ahead{ahead}" if ahead else "") if b.cuda else "lowbit_eager"
         base = b.clean()
-        model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=b.device, channels_last=cl, cuda_graph=False,
-                          dtype="float16" if b.cuda else "float32")  # fmt: skip
+        model = torch_unet(master, b)
         compile_weights(model.unet, packed, b.dtype)
         extra = {"ahead_slots": ahead}
         if ahead:
@@ -211,14 +218,13 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
     return res
 
 
-def generation_memory(arch_name: str, arch, master, shapes, bits, size: int, b: Bench, lowbit: bool, steps: int = 3) -> dict:
+def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: bool, steps: int = 3) -> dict:
     """Peak memory of text encoders -> UNet steps -> tiled VAE decode, each released after its phase."""
     from diffusers import AutoencoderKL
     from sd15_compiled_step import graphed_step
     from sd15_unet_step import random_packed
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from bf.runtime.backend_torch import TorchUNet
     from bf.runtime.compiled_weights import compile_weights
     from bf.runtime.torch_graph import GraphedCall
 
@@ -227,7 +233,7 @@ def generation_memory(arch_name: str, arch, master, shapes, bits, size: int, b: 
     start = time.perf_counter()
     ids = torch.zeros(2, 77, dtype=torch.long, device=b.device)
     encoders = [(CLIPTextModel, arch.text_encoder)] + ([(CLIPTextModelWithProjection, arch.text_encoder_2)] if arch.text_encoder_2 else [])
-    hidden = []
+    hidden = []  # (kept, as a generation keeps the prompts' hidden states through the UNet phase)
     for cls, cfg in encoders:  # one at a time, released after use
         te = cls(CLIPTextConfig(**cfg)).to(b.device, b.dtype).eval()
         with torch.inference_mode():
@@ -239,15 +245,12 @@ def generation_memory(arch_name: str, arch, master, shapes, bits, size: int, b: 
             torch.cuda.empty_cache()
     phases["text_encoders_peak_bytes"] = b.peak(base)
     inputs, _ = unet_inputs(arch, master, size, 2, b)
+    model = torch_unet(master, b)
     if lowbit:
-        model = TorchUNet(copy.deepcopy(master), torch.arange(980, -1, -20), weights="fp", device=b.device, channels_last=b.cuda,
-                          cuda_graph=False, dtype="float16" if b.cuda else "float32")  # fmt: skip
         compile_weights(model.unet, random_packed(shapes, bits, b.cuda, seed=1, device=b.device), b.dtype)
         gc.collect()
         step = graphed_step(model.eager_step, "default") if b.cuda else model.eager_step
     else:
-        model = TorchUNet(copy.deepcopy(master), torch.arange(980, -1, -20), weights="fp", device=b.device, channels_last=b.cuda,
-                          cuda_graph=False, dtype="float16" if b.cuda else "float32")  # fmt: skip
         step = GraphedCall(model.eager_step) if b.cuda else model.eager_step
     with torch.inference_mode():
         for _ in range(steps):
@@ -258,16 +261,15 @@ def generation_memory(arch_name: str, arch, master, shapes, bits, size: int, b: 
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     phases["through_unet_peak_bytes"] = b.peak(base)
-    vae = AutoencoderKL(**arch.vae).eval()
-    upcast = bool(arch.vae.get("force_upcast"))
-    vae = vae.to(b.device, torch.float32 if upcast or not b.cuda else b.dtype)
+    vae_dtype = torch.float32 if arch.vae.get("force_upcast") else b.dtype  # SDXL's VAE overflows in float16
+    vae = AutoencoderKL(**arch.vae).eval().to(b.device, vae_dtype)
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = min(512, size), min(512, size) // 8  # 512-pixel tiles
     with torch.inference_mode():
-        image = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
+        image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample
     del vae
     peak = b.peak(base)
-    return {"peak_bytes": peak, **phases, "image_shape": list(image.shape), "vae_dtype": "float32" if upcast or not b.cuda else "float16",
+    return {"peak_bytes": peak, **phases, "image_shape": list(image.shape), "vae_dtype": str(vae_dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 2), "unet_steps": steps}  # fmt: skip
 
 
@@ -293,11 +295,11 @@ def main() -> None:
     }
     for name in args.archs.split(","):
         arch, master, shapes, bits = model_parts(name)
-        size = NATIVE.get(name, arch.unet["sample_size"] * 8)
+        size = arch.unet["sample_size"] * 8  # native: the UNet's latent size x the VAE's 8
         print(f"{name}: {sum(p.numel() for p in master.parameters()) / 1e6:.1f}M UNet parameters at {size}x{size}", flush=True)
         out = {"size": size, **unet_configs(name, arch, master, shapes, bits, size, 2, b, args.quick)}
         for label, lowbit in (("fp16", False), ("lowbit", True)):
-            out[f"generation_{label}"] = generation_memory(name, arch, master, shapes, bits, size, b, lowbit)
+            out[f"generation_{label}"] = generation_memory(arch, master, shapes, bits, size, b, lowbit)
             g = out[f"generation_{label}"]
             if g["peak_bytes"] is not None:
                 print(f"{name} generation {label}: peak {g['peak_bytes'] / 1e9:.3f} GB (text {g['text_encoders_peak_bytes'] / 1e9:.3f}, "
