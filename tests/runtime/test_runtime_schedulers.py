@@ -31,7 +31,10 @@ def test_sampler_matches_diffusers_at_every_step(name, steps):
         ref.set_timesteps(steps)
         ours = make_scheduler(name, config, steps)
         assert np.array_equal(ours.timesteps, ref.timesteps.numpy()), (label, name, steps)
-        assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
+        if name == "euler":  # sqrt(max sigma^2 + 1), from float32 sigmas a few ulps off torch's cumulative product
+            assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
+        else:
+            assert ours.init_noise_sigma == float(ref.init_noise_sigma)
         rng = np.random.default_rng(steps)
         x = (rng.standard_normal((2, 4, 8, 8)) * ours.init_noise_sigma).astype(np.float32)
         xt = torch.from_numpy(x.copy())
