@@ -36,6 +36,11 @@ _ISLAND_DATA = {  # op type -> its float data inputs (None: all); other inputs a
 }
 
 
+def _data_inputs(n: onnx.NodeProto):
+    """The input positions of an island op that carry float data (not shapes, axes or indices)."""
+    return _ISLAND_DATA[n.op_type] or range(len(n.input))
+
+
 def _float32_island(g: onnx.GraphProto) -> tuple[set[str], set[str]]:
     """Names of the nodes computed from FLOAT32_ISLAND_INPUTS by element-wise and shape ops (in graph order, which
     ONNX makes topological), and of the tensors they make."""
@@ -46,7 +51,7 @@ def _float32_island(g: onnx.GraphProto) -> tuple[set[str], set[str]]:
             continue
         if n.op_type == "Cast" and not any(a.name == "to" and a.i == FLOAT for a in n.attribute):
             continue
-        positions = _ISLAND_DATA[n.op_type] or range(len(n.input))
+        positions = _data_inputs(n)
         if any(i < len(n.input) and n.input[i] in tensors for i in positions):
             nodes.add(n.name)
             tensors.update(n.output)
@@ -140,7 +145,7 @@ def _island_boundary(g, island: set[str], island_tensors: set[str], constants: s
     for n in g.node:
         key = n.name
         inside = key in island
-        positions = (_ISLAND_DATA[n.op_type] or range(len(n.input))) if inside else range(len(n.input))
+        positions = _data_inputs(n) if inside else range(len(n.input))
         for i in positions:
             if i >= len(n.input) or not n.input[i]:
                 continue
