@@ -11,7 +11,8 @@
 #   run      train, eval and table in one go, the eval in the background (setsid) so that it outlives a call that ends
 #            $DEADLINE seconds after this script started (default 540); then
 #   collect  (the next call, on the same machine) waits for that eval and writes the table
-#            eval, run and collect take CFGS (default 3.5,5.5,7.5,9.5) and IMAGES_PER_SPLIT (bf eval --images-per-split)
+#            eval, run and collect take CFGS (default 3.5,5.5,7.5,9.5), IMAGES_PER_SPLIT (bf eval --images-per-split) and
+#            EVAL_BATCH (images generated at once per row, default 128)
 # usage: tools/ablation_gpu.sh PHASE OUT_DIR [STEPS]
 # Wheels the machine lacks are in .whl/ (see the README's device notes); elsewhere: pip install -e '.[train,plot]'.
 set -euo pipefail
@@ -27,7 +28,7 @@ eval_args=(--prompts "${PROMPTS:-shapes-test:100}" --seeds "${SEEDS:-2}" --cfg "
            --images-per-split "${IMAGES_PER_SPLIT:-0}")
 evaluate_rows() {
   time python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" "${only[@]}" --phase eval \
-    --eval-batch 128 "${eval_args[@]}"
+    --eval-batch "${EVAL_BATCH:-128}" "${eval_args[@]}"
 }
 table_to() {
   python3 "$repo/tools/ablation.py" --work "$work" --recipe "$recipe" --steps "$steps" "${only[@]}" --batch-size "$batch" \
