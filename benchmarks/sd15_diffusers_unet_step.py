@@ -99,14 +99,14 @@ def main() -> None:
             return model(sample, t, ctx).sample
 
         with torch.inference_mode():
-            extra = {"warmup_s": warm_up(lambda *a: step(), ())}
+            extra = {"warmup_s": warm_up(lambda *a, step=step: step(), ())}
             configs[name] = timed(step, args.iters) | extra
             outputs[name] = step().float().clone()
         configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
         configs[name]["resident_bytes"] = torch.cuda.memory_allocated() - base
         c = configs[name]
         print(f"{name}: {c['median_ms']:.3f} ms/step, peak {c['peak_mem_bytes'] / 1e9:.3f} GB, warm-up {c['warmup_s']:.1f} s", flush=True)
-        del model, unet
+        model = unet = step = None  # step's defaults hold the model: kept, it would count in the next configuration's base
         torch._dynamo.reset()
     fp16 = [k for k in configs if k.startswith("fp16")]
     best = min(fp16, key=lambda k: configs[k]["median_ms"]) if fp16 else None

@@ -66,6 +66,10 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     assert lo < 20.0 < hi and hi - lo < 0.5
     ablation.plot(result, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
+    # one CFG scale: rows down the side, each split's accuracy beside the overall one
+    one = {**result, "settings": {**result["settings"], "eval": {**result["settings"]["eval"], "cfgs": [7.5]}}}
+    ablation.plot(one, tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 10_000
     evals["fp"][0].pop("overall_per_image")
     (tmp_path / "fp.eval.json").write_text(json.dumps({"results": evals["fp"]}))
     with pytest.raises(ablation.BfError, match="without per-image verdicts"):

@@ -258,7 +258,9 @@ def plot(result: dict, out: Path) -> None:
     rows = result["rows"]
     cfgs = tuple(result["settings"]["eval"]["cfgs"])
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [1.1, 1.2, 1]})
-    for row in rows:
+    if len(cfgs) == 1:  # one scale: no curves to draw, so rows down the side, every split beside the overall figure
+        _rows_at_one_scale(rows, str(cfgs[0]), a1, a3)
+    for row in rows if len(cfgs) > 1 else ():
         per = [row["cfg"][str(c)] for c in cfgs]
         style = "k--" if row["key"] == "fp" else ("k:" if row["key"] == "fpctl" else "-o")
         (line,) = a1.plot(cfgs, [r["accuracy"] for r in per], style, label=f"{row['row']} ({row['avg_bits']:.2f} bits)")
@@ -282,17 +284,41 @@ def plot(result: dict, out: Path) -> None:
     a2.set(xlabel="paired difference of overall accuracy (95% interval)", title="What each row adds")
     a2.legend(fontsize=7)
     splits = ", ".join(sorted(rows[0]["cfg"][str(cfgs[0])]["splits"]))
-    a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
-    a3.set(
-        xlabel="CFG scale",
-        ylabel="PSNR vs FP model (dB)",
-        title="Fidelity to the FP model" + (", 95% bands" if any(r["cfg"][str(c)].get("psnr_ci95") for r in rows for c in cfgs) else ""),
-    )
+    if len(cfgs) > 1:
+        a1.set(xlabel="CFG scale", ylabel="prompt-faithfulness accuracy", title=f"Accuracy ({splits}), 95% bands", ylim=(0, 1.02))
+        bands = any(r["cfg"][str(c)].get("psnr_ci95") for r in rows for c in cfgs)
+        a3.set(xlabel="CFG scale", ylabel="PSNR vs FP model (dB)", title="Fidelity to the FP model" + (", 95% bands" if bands else ""))
     a1.legend(fontsize=6, loc="lower left")
     for ax in (a1, a2, a3):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def _rows_at_one_scale(rows: list[dict], cfg: str, acc, fid) -> None:
+    """Accuracy of each row (overall, and each split's, with 95% intervals) and its PSNR, rows down the side."""
+    ys = range(len(rows))
+    overall = [row["cfg"][cfg] for row in rows]
+    splits = sorted(overall[0]["splits"])
+    for k, split in enumerate(splits):
+        per = [r["splits"][split] for r in overall]
+        off = (k - (len(splits) - 1) / 2) * 0.12
+        err = [[p["accuracy"] - p["accuracy_ci95"][0] for p in per], [p["accuracy_ci95"][1] - p["accuracy"] for p in per]]
+        acc.errorbar([p["accuracy"] for p in per], [y + off for y in ys], xerr=err, fmt="o", ms=3, capsize=1.5, alpha=0.7, label=split)
+    err = [[r["accuracy"] - r["accuracy_ci95"][0] for r in overall], [r["accuracy_ci95"][1] - r["accuracy"] for r in overall]]
+    acc.errorbar([r["accuracy"] for r in overall], list(ys), xerr=err, fmt="D", color="k", ms=5, capsize=3, label="all splits")
+    acc.axvline(overall[0]["accuracy"], color="k", ls="--", lw=0.8)
+    names = [f"{row['row'][:40]} ({row['avg_bits']:.2f} bits)" for row in rows]
+    acc.set_yticks(list(ys), names, fontsize=7)
+    acc.invert_yaxis()
+    acc.set(xlabel=f"prompt-faithfulness accuracy at CFG {cfg} (95% intervals; dashed: the FP model)", xlim=(0, 1.02),
+            title="Accuracy by split")  # fmt: skip
+    psnr = [(i, r["psnr"]) for i, r in enumerate(overall) if r.get("psnr") is not None]
+    fid.barh([i for i, _ in psnr], [v for _, v in psnr], color="tab:gray")
+    fid.set_yticks(list(ys), names, fontsize=7)
+    fid.set_ylim(len(rows) - 0.5, -0.5)
+    lo = min((v for _, v in psnr), default=0)
+    fid.set(xlabel="PSNR vs the FP model's image, same prompt and seed (dB)", title="Fidelity to the FP model", xlim=(lo - 3, None))
 
 
 def main() -> None:

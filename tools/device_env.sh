@@ -1,10 +1,21 @@
 # Sourced (from the repository root) by the *_gpu.sh wrappers in benchmarks/ and tools/ on a device machine, which has no internet:
 # installs the wheels carried in .whl/ (diffusers and what else the image lacks) and bf itself under /tmp,
-# where the source tree's bf/ (without the stage packages) cannot shadow them.
-if [ -d .whl ] && ! python3 -c "import diffusers, bf.trainer" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/bfpkg .
-  export PYTHONPATH=/tmp/bfpkg:/tmp/site
+# where the source tree's bf/ (without the stage packages) cannot shadow them. Nothing installed is ever replaced while
+# a process may be importing from it (a run left in the background by an earlier call): the wheels go in once, and bf
+# into a directory named by its sources, so a changed tree gets a new one.
+if [ -d .whl ]; then
+  if [ ! -e /tmp/site/.complete ]; then
+    rm -rf /tmp/site.new
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site.new .whl/*.whl \
+      && touch /tmp/site.new/.complete && rm -rf /tmp/site && mv /tmp/site.new /tmp/site
+  fi
+  bf_key=$(cat pyproject.toml $(find bf trainer export runtime -name '*.py' -o -name '*.json' | sort) | sha1sum | cut -c1-12)
+  if [ ! -e "/tmp/bfpkg-$bf_key/.complete" ]; then
+    rm -rf "/tmp/bfpkg-$bf_key.new"
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "/tmp/bfpkg-$bf_key.new" . \
+      && touch "/tmp/bfpkg-$bf_key.new/.complete" && mv "/tmp/bfpkg-$bf_key.new" "/tmp/bfpkg-$bf_key"
+  fi
+  export PYTHONPATH=/tmp/bfpkg-$bf_key:/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

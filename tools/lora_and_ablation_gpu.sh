@@ -29,7 +29,7 @@ if [ "$phase" = start ]; then
   rm -rf "$keep" && mkdir -p "$keep"
   setsid bash -c "DEADLINE=100000 tools/ablation_gpu.sh run '$keep' '${STEPS:-150}' > '$keep/ablation.log' 2>&1; touch '$keep/ablation.done'" \
     < /dev/null > /dev/null 2>&1 &
-  setsid bash -c "cd /tmp && python3 '$repo/tools/lora_new_concept.py' --device cuda --steps '${LORA_STEPS:-3000}' --batch 32 \
+  setsid bash -c "cd /tmp && python3 '$repo/tools/lora_new_concept.py' --device cuda --steps '${LORA_STEPS:-2000}' --batch 32 \
       --seeds '${LORA_SEEDS:-4}' --eval-batch 256 --out '$keep/lora_new_concept.json' --grid '$keep/lora_new_concept.png' \
       --lora-out '$keep/diamond_lora.safetensors' > '$keep/lora_new_concept.log' 2>&1; touch '$keep/lora.done'" \
     < /dev/null > /dev/null 2>&1 &
