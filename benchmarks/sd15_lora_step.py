@@ -1,6 +1,7 @@
 """What a LoRA costs the SD-v1.5 UNet step at 1.99 bits: a rank-16 adapter on every attention projection (to_q, to_k,
-to_v, to_out.0 of every self- and cross-attention: 128 layers), run as low-rank branches beside the layers
-(bf.lora_adapters, as ``bf infer --backend torch --lora`` runs it), against the same step without it, in one run.
+to_v, to_out.0 of every self- and cross-attention: 128 layers), run as ``bf infer --backend torch --lora`` runs it
+(bf.lora_adapters: added to the low-bit weights where the compiled step decodes them; low-rank branches beside the
+streamed ring's layers), against the same step without it, in one run.
 
 Random weights, 512x512, batch 2, fp16, channels-last. Each pair is measured the way a user runs it:
 

@@ -1,8 +1,10 @@
 """LoRA adapter files and the low-rank branch that runs one beside a UNet layer, ``layer(x) + scale * up(down(x))``.
 
 ``bf export --lora`` traces the branches into standard MatMul / Conv nodes, so every runtime runs them; the torch
-backend (``bf infer --lora``) runs them as they are, in its streamed, decoded or compiled step. Either way the low-bit
-layer stays packed codes. The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``:
+backend (``bf infer --lora``) hooks them beside its streamed or decoded layers, and its compiled step, which builds
+each low-bit weight anew on every call from the codes, adds them to those weights there (``up @ down``, one batched
+product per run of same-shaped layers; ``LoRAHooks.take_weight_deltas``). Either way the low-bit layer stays packed
+codes and no dense copy of a weight is kept. The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``:
 diffusers', peft's and kohya's formats), so ``--lora`` takes what ``pipe.load_lora_weights`` takes. A branch's scale is
 the user's times alpha / rank (the file's network alphas, or its adapter metadata; 1 without either).
 """
@@ -209,6 +211,17 @@ class LoRAHook(nn.Module):
     def forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + self.scale * self.up(self.down(args[0]))
 
+    def weight_delta(self, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(up * scale, down)`` as matrices, (out, rank) and (rank, k), whose product is what the branch adds to
+        the layer's weight flattened as it is stored (``channels_last``: a convolution's (out, kh, kw, in)). None
+        where the branch is not a change of the weight: an up projection wider than 1x1."""
+        up, down = self.up.weight, self.down.weight
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            return None
+        if down.dim() == 4 and channels_last:
+            down = down.permute(0, 2, 3, 1)
+        return (up.reshape(up.shape[0], -1) * self.scale).contiguous(), down.reshape(down.shape[0], -1).contiguous()
+
 
 class LoRAHooks(nn.Module):
     """The LoRA branches of a UNet as forward hooks (LoRAHook), checked against the UNet's layers when built;
@@ -220,10 +233,29 @@ class LoRAHooks(nn.Module):
         self.hooks = nn.ModuleList(LoRAHook(module, down, up, scale, conv) for _, module, down, up, scale, conv in placed)
         self.applied = _applied(loras, placed)
         self._handles: list = []
+        self._in_weights: set[int] = set()  # the hooks whose branch a layer's weight carries (take_weight_deltas)
+
+    def take_weight_deltas(self, layers: dict[str, bool]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The branches on ``layers`` (name -> whether its weight is stored channels-last) as changes of the weight,
+        one per layer: ``(up, down)`` with ``up @ down`` the change (several adapters' ranks side by side). A runtime
+        that builds a layer's weight anew on every call adds them there, one batched product per group of
+        same-shaped layers instead of two matrix products per layer on the activations; those branches are then
+        not hooked (``register``)."""
+        deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, hook in enumerate(self.hooks):
+            if hook.layer not in layers or (d := hook.weight_delta(layers[hook.layer])) is None:
+                continue
+            if hook.layer in deltas:
+                up, down = deltas[hook.layer]
+                d = (torch.cat([up, d[0]], 1), torch.cat([down, d[1]], 0))
+            deltas[hook.layer] = d
+            self._in_weights.add(i)
+        return deltas
 
     def register(self, unet: nn.Module) -> None:
-        for hook in self.hooks:
-            self._handles.append(unet.get_submodule(hook.layer).register_forward_hook(hook))
+        for i, hook in enumerate(self.hooks):
+            if i not in self._in_weights:
+                self._handles.append(unet.get_submodule(hook.layer).register_forward_hook(hook))
 
 
 def _innermost(module: nn.Module) -> nn.Module:

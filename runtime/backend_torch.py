@@ -108,7 +108,7 @@ class TorchUNet:
             self.lora = LoRAHooks(unet, list(loras), lora_files).to(device, torch_dtype)
             if channels_last:
                 self.lora.to(memory_format=torch.channels_last)
-            if not (weights == "streamed" and not compile):  # the ring replaces the layers: hook on its layers, below
+            if weights != "streamed":  # the ring replaces the layers, and a compiled step builds the weights: below
                 self.lora.register(unet)
         module = cache_time_features(unet, torch.as_tensor(timesteps))
         self.unet = unet  # the diffusers UNet inside ``module``: its layers by their state-dict names
@@ -123,7 +123,7 @@ class TorchUNet:
             if fused not in (None, "off"):
                 raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
             module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes = _compiled_lowbit(
-                module, unet, layers, device, torch_dtype, channels_last, keep_decoded_bytes, decoder)  # fmt: skip
+                module, unet, layers, device, torch_dtype, channels_last, keep_decoded_bytes, decoder, self.lora)  # fmt: skip
         elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
@@ -190,10 +190,13 @@ class TorchUNet:
         return {name: m for name, m in self.unet.named_modules() if isinstance(m, StreamedLayer)}
 
 
-def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_last: bool, keep_decoded_bytes: int, decoder):
+def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_last: bool, keep_decoded_bytes: int, decoder,
+                     lora=None):  # fmt: skip
     """``module`` on the device with its quantized layers decoded in the step by the custom op, except the
-    largest weights within ``keep_decoded_bytes``, decoded once. Returns the module, the number of quantized
-    layers, the resident bytes of the compiled layers' codes and scales, and the bytes kept decoded."""
+    largest weights within ``keep_decoded_bytes``, decoded once. ``lora`` (bf.lora_adapters.LoRAHooks): the
+    branches on the layers decoded in the step are added to their weights there; the others are hooked. Returns the
+    module, the number of quantized layers, the resident bytes of the compiled layers' codes and scales, and the bytes
+    kept decoded."""
     import torch
 
     from bf.runtime.compiled_weights import compile_weights, packed_bytes
@@ -207,7 +210,10 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     packed = {
         n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last) for n in modules if n not in kept
     }
-    compile_weights(unet, packed, dtype, decoder=decoder)  # before the move: no FP16 copy
+    deltas = lora.take_weight_deltas({n: w.channels_last for n, w in packed.items()}) if lora is not None else None
+    compile_weights(unet, packed, dtype, decoder=decoder, deltas=deltas)  # before the move: no FP16 copy
+    if lora is not None:
+        lora.register(unet)
     module = module.to(device, dtype)
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)

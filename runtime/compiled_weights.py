@@ -28,6 +28,11 @@ no buffer of inductor's plan may take over that memory.
 The weights are the decode kernels' output bit for bit (the ops run the same kernel as the other
 modes), so the compiled step differs from an eager step with the same decoded weights only where
 inductor changes the order of floating-point work around them.
+
+LoRAs on the decoded layers are added to their weights in the step: ``weight + up @ down``, one batched
+product (``baddbmm``) for each run of a group's layers of one shape and rank, which the group lays out side by
+side in its buffer. A rank-16 LoRA on SD-v1.5's 128 attention projections is then 32 products a step instead
+of 256 matrix products and their additions on the activations.
 """
 
 from __future__ import annotations
@@ -173,9 +178,14 @@ class CompiledLowBitGroup(nn.Module):
     group's buffer (or, decoding ahead, waits for its slot and starts the decodes it is due to start)
     and runs the block with views of it as those weights (``torch.func.functional_call``)."""
 
-    def __init__(self, block: nn.Module, members: dict[str, object], dtype: torch.dtype):
+    def __init__(self, block: nn.Module, members: dict[str, object], dtype: torch.dtype, deltas: dict | None = None):
         super().__init__()
         self.block = block
+        deltas = deltas or {}
+        # the layers whose weight takes a LoRA's change first, same shapes and ranks side by side: each run of them
+        # then lies in the buffer at one stride, and one batched product adds all their changes
+        order = sorted(members, key=lambda n: (0, tuple(members[n].spec.shape), deltas[n][0].shape[1]) if n in deltas else (1,))
+        members = {n: members[n] for n in order}
         self.names = list(members)  # "" for a group of one layer: the block is the layer
         packed = list(members.values())
         # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
@@ -188,6 +198,7 @@ class CompiledLowBitGroup(nn.Module):
         self.schedule: _Schedule | None = None  # decoding ahead: holds the schedule (and its slots) while the model lives
         for name in self.names:
             block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.lora_runs = _delta_runs(self.names, self.layouts, self.offsets, deltas)
 
     def forward(self, *args, **kwargs):
         if self.ahead is None:
@@ -195,11 +206,41 @@ class CompiledLowBitGroup(nn.Module):
         else:
             x = _input(args, kwargs)  # its first element: a dependency on the input that costs no copy of it
             flat = torch.ops.bf.lowbit_decode_ahead(x[(0,) * x.dim()], *self.ahead)
+        stored = [flat[o : o + n].view(shape) for o, (n, shape, _) in zip(self.offsets, self.layouts, strict=True)]
+        for first, count, stride, up, down in self.lora_runs:  # LoRAs: weight + up @ down, one product per run
+            n, shape, _ = self.layouts[first]
+            o = self.offsets[first]
+            base = flat[o : o + count * stride].view(count, stride)[:, :n].view(count, shape[0], n // shape[0])
+            changed = torch.baddbmm(base, up, down)
+            for j in range(count):
+                stored[first + j] = changed[j].view(shape)
         weights = {}
-        for name, offset, (n, shape, channels_last) in zip(self.names, self.offsets, self.layouts, strict=True):
-            w = flat[offset : offset + n].view(shape)
+        for name, w, (_, _, channels_last) in zip(self.names, stored, self.layouts, strict=True):
             weights[f"{name}.weight" if name else "weight"] = w.permute(0, 3, 1, 2) if channels_last else w
         return torch.func.functional_call(self.block, weights, args, kwargs)
+
+
+def _delta_runs(names: list[str], layouts: list, offsets: tuple[int, ...], deltas: dict) -> list[tuple]:
+    """The group's LoRA changes as runs of consecutive layers of one shape and rank: (first layer, count, stride
+    in the buffer, ups stacked (count, out, rank), downs stacked (count, rank, k))."""
+    runs: list[tuple] = []
+    i = 0
+    while i < len(names) and names[i] in deltas:
+        j = i
+        while j + 1 < len(names) and names[j + 1] in deltas and layouts[j + 1][1] == layouts[i][1] \
+                and deltas[names[j + 1]][0].shape == deltas[names[i]][0].shape:  # fmt: skip
+            j += 1
+        n, shape, _ = layouts[i]
+        for name in names[i : j + 1]:
+            up, down = deltas[name]
+            if up.shape[0] != shape[0] or up.shape[0] * down.shape[1] != n:
+                raise BfError(f"a LoRA's change of {name or 'the layer'} is {up.shape[0]}x{down.shape[1]}, its weight {shape}")
+        stride = offsets[i + 1] - offsets[i] if j > i else -(-n // ALIGN) * ALIGN
+        ups = torch.stack([deltas[name][0] for name in names[i : j + 1]])
+        downs = torch.stack([deltas[name][1] for name in names[i : j + 1]])
+        runs.append((i, j - i + 1, stride, ups, downs))
+        i = j + 1
+    return runs
 
 
 def _input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -212,13 +253,18 @@ def _input(args: tuple, kwargs: dict) -> torch.Tensor:
 _BLOCK = re.compile(r"^(.*\b(?:resnets|transformer_blocks|attentions|downsamplers|upsamplers)\.\d+)\.(.+)$")
 
 
-def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=None, by_block: bool = True) -> int:
+def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=None, by_block: bool = True,
+                    deltas: dict | None = None) -> int:  # fmt: skip
     """Make every layer of ``owner`` named in ``packed`` (name -> bf.runtime.streamed_weights.PackedWeight, already on
     the device the model runs on) decode its weight from the codes on every call, in place; returns how many.
 
     ``by_block``: the layers of one block decode together (a CompiledLowBitGroup around the block); a layer
     outside every block, or in a block that holds another group (an attention's projections around its
-    transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone."""
+    transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone.
+
+    ``deltas``: LoRAs as changes of the weights (name -> (up, down), bf.lora_adapters.LoRAHooks.take_weight_deltas),
+    added to the decoded weights in the step: the base stays packed codes, and nothing dense is kept."""
+    deltas = deltas or {}
     if decoder is not None:
         _DECODER[0] = decoder
     for name, pw in packed.items():
@@ -237,7 +283,8 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
             groups[f"{block}.{member}"] = {"": pw}
     for block, members in groups.items():
         parent, child = parent_and_attribute(owner, block)
-        setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype))
+        mine = {m: deltas[f"{block}.{m}" if m else block] for m in members if (f"{block}.{m}" if m else block) in deltas}
+        setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype, mine))
     return len(packed)
 
 

@@ -253,3 +253,73 @@ def test_the_torch_backends_compiled_unet_decodes_ahead_when_asked(tiny_model, n
         for i in (0, 3):
             step = torch.tensor([i])
             assert torch.equal(ours.eager_step(sample, step, ctx), ref.eager_step(sample, step, ctx))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lora_changes_are_added_where_the_step_builds_the_weights(native_build, channels_last):
+    """LoRA branches given to compile_weights as changes of the weights (up @ down, a convolution's in its stored
+    layout) equal the same branches hooked beside the decoded-weight layers; a block's layers of one shape and rank
+    take one batched product; a change that does not fit its layer is refused."""
+    from torch import nn
+
+    from bf.decode_kernels import load
+    from bf.errors import BfError
+    from bf.lora_adapters import LoRAHook
+    from bf.runtime.compiled_weights import CompiledLowBitGroup, compile_weights
+    from bf.runtime.streamed_weights import packed_weight
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 8, 3, padding=1)
+            self.q, self.k, self.v = (nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.o = nn.Linear(8, 6)
+
+        def forward(self, x):
+            h = torch.nn.functional.silu(self.c(x)).mean((2, 3))
+            return self.o(self.q(h) + self.k(h) * self.v(h))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            return self.transformer_blocks[0](x)
+
+    torch.manual_seed(0)
+    decoded, rng = Net(), np.random.default_rng(3)
+    packed = {}
+    for name in ("c", "q", "k", "v", "o"):
+        full = f"transformer_blocks.0.{name}"
+        shape = tuple(decoded.get_submodule(full).weight.shape)
+        layer = QuantizedLayer.from_levels(full, rng.integers(-1, 2, shape), rng.random(shape[0]) * 0.2 + 0.05, Grid(2))
+        decoded.get_submodule(full).weight.data = torch.from_numpy(layer.dequantize())
+        packed[full] = packed_weight(layer, "cpu", channels_last)
+    conv = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    hooks = {}
+    for name, rank in (("c", 2), ("q", 2), ("k", 2), ("v", 2), ("o", 3)):
+        full = f"transformer_blocks.0.{name}"
+        w = decoded.get_submodule(full).weight
+        down, up = torch.randn(rank, *w.shape[1:]) * 0.3, torch.randn(w.shape[0], rank, *((1, 1) if w.dim() == 4 else ())) * 0.3
+        hooks[full] = LoRAHook(full, down, up, 0.7, conv if w.dim() == 4 else None)
+    reference = copy.deepcopy(decoded)
+    for full, hook in hooks.items():
+        reference.get_submodule(full).register_forward_hook(hook)
+    model = copy.deepcopy(decoded)
+    deltas = {full: hook.weight_delta(channels_last) for full, hook in hooks.items()}
+    compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so"), deltas=deltas)
+    group = model.transformer_blocks[0]
+    assert isinstance(group, CompiledLowBitGroup)
+    assert sorted(run[1] for run in group.lora_runs) == [1, 1, 3]  # q, k, v together; o and c alone
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        want = reference(x)
+        assert (want - decoded(x)).abs().max() > 0.01  # the branches change the output (outputs up to 0.3)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+        assert torch.equal(torch.compile(model, backend="aot_eager", fullgraph=True)(x), model(x))
+    # an up projection wider than 1x1 is no change of the weight: that branch stays a hook
+    assert LoRAHook("c", torch.randn(2, 4, 3, 3), torch.randn(8, 2, 3, 3), 1.0, conv).weight_delta(channels_last) is None
+    wrong = {"transformer_blocks.0.o": (torch.randn(6, 2), torch.randn(2, 9))}
+    with pytest.raises(BfError, match="LoRA's change of o is 6x9"):
+        compile_weights(copy.deepcopy(decoded), packed, torch.float32, decoder=load(native_build / "libbf_decode.so"), deltas=wrong)
