@@ -105,6 +105,28 @@ def _io(values) -> list[dict]:
     return out
 
 
+def _preflight(source: Path, ckpt: Checkpoint | None, req: ExportRequest, base_model: Path | None) -> None:
+    """The image size and the sampler the request asks for, checked from the model's configs before its weights load
+    (for SDXL that is a minute): the same refusals as after loading."""
+    from bf.models.base_model import check_same_family, resolve_base_model
+    from bf.models.directory import ModelDir
+    from bf.models.time_cache import sampler_timesteps
+    from bf.scheduler_names import native_scheduler
+
+    base = ModelDir(resolve_base_model(ckpt, source, base_model) if ckpt is not None else ModelDir.open(source).root)
+    unet_config = ckpt.unet_config if ckpt is not None else base.config("unet")
+    check_same_family(unet_config, base, source)
+    vae_scale = 2 ** (len(base.config("vae")["block_out_channels"]) - 1)
+    levels = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    native = int(unet_config["sample_size"]) * vae_scale
+    for name, v in (("--height", req.height or native), ("--width", req.width or native)):
+        if v % (vae_scale * levels):
+            raise BfError(f"{name} {v}: this UNet halves its latents {levels}x, so image sizes must be multiples of "
+                          f"{vae_scale * levels} (nearest: {nearest_multiple(v, vae_scale * levels)})")  # fmt: skip
+    config = base.config("scheduler")
+    sampler_timesteps(req.scheduler or native_scheduler(config), config, req.steps)
+
+
 def export_model(
     source: Path,
     out: Path,
@@ -143,6 +165,7 @@ def export_model(
         identity = {"source": str(Path(source).resolve()), "sha256": sha256_file(source), "quantized": True,
                     "base_model_hash": ckpt.base_model.get("hash")}  # fmt: skip
         log(f"loading {source} ({len(layers)} quantized layers)")
+    _preflight(Path(source), ckpt, req, base_model)
     loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt)  # the .bfq read once
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

@@ -70,7 +70,9 @@ def encode_prompts(model: ExportedModel, backend, req: GenerationRequest, height
     return hidden, {"text_embeds": pooled, "time_ids": time_ids}, max(dropped, dropped_2)
 
 
-def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
+def checked_sampler(model: ExportedModel, req: GenerationRequest):
+    """Everything about ``req`` that can be refused, checked against the export without running it (callers check
+    before they open a backend): returns the sampler, the step count and the image size."""
     m = model.manifest
     name = req.scheduler or m.scheduler.name
     steps = m.scheduler.steps if req.steps is None else req.steps
@@ -78,11 +80,21 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
         raise BfError(f"--steps {steps}: must be at least 1")
     model.check_sampler(name, steps)
     height, width = model.image_size(req.height, req.width)
-    scale = m.image.latent_scale
     if req.num_images < 1:
         raise BfError(f"--num-images {req.num_images}: must be at least 1")
     if m.family != "sdxl" and (req.original_size is not None or tuple(req.crop) != (0, 0)):
         raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")
+    sampler = make_scheduler(name, model.scheduler_config, steps)
+    if not np.array_equal(sampler.timesteps, np.asarray(m.scheduler.timesteps)):
+        raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
+    return sampler, steps, height, width
+
+
+def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
+    m = model.manifest
+    sampler, steps, height, width = checked_sampler(model, req)
+    name = req.scheduler or m.scheduler.name
+    scale = m.image.latent_scale
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -97,9 +109,6 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
         added = {name: per_image(a) for name, a in added.items()}
     timings["text_encoder_s"] = time.perf_counter() - t0
 
-    sampler = make_scheduler(name, model.scheduler_config, steps)
-    if not np.array_equal(sampler.timesteps, np.asarray(m.scheduler.timesteps)):
-        raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
     # Image i starts from seed + i alone, so any image of a batch is reproduced by its own seed with --num-images 1.
     shape = (1, m.latent_channels, height // scale, width // scale)
     latents = np.concatenate([initial_latents(req.seed + i, shape, sampler.init_noise_sigma) for i in range(k)])

@@ -67,7 +67,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     """
     from bf.runtime.backend_options import open_backend
     from bf.runtime.exported import ExportedModel
-    from bf.runtime.generation import GenerationRequest, generate
+    from bf.runtime.generation import GenerationRequest, checked_sampler, generate
     from bf.runtime.png import write_png
 
     if not prompt.strip():
@@ -91,6 +91,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     if model.manifest.family != "sdxl" and (original is not None or crop_at != (0, 0)):
         raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, original, crop_at)
+    checked_sampler(model, req)  # what the request asks of this export, refused before any backend loads
     if warning := model.size_warning(height, width):
         log(warning)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.

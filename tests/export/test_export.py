@@ -227,3 +227,23 @@ def test_bad_input_gets_one_line(exported, tmp_path):
     for option, value in [("--scheduler", "lms"), ("--steps", "0")]:  # refused by click's own checks, before any work
         r = run_bf("export", tmp / "m.bfq", "--out", tmp_path / "x", option, value)
         assert r.returncode == 2 and f"Invalid value for '{option}'" in r.stderr, r.stderr
+
+
+def test_size_and_sampler_are_refused_before_the_weights_load(exported, tmp_path, monkeypatch):
+    """An image size the UNet cannot take and a sampler whose timesteps the table cannot hold are refused from the
+    model's configs: the weights never load (for SDXL that is a minute)."""
+    import re
+
+    import bf.models.diffusers_pipeline as pipeline
+    from bf.errors import BfError
+    from bf.export.exporter import ExportRequest, export_model
+
+    tmp, _, _ = exported
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    for req, message in ((ExportRequest(target="onnx", height=72), "--height 72: this UNet halves its latents 8x, so image "
+                                                                   "sizes must be multiples of 64 (nearest: 64)"),
+                         (ExportRequest(target="onnx", width=200), "multiples of 64 (nearest: 192)"),
+                         (ExportRequest(target="onnx", scheduler="euler"), "euler with timestep_spacing 'linspace")):  # fmt: skip
+        with pytest.raises(BfError, match=re.escape(message)):
+            export_model(tmp / "m.bfq", tmp_path / "x", req)
+    assert not (tmp_path / "x").exists()
