@@ -1,10 +1,12 @@
 """LoRA adapter files and the low-rank branch that runs one beside a UNet layer, ``layer(x) + scale * up(down(x))``.
 
 ``bf export --lora`` traces the branches into standard MatMul / Conv nodes, so every runtime runs them; the torch
-backend (``bf infer --lora``) hooks them beside its streamed or decoded layers, and its compiled step, which builds
-each low-bit weight anew on every call from the codes, adds them to those weights there (``up @ down``, one batched
-product per run of same-shaped layers; ``LoRAHooks.take_weight_deltas``). Either way the low-bit layer stays packed
-codes and no dense copy of a weight is kept. The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``:
+backend (``bf infer --lora``) builds each low-bit weight anew from the codes on every call, and adds the LoRAs to
+those weights where it builds them (``up @ down``; ``LoRAHooks.take_weight_deltas``): its compiled step with one
+batched product per run of same-shaped layers, its streamed ring in the slot right after each decode, on the
+decoding stream. Branches it cannot add that way (an up projection wider than 1x1, layers decoded once and kept,
+layers on the fused kernel) are hooked beside their layers. Either way the low-bit layer stays packed codes and no
+dense copy of a weight is kept. The files are read by diffusers' own LoRA reader (``StableDiffusionPipeline.lora_state_dict``:
 diffusers', peft's and kohya's formats), so ``--lora`` takes what ``pipe.load_lora_weights`` takes. A branch's scale is
 the user's times alpha / rank (the file's network alphas, or its adapter metadata; 1 without either).
 """

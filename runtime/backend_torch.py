@@ -78,8 +78,9 @@ class TorchUNet:
     bf.runtime.streamed_weights.stream_weights). ``decoder``: the decode library
     (bf.decode_kernels.load() when None).
 
-    ``loras``: (file, scale) pairs of LoRA adapters (bf.lora_adapters), each a low-rank branch beside its layer in
-    whatever form the weights take (``lora_files``: the files already read, by path).
+    ``loras``: (file, scale) pairs of LoRA adapters (bf.lora_adapters): added to the low-bit weights where the step
+    decodes them (compiled or streamed), a low-rank branch hooked beside every other layer (``lora_files``: the
+    files already read, by path).
 
     ``step(sample, step_index, context)`` runs one step (its output may be reused by the next
     call; ``eager_step`` is the same without the CUDA graph); ``module`` is the model it runs and
@@ -130,7 +131,7 @@ class TorchUNet:
             self.fused = _fused_mode(fused, channels_last, dtype)
             module = stream_weights(module, unet, layers, device=device, dtype=torch_dtype, channels_last=channels_last, slots=slots,
                                     decoder=decoder, group=group, fused=self.fused, keep_decoded_bytes=keep_decoded_bytes,
-                                    priority=priority, decode_blocks=decode_blocks)  # fmt: skip
+                                    priority=priority, decode_blocks=decode_blocks, lora=self.lora)  # fmt: skip
             module = module.to(device, torch_dtype)
             if self.lora is not None:
                 self.lora.register(unet)

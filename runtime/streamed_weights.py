@@ -112,6 +112,9 @@ class WeightRing:
         self.order: list[int] | None = None
         self._learning: list[int] = []
         self.pos = 0
+        # layer index -> (up, down): a LoRA's change of its weight, added in the slot right after the decode, on the
+        # stream that decodes (bf.lora_adapters.LoRAHooks.take_weight_deltas)
+        self.deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _allocate(self, sizes: list[int]) -> None:
         self.capacity = _aligned(max(sizes, default=1))
@@ -165,6 +168,13 @@ class WeightRing:
             self.lib.decode_cuda(ws[0].codes, ws[0].scale, ws[0].spec, out=outs[0])
         else:
             self.lib.decode_cuda_batch([(w.codes, w.scale, w.spec) for w in ws], outs, self.max_blocks)
+        for k, out in zip(self.groups[g], outs, strict=True):
+            self._add_delta(self.order[k], out)
+
+    def _add_delta(self, index: int, stored: torch.Tensor) -> None:
+        if index in self.deltas:
+            up, down = self.deltas[index]
+            stored.view(up.shape[0], -1).addmm_(up, down)
 
     def decode_all(self) -> None:
         """Every group in order on the current stream, nothing else (what a forward's decoding costs alone)."""
@@ -193,7 +203,10 @@ class WeightRing:
 
     def decode_alone(self, index: int) -> torch.Tensor:
         """Layer ``index``'s weight decoded on the current stream into the first slot (first forward only)."""
-        return self.weights[index].decode(self.lib, self.buffers[0])
+        w = self.weights[index]
+        weight = w.decode(self.lib, self.buffers[0])  # a view of the slot: the change below shows through it
+        self._add_delta(index, self.buffers[0][: w.numel].view(w.spec.shape))
+        return weight
 
     def acquire(self, index: int) -> torch.Tensor:
         """The decoded weight of layer ``index`` (called by the layer, in its forward)."""
@@ -356,7 +369,7 @@ def quantized_modules(owner: nn.Module, names) -> dict[str, nn.Conv2d | nn.Linea
 def stream_weights(
     root: nn.Module, owner: nn.Module, layers: dict[str, QuantizedLayer | PackedWeight], *, device: str = "cuda",
     dtype: torch.dtype = torch.float16, channels_last: bool = False, slots: int = 3, decoder=None, group: bool = True,
-    fused: str = "off", keep_decoded_bytes: int = 0, priority: int = 0, decode_blocks: int = 0,
+    fused: str = "off", keep_decoded_bytes: int = 0, priority: int = 0, decode_blocks: int = 0, lora=None,
 ) -> RingForward:  # fmt: skip
     """``root`` wrapped to run with its weight ring, after replacing (in place) every Conv2d /
     Linear of ``owner`` named in ``layers`` (see quantized_modules) by a streamed one.
@@ -369,7 +382,9 @@ def stream_weights(
     forward, largest weights first (memory for speed: what is kept is not decoded again, and
     leaves the ring). ``priority``: the decode stream's CUDA priority (-1: high). ``decode_blocks``:
     cap on each decode launch's grid (0: none), so decoding shares the GPU with the compute
-    kernels instead of taking every multiprocessor while it runs.
+    kernels instead of taking every multiprocessor while it runs. ``lora`` (bf.lora_adapters.LoRAHooks): with
+    ``fused`` off, the branches on the ring's layers are added to their weights in the slots, after each decode; the
+    others stay for its ``register``.
 
     The replaced modules' full-precision weights are dropped, so move the result to the GPU
     afterwards; its ``ring`` holds the packed weights and the decode buffers."""
@@ -399,6 +414,10 @@ def stream_weights(
             w = entries[index]
             layer.decoded = w.decode(ring.lib, torch.empty(w.numel, dtype=dtype, device=w.codes.device))
         setattr(parent, child, layer)
+    if lora is not None and fused == "off":  # a fused kernel reads the codes, not the slot: its layer keeps the hook
+        index_of = {name: i for i, name in enumerate(modules) if ring.weights[i] is not None}
+        deltas = lora.take_weight_deltas({name: entries[i].channels_last for name, i in index_of.items()})
+        ring.deltas = {index_of[name]: d for name, d in deltas.items()}
     return RingForward(root, ring)
 
 

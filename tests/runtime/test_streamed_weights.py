@@ -158,3 +158,51 @@ def test_weights_kept_decoded_leave_the_ring_largest_first(native_build, monkeyp
     for out in (first, replayed):
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     assert streamed.weight_bytes == ring.weights[0].codes.numel() + 16 * 4 + (256 + 1152 + 48) * 2  # a's codes and scales, the rest fp16
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_ring_adds_a_loras_change_after_each_decode(native_build, channels_last):
+    """On the CPU, with the ring's CUDA parts set aside (no streams): a group decoded into its slot, and a layer decoded
+    alone in the first forward, carry ``weight + up @ down`` for the layers given a LoRA's change, in their stored
+    layout (a convolution channels-last), and the plain weight for the others."""
+    from bf.decode_kernels import load
+    from bf.runtime.streamed_weights import WeightRing, packed_weight
+
+    lib = load(native_build / "libbf_decode.so")
+
+    class CpuDecode:  # the library's float32 decode, called as the ring calls the CUDA one
+        def decode_cuda(self, codes, scale, spec, out):
+            out.copy_(torch.from_numpy(lib.decode_cpu(codes.numpy(), scale.numpy(), spec)))
+
+        def decode_cuda_batch(self, items, outs, max_blocks):
+            for (codes, scale, spec), out in zip(items, outs, strict=True):
+                self.decode_cuda(codes, scale, spec, out)
+
+    rng = np.random.default_rng(2)
+    shapes = [(8, 4, 3, 3), (6, 8), (6, 8)]
+    layers = [QuantizedLayer.from_levels(f"l{i}", rng.integers(-1, 2, s), rng.random(s[0]) + 0.1, Grid(2)) for i, s in enumerate(shapes)]
+    weights = [packed_weight(layer, "cpu", channels_last) for layer in layers]
+    ring = WeightRing.__new__(WeightRing)
+    ring.weights, ring.lib, ring.slots, ring.group, ring.max_blocks, ring.dtype = weights, CpuDecode(), 2, True, 0, torch.float32
+    ring.capacity = 4096
+    ring.buffers = [torch.zeros(ring.capacity) for _ in range(2)]
+    ring.order = [0, 1, 2]
+    ring.groups, ring.group_of, ring.offset_of = [[0, 1, 2]], [0, 0, 0], [0, 384, 512]
+    g = torch.Generator().manual_seed(0)
+    down_conv = torch.randn(2, 4, 3, 3, generator=g)
+    stored_down = down_conv.permute(0, 2, 3, 1) if channels_last else down_conv
+    ring.deltas = {
+        0: (torch.randn(8, 2, generator=g), stored_down.reshape(2, -1)),
+        2: (torch.randn(6, 3, generator=g), torch.randn(3, 8, generator=g)),
+    }
+    ring._decode_group(0)
+    for k, w in enumerate(weights):
+        got = w.view(ring._view(k))  # the module-shaped weight
+        want = torch.from_numpy(layers[k].dequantize())
+        if k in ring.deltas:
+            up, down = ring.deltas[k]
+            change = up @ (down_conv.reshape(2, -1) if k == 0 else down)
+            want = want + change.view(want.shape)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    alone = ring.decode_alone(2)
+    torch.testing.assert_close(alone, torch.from_numpy(layers[2].dequantize()) + ring.deltas[2][0] @ ring.deltas[2][1], rtol=0, atol=1e-5)
