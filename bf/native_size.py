@@ -13,6 +13,15 @@ def far_from_native(height: int, width: int, native: int) -> str | None:
     return None
 
 
+def size_rule(unet_config: dict, vae_config: dict) -> tuple[int, int, int]:
+    """(multiple, levels, native) of a diffusers UNet and VAE: image sizes must be multiples of the VAE's latent scale
+    times the UNet's ``levels`` (how often it halves its latents; an exported graph traces each resampling size);
+    ``native`` is the size it was trained at."""
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    levels = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    return vae_scale * levels, levels, int(unet_config["sample_size"]) * vae_scale
+
+
 def nearest_multiple(value: int, multiple: int) -> int:
     """The positive multiple of ``multiple`` nearest ``value`` (halves round up)."""
     return max(multiple, int(value / multiple + 0.5) * multiple)

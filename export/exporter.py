@@ -26,7 +26,7 @@ from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_json
-from bf.native_size import far_from_native, nearest_multiple
+from bf.native_size import far_from_native, nearest_multiple, size_rule
 
 MANIFEST = "manifest.json"
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
@@ -63,9 +63,9 @@ class ExportRequest:
             raise BfError(f"--weights {self.weights}: expected one of {', '.join(WEIGHTS)}")
         if self.gpu_archs and self.target != "trt-rtx":
             raise BfError("--gpu-arch applies to --target trt-rtx (--target trt builds for the GPU it runs on)")
-        for name, v in (("--height", self.height), ("--width", self.width)):
-            if v is not None and (v % 8 or v < 8):
-                raise BfError(f"{name} {v}: image sizes must be positive multiples of 8")
+        for name, v in (("--height", self.height), ("--width", self.width)):  # the multiple: from the model's configs
+            if v is not None and v < 8:
+                raise BfError(f"{name} {v}: image sizes must be at least 8")
         if self.precision not in PRECISIONS:
             raise BfError(f"precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.precision == "fp16" and self.target not in ENGINE_TARGETS:
@@ -105,26 +105,26 @@ def _io(values) -> list[dict]:
     return out
 
 
-def _preflight(source: Path, ckpt: Checkpoint | None, req: ExportRequest, base_model: Path | None) -> None:
-    """The image size and the sampler the request asks for, checked from the model's configs before its weights load
-    (for SDXL that is a minute): the same refusals as after loading."""
-    from bf.models.base_model import check_same_family, resolve_base_model
-    from bf.models.directory import ModelDir
+def _preflight(source: Path, req: ExportRequest, then: Callable[[], None]) -> Callable:
+    """What load_model calls before the weights load (for SDXL that is a minute), with the base model and the UNet's
+    config: the image size and the sampler the request asks for, checked from the configs (the same refusals as
+    after loading); ``then`` when they pass."""
+    from bf.models.base_model import check_same_family
     from bf.models.time_cache import sampler_timesteps
     from bf.scheduler_names import native_scheduler
 
-    base = ModelDir(resolve_base_model(ckpt, source, base_model) if ckpt is not None else ModelDir.open(source).root)
-    unet_config = ckpt.unet_config if ckpt is not None else base.config("unet")
-    check_same_family(unet_config, base, source)
-    vae_scale = 2 ** (len(base.config("vae")["block_out_channels"]) - 1)
-    levels = 2 ** (len(unet_config["block_out_channels"]) - 1)
-    native = int(unet_config["sample_size"]) * vae_scale
-    for name, v in (("--height", req.height or native), ("--width", req.width or native)):
-        if v % (vae_scale * levels):
-            raise BfError(f"{name} {v}: this UNet halves its latents {levels}x, so image sizes must be multiples of "
-                          f"{vae_scale * levels} (nearest: {nearest_multiple(v, vae_scale * levels)})")  # fmt: skip
-    config = base.config("scheduler")
-    sampler_timesteps(req.scheduler or native_scheduler(config), config, req.steps)
+    def check(base, unet_config: dict) -> None:
+        check_same_family(unet_config, base, source)
+        multiple, levels, native = size_rule(unet_config, base.config("vae"))
+        for name, v in (("--height", req.height or native), ("--width", req.width or native)):
+            if v % multiple:
+                raise BfError(f"{name} {v}: this UNet halves its latents {levels}x, so image sizes must be multiples of "
+                              f"{multiple} (nearest: {nearest_multiple(v, multiple)})")  # fmt: skip
+        config = base.config("scheduler")
+        sampler_timesteps(req.scheduler or native_scheduler(config), config, req.steps)
+        then()
+
+    return check
 
 
 def export_model(
@@ -158,15 +158,15 @@ def export_model(
         from bf.models.directory import ModelDir
 
         layers, identity = {}, {"source": str(Path(source).resolve()), "sha256": ModelDir.open(source).content_hash(), "quantized": False}
-        log(f"loading {source} (FP model, no quantized layers)")
+        loading = f"loading {source} (FP model, no quantized layers)"
     else:
         ckpt = Checkpoint.load(source)
         layers = ckpt.layers
         identity = {"source": str(Path(source).resolve()), "sha256": sha256_file(source), "quantized": True,
                     "base_model_hash": ckpt.base_model.get("hash")}  # fmt: skip
-        log(f"loading {source} ({len(layers)} quantized layers)")
-    _preflight(Path(source), ckpt, req, base_model)
-    loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt)  # the .bfq read once
+        loading = f"loading {source} ({len(layers)} quantized layers)"
+    loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt,  # the .bfq read once
+                        before_weights=_preflight(Path(source), req, lambda: log(loading)))  # fmt: skip
     pipe = loaded.pipe
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     req = replace(req, height=req.height or native, width=req.width or native, scheduler=loaded.scheduler)

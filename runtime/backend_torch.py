@@ -211,10 +211,11 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     packed = {
         n: w if isinstance(w := layers[n], PackedWeight) else packed_weight(w, device, channels_last) for n in modules if n not in kept
     }
-    deltas = lora.take_weight_deltas({n: w.channels_last for n, w in packed.items()}) if lora is not None else None
-    compile_weights(unet, packed, dtype, decoder=decoder, deltas=deltas)  # before the move: no FP16 copy
-    if lora is not None:
+    deltas = None
+    if lora is not None:  # hooked by name before the groups take the blocks in: a hook stays on its layer inside them
+        deltas = lora.take_weight_deltas({n: w.channels_last for n, w in packed.items()})
         lora.register(unet)
+    compile_weights(unet, packed, dtype, decoder=decoder, deltas=deltas)  # before the move: no FP16 copy
     module = module.to(device, dtype)
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)

@@ -9,7 +9,7 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site.new .whl/*.whl \
       && touch /tmp/site.new/.complete && rm -rf /tmp/site && mv /tmp/site.new /tmp/site
   fi
-  bf_key=$(cat pyproject.toml $(find bf trainer export runtime -name '*.py' -o -name '*.json' | sort) | sha1sum | cut -c1-12)
+  bf_key=$(find pyproject.toml bf trainer export runtime -type f -not -path '*/__pycache__/*' | sort | xargs cat | sha1sum | cut -c1-12)
   if [ ! -e "/tmp/bfpkg-$bf_key/.complete" ]; then
     rm -rf "/tmp/bfpkg-$bf_key.new"
     python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "/tmp/bfpkg-$bf_key.new" . \

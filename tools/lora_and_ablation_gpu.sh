@@ -5,12 +5,12 @@
 #            then, in the background (they outlive the call): the ablation (tools/ablation_gpu.sh run, settings from
 #            ROWS/CFGS/PROMPTS/SEEDS/IMAGES_PER_SPLIT/EVAL_BATCH, STEPS steps) and the LoRA new-concept proof
 #            (tools/lora_new_concept.py, LORA_STEPS steps)
-#   collect  waits for both background runs and copies what they wrote into OUT_DIR
+#   collect  waits for both background runs (at most WAIT seconds, default 540) and copies what they wrote into OUT_DIR
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
 # usage: tools/lora_and_ablation_gpu.sh start|collect OUT_DIR
 set -uo pipefail
 phase=$1 out=$2
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 repo=$PWD
 keep=/tmp/lora_and_ablation  # the background runs' results: OUT_DIR is emptied before every call
 source tools/device_env.sh
@@ -19,13 +19,15 @@ build_decode_library
 if [ "$phase" = start ]; then
   SKIP_TIMED=${SKIP_TIMED:-0}
   if [ "$SKIP_TIMED" != 1 ]; then
-    # each bounded, so that the background runs start within the call; a benchmark cut short leaves no JSON
+    # each bounded (timeout signals the whole process group), so that the background runs start within the call; a
+    # benchmark cut short leaves no JSON
     timeout "${TIMED_SECONDS:-270}" benchmarks/sd15_compiled_step_gpu.sh "$out" lora \
       --configs "${LORA_CONFIGS:-lowbit_compile,lowbit_streamed}"
-    pkill -f benchmarks/sd15_lora_step.py
     timeout "${TIMED_SECONDS:-270}" benchmarks/sd15_compiled_step_gpu.sh "$out" diffusers
-    pkill -f "benchmarks/sd15_diffusers_unet_step.py|pytest"
   fi
+  for run in ablation lora; do  # a start while an earlier one's runs go on would mix their outputs
+    if [ -e "$keep/$run.log" ] && [ ! -e "$keep/$run.done" ]; then echo "the $run run of an earlier start is still going" >&2; exit 1; fi
+  done
   rm -rf "$keep" && mkdir -p "$keep"
   setsid bash -c "DEADLINE=100000 tools/ablation_gpu.sh run '$keep' '${STEPS:-150}' > '$keep/ablation.log' 2>&1; touch '$keep/ablation.done'" \
     < /dev/null > /dev/null 2>&1 &
@@ -36,7 +38,8 @@ if [ "$phase" = start ]; then
   sleep 20
   tail -n 3 "$keep"/*.log
 else
-  while [ ! -e "$keep/ablation.done" ] || [ ! -e "$keep/lora.done" ]; do sleep 2; done
+  SECONDS=0  # bounded: a run killed before it marks itself done must not hold the call to its limit
+  while { [ ! -e "$keep/ablation.done" ] || [ ! -e "$keep/lora.done" ]; } && [ "$SECONDS" -lt "${WAIT:-540}" ]; do sleep 2; done
   grep -v "Loading weights" "$keep/lora_new_concept.log" | tail -n 25
   tail -n 25 "$keep/ablation.log"
   cp -r "$keep"/. "$out"/

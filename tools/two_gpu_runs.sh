@@ -12,7 +12,7 @@
 # usage: tools/two_gpu_runs.sh start|wait|collect OUT_DIR
 set -uo pipefail
 phase=$1 out=$2
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 keep=/tmp/two_gpu_runs  # what the runs write: OUT_DIR is emptied before every call
 parts=",${PARTS:-lora,diffusers,sdxl-step,ablation,sdxl-train},"
 wanted() { [[ $parts == *",$1,"* ]]; }
@@ -30,10 +30,15 @@ finished() { for run in gpu0 ablation train; do [ -e "$keep/$run.log" ] && [ ! -
 
 case $phase in
   start)
+    if [ -d "$keep" ] && ! finished; then echo "an earlier start's runs are still going: wait, or collect" >&2; exit 1; fi
     rm -rf "$keep" && mkdir -p "$keep/gpu0" "$keep/ablation" "$keep/train"
+    # every selected run's log exists before any run starts: the waiting below reads them as "selected"
+    wanted ablation && : > "$keep/ablation.log"
+    { wanted lora || wanted diffusers || wanted sdxl-step; } && : > "$keep/gpu0.log"
+    wanted sdxl-train && : > "$keep/train.log"
     if wanted ablation; then
       setsid bash -c "CUDA_VISIBLE_DEVICES=1 DEADLINE=100000 tools/ablation_gpu.sh run '$keep/ablation' '${STEPS:-150}'; \
-        touch '$keep/ablation.done'" < /dev/null > "$keep/ablation.log" 2>&1 &
+        touch '$keep/ablation.done'" < /dev/null >> "$keep/ablation.log" 2>&1 &
     fi
     gpu0=()
     wanted lora && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' lora --configs lowbit_compile,lowbit_streamed")
@@ -41,12 +46,12 @@ case $phase in
     wanted sdxl-step && gpu0+=("benchmarks/sdxl_gpu.sh '$keep/gpu0' step")
     if [ ${#gpu0[@]} -gt 0 ]; then
       joined=$(printf '%s; ' "${gpu0[@]}")
-      setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null > "$keep/gpu0.log" 2>&1 &
+      setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null >> "$keep/gpu0.log" 2>&1 &
     fi
     if wanted sdxl-train; then  # both GPUs: after the other runs
       setsid bash -c "while [ ! -e '$keep/gpu0.done' ] && [ -e '$keep/gpu0.log' ] || { [ ! -e '$keep/ablation.done' ] && \
         [ -e '$keep/ablation.log' ]; }; do sleep 2; done; benchmarks/sdxl_gpu.sh '$keep/train' train; touch '$keep/train.done'" \
-        < /dev/null > "$keep/train.log" 2>&1 &
+        < /dev/null >> "$keep/train.log" 2>&1 &
     fi
     sleep 30
     status

@@ -37,6 +37,21 @@ def cached_bfq_export(bfq: Path, target: str, **settings) -> Path:
     return cached_export(bfq, sha256_file(bfq).removeprefix("sha256:")[:16], target, **settings)
 
 
+def check_shipped_size(height: int | None, width: int | None) -> None:
+    """An image size the shipped model's export would refuse, refused before that export is made (the first time,
+    seconds of work)."""
+    from bf.models.directory import ModelDir
+    from bf.models.shipped import shipped_model_dir
+    from bf.native_size import nearest_multiple, size_rule
+
+    base = ModelDir(shipped_model_dir())
+    multiple, _, native = size_rule(base.config("unet"), base.config("vae"))
+    height, width = height or native, width or native
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        near = ", ".join(f"{n} {nearest_multiple(v, multiple)}" for n, v in (("--height", height), ("--width", width)))
+        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {multiple} (nearest: {near})")
+
+
 def shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:
     """The shipped 1.99-bit model, exported (onnx-std) into the cache once per sampler and step count."""
     from bf.models.shipped import shipped_bfq

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bf.cli.cached_exports import shipped_export
+from bf.cli.cached_exports import check_shipped_size, shipped_export
 from bf.cli.checks import check_gpu_backend, check_png_out, parse_lora_args
 from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, RUNTIME_LORA_OPTION, backend_options
 from bf.cli.output import log, progress_bar
@@ -43,7 +43,7 @@ from bf.scheduler_names import SCHEDULERS
     help="SDXL micro-conditioning: the crop corner the model is told the image was cut at.",
 )
 @click.option("--backend", type=click.Choice(["ort", "trt", "torch"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt: the TensorRT engines of a --target trt export "
+              help="ort: ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). trt: the TensorRT engines of a --target trt or trt-rtx export "
                    "(needs bf[trt]). torch: PyTorch on a CUDA GPU, weights decoded by plugins_trt's kernels (needs bf[train] "
                    "and make plugins).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
@@ -87,6 +87,8 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     check_png_out(out)
     check_gpu_backend(backend)
     options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step, lora_args)
+    if model_dir is None:
+        check_shipped_size(height, width)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))
     if model.manifest.family != "sdxl" and (original is not None or crop_at != (0, 0)):
         raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")

@@ -53,10 +53,11 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 def load_model(
     source: Path, scheduler: str | None = None, device: str = "cpu", base_model: Path | None = None, log=lambda m: None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None, before_weights=None,
 ) -> LoadedModel:  # fmt: skip
     """``scheduler``: a sampler name, or None for the model's own. ``checkpoint``: the .bfq at ``source``, when the
-    caller has loaded it already."""
+    caller has loaded it already. ``before_weights(base, unet_config)``: called with the base model's directory
+    (bf.models.directory.ModelDir) and the UNet's config before any weight loads, to refuse what those tell."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -65,10 +66,14 @@ def load_model(
     if source.is_file():
         ckpt = checkpoint or Checkpoint.load(source)
         root = resolve_base_model(ckpt, source, base_model, log)
+        if before_weights is not None:
+            before_weights(ModelDir(root), ckpt.unet_config)
         unet = UNet2DConditionModel.from_config(ckpt.unet_config)
         unet.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.unet_state_dict().items()})
     else:
         root = ModelDir.open(source).root
+        if before_weights is not None:
+            before_weights(ModelDir(root), ModelDir(root).config("unet"))
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False,
                                                     **ModelDir(root).variant("unet"))  # fmt: skip
     base = ModelDir(root)

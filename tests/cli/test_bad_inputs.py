@@ -55,7 +55,11 @@ CASES = [
     (["export", "corrupt.bfq", "--out", "e"], 1, "not a readable .bfq"),
     (["export", "shipped-1.99bit", "--out", "fulldir"], 1, "is not empty"),
     (["export", "shipped-1.99bit", "--out", "exists.bfq"], 1, "is a file"),
-    (["export", "shipped-1.99bit", "--height", "100", "--out", "e"], 1, "--height 100: image sizes must be positive multiples of 8"),
+    (
+        ["export", "shipped-1.99bit", "--height", "100", "--out", "e"],
+        1,
+        "--height 100: this UNet halves its latents 8x, so image sizes must be multiples of 64",
+    ),
     (["export", "shipped-1.99bit", "--target", "trt-rtx", "--gpu-arch", "99", "--out", "e"], 1, "--gpu-arch 99: "),
     # infer
     (["infer", "nosuchdir", "--prompt", "x"], 1, "nosuchdir"),
@@ -65,6 +69,11 @@ CASES = [
     (["infer", "--prompt", "x", "--out", "x.jpg"], 1, "writes PNG images"),
     (["infer", "--prompt", "x", "--out", "nosuchdir/x.png"], 1, "does not exist"),
     (["infer", "--prompt", "x", "--steps", "0"], 1, "--steps 0"),
+    (
+        ["infer", "--prompt", "x", "--height", "100"],
+        1,
+        "--height 100 --width 128: both must be positive multiples of 64 (nearest: --height 128",
+    ),
     (["infer", "--prompt", "  "], 1, "--prompt is empty"),
     (["infer", "--prompt", "x", "--backend", "trt"], 1, "none is visible here"),
     (["infer", "--prompt", "x", "--compile"], 1, "--compile applies to --backend torch, not ort"),

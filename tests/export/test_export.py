@@ -199,7 +199,7 @@ def test_bad_input_gets_one_line(exported, tmp_path):
     tmp, _, _ = exported
     cases = [
         (["export", tmp / "m.bfq", "--out", tmp / "onnx"], "exists and is not empty"),
-        (["export", tmp / "m.bfq", "--out", tmp_path / "x", "--height", "100"], "must be positive multiples of 8"),
+        (["export", tmp / "m.bfq", "--out", tmp_path / "x", "--height", "100"], "must be multiples of 64 (nearest: 128)"),
         (
             ["export", tmp / "m.bfq", "--out", tmp_path / "x", "--height", "72"],
             "so image sizes must be multiples of 64 (nearest: 64)",
@@ -234,12 +234,15 @@ def test_size_and_sampler_are_refused_before_the_weights_load(exported, tmp_path
     model's configs: the weights never load (for SDXL that is a minute)."""
     import re
 
-    import bf.models.diffusers_pipeline as pipeline
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     from bf.errors import BfError
     from bf.export.exporter import ExportRequest, export_model
 
     tmp, _, _ = exported
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    for cls in (UNet2DConditionModel, AutoencoderKL):
+        for method in ("from_config", "from_pretrained"):
+            monkeypatch.setattr(cls, method, lambda *a, **k: pytest.fail("the weights loaded"))
     for req, message in ((ExportRequest(target="onnx", height=72), "--height 72: this UNet halves its latents 8x, so image "
                                                                    "sizes must be multiples of 64 (nearest: 64)"),
                          (ExportRequest(target="onnx", width=200), "multiples of 64 (nearest: 192)"),

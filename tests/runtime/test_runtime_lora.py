@@ -53,9 +53,21 @@ def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_b
             # the low-bit layers' LoRAs are changes of their weights, built in the step: float32 rounding apart
             torch.testing.assert_close(ours.eager_step(sample, step, ctx), want, rtol=0, atol=2e-5 * want.abs().max().item())
             assert (want - plain.eager_step(sample, step, ctx)).abs().max() > 1e-2  # the LoRAs change the output
-        # dynamo traces the step whole through the hooks and the group ops (inductor's kernels: the GPU tests)
+        # dynamo traces the step whole through the group ops (inductor's kernels: the GPU tests)
         traced = torch.compile(ours.eager_step, fullgraph=True, backend="eager")
         assert torch.equal(traced(sample, torch.tensor([3]), ctx), ours.eager_step(sample, torch.tensor([3]), ctx))
+    # a LoRA'd layer left in full precision inside a block (as a kept-decoded one is): its branch stays a hook, on the
+    # layer inside the compiled group
+    fp_layer = next(n for n in packed if n.endswith("resnets.0.conv1"))
+    partial = TorchUNet(copy.deepcopy(decoded), timesteps, {n: p for n, p in packed.items() if n != fp_layer}, weights="streamed",
+                        compile=True, loras=loras, **opts)  # fmt: skip
+    assert [h.layer for h in (partial.lora.hooks[i] for i in range(len(partial.lora.hooks))
+                              if i not in partial.lora._in_weights)] == [fp_layer]  # fmt: skip
+    assert len(partial.lora._handles) == 1
+    with torch.inference_mode():
+        want = ref.eager_step(sample, torch.tensor([5]), ctx)
+        got = partial.eager_step(sample, torch.tensor([5]), ctx)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
 
 
 def test_a_lora_that_does_not_fit_is_refused_before_the_weights_move(tiny_model, tmp_path):
