@@ -15,7 +15,6 @@ out=$1; part=$2; shift 2
 mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
-export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor
 build_decode_library
 
 if [ "$part" = step ]; then

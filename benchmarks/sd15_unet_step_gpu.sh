@@ -10,7 +10,6 @@ out=$1; shift
 mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
-export BF_CACHE=/tmp/bfcache
 build_decode_library
 
 pytest_gpu() {

@@ -12,8 +12,6 @@ out=$1; part=$2; shift 2
 mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
-export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
 build_decode_library
 
 if [ "$part" = step ]; then

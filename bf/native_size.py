@@ -3,6 +3,8 @@ size the exported UNet takes (both refuse others with it)."""
 
 from __future__ import annotations
 
+from bf.errors import BfError
+
 FAR = 2  # beyond this factor either way, a diffusion model's images degrade (repeated or cut-off objects)
 
 
@@ -25,3 +27,10 @@ def size_rule(unet_config: dict, vae_config: dict) -> tuple[int, int, int]:
 def nearest_multiple(value: int, multiple: int) -> int:
     """The positive multiple of ``multiple`` nearest ``value`` (halves round up)."""
     return max(multiple, int(value / multiple + 0.5) * multiple)
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    """One line, with the nearest sizes, unless both are positive multiples of ``multiple``."""
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        near = ", ".join(f"{n} {nearest_multiple(v, multiple)}" for n, v in (("--height", height), ("--width", width)))
+        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {multiple} (nearest: {near})")

@@ -12,6 +12,7 @@ from bf.export.torch_modules import swap_quantized_layers
 from bf.models.added_condition import pooled_dim
 from bf.models.graph_modules import VaeDecoderGraph, text_encoder_graphs
 from bf.models.time_cache import cache_time_features, sampler_timesteps
+from bf.native_size import size_rule
 
 MAX_TOKENS = 77
 
@@ -32,12 +33,6 @@ class Components:
     @property
     def family(self) -> str:
         return "sdxl" if self.text_encoder_2 is not None else "sd15"
-
-
-def size_multiple(pipe) -> int:
-    """Image sizes the exported UNet takes: multiples of the latent scale x its downsampling (the graph halves the
-    latents once per resampling level and doubles them back; other sizes would need the upsampling sizes traced)."""
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 
 def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Components:
@@ -63,7 +58,7 @@ def build_components(pipe, layers: dict, scheduler: str, steps: int) -> Componen
         hidden_size=int(pipe.unet.config.cross_attention_dim),
         text_encoder_2=texts.get("text_encoder_2"),
         pooled_size=pooled_dim(pipe.unet.config) if "text_encoder_2" in texts else 0,
-        size_multiple=size_multiple(pipe),
+        size_multiple=size_rule(pipe.unet.config, pipe.vae.config)[0],  # the graph traces each resampling size
     )
 
 

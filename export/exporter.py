@@ -18,7 +18,7 @@ import torch
 from bf.atomic import atomic_dir
 from bf.errors import BfError
 from bf.export.check import GraphCheck, check_graph, raise_on_failures
-from bf.export.components import MAX_TOKENS, build_components, example_inputs, size_multiple
+from bf.export.components import MAX_TOKENS, build_components, example_inputs
 from bf.export.lowering import count_dequant_nodes, dequant_inputs, lower_graph
 from bf.export.onnx_graphs import graph_specs, save_graph, store_exact_fp16, trace_to_onnx
 from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
@@ -105,16 +105,14 @@ def _io(values) -> list[dict]:
     return out
 
 
-def _preflight(source: Path, req: ExportRequest, then: Callable[[], None]) -> Callable:
+def _preflight(req: ExportRequest, then: Callable[[], None]) -> Callable:
     """What load_model calls before the weights load (for SDXL that is a minute), with the base model and the UNet's
     config: the image size and the sampler the request asks for, checked from the configs (the same refusals as
     after loading); ``then`` when they pass."""
-    from bf.models.base_model import check_same_family
     from bf.models.time_cache import sampler_timesteps
     from bf.scheduler_names import native_scheduler
 
     def check(base, unet_config: dict) -> None:
-        check_same_family(unet_config, base, source)
         multiple, levels, native = size_rule(unet_config, base.config("vae"))
         for name, v in (("--height", req.height or native), ("--width", req.width or native)):
             if v % multiple:
@@ -166,15 +164,10 @@ def export_model(
                     "base_model_hash": ckpt.base_model.get("hash")}  # fmt: skip
         loading = f"loading {source} ({len(layers)} quantized layers)"
     loaded = load_model(source, scheduler=req.scheduler, base_model=base_model, log=log, checkpoint=ckpt,  # the .bfq read once
-                        before_weights=_preflight(Path(source), req, lambda: log(loading)))  # fmt: skip
+                        before_weights=_preflight(req, lambda: log(loading)))  # fmt: skip
     pipe = loaded.pipe
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    _, _, native = size_rule(pipe.unet.config, pipe.vae.config)  # the size and sampler were checked before the weights loaded
     req = replace(req, height=req.height or native, width=req.width or native, scheduler=loaded.scheduler)
-    multiple = size_multiple(pipe)
-    for name, v in (("--height", req.height), ("--width", req.width)):
-        if v % multiple:
-            raise BfError(f"{name} {v}: this UNet halves its latents {multiple // int(pipe.vae_scale_factor)}x, so image sizes must be "
-                          f"multiples of {multiple} (nearest: {nearest_multiple(v, multiple)})")  # fmt: skip
     if warning := far_from_native(req.height, req.width, native):
         log(warning)
     comps = build_components(pipe, layers, req.scheduler, req.steps)

@@ -61,12 +61,16 @@ _GROUPS: list[tuple[tuple[DequantSpec, ...], tuple[int, ...], int]] = []
 _GROUP_IDS: dict[tuple[DequantSpec, ...], int] = {}
 
 
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 def group_id(specs: tuple[DequantSpec, ...]) -> int:
     if specs not in _GROUP_IDS:
         offsets, total = [], 0
         for spec in specs:
             offsets.append(total)
-            total += -(-math.prod(spec.shape) // ALIGN) * ALIGN
+            total += _aligned(math.prod(spec.shape))
         _GROUP_IDS[specs] = len(_GROUPS)
         _GROUPS.append((specs, tuple(offsets), total))
     return _GROUP_IDS[specs]
@@ -198,7 +202,7 @@ class CompiledLowBitGroup(nn.Module):
         self.schedule: _Schedule | None = None  # decoding ahead: holds the schedule (and its slots) while the model lives
         for name in self.names:
             block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
-        self.lora_runs = _delta_runs(self.names, self.layouts, self.offsets, deltas)
+        self.lora_runs = _delta_runs(self.names, self.layouts, deltas)
 
     def forward(self, *args, **kwargs):
         if self.ahead is None:
@@ -220,7 +224,7 @@ class CompiledLowBitGroup(nn.Module):
         return torch.func.functional_call(self.block, weights, args, kwargs)
 
 
-def _delta_runs(names: list[str], layouts: list, offsets: tuple[int, ...], deltas: dict) -> list[tuple]:
+def _delta_runs(names: list[str], layouts: list, deltas: dict) -> list[tuple]:
     """The group's LoRA changes as runs of consecutive layers of one shape and rank: (first layer, count, stride
     in the buffer, ups stacked (count, out, rank), downs stacked (count, rank, k))."""
     runs: list[tuple] = []
@@ -235,7 +239,7 @@ def _delta_runs(names: list[str], layouts: list, offsets: tuple[int, ...], delta
             up, down = deltas[name]
             if up.shape[0] != shape[0] or up.shape[0] * down.shape[1] != n:
                 raise BfError(f"a LoRA's change of {name or 'the layer'} is {up.shape[0]}x{down.shape[1]}, its weight {shape}")
-        stride = offsets[i + 1] - offsets[i] if j > i else -(-n // ALIGN) * ALIGN
+        stride = _aligned(n)  # where each next layer of the run starts (group_id lays them out so)
         ups = torch.stack([deltas[name][0] for name in names[i : j + 1]])
         downs = torch.stack([deltas[name][1] for name in names[i : j + 1]])
         runs.append((i, j - i + 1, stride, ups, downs))
@@ -283,7 +287,7 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
             groups[f"{block}.{member}"] = {"": pw}
     for block, members in groups.items():
         parent, child = parent_and_attribute(owner, block)
-        mine = {m: deltas[f"{block}.{m}" if m else block] for m in members if (f"{block}.{m}" if m else block) in deltas}
+        mine = {m: deltas[full] for m in members if (full := f"{block}.{m}" if m else block) in deltas}
         setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype, mine))
     return len(packed)
 

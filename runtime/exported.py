@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bf.errors import BfError
 from bf.format.export_manifest import ExportManifest, read_manifest
-from bf.native_size import far_from_native, nearest_multiple
+from bf.native_size import check_size, far_from_native
 
 
 @dataclass
@@ -61,10 +61,8 @@ class ExportedModel:
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The image size to run at (default: the export's), checked against the latent scale."""
         image = self.manifest.image
-        height, width, scale = height or image.height, width or image.width, image.size_multiple or image.latent_scale
-        if height <= 0 or width <= 0 or height % scale or width % scale:
-            near = ", ".join(f"{n} {nearest_multiple(v, scale)}" for n, v in (("--height", height), ("--width", width)))
-            raise BfError(f"--height {height} --width {width}: both must be positive multiples of {scale} (nearest: {near})")
+        height, width = height or image.height, width or image.width
+        check_size(height, width, image.size_multiple or image.latent_scale)
         return height, width
 
     def size_warning(self, height: int | None, width: int | None) -> str | None:

@@ -72,7 +72,7 @@ def encode_prompts(model: ExportedModel, backend, req: GenerationRequest, height
 
 def checked_sampler(model: ExportedModel, req: GenerationRequest):
     """Everything about ``req`` that can be refused, checked against the export without running it (callers check
-    before they open a backend): returns the sampler, the step count and the image size."""
+    before they open a backend): returns the sampler, its name, the step count and the image size."""
     m = model.manifest
     name = req.scheduler or m.scheduler.name
     steps = m.scheduler.steps if req.steps is None else req.steps
@@ -87,13 +87,12 @@ def checked_sampler(model: ExportedModel, req: GenerationRequest):
     sampler = make_scheduler(name, model.scheduler_config, steps)
     if not np.array_equal(sampler.timesteps, np.asarray(m.scheduler.timesteps)):
         raise BfError(f"{model.root}: the sampler's timesteps differ from the ones the time table was built for; export again")
-    return sampler, steps, height, width
+    return sampler, name, steps, height, width
 
 
 def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Callable[[int, int], None] = lambda i, n: None) -> Generation:
     m = model.manifest
-    sampler, steps, height, width = checked_sampler(model, req)
-    name = req.scheduler or m.scheduler.name
+    sampler, name, steps, height, width = checked_sampler(model, req)
     scale = m.image.latent_scale
     timings: dict[str, float] = {}
 
@@ -106,7 +105,7 @@ def generate(model: ExportedModel, backend, req: GenerationRequest, progress: Ca
 
     context = per_image(hidden)
     if added is not None:
-        added = {name: per_image(a) for name, a in added.items()}
+        added = {key: per_image(a) for key, a in added.items()}
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     # Image i starts from seed + i alone, so any image of a batch is reproduced by its own seed with --num-images 1.

@@ -128,9 +128,8 @@ class DPMSolverPP2M(_Unscaled):
         _check_config(config, spacing if spacing == "leading" else "linspace")  # leading: SDXL's config
         ac = alphas_cumprod(config)
         n = len(ac)
-        if spacing == "leading":
-            ratio = n // (steps + 1)
-            self.timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(config.get("steps_offset", 0))
+        if spacing == "leading":  # diffusers spaces steps + 1 points and drops the last
+            self.timesteps = _leading(config, n, steps + 1)[1][::-1][:-1].copy()
         else:
             self.timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
         sigmas = (((F32(1) - ac) / ac) ** F32(0.5)).astype(F32)

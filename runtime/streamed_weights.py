@@ -205,7 +205,7 @@ class WeightRing:
         """Layer ``index``'s weight decoded on the current stream into the first slot (first forward only)."""
         w = self.weights[index]
         weight = w.decode(self.lib, self.buffers[0])  # a view of the slot: the change below shows through it
-        self._add_delta(index, self.buffers[0][: w.numel].view(w.spec.shape))
+        self._add_delta(index, self.buffers[0][: w.numel])
         return weight
 
     def acquire(self, index: int) -> torch.Tensor:

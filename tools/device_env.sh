@@ -18,6 +18,8 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/bfpkg-$bf_key:/tmp/site
 fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor  # exports, engines, inductor's kernels
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # The decode kernels for the GPU here (sm_90), built once into /tmp/bfbuild; BF_DECODE_LIB names the library.

@@ -42,14 +42,11 @@ def check_shipped_size(height: int | None, width: int | None) -> None:
     seconds of work)."""
     from bf.models.directory import ModelDir
     from bf.models.shipped import shipped_model_dir
-    from bf.native_size import nearest_multiple, size_rule
+    from bf.native_size import check_size, size_rule
 
     base = ModelDir(shipped_model_dir())
     multiple, _, native = size_rule(base.config("unet"), base.config("vae"))
-    height, width = height or native, width or native
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        near = ", ".join(f"{n} {nearest_multiple(v, multiple)}" for n, v in (("--height", height), ("--width", width)))
-        raise BfError(f"--height {height} --width {width}: both must be positive multiples of {multiple} (nearest: {near})")
+    check_size(height or native, width or native, multiple)
 
 
 def shipped_export(scheduler: str = "pndm", steps: int = 50) -> Path:

@@ -90,8 +90,6 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     if model_dir is None:
         check_shipped_size(height, width)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))
-    if model.manifest.family != "sdxl" and (original is not None or crop_at != (0, 0)):
-        raise BfError(f"--original-size and --crop are SDXL's micro-conditioning; {model.root} is an SD-v1.5-style export")
     req = GenerationRequest(prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, original, crop_at)
     checked_sampler(model, req)  # what the request asks of this export, refused before any backend loads
     if warning := model.size_warning(height, width):

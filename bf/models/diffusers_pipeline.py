@@ -63,21 +63,19 @@ def load_model(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = Path(source)
-    if source.is_file():
-        ckpt = checkpoint or Checkpoint.load(source)
-        root = resolve_base_model(ckpt, source, base_model, log)
-        if before_weights is not None:
-            before_weights(ModelDir(root), ckpt.unet_config)
+    ckpt = (checkpoint or Checkpoint.load(source)) if source.is_file() else None
+    base = ModelDir(resolve_base_model(ckpt, source, base_model, log) if ckpt is not None else ModelDir.open(source).root)
+    root = base.root
+    unet_config = ckpt.unet_config if ckpt is not None else base.config("unet")
+    check_same_family(unet_config, base, source)  # from the configs: before any weight loads
+    if before_weights is not None:
+        before_weights(base, unet_config)
+    if ckpt is not None:
         unet = UNet2DConditionModel.from_config(ckpt.unet_config)
         unet.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.unet_state_dict().items()})
     else:
-        root = ModelDir.open(source).root
-        if before_weights is not None:
-            before_weights(ModelDir(root), ModelDir(root).config("unet"))
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False,
-                                                    **ModelDir(root).variant("unet"))  # fmt: skip
-    base = ModelDir(root)
-    check_same_family(unet.config, base, source)
+                                                    **base.variant("unet"))  # fmt: skip
     if scheduler is None:
         config = base.config("scheduler")
         scheduler = native_scheduler(config)
