@@ -29,7 +29,6 @@ import copy
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,30 +48,31 @@ class Bench:
         self.dtype = torch.float16 if self.cuda else torch.float32
 
     def clean(self) -> int:
+        """The SD-v1.5 benchmarks' clean() on a GPU (memory allocated after it); on the CPU a collection alone."""
+        from sd15_unet_step import clean
+
+        if self.cuda:
+            return clean()
         gc.collect()
-        if not self.cuda:
-            return 0
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        return 0
 
     def peak(self, base: int) -> int | None:
         return torch.cuda.max_memory_allocated() - base if self.cuda else None
 
     def time_ms(self, call) -> dict:
-        if self.cuda:
-            from bf.runtime.torch_graph import cuda_time_ms
+        """The SD-v1.5 benchmarks' timing (CUDA events) on a GPU; wall clock on the CPU, where only the logic runs."""
+        from sd15_compiled_step import timed
+        from sd15_unet_step import stats
 
-            times = cuda_time_ms(call, self.iters, 3)
-        else:
+        if self.cuda:
+            return timed(call, self.iters)
+        call()
+        times = []
+        for _ in range(self.iters):
+            t0 = time.perf_counter()
             call()
-            times = []
-            for _ in range(self.iters):
-                t0 = time.perf_counter()
-                call()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": len(times)}
+            times.append(1e3 * (time.perf_counter() - t0))
+        return stats(times)
 
 
 def torch_unet(master, b: Bench):

@@ -192,11 +192,10 @@ def probe(pipe, lora: Path, args, log) -> dict:
     many of the objects it finds are diamonds (a look before the full evaluation)."""
     from bf.evaluate.generate import generate
     from bf.evaluate.metrics import accuracy_of, verdicts
+    from bf.shapes.detect import detect
     from bf.shapes.scenes import caption
 
     pipe.load_lora_weights(lora, adapter_name="probe")
-    from bf.shapes.detect import detect
-
     scenes = new_scenes(NEW_SHAPE)[:12]
     images, _ = generate(pipe, [(caption(sc), 1024) for sc in scenes], args.cfg, args.sample_steps, args.eval_batch)
     pipe.delete_adapters("probe")

@@ -17,7 +17,9 @@ import torch
 from bf.atomic import atomic_path
 from bf.errors import BfError
 from bf.format import Checkpoint, candidate_layers, quantizable_layers
+from bf.models.diffusers_pipeline import text_parts
 from bf.models.directory import ModelDir, bundle_from_model_dir
+from bf.native_size import size_rule
 from bf.trainer.allocate import DEFAULT_ETA, allocate, load_analysis
 from bf.trainer.data import check_data, load_latents
 from bf.trainer.frozen import conditioning_for, training_alphas_cumprod
@@ -117,21 +119,6 @@ def check_fp_control(req: TrainRequest) -> None:
                       "its gradient are zero); give --stage2-steps")  # fmt: skip
 
 
-def text_parts(model: ModelDir) -> dict:
-    """The model's tokenizer(s) and text encoder(s), by diffusers' component names."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    parts = {"tokenizer": CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
-             "text_encoder": CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32,
-                                                           **model.variant("text_encoder"))}  # fmt: skip
-    if model.family == "sdxl":
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model.root / "tokenizer_2")
-        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-            model.root / "text_encoder_2", torch_dtype=torch.float32, **model.variant("text_encoder_2")
-        )
-    return parts
-
-
 def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, progress, log):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -153,7 +140,7 @@ def _train_model(model: ModelDir, req: TrainRequest, work: Path, resume: bool, p
         .to(device)
         .eval()
     )
-    size = teacher.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    size = size_rule(teacher.config, vae.config)[2]  # the size the model was trained at
     log(f"encoding {req.images if req.data == 'shapes' else 'up to ' + str(req.images)} training images ({req.data}, {size}x{size})")
     data = load_latents(req.data, vae, size, req.images, req.train.seed, log)
     del vae

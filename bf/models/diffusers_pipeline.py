@@ -60,7 +60,6 @@ def load_model(
     (bf.models.directory.ModelDir) and the UNet's config before any weight loads, to refuse what those tell."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     source = Path(source)
     ckpt = (checkpoint or Checkpoint.load(source)) if source.is_file() else None
@@ -81,37 +80,38 @@ def load_model(
         scheduler = native_scheduler(config)
         if config.get("_class_name") not in KNOWN_SCHEDULER_CLASSES:
             log(f"{root}: its sampler {config.get('_class_name')} is not one bf has; sampling with {scheduler} (--scheduler picks another)")
-    parts = (
-        AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **base.variant("vae")),
-        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32, **base.variant("text_encoder")),
-        CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        unet,
-        make_scheduler(scheduler, base.config("scheduler")),
-    )
-    pipe = assemble_xl_pipeline(root, *parts) if base.family == "sdxl" else assemble_pipeline(*parts)
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False, **base.variant("vae"))
+    texts, sampler = text_parts(base), make_scheduler(scheduler, base.config("scheduler"))
+    if base.family == "sdxl":
+        pipe = assemble_xl_pipeline(base, vae, texts, unet, sampler)
+    else:
+        pipe = assemble_pipeline(vae, texts["text_encoder"], texts["tokenizer"], unet, sampler)
     return LoadedModel(pipe=pipe.to(device), label=source.name, source=source, scheduler=scheduler)
 
 
-def assemble_xl_pipeline(root: Path, vae, text_encoder, tokenizer, unet, scheduler):
-    """A StableDiffusionXLPipeline from components and ``root``'s second text encoder and tokenizer; no watermarker,
-    and empty negative prompts as zeros when model_index.json says so (SDXL base does)."""
+def text_parts(model: ModelDir) -> dict:
+    """The model's tokenizer(s) and text encoder(s) in float32, by diffusers' component names."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    zeros = ModelDir(root).model_index().get("force_zeros_for_empty_prompt", True)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            root / "text_encoder_2", torch_dtype=torch.float32, **ModelDir(root).variant("text_encoder_2")
-        ),
-        tokenizer=tokenizer,
-        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=bool(zeros),
-        add_watermarker=False,
-    )
+    parts = {"tokenizer": CLIPTokenizer.from_pretrained(model.root / "tokenizer"),
+             "text_encoder": CLIPTextModel.from_pretrained(model.root / "text_encoder", torch_dtype=torch.float32,
+                                                           **model.variant("text_encoder"))}  # fmt: skip
+    if model.family == "sdxl":
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model.root / "tokenizer_2")
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            model.root / "text_encoder_2", torch_dtype=torch.float32, **model.variant("text_encoder_2")
+        )
+    return parts
+
+
+def assemble_xl_pipeline(model: ModelDir, vae, texts: dict, unet, scheduler):
+    """A StableDiffusionXLPipeline from components (``texts``: text_parts); no watermarker, and empty negative prompts
+    as zeros when model_index.json says so (SDXL base does)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    zeros = model.model_index().get("force_zeros_for_empty_prompt", True)
+    pipe = StableDiffusionXLPipeline(vae=vae, **texts, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=bool(zeros),
+                                     add_watermarker=False)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -99,8 +99,7 @@ def test_quantized_sdxl_accounts_for_the_added_embedding(tiny_sdxl_model):
 
 def test_a_directory_of_fp16_variant_files_loads(tiny_sdxl_model, tmp_path):
     """Many SDXL downloads hold only the .fp16 files: the pipeline and the trainer's text encoders load them."""
-    from bf.models.diffusers_pipeline import load_model
-    from bf.trainer.training_run import text_parts
+    from bf.models.diffusers_pipeline import load_model, text_parts
 
     d = tmp_path / "fp16"
     shutil.copytree(tiny_sdxl_model, d)
