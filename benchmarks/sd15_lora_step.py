@@ -96,8 +96,7 @@ def main() -> None:
                     outputs[name] = model.step(*inputs).float().clone()
                 configs[name]["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + resident
                 if model.lora is not None:  # how the backend ran the adapters: added to the decoded weights, or hooked
-                    configs[name]["lora_layers_in_weights"] = len(model.lora._in_weights)
-                    configs[name]["lora_layers_hooked"] = len(model.lora._handles)
+                    configs[name]["lora_branches"] = model.lora.counts
                 c = configs[name]
                 print(f"{name}: {c['median_ms']:.3f} ms/step, peak {c['peak_mem_bytes'] / 1e9:.3f} GB, warm-up {c['warmup_s']:.1f} s",
                       flush=True)  # fmt: skip

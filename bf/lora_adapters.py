@@ -254,6 +254,11 @@ class LoRAHooks(nn.Module):
             self._in_weights.add(i)
         return deltas
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """How the branches run: added to their layers' weights, or hooked (registered so far)."""
+        return {"in_weights": len(self._in_weights), "hooked": len(self._handles)}
+
     def register(self, unet: nn.Module) -> None:
         for i, hook in enumerate(self.hooks):
             if i not in self._in_weights:
