@@ -188,7 +188,13 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
         extra = {"ahead_slots": ahead}
         if ahead:
             small = _smallest_inputs(model.unet, b.device, b.dtype)
-            extra["slot_bytes"] = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead)
+            try:
+                extra["slot_bytes"] = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead)
+            except Exception as e:  # one configuration that cannot run leaves the others' figures standing
+                configs[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{arch_name} {name}: {configs[name]['error']}", flush=True)
+                del model
+                continue
         b.clean()  # the FP16 weights the compiled layers replaced are gone
         if b.cuda:
             step = graphed_step(model.eager_step, "default", AHEAD_COMPILE_OPTIONS if ahead else None)
@@ -200,7 +206,7 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
         del model, step
         if b.cuda:
             torch._dynamo.reset()
-    lowbit = [k for k in configs if k.startswith("lowbit_")]
+    lowbit = [k for k in configs if k.startswith("lowbit_") and "error" not in configs[k]]
     best = min(lowbit, key=lambda k: configs[k]["median_ms"])
     ref = outputs[best_fp16]
     res = {
@@ -221,10 +227,10 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
 def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: bool, steps: int = 3) -> dict:
     """Peak memory of text encoders -> UNet steps -> tiled VAE decode, each released after its phase."""
     from diffusers import AutoencoderKL
-    from sd15_compiled_step import graphed_step
     from sd15_unet_step import random_packed
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from bf.runtime.backend_torch import TorchUNet
     from bf.runtime.compiled_weights import compile_weights
     from bf.runtime.torch_graph import GraphedCall
 
@@ -245,12 +251,16 @@ def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: b
             torch.cuda.empty_cache()
     phases["text_encoders_peak_bytes"] = b.peak(base)
     inputs, _ = unet_inputs(arch, master, size, 2, b)
-    model = torch_unet(master, b)
-    if lowbit:
-        compile_weights(model.unet, random_packed(shapes, bits, b.cuda, seed=1, device=b.device), b.dtype)
-        gc.collect()
-        step = graphed_step(model.eager_step, "default") if b.cuda else model.eager_step
+    if lowbit and b.cuda:  # as bf infer --backend torch --compile builds it: the FP16 weights never reach the GPU
+        model = TorchUNet(copy.deepcopy(master), torch.arange(980, -1, -20), random_packed(shapes, bits, True, seed=1, device=b.device),
+                          weights="streamed", compile=True, device=b.device, channels_last=True, cuda_graph=True)  # fmt: skip
+        step = model.step
+    elif lowbit:
+        model = torch_unet(master, b)
+        compile_weights(model.unet, random_packed(shapes, bits, False, seed=1, device=b.device), b.dtype)
+        step = model.eager_step
     else:
+        model = torch_unet(master, b)
         step = GraphedCall(model.eager_step) if b.cuda else model.eager_step
     with torch.inference_mode():
         for _ in range(steps):
@@ -314,9 +324,13 @@ def main() -> None:
             }
         res["models"][name] = out
         del master
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        # after each model: a later model's failure leaves this one's figures
+        res["complete"] = name == args.archs.split(",")[-1]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}" + ("" if res["complete"] else f" ({name} so far)"), flush=True)
 
 
 if __name__ == "__main__":

@@ -296,8 +296,11 @@ def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 
     """Decode ``owner``'s compiled groups ahead, on a side stream, into ``slots`` persistent buffers (2 or more):
     while a block computes, the next ``slots - 1`` blocks' weights are decoded. ``run_once`` runs one forward
     (any input shape; autograd records it), whose order of blocks is the
-    schedule: each group must run once, on an input computed from the previous group's output, or a BfError
-    says which did not. ``priority``: the side stream's CUDA priority (-1: high); ``max_blocks`` caps each decode
+    schedule. Each group must run once per forward, or a BfError says which did not. The schedule is the chain
+    of groups that ends with the last one to run, each group in it run on an input computed from the previous
+    one's output, so that the data orders their decodes whatever the compiler reorders; groups off that chain
+    (a side branch such as SDXL's added-time embedding, which runs beside ``conv_in``) decode on their own, in
+    the step's stream. ``priority``: the side stream's CUDA priority (-1: high); ``max_blocks`` caps each decode
     launch's grid (0: no cap). Returns the slots' bytes."""
     if slots < 2:
         raise BfError(f"decoding ahead needs 2 or more slots, got {slots}")
@@ -321,16 +324,17 @@ def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 
     finally:
         for h in hooks:
             h.remove()
-    order = [g for g, _, _ in calls]
-    twice = next((g for i, g in enumerate(order) if g in order[:i]), None)
+    ran = [g for g, _, _ in calls]
+    twice = next((g for i, g in enumerate(ran) if g in ran[:i]), None)
     if twice is not None:
         raise BfError(f"decoding ahead needs a model that runs each of its blocks once per forward; {groups[twice]} ran twice")
-    for (prev, _, out), (g, inp, _) in itertools.pairwise(calls):
-        if not _computed_from(inp, out):
-            raise BfError(f"decoding ahead needs each block's input computed from the block before; {groups[g]}'s is not "
-                          f"computed from {groups[prev]}'s output")  # fmt: skip
-    if not order:
+    if not calls:
         return 0
+    chain = [calls[-1]]  # from the last group back: one reachability walk per group
+    for call in reversed(calls[:-1]):
+        if _computed_from(chain[-1][1], call[2]):
+            chain.append(call)
+    order = [g for g, _, _ in reversed(chain)]
     sizes = [max(g.size for g in order[s::slots]) for s in range(min(slots, len(order)))]
     device = order[0].codes[0].device
     buffers = [torch.empty(n, dtype=order[0].dtype, device=device) for n in sizes]

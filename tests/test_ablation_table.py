@@ -74,3 +74,42 @@ def test_the_table_pairs_rows_on_the_same_images(tmp_path, monkeypatch):
     (tmp_path / "fp.eval.json").write_text(json.dumps({"results": evals["fp"]}))
     with pytest.raises(ablation.BfError, match="without per-image verdicts"):
         ablation.table(args, ablation.rows(tmp_path / "r.json", 10))
+
+
+def _table(differences: dict[str, tuple[str, float, float]]) -> dict:
+    """A tools/ablation.py table at CFG 7.5 whose rows have these (other row, difference, interval half-width)."""
+    rows = [{"row": "FP model", "key": "fp", "cfg": {"7.5": {}}, "differences": {}}]
+    for key, (other, d, half) in differences.items():
+        rows.append({"row": f"+ {key}", "key": key, "cfg": {"7.5": {}},
+                     "differences": {"previous": {"row": other, "7.5": {"difference": d, "ci95": [d - half, d + half]}}}})  # fmt: skip
+    return {"rows": rows, "settings": {"steps": 150}}
+
+
+def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import ablation_replicates as rep
+
+    runs = [
+        _table({"up": ("fp", 0.08, 0.01), "flip": ("up", 0.03, 0.01), "down": ("flip", -0.05, 0.01)}),
+        _table({"up": ("fp", 0.09, 0.01), "flip": ("up", -0.03, 0.01), "down": ("flip", -0.07, 0.01)}),
+        _table({"up": ("fp", 0.10, 0.01), "flip": ("up", 0.00, 0.01), "down": ("flip", -0.06, 0.01)}),
+    ]
+    found = {e["row"]: e for e in rep.effects(runs, "7.5")}
+    up = found["up"]
+    assert up["mean"] == pytest.approx(0.09) and up["sd_over_runs"] == pytest.approx(0.01)
+    assert up["ci95_over_runs"] == pytest.approx([0.09 - 4.303 * 0.01 / 3**0.5, 0.09 + 4.303 * 0.01 / 3**0.5])
+    assert up["verdict"] == "holds" and found["down"]["verdict"] == "reversed"
+    assert found["flip"]["verdict"] == "not shown"  # each run's interval excludes 0, on different sides
+    assert rep.t975(2) == 4.303 and rep.t975(40) == 1.96 and rep.t975(11) == 2.228
+
+    for i, run in enumerate(runs):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit):
+        sys.argv = ["ablation_replicates.py", str(tmp_path / "r0.json")]
+        rep.main()
+    assert rep.load_run(tmp_path / "r0.json", "7.5")["settings"]["steps"] == 150
+    with pytest.raises(rep.BfError, match=r"no evaluation at CFG 3.5 \(it has 7.5\)"):
+        rep.load_run(tmp_path / "r0.json", "3.5")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(rep.BfError, match="is not JSON"):
+        rep.load_run(tmp_path / "bad.json", "7.5")

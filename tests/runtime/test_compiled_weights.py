@@ -153,31 +153,43 @@ def test_decoding_ahead_follows_the_forward_order_and_changes_no_weight(tiny_mod
         decode_ahead(model, lambda: (model(*small), model(*small)))
 
 
-def test_decoding_ahead_refuses_a_block_not_fed_by_the_one_before(native_build):
-    """Two layers applied to the same input: the second's input is not computed from the first's output, so
-    decoding its weights after the first's reads would not be ordered by the data; refused by name."""
+def test_decoding_ahead_leaves_a_side_branch_to_decode_on_its_own(native_build):
+    """A block beside the main line (as SDXL's added-time embedding runs beside conv_in): its output feeds the
+    line, but the next block's input is not computed from it, so the data would not order a decode into its slot
+    after its reads. The schedule is the chain that ends with the last block; the side block decodes on its own,
+    and the output is unchanged, twice over (every slot decoded anew)."""
     from torch import nn
 
     from bf.decode_kernels import load
-    from bf.errors import BfError
-    from bf.runtime.compiled_weights import compile_weights, decode_ahead
+    from bf.runtime.compiled_weights import _SCHEDULES, compile_weights, decode_ahead
     from bf.runtime.streamed_weights import packed_weight
 
-    class Fork(nn.Module):
+    class SideBranch(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.emb, self.conv_in, self.block, self.out = (nn.Linear(8, 8) for _ in range(4))
 
-        def forward(self, x):
-            return self.a(x) + self.b(x)
+        def forward(self, x, t):
+            e = self.emb(t)
+            h = self.block(self.conv_in(x) + e)
+            return self.out(h)
 
     rng = np.random.default_rng(0)
-    net = Fork()
+    net = SideBranch()
     packed = {n: packed_weight(QuantizedLayer.from_levels(n, rng.integers(-1, 2, (8, 8)), rng.random(8), Grid(2)), "cpu", False)
-              for n in ("a", "b")}  # fmt: skip
+              for n in ("emb", "conv_in", "block", "out")}  # fmt: skip
     compile_weights(net, packed, torch.float32, decoder=load(native_build / "libbf_decode.so"))
-    with pytest.raises(BfError, match="each block's input computed from the block before; b's is not computed from a's output"):
-        decode_ahead(net, lambda: net(torch.randn(2, 8)))
+    x, t = torch.randn(2, 8), torch.randn(2, 8)
+    with torch.inference_mode():
+        ref = net(x, t)
+    assert decode_ahead(net, lambda: net(x[:1], t[:1])) == 2 * net.conv_in.size * 4  # two slots of one group each
+    assert net.emb.ahead is None
+    schedule = _SCHEDULES[net.conv_in.ahead[0]]
+    assert schedule.order == [net.conv_in, net.block, net.out]
+    assert [net.conv_in.ahead[1], net.block.ahead[1], net.out.ahead[1]] == [0, 1, 2]
+    with torch.inference_mode():
+        assert torch.equal(net(x, t), ref)
+        assert torch.equal(net(x, t), ref)
 
 
 def test_a_layer_of_another_shape_is_refused(native_build, monkeypatch):
