@@ -180,21 +180,16 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
     best_fp16 = min(fp16_names, key=lambda k: configs[k]["median_ms"])
 
     packed = random_packed(shapes, bits, cl, seed=1, device=b.device)
-    for ahead in (0, 2) if b.cuda else (0,):
-        name = "lowbit_compile_graph_cl" + (f"_ahead{ahead}" if ahead else "") if b.cuda else "lowbit_eager"
+
+    def lowbit_config(name: str, ahead: int) -> None:
         base = b.clean()
         model = torch_unet(master, b)
         compile_weights(model.unet, packed, b.dtype)
         extra = {"ahead_slots": ahead}
         if ahead:
             small = _smallest_inputs(model.unet, b.device, b.dtype)
-            try:
-                extra["slot_bytes"] = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead)
-            except Exception as e:  # one configuration that cannot run leaves the others' figures standing
-                configs[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"{arch_name} {name}: {configs[name]['error']}", flush=True)
-                del model
-                continue
+            extra["slot_bytes"] = decode_ahead(model.unet, lambda: model.eager_step(*small), ahead,
+                                               log=lambda msg: print(f"{arch_name} {name}: {msg}", flush=True))  # fmt: skip
         b.clean()  # the FP16 weights the compiled layers replaced are gone
         if b.cuda:
             step = graphed_step(model.eager_step, "default", AHEAD_COMPILE_OPTIONS if ahead else None)
@@ -203,10 +198,22 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
         else:
             step = model.eager_step
         record(name, step, base, extra, resident=packed_bytes(model.unet))
-        del model, step
-        if b.cuda:
-            torch._dynamo.reset()
+
+    for ahead in (0, 2) if b.cuda else (0,):
+        name = "lowbit_compile_graph_cl" + (f"_ahead{ahead}" if ahead else "") if b.cuda else "lowbit_eager"
+        try:
+            lowbit_config(name, ahead)
+        except Exception as e:  # one configuration that cannot run (or runs out of memory) leaves the others' figures
+            configs[name] = {"error": f"{type(e).__name__}: {str(e).strip()[:500]}"}
+            print(f"{arch_name} {name}: {configs[name]['error']}", flush=True)
+        finally:
+            if b.cuda:
+                torch._dynamo.reset()
+            b.clean()
     lowbit = [k for k in configs if k.startswith("lowbit_") and "error" not in configs[k]]
+    if not lowbit:
+        failed = "; ".join(configs[k]["error"] for k in configs if "error" in configs[k])
+        raise RuntimeError(f"{arch_name}: no 1.99-bit configuration ran: {failed}")
     best = min(lowbit, key=lambda k: configs[k]["median_ms"])
     ref = outputs[best_fp16]
     res = {
@@ -220,7 +227,6 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
     }
     if b.cuda:
         res["unet_peak_vs_fp16"] = configs[best]["peak_mem_bytes"] / configs[best_fp16]["peak_mem_bytes"]
-    del packed
     return res
 
 
@@ -266,9 +272,10 @@ def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: b
         for _ in range(steps):
             latents = step(*inputs)[:1].float().clone()
     del model, step
+    if b.cuda:
+        torch._dynamo.reset()  # before collecting: what it releases may hold the UNet in cycles
     gc.collect()
     if b.cuda:
-        torch._dynamo.reset()
         torch.cuda.empty_cache()
     phases["through_unet_peak_bytes"] = b.peak(base)
     vae_dtype = torch.float32 if arch.vae.get("force_upcast") else b.dtype  # SDXL's VAE overflows in float16
@@ -325,7 +332,9 @@ def main() -> None:
         res["models"][name] = out
         del master
         # after each model: a later model's failure leaves this one's figures
-        res["complete"] = name == args.archs.split(",")[-1]
+        errors = [f"{m}: {k}" for m, mod in res["models"].items() for k, c in mod["configs"].items() if "error" in c]
+        res["failed_configs"] = errors
+        res["complete"] = name == args.archs.split(",")[-1] and not errors
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(res, indent=1) + "\n")

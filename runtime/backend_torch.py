@@ -149,7 +149,8 @@ class TorchUNet:
             from bf.runtime.compiled_weights import decode_ahead
 
             try:  # the order of the blocks, from one forward of the smallest input the UNet takes
-                self.slot_bytes = decode_ahead(unet, lambda: self.eager_step(*_smallest_inputs(unet, device, torch_dtype)), ahead_slots)
+                self.slot_bytes = decode_ahead(unet, lambda: self.eager_step(*_smallest_inputs(unet, device, torch_dtype)), ahead_slots,
+                                               log=log)  # fmt: skip
             except Exception as e:  # a model whose blocks cannot be scheduled runs as well decoding in the step's stream
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 log(f"the compiled step decodes each block's weights just before it (decoding ahead: {first})")

@@ -292,16 +292,17 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
     return len(packed)
 
 
-def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 2, priority: int = 0, max_blocks: int = 0) -> int:
+def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 2, priority: int = 0, max_blocks: int = 0,
+                 log: Callable[[str], None] = lambda msg: None) -> int:  # fmt: skip
     """Decode ``owner``'s compiled groups ahead, on a side stream, into ``slots`` persistent buffers (2 or more):
     while a block computes, the next ``slots - 1`` blocks' weights are decoded. ``run_once`` runs one forward
     (any input shape; autograd records it), whose order of blocks is the
-    schedule. Each group must run once per forward, or a BfError says which did not. The schedule is the chain
-    of groups that ends with the last one to run, each group in it run on an input computed from the previous
-    one's output, so that the data orders their decodes whatever the compiler reorders; groups off that chain
-    (a side branch such as SDXL's added-time embedding, which runs beside ``conv_in``) decode on their own, in
-    the step's stream. ``priority``: the side stream's CUDA priority (-1: high); ``max_blocks`` caps each decode
-    launch's grid (0: no cap). Returns the slots' bytes."""
+    schedule. A group that runs twice is refused (a BfError names it). The schedule is the chain of groups that
+    ends with the last one to run, each group in it run on an input computed from the previous one's output, so
+    that the data orders their decodes whatever the compiler reorders; groups off that chain (a side branch such
+    as SDXL's added-time embedding, which runs beside ``conv_in``, or a group that did not run) decode on their
+    own, in the step's stream, and ``log`` names them. ``priority``: the side stream's CUDA priority (-1: high);
+    ``max_blocks`` caps each decode launch's grid (0: no cap). Returns the slots' bytes."""
     if slots < 2:
         raise BfError(f"decoding ahead needs 2 or more slots, got {slots}")
     groups = {m: name for name, m in owner.named_modules() if isinstance(m, CompiledLowBitGroup)}
@@ -335,6 +336,10 @@ def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 
         if _computed_from(chain[-1][1], call[2]):
             chain.append(call)
     order = [g for g, _, _ in reversed(chain)]
+    off = [groups[g] for g in groups if g not in order]
+    if off:
+        shown = ", ".join(off[:6]) + (f" and {len(off) - 6} more" if len(off) > 6 else "")
+        log(f"decoding ahead: {len(order)} of {len(groups)} blocks; {shown} decode in the step's stream (off the chain of blocks)")
     sizes = [max(g.size for g in order[s::slots]) for s in range(min(slots, len(order)))]
     device = order[0].codes[0].device
     buffers = [torch.empty(n, dtype=order[0].dtype, device=device) for n in sizes]

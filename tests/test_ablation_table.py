@@ -85,7 +85,7 @@ def _table(differences: dict[str, tuple[str, float, float]]) -> dict:
     return {"rows": rows, "settings": {"steps": 150}}
 
 
-def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path):
+def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tools"))
     import ablation_replicates as rep
 
@@ -99,13 +99,13 @@ def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path):
     assert up["mean"] == pytest.approx(0.09) and up["sd_over_runs"] == pytest.approx(0.01)
     assert up["ci95_over_runs"] == pytest.approx([0.09 - 4.303 * 0.01 / 3**0.5, 0.09 + 4.303 * 0.01 / 3**0.5])
     assert up["verdict"] == "holds" and found["down"]["verdict"] == "reversed"
-    assert found["flip"]["verdict"] == "not shown"  # each run's interval excludes 0, on different sides
-    assert rep.t975(2) == 4.303 and rep.t975(40) == 1.96 and rep.t975(11) == 2.228
+    assert found["flip"]["verdict"] == "not shown"  # two runs' intervals exclude 0, on different sides
+    assert rep.t975(2) == 4.303 and rep.t975(40) == 2.042 and rep.t975(11) == 2.228
 
     for i, run in enumerate(runs):
         (tmp_path / f"r{i}.json").write_text(json.dumps(run))
+    monkeypatch.setattr(sys, "argv", ["ablation_replicates.py", str(tmp_path / "r0.json")])
     with pytest.raises(SystemExit):
-        sys.argv = ["ablation_replicates.py", str(tmp_path / "r0.json")]
         rep.main()
     assert rep.load_run(tmp_path / "r0.json", "7.5")["settings"]["steps"] == 150
     with pytest.raises(rep.BfError, match=r"no evaluation at CFG 3.5 \(it has 7.5\)"):
@@ -113,3 +113,6 @@ def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(rep.BfError, match="is not JSON"):
         rep.load_run(tmp_path / "bad.json", "7.5")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(rep.BfError, match=r"is not a tools/ablation\.py table"):
+        rep.load_run(tmp_path / "list.json", "7.5")

@@ -32,10 +32,11 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (the next tabulated df below; 1.96 past 30)."""
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom, or the tabulated df next below (never
+    narrower than the true interval)."""
     if df < 1:
         raise BfError("an interval over runs needs two runs or more")
-    return T975[max(d for d in T975 if d <= df)] if df <= 30 else 1.96
+    return T975[max(d for d in T975 if d <= df)]
 
 
 def load_run(path: Path, cfg: str) -> dict:
@@ -45,8 +46,9 @@ def load_run(path: Path, cfg: str) -> dict:
         raise BfError(f"{path}: no such file; give tools/ablation.py --json tables") from None
     except json.JSONDecodeError as e:
         raise BfError(f"{path} is not JSON ({e.msg}, line {e.lineno}); give tools/ablation.py --json tables") from None
-    if "rows" not in run or "settings" not in run:
-        raise BfError(f"{path} is not a tools/ablation.py table (no rows and settings)")
+    rows = run.get("rows") if isinstance(run, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "key" in r and isinstance(r.get("cfg"), dict) for r in rows):
+        raise BfError(f"{path} is not a tools/ablation.py table (no rows, each with its key and cfg)")
     if not any(cfg in r.get("cfg", {}) for r in run["rows"]):
         have = sorted({c for r in run["rows"] for c in r.get("cfg", {})})
         raise BfError(f"{path} has no evaluation at CFG {cfg} (it has {', '.join(have) or 'none'}); pick --cfg from those")
@@ -64,7 +66,7 @@ def effects(runs: list[dict], cfg: str) -> list[dict]:
             for run in runs:
                 row = next((r for r in run["rows"] if r["key"] == key), None)
                 d = (row or {}).get("differences", {}).get(against)
-                if d is None or cfg not in d:
+                if not isinstance(d, dict) or not isinstance(d.get(cfg), dict) or not {"difference", "ci95"} <= d[cfg].keys():
                     break
                 per_run.append({"other": d["row"], "difference": d[cfg]["difference"], "ci95": d[cfg]["ci95"]})
             if len(per_run) != len(runs) or len({p["other"] for p in per_run}) != 1:
@@ -136,6 +138,11 @@ def main() -> None:
         if len(args.tables) < 2:
             raise BfError("give two or more tables: an interval over runs needs two runs or more")
         runs = [load_run(t, args.cfg) for t in args.tables]
+        for field in ("steps", "rows", "batch_size", "lr", "images"):  # the training should match; evaluations may differ
+            values = {json.dumps(r.get("settings", {}).get(field)) for r in runs}
+            if len(values) > 1:
+                print(f"warning: the tables were trained with different {field} ({', '.join(sorted(values))}): "
+                      "their spread is not training noise alone", file=sys.stderr)  # fmt: skip
         found = effects(runs, args.cfg)
         if not found:
             raise BfError("no row's difference is in every table at that CFG; were they made with the same --rows?")

@@ -4,7 +4,8 @@
 #   start    GPU 1: the ablation (tools/ablation_gpu.sh run; ROWS, CFGS, PROMPTS, SEEDS, IMAGES_PER_SPLIT, EVAL_BATCH, STEPS
 #            as there); GPU 0, one after another: a LoRA's cost to the step (benchmarks/sd15_compiled_step_gpu.sh lora),
 #            the UNet in diffusers with its GPU tests (... diffusers), SDXL and SD-v1.5 step and memory
-#            (benchmarks/sdxl_gpu.sh step); then SDXL training on one GPU and on two (benchmarks/sdxl_gpu.sh train)
+#            (benchmarks/sdxl_gpu.sh step), the compiled path's GPU tests (benchmarks/sd15_compiled_step_gpu.sh checks,
+#            only when PARTS names it); then SDXL training on one GPU and on two (benchmarks/sdxl_gpu.sh train)
 #            once both GPUs are free. PARTS (default lora,diffusers,sdxl-step,ablation,sdxl-train) picks runs.
 #   wait     waits until every run has finished or WAIT seconds (default 540) have passed, and says where each is
 #   collect  what the runs wrote (JSON, plots, text, logs) as OUT_DIR/runs.tar.gz
@@ -34,7 +35,7 @@ case $phase in
     rm -rf "$keep" && mkdir -p "$keep/gpu0" "$keep/ablation" "$keep/train"
     # every selected run's log exists before any run starts: the waiting below reads them as "selected"
     wanted ablation && : > "$keep/ablation.log"
-    { wanted lora || wanted diffusers || wanted sdxl-step; } && : > "$keep/gpu0.log"
+    { wanted lora || wanted diffusers || wanted sdxl-step || wanted checks; } && : > "$keep/gpu0.log"
     wanted sdxl-train && : > "$keep/train.log"
     if wanted ablation; then
       setsid bash -c "CUDA_VISIBLE_DEVICES=1 DEADLINE=100000 tools/ablation_gpu.sh run '$keep/ablation' '${STEPS:-150}'; \
@@ -44,6 +45,7 @@ case $phase in
     wanted lora && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' lora --configs lowbit_compile,lowbit_streamed")
     wanted diffusers && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' diffusers")
     wanted sdxl-step && gpu0+=("benchmarks/sdxl_gpu.sh '$keep/gpu0' step")
+    wanted checks && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' checks")
     if [ ${#gpu0[@]} -gt 0 ]; then
       joined=$(printf '%s; ' "${gpu0[@]}")
       setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null >> "$keep/gpu0.log" 2>&1 &

@@ -182,7 +182,9 @@ def test_decoding_ahead_leaves_a_side_branch_to_decode_on_its_own(native_build):
     x, t = torch.randn(2, 8), torch.randn(2, 8)
     with torch.inference_mode():
         ref = net(x, t)
-    assert decode_ahead(net, lambda: net(x[:1], t[:1])) == 2 * net.conv_in.size * 4  # two slots of one group each
+    said = []
+    assert decode_ahead(net, lambda: net(x[:1], t[:1]), log=said.append) == 2 * net.conv_in.size * 4  # two slots of one group each
+    assert said == ["decoding ahead: 3 of 4 blocks; emb decode in the step's stream (off the chain of blocks)"]
     assert net.emb.ahead is None
     schedule = _SCHEDULES[net.conv_in.ahead[0]]
     assert schedule.order == [net.conv_in, net.block, net.out]
@@ -265,6 +267,38 @@ def test_the_torch_backends_compiled_unet_decodes_ahead_when_asked(tiny_model, n
         for i in (0, 3):
             step = torch.tensor([i])
             assert torch.equal(ours.eager_step(sample, step, ctx), ref.eager_step(sample, step, ctx))
+
+
+def test_an_sdxl_unet_decodes_ahead_beside_its_added_time_embedding(tiny_sdxl_model, native_build, monkeypatch):
+    """SDXL's added-time embedding runs beside conv_in, on the prompt's pooled embedding and micro-conditioning: its
+    blocks decode in the step's stream, every other block ahead, and the steps equal those of the same model decoding
+    every block in the step's stream, and the decoded weights' within float32 rounding (CPU)."""
+    from bf.models.added_condition import pack, pooled_dim
+    from bf.runtime.backend_torch import TorchUNet
+    from bf.runtime.compiled_weights import CompiledLowBitGroup
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    decoded, packed = _tiny_unet(tiny_sdxl_model, "cpu", channels_last=False)
+    assert any(n.startswith("add_embedding.") for n in packed)
+    timesteps = torch.arange(900, -1, -100)
+    opts = {"device": "cpu", "dtype": "float32", "channels_last": False, "cuda_graph": False}
+    ref = TorchUNet(copy.deepcopy(decoded), timesteps, weights="fp", **opts)
+    ours = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, ahead_slots=2, **opts)
+    in_stream = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, **opts)
+    assert ours.slot_bytes > 0
+    groups = {n: m for n, m in ours.unet.named_modules() if isinstance(m, CompiledLowBitGroup)}
+    assert {n for n, g in groups.items() if g.ahead is None} == {n for n in groups if n.startswith("add_embedding.")}
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 77, decoded.config.cross_attention_dim, generator=g)
+    text_embeds = torch.randn(2, pooled_dim(decoded.config), generator=g)
+    context = pack(hidden, text_embeds, torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.inference_mode():
+        for i in (0, 3):
+            step = torch.tensor([i])
+            out, want = ours.eager_step(sample, step, context), ref.eager_step(sample, step, context)
+            assert torch.equal(out, in_stream.eager_step(sample, step, context))
+            assert (out - want).abs().max().item() <= 1e-6 * want.abs().max().item()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
