@@ -5,8 +5,9 @@
 #            as there); GPU 0, one after another: a LoRA's cost to the step (benchmarks/sd15_compiled_step_gpu.sh lora),
 #            the UNet in diffusers with its GPU tests (... diffusers), SDXL and SD-v1.5 step and memory
 #            (benchmarks/sdxl_gpu.sh step), the compiled path's GPU tests (benchmarks/sd15_compiled_step_gpu.sh checks,
-#            only when PARTS names it); then SDXL training on one GPU and on two (benchmarks/sdxl_gpu.sh train)
-#            once both GPUs are free. PARTS (default lora,diffusers,sdxl-step,ablation,sdxl-train) picks runs.
+#            only when PARTS names it); SDXL training on one GPU (benchmarks/sdxl_gpu.sh train-1gpu: on GPU 1 at once
+#            when the ablation is not selected, else after it) and on two (train-2gpu, once both GPUs are free).
+#            PARTS (default lora,diffusers,sdxl-step,ablation,sdxl-train) picks runs.
 #   wait     waits until every run has finished or WAIT seconds (default 540) have passed, and says where each is
 #   collect  what the runs wrote (JSON, plots, text, logs) as OUT_DIR/runs.tar.gz
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
@@ -50,9 +51,13 @@ case $phase in
       joined=$(printf '%s; ' "${gpu0[@]}")
       setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null >> "$keep/gpu0.log" 2>&1 &
     fi
-    if wanted sdxl-train; then  # both GPUs: after the other runs
-      setsid bash -c "while [ ! -e '$keep/gpu0.done' ] && [ -e '$keep/gpu0.log' ] || { [ ! -e '$keep/ablation.done' ] && \
-        [ -e '$keep/ablation.log' ]; }; do sleep 2; done; benchmarks/sdxl_gpu.sh '$keep/train' train; touch '$keep/train.done'" \
+    if wanted sdxl-train; then
+      # one GPU: on GPU 1 at once when the ablation does not hold it, else after the other runs; two GPUs: after them
+      first="benchmarks/sdxl_gpu.sh '$keep/train' train-1gpu;" second=train-2gpu
+      wanted ablation && first="" second=train
+      setsid bash -c "${first:+CUDA_VISIBLE_DEVICES=1 $first} while [ ! -e '$keep/gpu0.done' ] && [ -e '$keep/gpu0.log' ] || \
+        { [ ! -e '$keep/ablation.done' ] && [ -e '$keep/ablation.log' ]; }; do sleep 2; done; \
+        benchmarks/sdxl_gpu.sh '$keep/train' $second; touch '$keep/train.done'" \
         < /dev/null >> "$keep/train.log" 2>&1 &
     fi
     sleep 30
