@@ -85,7 +85,7 @@ def _table(differences: dict[str, tuple[str, float, float]]) -> dict:
     return {"rows": rows, "settings": {"steps": 150}}
 
 
-def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path, monkeypatch):
+def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO / "tools"))
     import ablation_replicates as rep
 
@@ -113,6 +113,19 @@ def test_effects_over_training_runs_get_a_t_interval_and_a_verdict(tmp_path, mon
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(rep.BfError, match="is not JSON"):
         rep.load_run(tmp_path / "bad.json", "7.5")
+    with pytest.raises(rep.BfError, match="cannot be read"):
+        rep.load_run(tmp_path, "7.5")
+    for given, message in (([tmp_path / "r0.json", tmp_path / "r0.json"], "is given twice"),
+                           ([tmp_path / "r0.json", tmp_path / "r1.json", tmp_path / "bad.json"], "is not JSON")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["ablation_replicates.py", *map(str, given)])
+        with pytest.raises(SystemExit):
+            rep.main()
+        assert message in capsys.readouterr().err
+    (tmp_path / "copy.json").write_text((tmp_path / "r0.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["ablation_replicates.py", str(tmp_path / "r0.json"), str(tmp_path / "copy.json")])
+    with pytest.raises(SystemExit):
+        rep.main()
+    assert "hold the same rows" in capsys.readouterr().err
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(rep.BfError, match=r"is not a tools/ablation\.py table"):
         rep.load_run(tmp_path / "list.json", "7.5")

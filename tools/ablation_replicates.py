@@ -46,6 +46,8 @@ def load_run(path: Path, cfg: str) -> dict:
         raise BfError(f"{path}: no such file; give tools/ablation.py --json tables") from None
     except json.JSONDecodeError as e:
         raise BfError(f"{path} is not JSON ({e.msg}, line {e.lineno}); give tools/ablation.py --json tables") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BfError(f"{path} cannot be read ({type(e).__name__}); give tools/ablation.py --json tables") from None
     rows = run.get("rows") if isinstance(run, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "key" in r and isinstance(r.get("cfg"), dict) for r in rows):
         raise BfError(f"{path} is not a tools/ablation.py table (no rows, each with its key and cfg)")
@@ -137,7 +139,14 @@ def main() -> None:
     try:
         if len(args.tables) < 2:
             raise BfError("give two or more tables: an interval over runs needs two runs or more")
+        same = [t for i, t in enumerate(args.tables) if t.resolve() in {u.resolve() for u in args.tables[:i]}]
+        if same:
+            raise BfError(f"{same[0]} is given twice: each table must be a different training run")
         runs = [load_run(t, args.cfg) for t in args.tables]
+        texts = [json.dumps(r["rows"], sort_keys=True) for r in runs]
+        twins = [(args.tables[j], args.tables[i]) for i in range(len(texts)) for j in range(i) if texts[i] == texts[j]]
+        if twins:
+            raise BfError(f"{twins[0][0]} and {twins[0][1]} hold the same rows: each table must be a different training run")
         for field in ("steps", "rows", "batch_size", "lr", "images"):  # the training should match; evaluations may differ
             values = {json.dumps(r.get("settings", {}).get(field)) for r in runs}
             if len(values) > 1:

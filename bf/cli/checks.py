@@ -123,6 +123,8 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
     try:
         value = float(scale)
     except ValueError:
+        if path and Path(path).is_file():  # FILE:SCALE whose scale is not a number
+            raise BfError(f"--lora {text}: the scale after the last ':' must be a number, as in {path}:0.8") from None
         return Path(text), 1.0  # not FILE:SCALE: a path, which the caller finds missing
     if not math.isfinite(value):
         raise BfError(f"--lora {text}: the scale must be a finite number")

@@ -272,7 +272,8 @@ def test_bf_export_lora_puts_the_branch_into_the_graph(diffusers_dir, tmp_path, 
     save_file({k.replace("down_blocks", "middle_blocks"): v for k, v in tensors.items()}, str(tmp_path / "other.safetensors"))
     key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
     save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(tmp_path / "rank.safetensors"))
-    for arg, message in ((f"{lora}:x", "style.safetensors:x: no such file"), (str(tmp_path / "none.safetensors"), "no such file"),
+    for arg, message in ((f"{lora}:x", "style.safetensors:x: the scale after the last ':' must be a number"),
+                         (str(tmp_path / "none.safetensors"), "no such file"),
                          (str(tmp_path / "other.safetensors"), "matches no layer of this UNet"),
                          (str(tmp_path / "rank.safetensors"), "features, the layer")):  # fmt: skip
         r = run_bf("export", "shipped-1.99bit", "--target", "onnx-std", "--steps", "3", "--lora", arg, "--out", tmp_path / "bad")
@@ -318,6 +319,8 @@ def test_lora_files_are_read_with_their_alphas_and_refused_where_the_export_cann
     assert parse_lora_arg("C:/x/a.safetensors") == (Path("C:/x/a.safetensors"), 1.0)
     with pytest.raises(BfError, match="finite"):
         parse_lora_arg("a.safetensors:nan")
+    with pytest.raises(BfError, match=r"the scale after the last ':' must be a number, as in .*plain\.safetensors:0\.8"):
+        parse_lora_arg(f"{plain}:abc")
 
 
 def test_a_lora_that_does_not_fit_the_low_bit_unet_gets_one_line(diffusers_dir, tmp_path):
