@@ -13,10 +13,11 @@ SDXL 1024x1024), batch 2 (one image with classifier-free guidance), fp16. For ea
                           (bf infer --backend torch --compile), optionally into 2 slots ahead on a side stream
   Peak memory: what a configuration allocates on top of an empty GPU while it steps (weights, codes, activations).
   SD-v1.5's bits: the shipped recipe's mix (tools/sd15_mix.py); SDXL's: results/sdxl_recipe_1.99.json.
-- A whole generation, FP16 and 1.99 bits with the same settings, as a user configures it for memory: the text
-  encoders run first, one at a time, and are released; the UNet steps (FP16: CUDA graph; 1.99 bits: compiled,
-  codes resident); then the UNet is released and the VAE decodes in 512x512 tiles (diffusers' enable_tiling with
-  512-pixel tiles; SDXL's VAE in float32, as it overflows in float16). Peak allocated over the whole run, and by phase.
+- A whole generation, FP16 and 1.99 bits with the same settings, as `bf infer --backend torch --low-memory` holds it:
+  the text encoders run first, one at a time, and are released; the UNet steps (FP16: CUDA graph; 1.99 bits:
+  compiled, codes resident); then the UNet's CUDA graph and its activations are released, its weights kept, and the
+  VAE decodes in 512x512 tiles (diffusers' enable_tiling with 512-pixel tiles; SDXL's VAE in float32, as it
+  overflows in float16). Peak allocated over the whole run, and by phase.
 
     python benchmarks/sdxl_step_and_memory.py [--archs sd15,sdxl] [--out results/sdxl_step_and_memory.json]
     python benchmarks/sdxl_step_and_memory.py --device cpu --archs sd15-tiny,sdxl-tiny --iters 2   # the logic, on a CPU
@@ -271,20 +272,25 @@ def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: b
     with torch.inference_mode():
         for _ in range(steps):
             latents = step(*inputs)[:1].float().clone()
-    del model, step
-    if b.cuda:
-        torch._dynamo.reset()  # before collecting: what it releases may hold the UNet in cycles
+    # as bf infer --backend torch --low-memory holds it: the UNet's weights stay, its CUDA graph and activations go
+    if isinstance(step, GraphedCall):  # (TorchUNet.step is one too)
+        step.release()
+    del step
     gc.collect()
     if b.cuda:
         torch.cuda.empty_cache()
     phases["through_unet_peak_bytes"] = b.peak(base)
+    phases["unet_resident_bytes"] = torch.cuda.memory_allocated() - base if b.cuda else None
     vae_dtype = torch.float32 if arch.vae.get("force_upcast") else b.dtype  # SDXL's VAE overflows in float16
     vae = AutoencoderKL(**arch.vae).eval().to(b.device, vae_dtype)
     vae.enable_tiling()
     vae.tile_sample_min_size, vae.tile_latent_min_size = min(512, size), min(512, size) // 8  # 512-pixel tiles
     with torch.inference_mode():
         image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample
-    del vae
+    del vae, model
+    if b.cuda:
+        torch._dynamo.reset()  # before collecting: what it releases may hold the UNet in cycles
+    gc.collect()
     peak = b.peak(base)
     return {"peak_bytes": peak, **phases, "image_shape": list(image.shape), "vae_dtype": str(vae_dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 2), "unet_steps": steps}  # fmt: skip

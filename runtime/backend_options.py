@@ -22,6 +22,7 @@ class BackendOptions:
     compile: bool = False  # torch: the UNet step compiled by torch.compile (streamed weights decoded inside it)
     channels_last: bool = True  # torch: the UNet runs channels-last
     loras: tuple[tuple[str, float], ...] = ()  # torch: LoRA files and scales, low-rank branches beside the UNet's layers
+    low_memory: bool = False  # torch: each stage on the GPU only while it runs, the VAE in tiles (TorchBackend)
 
     def __post_init__(self):
         if self.keep_decoded_bytes < 0:
@@ -33,6 +34,8 @@ def open_backend(name: str, model, options: BackendOptions = BackendOptions(), l
     the first time (compiling)."""
     if name != "torch" and options.compile:
         raise BfError(f"compile applies to the torch backend, not {name}")
+    if name != "torch" and options.low_memory:
+        raise BfError(f"low memory applies to the torch backend, not {name}")
     if name != "torch" and options.loras:
         raise BfError(f"a LoRA at run time needs the torch backend; the {name} backend runs the exported graph: put the LoRA "
                       "into it with bf export --lora")  # fmt: skip
@@ -41,7 +44,8 @@ def open_backend(name: str, model, options: BackendOptions = BackendOptions(), l
 
         return TorchBackend(model, weights=options.weights, cuda_graph=options.cuda_graph is not False, fused=options.fused,
                             keep_decoded_bytes=options.keep_decoded_bytes, compile=options.compile,
-                            channels_last=options.channels_last, loras=options.loras, log=log)  # fmt: skip
+                            channels_last=options.channels_last, loras=options.loras, low_memory=options.low_memory,
+                            log=log)  # fmt: skip
     if name == "trt":
         from bf.runtime.backend_trt import TrtBackend
 

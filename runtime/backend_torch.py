@@ -63,6 +63,9 @@ def _fused_mode(fused: str | None, channels_last: bool, dtype: str) -> str:
     return "off" if reason or fused is None else fused
 
 
+VAE_TILE_PX = 512  # low memory: the VAE decodes tiles of this many pixels (diffusers' enable_tiling, its seams blended)
+
+
 class TorchUNet:
     """The torch backend's UNet: a diffusers UNet2DConditionModel on the GPU whose time embedding is
     a table over the scheduler's timesteps (bf.models.time_cache), with its quantized weights
@@ -166,6 +169,20 @@ class TorchUNet:
             options = AHEAD_COMPILE_OPTIONS if self.slot_bytes else None
             step = _logged_first_calls(torch.compile(step, fullgraph=True, options=options), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         self.step = GraphedCall(step) if cuda_graph else step
+
+    def release_graphs(self) -> None:
+        """Let go of the step's CUDA graphs and the memory pool their activations live in (the next step captures
+        again; a compiled step keeps its compiled code)."""
+        import gc
+
+        import torch
+
+        from bf.runtime.torch_graph import GraphedCall
+
+        if isinstance(self.step, GraphedCall):
+            self.step.release()
+            gc.collect()
+            torch.cuda.empty_cache()
 
     @property
     def weight_bytes(self) -> int:
@@ -292,7 +309,13 @@ class TorchBackend:
 
     def __init__(self, model: ExportedModel, device: str = "cuda", dtype: str = "float16", weights: str | None = None,
                  cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
-                 keep_decoded_bytes: int = 0, compile: bool = False, loras=(), log=lambda msg: None):  # fmt: skip
+                 keep_decoded_bytes: int = 0, compile: bool = False, loras=(), low_memory: bool = False,
+                 vae_tile_px: int = VAE_TILE_PX, log=lambda msg: None):  # fmt: skip
+        """``low_memory``: each stage's weights on the GPU only while it needs them, for the smallest peak: the text
+        encoders wait on the CPU and run on the GPU one at a time; the UNet is built at its first step (after the
+        prompt is encoded), and its CUDA graph, with the activations it holds, is let go before the VAE decodes; the
+        VAE decodes in tiles of ``vae_tile_px`` pixels (diffusers' tiling: blended seams, not bit-equal to one
+        decode) and goes back to the CPU. A later generation captures the UNet's graph again (not recompiled)."""
         try:
             import torch
 
@@ -341,21 +364,78 @@ class TorchBackend:
             from bf.format import Checkpoint
 
             ckpt = Checkpoint.load(source)  # once: the pipeline and the packed layers both come from it
+        if vae_tile_px < 64 or vae_tile_px % 64:
+            raise BfError(f"vae_tile_px={vae_tile_px}: must be a multiple of 64")
         pipe = load_model(source, scheduler=model.manifest.scheduler.name, checkpoint=ckpt).pipe
-        self.torch_unet = TorchUNet(pipe.unet.float().eval(), model.manifest.scheduler.timesteps, ckpt.layers if ckpt else None,
-                                    weights=weights, device=device, dtype=dtype, channels_last=channels_last, cuda_graph=cuda_graph,
-                                    slots=slots, fused=fused, keep_decoded_bytes=keep_decoded_bytes, compile=compile,
-                                    loras=self.loras, lora_files=lora_files, log=log)  # fmt: skip
-        self.lora_applied = self.torch_unet.lora.applied if self.torch_unet.lora is not None else []
-        self.ring, self.decoded_layers, self.fused = self.torch_unet.ring, self.torch_unet.decoded_layers, self.torch_unet.fused
+        unet_args = (pipe.unet.float().eval(), model.manifest.scheduler.timesteps, ckpt.layers if ckpt else None)
+        unet_kwargs = dict(weights=weights, device=device, dtype=dtype, channels_last=channels_last, cuda_graph=cuda_graph, slots=slots,
+                           fused=fused, keep_decoded_bytes=keep_decoded_bytes, compile=compile, loras=self.loras,
+                           lora_files=lora_files, log=log)  # fmt: skip
+        self._torch_unet = None
+        self._build_unet = lambda: TorchUNet(*unet_args, **unet_kwargs)
+        self.low_memory, self.log = low_memory, log
+        if not low_memory:
+            self._torch_unet = self._build_unet()
         self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
-        self.unet_module = self.torch_unet.module
+        # low memory: the text encoders and the VAE wait on the CPU (in the dtype they run in) and visit the GPU
+        home = "cpu" if low_memory else device
         texts = text_encoder_graphs(pipe)
-        self.text = texts["text_encoder"].eval().to(device, self.dtype)
-        self.text_2 = texts["text_encoder_2"].eval().to(device, self.dtype) if "text_encoder_2" in texts else None
+        self.text = texts["text_encoder"].eval().to(home, self.dtype)
+        self.text_2 = texts["text_encoder_2"].eval().to(home, self.dtype) if "text_encoder_2" in texts else None
         # SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers runs it
         self.vae_dtype = torch.float32 if model.manifest.vae_upcast else self.dtype
-        self.vae = VaeDecoderGraph(pipe.vae).eval().to(device, self.vae_dtype)
+        if low_memory:
+            pipe.vae.enable_tiling()
+            pipe.vae.tile_sample_min_size = vae_tile_px
+            pipe.vae.tile_latent_min_size = vae_tile_px // model.manifest.image.latent_scale
+        self.vae = VaeDecoderGraph(pipe.vae).eval().to(home, self.vae_dtype)
+
+    @property
+    def torch_unet(self) -> TorchUNet:
+        """The UNet (low memory: built here at its first use, after the prompt is encoded)."""
+        if self._torch_unet is None:
+            self.log("building the UNet on the GPU (low memory: after the text encoders have left it)")
+            self._torch_unet = self._build_unet()
+        return self._torch_unet
+
+    @property
+    def lora_applied(self) -> list:
+        return self.torch_unet.lora.applied if self.torch_unet.lora is not None else []
+
+    @property
+    def ring(self):
+        return self.torch_unet.ring
+
+    @property
+    def decoded_layers(self) -> int:
+        return self.torch_unet.decoded_layers
+
+    @property
+    def fused(self) -> str:
+        return self.torch_unet.fused
+
+    @property
+    def unet_module(self):
+        return self.torch_unet.module
+
+    def _visiting(self, module):
+        """``module`` on the GPU for one call (low memory), else as it is."""
+        import contextlib
+
+        torch = self.torch
+
+        @contextlib.contextmanager
+        def visit():
+            if not self.low_memory or self.device == "cpu":
+                yield module
+                return
+            try:
+                yield module.to(self.device)
+            finally:
+                module.to("cpu")
+                torch.cuda.empty_cache()
+
+        return visit()
 
     @property
     def device_name(self) -> str:
@@ -374,10 +454,12 @@ class TorchBackend:
             return tuple(o.float().cpu().numpy() for o in out) if isinstance(out, tuple) else out.float().cpu().numpy()
 
     def text_encoder(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run(self.text, input_ids.astype(np.int64))
+        with self._visiting(self.text) as text:
+            return self._run(text, input_ids.astype(np.int64))
 
     def text_encoder_2(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(self.text_2, input_ids.astype(np.int64))
+        with self._visiting(self.text_2) as text_2:
+            return self._run(text_2, input_ids.astype(np.int64))
 
     def unet(self, sample: np.ndarray, step: int, encoder_hidden_states: np.ndarray, added: dict | None = None) -> np.ndarray:
         """``added``: SDXL's text_embeds and time_ids, packed after the hidden states (the one context tensor the
@@ -391,7 +473,10 @@ class TorchBackend:
         return self._run(self.unet_device, sample, np.array([step], dtype=np.int64), encoder_hidden_states)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
-        return self._run(self.vae, latent, dtype=self.vae_dtype)
+        if self.low_memory and self._torch_unet is not None:  # the UNet's graph and its activations go before the VAE comes
+            self._torch_unet.release_graphs()
+        with self._visiting(self.vae) as vae:
+            return self._run(vae, latent, dtype=self.vae_dtype)
 
     # bf bench: the stages on device tensors, timed with CUDA events.
     def device_calls(self, inputs: dict[str, np.ndarray]) -> dict:
@@ -412,10 +497,22 @@ class TorchBackend:
             return call
 
         return {
-            "text_encoder": timed(lambda: (self.text(t["input_ids"]), self.text_2(t["input_ids"]) if self.text_2 is not None else None)),
+            "text_encoder": timed(lambda: self._text_on_device(t["input_ids"])),
             "unet_step": timed(lambda: self.unet_device(t["sample"], step, t["context"])),
-            "vae_decoder": timed(lambda: self.vae(t["latent"].to(self.vae_dtype))),
+            "vae_decoder": timed(lambda: self._vae_on_device(t["latent"].to(self.vae_dtype))),
         }
+
+    def _text_on_device(self, input_ids):
+        """Both text encoders on device tensors (low memory: each visiting the GPU, as a generation runs them)."""
+        with self._visiting(self.text) as text:
+            text(input_ids)
+        if self.text_2 is not None:
+            with self._visiting(self.text_2) as text_2:
+                text_2(input_ids)
+
+    def _vae_on_device(self, latent):
+        with self._visiting(self.vae) as vae:
+            return vae(latent)
 
     def time_ms(self, call, runs: int, warmup: int) -> list[float]:
         from bf.runtime.torch_graph import cuda_time_ms
@@ -430,10 +527,12 @@ class TorchBackend:
             return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
         unet = nbytes(self.unet_module) + self.torch_unet.weight_bytes
+        text_vae = nbytes(self.text) + (nbytes(self.text_2) if self.text_2 is not None else 0) + nbytes(self.vae)
         return {
             "unet_weight_bytes": unet,
             "decode_ring_bytes": self.ring.buffer_bytes if self.ring is not None else self.torch_unet.slot_bytes,
-            "text_vae_bytes": nbytes(self.text) + (nbytes(self.text_2) if self.text_2 is not None else 0) + nbytes(self.vae),
+            "text_vae_bytes": 0 if self.low_memory else text_vae,  # resident on the GPU
+            **({"text_vae_visiting_bytes": text_vae} if self.low_memory else {}),  # on the GPU only while they run
             "allocated_bytes": torch.cuda.memory_allocated(),
         }
 

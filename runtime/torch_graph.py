@@ -81,6 +81,11 @@ class GraphedCall:
         self.pool = graph.pool()
         return graph, static, out
 
+    def release(self) -> None:
+        """Drop every captured graph and their memory pool; the next call captures again."""
+        self.graphs.clear()
+        self.pool = None
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         if key not in self.graphs:

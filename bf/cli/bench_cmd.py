@@ -9,7 +9,7 @@ import click
 
 from bf.cli.cached_exports import baseline_export, bench_target
 from bf.cli.checks import check_gpu_backend, check_outputs, parse_batch_sizes
-from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, backend_options
+from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, LOW_MEMORY_OPTION, backend_options
 from bf.cli.output import log, progress_bar, write_json
 from bf.errors import BfError
 
@@ -38,13 +38,14 @@ FP16_CONFIGS = {"eager": {"cuda_graph": False}, "graph": {}, "graph-nchw": {"cha
 @FUSED_OPTION
 @KEEP_DECODED_OPTION
 @COMPILE_OPTION
+@LOW_MEMORY_OPTION
 @click.option("--fp16-configs", "fp16_text", default=",".join(FP16_CONFIGS), show_default=True,
               help="torch: the FP16 configurations run as baselines (eager, graph: CUDA graph channels-last, graph-nchw, compile: "
                    "torch.compile + CUDA graph); ratios are against the one with the fastest UNet step.")  # fmt: skip
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write every figure as JSON here ('-': stdout).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Draw size and latency bars per component (PNG).")
 def command(target, backend, baseline, height, width, batch_text, steps, runs, warmup, no_end_to_end, weights, cuda_graph, fused,
-            keep_decoded, compile_step, fp16_text, json_out, plot) -> None:  # fmt: skip
+            keep_decoded, compile_step, low_memory, fp16_text, json_out, plot) -> None:  # fmt: skip
     """Size, latency per stage and GPU memory of an exported model, next to its FP baseline.
 
     TARGET: a bf export directory, or a .bfq (exported once into the cache; shipped-1.99bit names
@@ -70,6 +71,8 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
         raise BfError(f"--compile applies to --backend torch, not {backend}")
     if compile_step and fused not in (None, "off"):
         raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
+    if low_memory and backend != "torch":
+        raise BfError(f"--low-memory applies to --backend torch, not {backend}")
     check_outputs(json_out=json_out, plot=plot)
     check_gpu_backend(backend)
     model = ExportedModel.open(bench_target(target, backend))
@@ -80,9 +83,13 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
     if baseline == "fp16" and not quantized:
         log(f"{model.root} is an FP export: it is its own baseline")
         baseline = "none"
-    options = backend_options(weights if quantized else "fp", cuda_graph, fused, keep_decoded, compile_step)
+    options = backend_options(weights if quantized else "fp", cuda_graph, fused, keep_decoded, compile_step, low_memory=low_memory)
     bar = progress_bar(total=None, desc="bench", bar_format="{desc}: {postfix}")
-    result = {"backend": backend, "environment": environment(backend), "settings": {**dataclasses.asdict(req), "baseline": baseline}}
+    result = {
+        "backend": backend,
+        "environment": environment(backend),
+        "settings": {**dataclasses.asdict(req), "baseline": baseline, "low_memory": low_memory},
+    }
     result["quantized"] = _run(backend, "quantized", model, options, req, bar)
     result["baseline"] = None
     if baseline == "fp16":
@@ -95,7 +102,7 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
             for name in fp16_configs:
                 gc.collect()
                 torch.cuda.empty_cache()  # the peak of a baseline must not see the previous model's blocks
-                fp16 = BackendOptions(weights="fp", **FP16_CONFIGS[name])
+                fp16 = BackendOptions(weights="fp", low_memory=low_memory, **FP16_CONFIGS[name])  # the same memory settings
                 try:
                     result["fp16_configs"][name] = _run(backend, f"FP16 {name}", model, fp16, req, bar)
                 except BfError as e:  # a configuration this machine cannot run (no compiler toolchain) is reported, not fatal

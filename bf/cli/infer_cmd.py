@@ -9,7 +9,7 @@ import click
 
 from bf.cli.cached_exports import check_shipped_size, shipped_export
 from bf.cli.checks import check_gpu_backend, check_png_out, parse_lora_args
-from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, RUNTIME_LORA_OPTION, backend_options
+from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, LOW_MEMORY_OPTION, RUNTIME_LORA_OPTION, backend_options
 from bf.cli.output import log, progress_bar
 from bf.errors import BfError
 from bf.scheduler_names import SCHEDULERS
@@ -54,9 +54,10 @@ from bf.scheduler_names import SCHEDULERS
 @KEEP_DECODED_OPTION
 @COMPILE_OPTION
 @RUNTIME_LORA_OPTION
+@LOW_MEMORY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the settings, output files and timings per stage as JSON.")
 def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, height, width, num_images, original_size, crop, backend,
-            cuda_graph, fused, keep_decoded, compile_step, loras, out, as_json) -> None:  # fmt: skip
+            cuda_graph, fused, keep_decoded, compile_step, loras, low_memory, out, as_json) -> None:  # fmt: skip
     """Generate images from an exported model directory (bf export's output) with the lean runtime.
 
     Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
@@ -78,6 +79,8 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError(f"--compile applies to --backend torch, not {backend}")
     if compile_step and fused not in (None, "off"):
         raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
+    if low_memory and backend != "torch":
+        raise BfError(f"--low-memory applies to --backend torch, not {backend}")
     if loras and backend != "torch":
         raise BfError(f"--lora runs on --backend torch; the {backend} backend runs the exported graph: put the LoRA into it "
                       "with bf export --lora")  # fmt: skip
@@ -86,7 +89,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     crop_at = _pair(crop, "--crop", ",", "TOP,LEFT, e.g. 0,0", minimum=0)
     check_png_out(out)
     check_gpu_backend(backend)
-    options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step, lora_args)
+    options = backend_options(None, cuda_graph, fused, keep_decoded, compile_step, lora_args, low_memory)
     if model_dir is None:
         check_shipped_size(height, width)
     model = ExportedModel.open(model_dir if model_dir is not None else shipped_export(scheduler or "pndm", 50 if steps is None else steps))

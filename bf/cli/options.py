@@ -35,11 +35,19 @@ COMPILE_OPTION = click.option(
 )  # fmt: skip
 
 
+LOW_MEMORY_OPTION = click.option(
+    "--low-memory", is_flag=True,
+    help="torch: the smallest GPU memory: the text encoders visit the GPU one at a time before the UNet is built, the UNet's "
+         "CUDA graph is let go before the VAE, which decodes in 512-pixel tiles (seams blended, as diffusers' enable_tiling) "
+         "and leaves the GPU again. Costs the weights' copies to and from the GPU on every generation.",
+)  # fmt: skip
+
+
 def backend_options(weights: str | None, cuda_graph: bool | None, fused: str | None, keep_decoded_mb: int, compile_step: bool = False,
-                    loras: tuple = ()):  # fmt: skip
+                    loras: tuple = (), low_memory: bool = False):  # fmt: skip
     """The runtime's BackendOptions from the command line's (--keep-decoded is in MB there, bytes from here on;
     ``loras``: parsed --lora arguments)."""
     from bf.runtime.backend_options import BackendOptions
 
     return BackendOptions(weights=weights, cuda_graph=cuda_graph, fused=fused, keep_decoded_bytes=keep_decoded_mb * 2**20,
-                          compile=compile_step, loras=tuple((str(p), s) for p, s in loras))  # fmt: skip
+                          compile=compile_step, loras=tuple((str(p), s) for p, s in loras), low_memory=low_memory)  # fmt: skip

@@ -77,6 +77,7 @@ CASES = [
     (["infer", "--prompt", "  "], 1, "--prompt is empty"),
     (["infer", "--prompt", "x", "--backend", "trt"], 1, "none is visible here"),
     (["infer", "--prompt", "x", "--compile"], 1, "--compile applies to --backend torch, not ort"),
+    (["infer", "--prompt", "x", "--low-memory"], 1, "--low-memory applies to --backend torch, not ort"),
     (["infer", "--prompt", "x", "--backend", "torch", "--compile", "--fused", "on"], 1, "--fused on runs on the streamed ring"),
     (["infer", "--prompt", "x", "--lora", "style.safetensors"], 1, "--lora runs on --backend torch; the ort backend runs the exported"),
     (["infer", "--prompt", "x", "--backend", "torch", "--lora", "nosuch.safetensors:0.5"], 1, "--lora nosuch.safetensors: no such file"),
@@ -88,6 +89,7 @@ CASES = [
     (["bench", "--backend", "torch"], 1, "none is visible here"),
     (["bench", "--json", "afile/b.json"], 1, "--json afile/b.json: "),
     (["bench", "--compile"], 1, "--compile applies to --backend torch, not ort"),
+    (["bench", "--low-memory"], 1, "--low-memory applies to --backend torch, not ort"),
     (["bench", "--backend", "torch", "--fp16-configs", "graph,fast"], 1, "--fp16-configs 'fast': choose from eager, graph, graph-nchw"),
     (["bench", "--backend", "torch", "--fp16-configs", ","], 1, "--fp16-configs is empty"),
     # eval

@@ -98,7 +98,8 @@ def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, 
 
 def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
     """The torch backend runs the .bfq's packed layers with the added conditioning packed after the hidden states;
-    the same image as ONNX Runtime on the export."""
+    the same image as ONNX Runtime on the export. Low memory changes only the VAE's seams."""
+    from bf.errors import BfError
     from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
@@ -117,6 +118,20 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     image = generate(exported, backend, req).images[0].astype(np.float32) / 255
     assert _psnr(image, ort) >= 35
     assert np.abs(image - generate(exported, backend, GenerationRequest("a green triangle", steps=4, seed=7)).images[0] / 255).max() > 0.02
+    # low memory: the UNet built at its first step, the VAE in tiles (64 pixels here: four of a 128x128 image, seams blended)
+    low = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False, low_memory=True,
+                       vae_tile_px=64)  # fmt: skip
+    assert low._torch_unet is None
+    encoded = low.text_encoder_2(np.zeros((2, 77), dtype=np.int64))
+    assert low._torch_unet is None and len(encoded) == 2
+    low.torch_unet.step = low.torch_unet.eager_step
+    big = GenerationRequest(PROMPT, steps=4, seed=7, height=128, width=128)
+    whole, tiled = (generate(exported, b, big).images[0].astype(np.float32) / 255 for b in (backend, low))
+    assert 25 <= _psnr(tiled, whole) < 80  # the seams' blending changes pixels, not the picture
+    low.vae.vae.disable_tiling()
+    assert np.array_equal(generate(exported, low, big).images[0].astype(np.float32) / 255, whole)  # all else as without it
+    with pytest.raises(BfError, match="vae_tile_px=100: must be a multiple of 64"):
+        TorchBackend(exported, device="cpu", low_memory=True, vae_tile_px=100)
 
 
 def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tiny_sdxl_model, tmp_path):

@@ -192,6 +192,33 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
         assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35, options
 
 
+@pytest.mark.gpu
+def test_low_memory_keeps_text_encoders_and_vae_off_the_gpu_between_calls(exported_std, native_build, monkeypatch):
+    """TorchBackend(low_memory=True): the same image as ONNX Runtime (the VAE's tiles are larger than this image); the
+    text encoders and the VAE are back on the CPU after a generation, and nothing but the UNet stays on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.generation import GenerationRequest, generate
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    model = ExportedModel.open(exported_std / "onnx")
+    req = GenerationRequest(PROMPT, seed=5)
+    ref = generate(model, OrtBackend(model), req)
+    for options in ({}, {"compile": True}):
+        backend = TorchBackend(model, low_memory=True, **options)
+        assert backend._torch_unet is None
+        ours = generate(model, backend, req)
+        assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35, options
+        assert {p.device.type for m in (backend.text, backend.vae) for p in m.parameters()} == {"cpu"}
+        assert backend.memory()["text_vae_bytes"] == 0 and backend.memory()["text_vae_visiting_bytes"] > 0
+        again = generate(model, backend, req)  # the UNet's graph captured again after the VAE let it go
+        assert np.array_equal(again.images, ours.images)
+        del backend
+
+
 def test_torch_backend_refuses_fused_kernels_without_streamed_weights(exported_std):
     from bf.errors import BfError
     from bf.runtime.backend_torch import TorchBackend
