@@ -13,7 +13,8 @@ SDXL 1024x1024), batch 2 (one image with classifier-free guidance), fp16. For ea
                           (bf infer --backend torch --compile), optionally into 2 slots ahead on a side stream
   Peak memory: what a configuration allocates on top of an empty GPU while it steps (weights, codes, activations).
   SD-v1.5's bits: the shipped recipe's mix (tools/sd15_mix.py); SDXL's: results/sdxl_recipe_1.99.json.
-- A whole generation, FP16 and 1.99 bits with the same settings, as `bf infer --backend torch --low-memory` holds it:
+- A whole generation, FP16 and 1.99 bits with the same settings, as the first generation of `bf infer --backend torch
+  --compile --low-memory` holds it (and the prompt's hidden states and the UNet's inputs kept on the GPU):
   the text encoders run first, one at a time, and are released; the UNet steps (FP16: CUDA graph; 1.99 bits:
   compiled, codes resident); then the UNet's CUDA graph and its activations are released, its weights kept, and the
   VAE decodes in 512x512 tiles (diffusers' enable_tiling with 512-pixel tiles; SDXL's VAE in float32, as it

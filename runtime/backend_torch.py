@@ -311,11 +311,12 @@ class TorchBackend:
                  cuda_graph: bool = True, channels_last: bool = True, slots: int = 2, fused: str | None = None,
                  keep_decoded_bytes: int = 0, compile: bool = False, loras=(), low_memory: bool = False,
                  vae_tile_px: int = VAE_TILE_PX, log=lambda msg: None):  # fmt: skip
-        """``low_memory``: each stage's weights on the GPU only while it needs them, for the smallest peak: the text
-        encoders wait on the CPU and run on the GPU one at a time; the UNet is built at its first step (after the
-        prompt is encoded), and its CUDA graph, with the activations it holds, is let go before the VAE decodes; the
-        VAE decodes in tiles of ``vae_tile_px`` pixels (diffusers' tiling: blended seams, not bit-equal to one
-        decode) and goes back to the CPU. A later generation captures the UNet's graph again (not recompiled)."""
+        """``low_memory``: the text encoders and the VAE on the GPU only while they run, for a lower peak: the text
+        encoders wait on the CPU and run on the GPU one at a time; the UNet is built at its first step (so in the
+        first generation after the prompt is encoded; its packed weights then stay on the GPU), and its CUDA graph,
+        with the activations it holds, is let go whenever the text encoders or the VAE visit; the VAE decodes one
+        image at a time in tiles of ``vae_tile_px`` pixels (diffusers' slicing and tiling: blended seams, not
+        bit-equal to one decode). Each step after a visit captures the UNet's graph again (not recompiled)."""
         try:
             import torch
 
@@ -375,7 +376,14 @@ class TorchBackend:
         self._build_unet = lambda: TorchUNet(*unet_args, **unet_kwargs)
         self.low_memory, self.log = low_memory, log
         if not low_memory:
-            self._torch_unet = self._build_unet()
+            self.torch_unet  # noqa: B018 (built now)
+        else:  # what building it later would refuse, refused now, before any stage runs
+            if self.loras:
+                from bf.lora_adapters import LoRAHooks
+
+                LoRAHooks(unet_args[0], list(self.loras), lora_files)
+            if weights == "streamed" and not compile:
+                _fused_mode(fused, channels_last, dtype)
         self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
         # low memory: the text encoders and the VAE wait on the CPU (in the dtype they run in) and visit the GPU
         home = "cpu" if low_memory else device
@@ -385,6 +393,7 @@ class TorchBackend:
         # SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers runs it
         self.vae_dtype = torch.float32 if model.manifest.vae_upcast else self.dtype
         if low_memory:
+            pipe.vae.enable_slicing()  # one image at a time, each in tiles
             pipe.vae.enable_tiling()
             pipe.vae.tile_sample_min_size = vae_tile_px
             pipe.vae.tile_latent_min_size = vae_tile_px // model.manifest.image.latent_scale
@@ -394,8 +403,11 @@ class TorchBackend:
     def torch_unet(self) -> TorchUNet:
         """The UNet (low memory: built here at its first use, after the prompt is encoded)."""
         if self._torch_unet is None:
-            self.log("building the UNet on the GPU (low memory: after the text encoders have left it)")
-            self._torch_unet = self._build_unet()
+            if self.low_memory:
+                self.log("building the UNet on the GPU (low memory: after the text encoders have left it)")
+            with self.torch.inference_mode(False):  # its weights and buffers are not inference tensors, wherever it is built
+                self._torch_unet = self._build_unet()
+            self._build_unet = None  # the .bfq's layers and LoRA files it held: not kept for the backend's life
         return self._torch_unet
 
     @property
@@ -419,7 +431,8 @@ class TorchBackend:
         return self.torch_unet.module
 
     def _visiting(self, module):
-        """``module`` on the GPU for one call (low memory), else as it is."""
+        """``module`` on the GPU for one call (low memory), else as it is. Low memory: the UNet's CUDA graph and its
+        activations are let go before any visitor comes (the text encoders of a later generation, the VAE)."""
         import contextlib
 
         torch = self.torch
@@ -429,6 +442,8 @@ class TorchBackend:
             if not self.low_memory or self.device == "cpu":
                 yield module
                 return
+            if self._torch_unet is not None:
+                self._torch_unet.release_graphs()
             try:
                 yield module.to(self.device)
             finally:
@@ -473,8 +488,6 @@ class TorchBackend:
         return self._run(self.unet_device, sample, np.array([step], dtype=np.int64), encoder_hidden_states)
 
     def vae_decoder(self, latent: np.ndarray) -> np.ndarray:
-        if self.low_memory and self._torch_unet is not None:  # the UNet's graph and its activations go before the VAE comes
-            self._torch_unet.release_graphs()
         with self._visiting(self.vae) as vae:
             return self._run(vae, latent, dtype=self.vae_dtype)
 

@@ -37,9 +37,10 @@ COMPILE_OPTION = click.option(
 
 LOW_MEMORY_OPTION = click.option(
     "--low-memory", is_flag=True,
-    help="torch: the smallest GPU memory: the text encoders visit the GPU one at a time before the UNet is built, the UNet's "
-         "CUDA graph is let go before the VAE, which decodes in 512-pixel tiles (seams blended, as diffusers' enable_tiling) "
-         "and leaves the GPU again. Costs the weights' copies to and from the GPU on every generation.",
+    help="torch: less GPU memory: the text encoders and the VAE wait on the CPU and visit the GPU one at a time (in the "
+         "first generation before the UNet is built), the UNet's CUDA graph and activations are let go while they visit, and "
+         "the VAE decodes one image at a time in 512-pixel tiles (seams blended, as diffusers' enable_tiling). Costs their "
+         "copies to and from the GPU and a new capture of the UNet's graph on every generation.",
 )  # fmt: skip
 
 

@@ -118,13 +118,15 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     image = generate(exported, backend, req).images[0].astype(np.float32) / 255
     assert _psnr(image, ort) >= 35
     assert np.abs(image - generate(exported, backend, GenerationRequest("a green triangle", steps=4, seed=7)).images[0] / 255).max() > 0.02
-    # low memory: the UNet built at its first step, the VAE in tiles (64 pixels here: four of a 128x128 image, seams blended)
+    # low memory: the UNet built at its first step, the VAE in tiles (64 pixels here, overlapping, of a 128x128 image)
     low = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False, low_memory=True,
                        vae_tile_px=64)  # fmt: skip
     assert low._torch_unet is None
     encoded = low.text_encoder_2(np.zeros((2, 77), dtype=np.int64))
     assert low._torch_unet is None and len(encoded) == 2
-    low.torch_unet.step = low.torch_unet.eager_step
+    with torch.inference_mode():  # built as a generation builds it, inside the UNet's call
+        low.torch_unet.step = low.torch_unet.eager_step
+    assert not any(t.is_inference() for t in low.unet_module.parameters())
     big = GenerationRequest(PROMPT, steps=4, seed=7, height=128, width=128)
     whole, tiled = (generate(exported, b, big).images[0].astype(np.float32) / 255 for b in (backend, low))
     assert 25 <= _psnr(tiled, whole) < 80  # the seams' blending changes pixels, not the picture
