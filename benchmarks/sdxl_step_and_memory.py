@@ -238,7 +238,7 @@ def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: b
     from sd15_unet_step import random_packed
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from bf.runtime.backend_torch import TorchUNet
+    from bf.runtime.backend_torch import VAE_TILE_PX, TorchUNet
     from bf.runtime.compiled_weights import compile_weights
     from bf.runtime.torch_graph import GraphedCall
 
@@ -285,7 +285,8 @@ def generation_memory(arch, master, shapes, bits, size: int, b: Bench, lowbit: b
     vae_dtype = torch.float32 if arch.vae.get("force_upcast") else b.dtype  # SDXL's VAE overflows in float16
     vae = AutoencoderKL(**arch.vae).eval().to(b.device, vae_dtype)
     vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size = min(512, size), min(512, size) // 8  # 512-pixel tiles
+    tile = min(VAE_TILE_PX, size)  # as the runtime's low memory tiles
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
     with torch.inference_mode():
         image = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample
     del vae, model
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="FP16: CUDA graph and compile+graph only")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sdxl_step_and_memory.json")
     args = ap.parse_args()
+    from bf.atomic import atomic_path
+
     b = Bench(args.device, args.iters)
     if b.cuda:
         torch.backends.cudnn.benchmark = True
@@ -343,9 +346,8 @@ def main() -> None:
         res["failed_configs"] = errors
         res["complete"] = name == args.archs.split(",")[-1] and not errors
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(args.out)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.out}" + ("" if res["complete"] else f" ({name} so far)"), flush=True)
 
 

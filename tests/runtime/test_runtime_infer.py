@@ -169,20 +169,27 @@ def test_bf_infer_without_a_directory_exports_the_shipped_model_once(tmp_path):
     assert len(list(env_cache.iterdir())) == 2
 
 
-@pytest.mark.gpu
-def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkeypatch):
-    """PyTorch fp16 on the GPU, weights decoded by the CUDA kernels, against ONNX Runtime fp32 on the CPU."""
+def _gpu_model_and_ort_reference(exported_std, native_build, monkeypatch):
+    """The export the GPU tests run, their request, and ONNX Runtime's image for it (fp32, CPU)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bf.runtime.backend_ort import OrtBackend
-    from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
     from bf.runtime.generation import GenerationRequest, generate
 
     monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
     model = ExportedModel.open(exported_std / "onnx")
     req = GenerationRequest(PROMPT, seed=5)
-    ref = generate(model, OrtBackend(model), req)
+    return model, req, generate(model, OrtBackend(model), req)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkeypatch):
+    """PyTorch fp16 on the GPU, weights decoded by the CUDA kernels, against ONNX Runtime fp32 on the CPU."""
+    model, req, ref = _gpu_model_and_ort_reference(exported_std, native_build, monkeypatch)
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.generation import generate
+
     # the default (weights streamed layer by layer, channels-last, CUDA graph), and weights decoded once at load, eager, NCHW
     # and the step compiled (torch.compile), its weights decoded inside it
     for options in ({}, {"weights": "decoded", "cuda_graph": False, "channels_last": False}, {"compile": True}):
@@ -196,22 +203,15 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
 def test_low_memory_keeps_text_encoders_and_vae_off_the_gpu_between_calls(exported_std, native_build, monkeypatch):
     """TorchBackend(low_memory=True): the same image as ONNX Runtime (the VAE's tiles are larger than this image); the
     text encoders and the VAE are back on the CPU after a generation, and nothing but the UNet stays on the GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from bf.runtime.backend_ort import OrtBackend
-    from bf.runtime.backend_torch import TorchBackend
-    from bf.runtime.exported import ExportedModel
-    from bf.runtime.generation import GenerationRequest, generate
+    import gc
 
-    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
-    model = ExportedModel.open(exported_std / "onnx")
-    req = GenerationRequest(PROMPT, seed=5)
-    ref = generate(model, OrtBackend(model), req)
+    model, req, ref = _gpu_model_and_ort_reference(exported_std, native_build, monkeypatch)
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.generation import generate
+
     held = {}
     for options in ({}, {"compile": True}):
         for low in (False, True):
-            import gc
-
             torch._dynamo.reset()  # a compiled earlier backend's model is not held by dynamo's caches
             gc.collect()
             torch.cuda.empty_cache()
