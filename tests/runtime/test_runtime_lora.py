@@ -42,7 +42,7 @@ def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_b
     # every branch is a change of its layer's weight, added where the step builds the weight; none is hooked; layers
     # of one shape and rank share one batched product
     runs = [run for m in ours.unet.modules() if isinstance(m, CompiledLowBitGroup) for run in m.lora_runs]
-    assert sum(run[1] for run in runs) == len({h.layer for h in ours.lora.hooks}) and not ours.lora._handles
+    assert sum(run[1] for run in runs) == len({h.layer for h in ours.lora.hooks}) and ours.lora.counts["hooked"] == 0
     assert max(run[1] for run in runs) >= 2
     sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, decoded.config.cross_attention_dim)
     with torch.inference_mode():
@@ -63,7 +63,7 @@ def test_the_unet_runs_loras_beside_compiled_low_bit_layers(tiny_model, native_b
                         compile=True, loras=loras, **opts)  # fmt: skip
     assert [h.layer for h in (partial.lora.hooks[i] for i in range(len(partial.lora.hooks))
                               if i not in partial.lora._in_weights)] == [fp_layer]  # fmt: skip
-    assert len(partial.lora._handles) == 1
+    assert partial.lora.counts["hooked"] == 1
     with torch.inference_mode():
         want = ref.eager_step(sample, torch.tensor([5]), ctx)
         got = partial.eager_step(sample, torch.tensor([5]), ctx)
