@@ -4,9 +4,10 @@
 #   start    GPU 1: the ablation (tools/ablation_gpu.sh run; ROWS, CFGS, PROMPTS, SEEDS, IMAGES_PER_SPLIT, EVAL_BATCH, STEPS
 #            as there); GPU 0, one after another: a LoRA's cost to the step (benchmarks/sd15_compiled_step_gpu.sh lora),
 #            the UNet in diffusers with its GPU tests (... diffusers), SDXL and SD-v1.5 step and memory
-#            (benchmarks/sdxl_gpu.sh step), the compiled path's GPU tests (benchmarks/sd15_compiled_step_gpu.sh checks,
-#            only when PARTS names it); SDXL training on one GPU (benchmarks/sdxl_gpu.sh train-1gpu: on GPU 1 at once
-#            when the ablation is not selected, else after it) and on two (train-2gpu, once both GPUs are free).
+#            (benchmarks/sdxl_gpu.sh step, with STEP_ARGS), the compiled path's GPU tests (benchmarks/sd15_compiled_step_gpu.sh
+#            checks, only when PARTS names it: on GPU 1 after one-GPU training when that runs there); SDXL training on
+#            one GPU (benchmarks/sdxl_gpu.sh train-1gpu: on GPU 1 at once when the ablation is not selected, else after
+#            it) and on two (train-2gpu, once both GPUs are free).
 #            PARTS (default lora,diffusers,sdxl-step,ablation,sdxl-train) picks runs.
 #   wait     waits until every run has finished or WAIT seconds (default 540) have passed, and says where each is
 #   collect  what the runs wrote (JSON, plots, text, logs) as OUT_DIR/runs.tar.gz
@@ -45,17 +46,22 @@ case $phase in
     gpu0=()
     wanted lora && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' lora --configs lowbit_compile,lowbit_streamed")
     wanted diffusers && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' diffusers")
-    wanted sdxl-step && gpu0+=("benchmarks/sdxl_gpu.sh '$keep/gpu0' step")
-    wanted checks && gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' checks")
+    wanted sdxl-step && gpu0+=("benchmarks/sdxl_gpu.sh '$keep/gpu0' step ${STEP_ARGS:-}")
+    # the compiled path's GPU tests: on GPU 1 after one-GPU training when that runs there, else on GPU 0
+    checks_on_gpu1=""
+    if wanted checks; then
+      if wanted sdxl-train && ! wanted ablation; then checks_on_gpu1="benchmarks/sd15_compiled_step_gpu.sh '$keep/train' checks;"
+      else gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' checks"); fi
+    fi
     if [ ${#gpu0[@]} -gt 0 ]; then
       joined=$(printf '%s; ' "${gpu0[@]}")
       setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null >> "$keep/gpu0.log" 2>&1 &
     fi
     if wanted sdxl-train; then
       # one GPU: on GPU 1 at once when the ablation does not hold it, else after the other runs; two GPUs: after them
-      first="benchmarks/sdxl_gpu.sh '$keep/train' train-1gpu;" second=train-2gpu
+      first="benchmarks/sdxl_gpu.sh '$keep/train' train-1gpu; $checks_on_gpu1" second=train-2gpu
       wanted ablation && first="" second=train
-      setsid bash -c "${first:+CUDA_VISIBLE_DEVICES=1 $first} while [ ! -e '$keep/gpu0.done' ] && [ -e '$keep/gpu0.log' ] || \
+      setsid bash -c "${first:+export CUDA_VISIBLE_DEVICES=1; $first unset CUDA_VISIBLE_DEVICES;} while [ ! -e '$keep/gpu0.done' ] && [ -e '$keep/gpu0.log' ] || \
         { [ ! -e '$keep/ablation.done' ] && [ -e '$keep/ablation.log' ]; }; do sleep 2; done; \
         benchmarks/sdxl_gpu.sh '$keep/train' $second; touch '$keep/train.done'" \
         < /dev/null >> "$keep/train.log" 2>&1 &
