@@ -18,7 +18,7 @@ build_decode_library
 if [ "$part" = step ]; then
   echo "== SDXL and SD-v1.5: UNet step and memory, 1.99 bits against FP16"
   (cd /tmp && python3 "$repo/benchmarks/sdxl_step_and_memory.py" --out "$out/sdxl_step_and_memory.json" "$@") 2>&1 \
-    | grep -v "Loading weights\|should be kept in float32" | tee "$out/sdxl_step_and_memory.txt"
+    | grep --line-buffered -v "Loading weights\|should be kept in float32" | tee "$out/sdxl_step_and_memory.txt"
 else
   steps=${STEPS:-12}
   # the model is written once, to a new name first: two halves started together never read it half-written

@@ -305,6 +305,17 @@ def _decode_quantized_weights(unet, layers: dict, device: str, decoder=None) -> 
     return len(packed)
 
 
+def vae_run_dtype(torch, dtype, upcast: bool, low_memory: bool, device: str):
+    """The VAE's dtype. SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers
+    runs it, except in low memory on a GPU with bfloat16, where it runs in bfloat16 (float32's range at half the bytes:
+    a 1024x1024 decode's float32 activations and weights would take the generation's peak past the UNet's)."""
+    if not upcast:
+        return dtype
+    if low_memory and device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class TorchBackend:
     name = "torch"
 
@@ -317,7 +328,7 @@ class TorchBackend:
         first generation after the prompt is encoded; its packed weights then stay on the GPU), and its CUDA graph,
         with the activations it holds, is let go whenever the text encoders or the VAE visit; the VAE decodes one
         image at a time in tiles of ``vae_tile_px`` pixels (diffusers' slicing and tiling: blended seams, not
-        bit-equal to one decode). Each step after a visit captures the UNet's graph again (not recompiled)."""
+        bit-equal to one decode), and a VAE that overflows in float16 runs in bfloat16 (``vae_run_dtype``). Each step after a visit captures the UNet's graph again (not recompiled)."""
         try:
             import torch
 
@@ -391,8 +402,7 @@ class TorchBackend:
         texts = text_encoder_graphs(pipe)
         self.text = texts["text_encoder"].eval().to(home, self.dtype)
         self.text_2 = texts["text_encoder_2"].eval().to(home, self.dtype) if "text_encoder_2" in texts else None
-        # SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers runs it
-        self.vae_dtype = torch.float32 if model.manifest.vae_upcast else self.dtype
+        self.vae_dtype = vae_run_dtype(torch, self.dtype, model.manifest.vae_upcast, low_memory, device)
         if low_memory:
             pipe.vae.enable_slicing()  # one image at a time, each in tiles
             pipe.vae.enable_tiling()
