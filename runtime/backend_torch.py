@@ -328,7 +328,8 @@ class TorchBackend:
         first generation after the prompt is encoded; its packed weights then stay on the GPU), and its CUDA graph,
         with the activations it holds, is let go whenever the text encoders or the VAE visit; the VAE decodes one
         image at a time in tiles of ``vae_tile_px`` pixels (diffusers' slicing and tiling: blended seams, not
-        bit-equal to one decode), and a VAE that overflows in float16 runs in bfloat16 (``vae_run_dtype``). Each step after a visit captures the UNet's graph again (not recompiled)."""
+        bit-equal to one decode), and a VAE that overflows in float16 runs in bfloat16 (``vae_run_dtype``). Each step
+        after a visit captures the UNet's graph again (not recompiled)."""
         try:
             import torch
 

@@ -39,7 +39,8 @@ LOW_MEMORY_OPTION = click.option(
     "--low-memory", is_flag=True,
     help="torch: less GPU memory: the text encoders and the VAE wait on the CPU and visit the GPU one at a time (in the "
          "first generation before the UNet is built), the UNet's CUDA graph and activations are let go while they visit, and "
-         "the VAE decodes one image at a time in 512-pixel tiles (seams blended, as diffusers' enable_tiling). Costs their "
+         "the VAE decodes one image at a time in 512-pixel tiles (seams blended, as diffusers' enable_tiling); a VAE that "
+         "overflows in float16 (SDXL's) decodes in bfloat16 instead of float32 where the GPU has it. Costs their "
          "copies to and from the GPU and a new capture of the UNet's graph on every generation.",
 )  # fmt: skip
 

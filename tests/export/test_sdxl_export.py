@@ -1,6 +1,7 @@
 """SDXL through export and the runtime: both text encoders, the UNet's added conditioning, every lowering, and
 images equal to diffusers' StableDiffusionXLPipeline on the same quantized model."""
 
+import copy
 import json
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, 
 
 def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
     """The torch backend runs the .bfq's packed layers with the added conditioning packed after the hidden states;
-    the same image as ONNX Runtime on the export. Low memory changes only the VAE's seams."""
+    the same image as ONNX Runtime on the export. Low memory changes only the VAE's seams (and on a GPU, an upcast VAE's precision)."""
     from bf.errors import BfError
     from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.backend_torch import TorchBackend
@@ -134,6 +135,24 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     assert np.array_equal(generate(exported, low, big).images[0].astype(np.float32) / 255, whole)  # all else as without it
     with pytest.raises(BfError, match="vae_tile_px=100: must be a multiple of 64"):
         TorchBackend(exported, device="cpu", low_memory=True, vae_tile_px=100)
+    # low memory on a GPU with bfloat16 decodes an upcast VAE (SDXL's) in bfloat16: the tiled image within a few 8-bit levels of float32's
+    latent = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32))
+    with torch.inference_mode():
+        f32 = low.vae(latent).numpy()
+        b16 = copy.deepcopy(low.vae).to(torch.bfloat16)(latent.to(torch.bfloat16)).float().numpy()
+    assert _psnr(b16, f32) >= 45 and 0 < np.abs(b16 - f32).max() < 12 / 255  # measured: 51.5 dB, at most 6.1 levels
+
+
+def test_an_upcast_vae_runs_in_bfloat16_only_in_low_memory_on_a_gpu_that_has_it(monkeypatch):
+    from bf.runtime.backend_torch import vae_run_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert vae_run_dtype(torch, torch.float16, True, True, "cuda") == torch.bfloat16
+    assert vae_run_dtype(torch, torch.float16, True, False, "cuda") == torch.float32  # as diffusers runs it
+    assert vae_run_dtype(torch, torch.float32, True, True, "cpu") == torch.float32
+    assert vae_run_dtype(torch, torch.float16, False, True, "cuda") == torch.float16  # SD-v1.5's VAE: the model's dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert vae_run_dtype(torch, torch.float16, True, True, "cuda") == torch.float32
 
 
 def test_sdxl_and_sd15_parts_are_not_mixed(sdxl_bfq, tiny_model, tiny_sdxl_model, tmp_path):
