@@ -28,6 +28,9 @@ from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
 from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_json
 from bf.native_size import far_from_native, nearest_multiple, size_rule
 
+# what each graph form makes of a quantized weight, for the export's log
+FORM_WORDS = {"custom": "LowBitDequant ops", "std": "decoded in standard integer operators", "qdq": "DequantizeLinear"}
+
 MANIFEST = "manifest.json"
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
 ENGINE_TARGETS = ("trt", "trt-rtx")
@@ -200,7 +203,8 @@ def export_model(
             deployed = lowered(form)
             files = save_graph(deployed, tmp / spec.file)
             onnx.checker.check_model(str(files[0]) if len(files) > 1 else deployed)  # past 2 GiB only a file can be checked
-            log(f"{spec.file}: {custom} dequant ops, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB ({time.time() - t0:.1f}s)")
+            size_mb = sum(f.stat().st_size for f in files) / 1e6
+            log(f"{spec.file}: {custom} quantized weights ({FORM_WORDS[form]}), {size_mb:.2f} MB ({time.time() - t0:.1f}s)")
             if req.check:
                 progress(f"checking {spec.name}")
                 with torch.no_grad():

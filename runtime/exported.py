@@ -53,9 +53,11 @@ class ExportedModel:
         m = self.manifest.scheduler
         if (name, steps) != (m.name, m.steps):
             bfq = self.manifest.model.source or "M.bfq"
+            # engines built from the custom-op graphs: the same weights form again
+            plugin = " --weights plugin" if self.manifest.target.startswith("trt") and self.manifest.graph_form == "custom" else ""
             raise BfError(
                 f"{self.root} was exported for {m.name} with {m.steps} steps, not {name} with {steps}; "
-                f"export again: bf export {bfq} --scheduler {name} --steps {steps} --out DIR"
+                f"export again: bf export {bfq} --target {self.manifest.target}{plugin} --scheduler {name} --steps {steps} --out DIR"
             )
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:

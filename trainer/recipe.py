@@ -68,7 +68,10 @@ def plan_from_recipe(recipe: dict, quantizable: dict[str, tuple[int, ...]], sour
     layers = recipe["layers"]
     unknown = sorted(set(layers) - set(quantizable))
     if unknown:
-        raise BfError(f"{source}: {len(unknown)} layer(s) not in this UNet, e.g. {unknown[0]}; was it made for another model?")
+        raise BfError(
+            f"{source}: {len(unknown)} layer(s) not in this UNet, e.g. {unknown[0]}; was it made for another model? "
+            "Make one for this UNet with bf analyze and bf allocate"
+        )
     missing = sorted(m for m in quantizable if m not in layers and m not in EDGE_LAYERS)
     if missing:
         raise BfError(f"{source}: no bit width for {len(missing)} layer(s) of this UNet, e.g. {missing[0]}")

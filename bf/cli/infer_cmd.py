@@ -63,8 +63,9 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     Without MODEL_DIR: the shipped 1.99-bit BitsFusion model, exported on first use.
 
     \b
-    No torch, diffusers or transformers are imported on the ort backend. The PNG carries the
-    prompt, negative prompt, seed, steps, cfg, scheduler and model hash in its metadata.
+    No torch, diffusers or transformers are imported on the ort backend.
+    The PNG carries the prompt, negative prompt, seed, steps, cfg,
+    scheduler and model hash in its metadata.
     """
     from bf.runtime.backend_options import open_backend
     from bf.runtime.exported import ExportedModel
@@ -97,14 +98,15 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
     checked_sampler(model, req)  # what the request asks of this export, refused before any backend loads
     if warning := model.size_warning(height, width):
         log(warning)
-    # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps.
+    runner = open_backend(backend, model, options, log=log)
+    # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps. Its clock starts once
+    # the backend is loaded, so its rate and time left are the sampling's.
     bar = progress_bar(total=None, desc="sampling", unit="UNet call")
 
     def progress(i: int, n: int) -> None:
         bar.total = n
         bar.update(1)
 
-    runner = open_backend(backend, model, options, log=log)
     result = generate(model, runner, req, progress)
     bar.close()
     if result.dropped_tokens:

@@ -187,7 +187,8 @@ def test_cli_bad_model_and_options(tiny_model, tmp_path):
     _one_line_error(run_bf("quantize", "--model", tiny_model, "--out", out), "exactly one of --bits")
     rpath = tmp_path / "r.json"
     rpath.write_text('{"format": "bf.recipe", "version": 1, "grid": "balanced", "layers": {"not_a_layer": 2}}')
-    _one_line_error(run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", out), "not in this UNet")
+    bad = run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", out)
+    _one_line_error(bad, "not in this UNet", "bf analyze and bf allocate")
     rpath.write_text("{broken")
     _one_line_error(run_bf("quantize", "--model", tiny_model, "--recipe", rpath, "--out", out), "not a readable recipe")
     assert not out.exists()

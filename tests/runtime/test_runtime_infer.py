@@ -104,7 +104,7 @@ def test_bad_input_gets_one_line(exported_std, tmp_path):
         (["infer", tmp_path, "--prompt", "x"], "no manifest.json"),
         (["infer", d, "--prompt", "  "], "--prompt is empty"),
         (["infer", d, "--prompt", "x", "--steps", "20"], "exported for pndm with 10 steps, not pndm with 20"),
-        (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "bf export"),
+        (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "--target onnx-std --scheduler ddim --steps 10 --out DIR"),
         (["infer", d, "--prompt", "x", "--height", "100"], "multiples of 64 (nearest: --height 128, --width 64)"),
         (["infer", d, "--prompt", "x", "--steps", "0"], "must be at least 1"),
     ]
