@@ -9,7 +9,9 @@
 #   diffusers  benchmarks/sd15_diffusers_unet_step.py: the UNet in diffusers, bitsfusion backend against FP16, then
 #            pytest -m gpu of the LoRA and diffusers paths
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
-# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers [the script's args]
+#   layers   benchmarks/sd15_layer_paths.py: every layer class of the step on each way to get its weight (decode into a
+#            buffer, into one reused buffer, im2col + matrix product, the fused kernel with --fused), L2-cold, against FP16
+# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
 mkdir -p "$out"
@@ -25,6 +27,10 @@ elif [ "$part" = lora ]; then
   echo "== SD-v1.5 UNet step: a rank-16 LoRA's cost"
   (cd /tmp && python3 "$repo/benchmarks/sd15_lora_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_lora_step.json" "$@") 2>&1 \
     | grep -v "Loading weights" | tee "$out/sd15_lora_step.txt"
+elif [ "$part" = layers ]; then
+  echo "== SD-v1.5's layers, each way to get a weight, L2-cold, against FP16"
+  (cd /tmp && python3 "$repo/benchmarks/sd15_layer_paths.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_layer_paths.json" "$@") 2>&1 \
+    | grep --line-buffered -v "Loading weights" | tee "$out/sd15_layer_paths.txt"
 elif [ "$part" = diffusers ]; then
   echo "== SD-v1.5 UNet in diffusers: bitsfusion backend against FP16"
   (cd /tmp && python3 "$repo/benchmarks/sd15_diffusers_unet_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_diffusers_unet_step.json" \
