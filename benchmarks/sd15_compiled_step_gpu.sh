@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compiled UNet step on a GPU machine with no internet, in two parts (each fits one call):
+# The compiled UNet step on a GPU machine with no internet, in parts (each fits one call):
 #   step     benchmarks/sd15_compiled_step.py: SD-v1.5 at 1.99 bits (streamed ring, compiled decode) against every
 #            FP16 configuration, with the kernel profile of the best of each
 #   checks   pytest -m gpu (the compiled low-bit layers and the torch backend, compiled included, against the
@@ -8,9 +8,9 @@
 #   lora     benchmarks/sd15_lora_step.py: a rank-16 LoRA on every attention projection, its cost to the step
 #   diffusers  benchmarks/sd15_diffusers_unet_step.py: the UNet in diffusers, bitsfusion backend against FP16, then
 #            pytest -m gpu of the LoRA and diffusers paths
-# Needs .whl/ for diffusers, peft and accelerate (carry it).
 #   layers   benchmarks/sd15_layer_paths.py: every layer class of the step on each way to get its weight (decode into a
 #            buffer, into one reused buffer, im2col + matrix product, the fused kernel with --fused), L2-cold, against FP16
+# Needs .whl/ for diffusers, peft and accelerate (carry it).
 # usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
