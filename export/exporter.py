@@ -29,7 +29,11 @@ from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_js
 from bf.native_size import far_from_native, nearest_multiple, size_rule
 
 # what each graph form makes of a quantized weight, for the export's log
-FORM_WORDS = {"custom": "LowBitDequant ops", "std": "decoded in standard integer operators", "qdq": "DequantizeLinear"}
+FORM_WORDS = {
+    "custom": "LowBitDequant ops",
+    "std": "decoded in standard integer operators",
+    "qdq": "DequantizeLinear; 8-bit balanced: stored dequantized",
+}
 
 MANIFEST = "manifest.json"
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
@@ -276,7 +280,7 @@ def _manifest(
         "hidden_size": comps.hidden_size,
         "pooled_size": comps.pooled_size,  # SDXL: text_embeds' width (0: none)
         "force_zeros_for_empty_prompt": bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False)),
-        "vae_upcast": bool(pipe.vae.config.get("force_upcast", False)),  # its fp16 overflows: engines and fp16 runs keep it fp32
+        "vae_upcast": bool(pipe.vae.config.get("force_upcast", False)),  # its fp16 overflows: engines keep it fp32
         "max_tokens": MAX_TOKENS,
         "graphs": graphs,
         "check": [c.to_json() for c in checks] if checks else None,

@@ -309,9 +309,9 @@ def vae_run_dtype(torch, dtype, upcast: bool, low_memory: bool, device: str):
     """The VAE's dtype. SDXL's VAE overflows in float16 (its config's force_upcast): it runs in float32, as diffusers
     runs it, except in low memory on a GPU with bfloat16, where it runs in bfloat16 (float32's range at half the bytes:
     a 1024x1024 decode's float32 activations and weights would take the generation's peak past the UNet's)."""
-    if not upcast:
+    if not upcast or dtype == torch.float32:
         return dtype
-    if low_memory and device == "cuda" and torch.cuda.is_bf16_supported():
+    if low_memory and device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 

@@ -11,6 +11,29 @@ from bf.errors import BfError
 from bf.format.export_manifest import ExportManifest, read_manifest
 from bf.native_size import check_size, far_from_native
 
+ENGINE_TARGETS = ("trt", "trt-rtx")
+
+
+def export_command(bfq: str, manifest: ExportManifest, scheduler: str, steps: int) -> str:
+    """The bf export command that makes this export again for ``scheduler`` and ``steps``: the settings it was made
+    with (target, size, engine options, LoRAs), as its manifest records them."""
+    s = manifest.raw.get("export_settings") or {}
+    args = ["bf export", str(bfq), "--target", manifest.target]
+    engines = manifest.target in ENGINE_TARGETS
+    for flag, key in (("--height", "height"), ("--width", "width")):
+        if s.get(key):
+            args += [flag, str(s[key])]
+    if engines:
+        weights = s.get("weights") or ("plugin" if manifest.graph_form == "custom" else None)
+        args += ["--weights", weights] if weights else []
+        args += ["--batch", str(s["batch"])] if s.get("batch", 2) != 2 else []
+        args += ["--fp32"] if s.get("precision") == "fp32" else []
+        args += ["--gpu-arch", ",".join(s["gpu_archs"])] if s.get("gpu_archs") else []
+        args += ["--plugin", str(s["plugin"])] if s.get("plugin") else []
+    for file, scale in s.get("loras") or ():
+        args += ["--lora", f"{file}:{scale:g}"]
+    return " ".join([*args, "--scheduler", scheduler, "--steps", str(steps), "--out DIR"])
+
 
 @dataclass
 class ExportedModel:
@@ -53,11 +76,9 @@ class ExportedModel:
         m = self.manifest.scheduler
         if (name, steps) != (m.name, m.steps):
             bfq = self.manifest.model.source or "M.bfq"
-            # engines built from the custom-op graphs: the same weights form again
-            plugin = " --weights plugin" if self.manifest.target.startswith("trt") and self.manifest.graph_form == "custom" else ""
             raise BfError(
                 f"{self.root} was exported for {m.name} with {m.steps} steps, not {name} with {steps}; "
-                f"export again: bf export {bfq} --target {self.manifest.target}{plugin} --scheduler {name} --steps {steps} --out DIR"
+                f"export again: {export_command(bfq, self.manifest, name, steps)}"
             )
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:

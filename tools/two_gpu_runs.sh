@@ -37,7 +37,6 @@ case $phase in
     rm -rf "$keep" && mkdir -p "$keep/gpu0" "$keep/ablation" "$keep/train"
     # every selected run's log exists before any run starts: the waiting below reads them as "selected"
     wanted ablation && : > "$keep/ablation.log"
-    { wanted lora || wanted diffusers || wanted sdxl-step || wanted checks; } && : > "$keep/gpu0.log"
     wanted sdxl-train && : > "$keep/train.log"
     if wanted ablation; then
       setsid bash -c "CUDA_VISIBLE_DEVICES=1 DEADLINE=100000 tools/ablation_gpu.sh run '$keep/ablation' '${STEPS:-150}'; \
@@ -54,6 +53,7 @@ case $phase in
       else gpu0+=("benchmarks/sd15_compiled_step_gpu.sh '$keep/gpu0' checks"); fi
     fi
     if [ ${#gpu0[@]} -gt 0 ]; then
+      : > "$keep/gpu0.log"  # before the training run below looks for it (nothing on GPU 0: no log, no wait)
       joined=$(printf '%s; ' "${gpu0[@]}")
       setsid bash -c "export CUDA_VISIBLE_DEVICES=0; $joined touch '$keep/gpu0.done'" < /dev/null >> "$keep/gpu0.log" 2>&1 &
     fi

@@ -100,7 +100,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         log(warning)
     runner = open_backend(backend, model, options, log=log)
     # PNDM makes one UNet call more than its steps (51 for 50): the bar counts calls, not steps. Its clock starts once
-    # the backend is loaded, so its rate and time left are the sampling's.
+    # the backend is loaded (a UNet built or compiled at its first step still counts towards that step).
     bar = progress_bar(total=None, desc="sampling", unit="UNet call")
 
     def progress(i: int, n: int) -> None:

@@ -61,7 +61,7 @@ class ExportManifest:
     family: str = "sd15"  # sdxl: a second text encoder, the pooled prompt and micro-conditioning into the UNet
     pooled_size: int = 0
     force_zeros_for_empty_prompt: bool = False  # an empty negative prompt is fed as zeros (SDXL base)
-    vae_upcast: bool = False  # the VAE overflows in float16: run in float32
+    vae_upcast: bool = False  # the VAE overflows in float16: run in float32 (or bfloat16)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # every field, as written
 
     @classmethod

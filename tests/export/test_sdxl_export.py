@@ -143,15 +143,40 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     assert _psnr(b16, f32) >= 45 and 0 < np.abs(b16 - f32).max() < 12 / 255  # measured: 51.5 dB, at most 6.1 levels
 
 
+@pytest.mark.gpu
+def test_sdxl_low_memory_on_the_gpu_decodes_in_bfloat16_and_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from bf.runtime.backend_ort import OrtBackend
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.exported import ExportedModel
+    from bf.runtime.generation import GenerationRequest, generate
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    r = run_bf("export", sdxl_bfq, "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    exported = ExportedModel.open(tmp_path / "e")
+    req = GenerationRequest(PROMPT, steps=4, seed=7)
+    ort = generate(exported, OrtBackend(exported), req).images[0].astype(np.float32) / 255
+    backend = TorchBackend(exported, low_memory=True)
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert backend.vae_dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert {p.dtype for p in backend.vae.parameters()} == {backend.vae_dtype}
+    image = generate(exported, backend, req).images[0].astype(np.float32) / 255
+    assert _psnr(image, ort) >= 30  # fp16 UNet, bfloat16 VAE, against float32 throughout
+
+
 def test_an_upcast_vae_runs_in_bfloat16_only_in_low_memory_on_a_gpu_that_has_it(monkeypatch):
     from bf.runtime.backend_torch import vae_run_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert vae_run_dtype(torch, torch.float16, True, True, "cuda") == torch.bfloat16
     assert vae_run_dtype(torch, torch.float16, True, False, "cuda") == torch.float32  # as diffusers runs it
     assert vae_run_dtype(torch, torch.float32, True, True, "cpu") == torch.float32
     assert vae_run_dtype(torch, torch.float16, False, True, "cuda") == torch.float16  # SD-v1.5's VAE: the model's dtype
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert vae_run_dtype(torch, torch.float32, True, True, "cuda") == torch.float32  # a float32 run stays float32
+    # bfloat16 only where the GPU computes it (not emulated, as on GPUs before Ampere)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert vae_run_dtype(torch, torch.float16, True, True, "cuda") == torch.float32
 
 

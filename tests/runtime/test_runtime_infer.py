@@ -98,13 +98,33 @@ def test_the_ort_path_imports_no_torch(exported_std):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_export_command_to_rerun_keeps_the_exports_settings():
+    from types import SimpleNamespace
+
+    from bf.runtime.exported import export_command
+
+    engines = {"target": "trt-rtx", "height": 768, "width": None, "batch": 4, "precision": "fp32", "weights": "plugin",
+               "gpu_archs": ["86", "120"], "plugin": "/p/lib.so", "loras": [["/l/a.safetensors", 0.5]]}  # fmt: skip
+    m = SimpleNamespace(target="trt-rtx", graph_form="custom", raw={"export_settings": engines})
+    assert export_command("m.bfq", m, "ddim", 20) == (
+        "bf export m.bfq --target trt-rtx --height 768 --weights plugin --batch 4 --fp32 --gpu-arch 86,120 --plugin /p/lib.so "
+        "--lora /l/a.safetensors:0.5 --scheduler ddim --steps 20 --out DIR"
+    )
+    older = SimpleNamespace(target="trt", graph_form="custom", raw={})  # a manifest without its settings: the graph form tells
+    expected = "bf export m.bfq --target trt --weights plugin --scheduler pndm --steps 50 --out DIR"
+    assert export_command("m.bfq", older, "pndm", 50) == expected
+    onnx = SimpleNamespace(target="onnx-qdq", graph_form="qdq", raw={"export_settings": {**engines, "target": "onnx-qdq", "loras": []}})
+    expected = "bf export m.bfq --target onnx-qdq --height 768 --scheduler pndm --steps 50 --out DIR"
+    assert export_command("m.bfq", onnx, "pndm", 50) == expected
+
+
 def test_bad_input_gets_one_line(exported_std, tmp_path):
     d = exported_std / "onnx"
     cases = [
         (["infer", tmp_path, "--prompt", "x"], "no manifest.json"),
         (["infer", d, "--prompt", "  "], "--prompt is empty"),
         (["infer", d, "--prompt", "x", "--steps", "20"], "exported for pndm with 10 steps, not pndm with 20"),
-        (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "--target onnx-std --scheduler ddim --steps 10 --out DIR"),
+        (["infer", d, "--prompt", "x", "--scheduler", "ddim"], "onnx-std --height 64 --width 64 --scheduler ddim --steps 10 --out DIR"),
         (["infer", d, "--prompt", "x", "--height", "100"], "multiples of 64 (nearest: --height 128, --width 64)"),
         (["infer", d, "--prompt", "x", "--steps", "0"], "must be at least 1"),
     ]
