@@ -19,7 +19,9 @@ SDXL 1024x1024), batch 2 (one image with classifier-free guidance), fp16. For ea
   compiled, codes resident); then the UNet's CUDA graph and its activations are released, its weights kept, and the
   VAE decodes in 512x512 tiles (diffusers' enable_tiling with 512-pixel tiles; SDXL's VAE in bfloat16, as low
   memory runs it: it overflows in float16). Peak allocated over the whole run, and by phase. cuDNN's autotuner is
-  off here, as in bf infer: its trial workspaces would count towards the peak.
+  off here, as in bf infer: its trial workspaces would count towards the peak. After the step configurations (without
+  --generation-only) the UNet's convolutions may reuse the plans they autotuned: --generation-only measures the
+  generations as a fresh process runs them.
 
     python benchmarks/sdxl_step_and_memory.py [--archs sd15,sdxl] [--out results/sdxl_step_and_memory.json]
     python benchmarks/sdxl_step_and_memory.py --generation-only   # the generations' memory alone
