@@ -42,7 +42,7 @@ def artifact_sizes(model: ExportedModel) -> dict:
         "graph_bytes": files,
         "engine_bytes": engines or None,
         "unet_deployed_bytes": engines.get("unet") or files["unet"],
-        "unet_deployed_as": "TensorRT engine" if engines.get("unet") else f"ONNX ({m.raw.get('graph_dtype', 'float32')})",
+        "unet_deployed_as": "TensorRT engine" if engines.get("unet") else f"ONNX file ({m.raw.get('graph_dtype', 'float32')} graph)",
     }
 
 
