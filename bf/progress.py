@@ -2,7 +2,9 @@
 
 On a terminal: a tqdm bar. Anywhere else (a log file, CI, a pipe) a bar prints nothing useful,
 so a line is written every few seconds instead: count, total, rate and time left, and a last
-line when the work ends. ``BF_PROGRESS_SECONDS`` sets the interval (default 5).
+line when the work ends. The rate counts from the first item done: the first item's time often holds
+a one-off start (a model loaded, a kernel compiled), which would make every later estimate too long.
+``BF_PROGRESS_SECONDS`` sets the interval (default 5).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class LogProgress:
         self.n, self.start_n, self.postfix = initial, initial, ""
         self.file = file or sys.stderr
         self.t0 = self.last = time.monotonic()
+        self.first = None  # (time, count) at the first item done
         self.closed = False
 
     def __iter__(self):
@@ -47,6 +50,8 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
+        if self.first is None and self.n > self.start_n:
+            self.first = (now, self.n)
         if now - self.last >= INTERVAL_S:
             self.last = now
             self._line(now)
@@ -64,6 +69,8 @@ class LogProgress:
     def _line(self, now: float, done: bool = False) -> None:
         elapsed = now - self.t0
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        if self.first is not None and self.n > self.first[1] and now > self.first[0]:
+            rate = (self.n - self.first[1]) / (now - self.first[0])
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         units = f" {self.unit}{'' if self.unit.endswith('s') else 's'}" if self.unit else ""  # tqdm's "it" reads as nothing here
         parts = [f"{self.desc}: {count}{units}", f"{rate:.3g}/s"]

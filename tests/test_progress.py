@@ -22,6 +22,20 @@ def test_log_progress_writes_count_rate_and_time_left(monkeypatch):
     assert lines[2].startswith("sampling: 2/4 UNet calls, ") and "done in 0:00" in lines[2]
 
 
+def test_the_rate_and_time_left_leave_out_a_slow_first_item(monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    clock = iter([0.0, 100.0, 101.0, 102.0])  # the first item takes 100 s (a model loaded), the next ones 1 s each
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    bar = LogProgress(desc="eval", total=10, unit="img", file=out)
+    bar.update(1)
+    bar.update(1)
+    bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert "about 15:00 left" in lines[0]  # one item: the only rate there is, 1 per 100 s
+    assert lines[2] == "eval: 3/10 imgs, 1/s, elapsed 1:42, about 0:07 left"  # not 3 per 102 s: 3:58 left
+
+
 def test_lines_are_spaced_by_the_interval_and_iterables_are_counted(monkeypatch):
     monkeypatch.setattr(progress, "INTERVAL_S", 3600.0)
     out = io.StringIO()
