@@ -120,7 +120,7 @@ class LayerClass:
         self.bias = torch.randn(out_ch, generator=gen).to(device, dtype)
         x = torch.randn(cls["input"], generator=gen).to(device, dtype)
         self.x = x.contiguous(memory_format=torch.channels_last) if self.conv else x
-        self.levels, self.codes = grid.levels, codes.to(device)
+        self.levels, self.codes = grid.levels, codes  # (on the CPU: only the fused kernel's layout needs them)
 
     def decode(self, packed, out):
         if self.device == "cuda":
@@ -163,7 +163,8 @@ class LayerClass:
         module = torch.nn.Conv2d(w[1], w[0], w[2], self.cls["stride"], self.cls["padding"]) if self.conv else torch.nn.Linear(w[1], w[0])
         if fusable(module, self.levels) is not None:
             return {}
-        fws = [fused_weight(self.codes, self.scale, module, self.levels) for _ in range(self.copies)]
+        codes = self.codes.to(self.device)
+        fws = [fused_weight(codes, self.scale, module, self.levels) for _ in range(self.copies)]
         return {f"fused {c.name}": (lambda c=c: [lowbit_forward(self.x, fw, c, self.bias) for fw in fws]) for c in CONFIGS}
 
 
