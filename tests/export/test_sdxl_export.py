@@ -97,12 +97,9 @@ def test_sdxl_exports_in_every_lowering_and_matches_diffusers(sdxl_bfq, target, 
         assert np.abs(micro - ours).max() > 0.02
 
 
-def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
-    """The torch backend runs the .bfq's packed layers with the added conditioning packed after the hidden states;
-    the same image as ONNX Runtime on the export. Low memory changes only the VAE's seams (and on a GPU, an upcast VAE's precision)."""
-    from bf.errors import BfError
+def _onnx_std_export_and_ort_image(sdxl_bfq, tmp_path, native_build, monkeypatch):
+    """The torch-backend tests' export (onnx-std, 4 steps), their request, and ONNX Runtime's image for it in [0, 1]."""
     from bf.runtime.backend_ort import OrtBackend
-    from bf.runtime.backend_torch import TorchBackend
     from bf.runtime.exported import ExportedModel
     from bf.runtime.generation import GenerationRequest, generate
 
@@ -111,7 +108,17 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
     assert r.returncode == 0, r.stderr
     exported = ExportedModel.open(tmp_path / "e")
     req = GenerationRequest(PROMPT, steps=4, seed=7)
-    ort = generate(exported, OrtBackend(exported), req).images[0].astype(np.float32) / 255
+    return exported, req, generate(exported, OrtBackend(exported), req).images[0].astype(np.float32) / 255
+
+
+def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
+    """The torch backend runs the .bfq's packed layers with the added conditioning packed after the hidden states;
+    the same image as ONNX Runtime on the export. Low memory changes only the VAE's seams (and on a GPU, an upcast VAE's precision)."""
+    from bf.errors import BfError
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.generation import GenerationRequest, generate
+
+    exported, req, ort = _onnx_std_export_and_ort_image(sdxl_bfq, tmp_path, native_build, monkeypatch)
     # the compiled step's weights decode on the CPU too (eager here: inductor is the GPU tests')
     backend = TorchBackend(exported, device="cpu", dtype="float32", compile=True, cuda_graph=False, channels_last=False)
     backend.torch_unet.step = backend.torch_unet.eager_step
@@ -147,17 +154,10 @@ def test_sdxl_torch_backend_matches_the_onnx_export(sdxl_bfq, tmp_path, native_b
 def test_sdxl_low_memory_on_the_gpu_decodes_in_bfloat16_and_matches_the_onnx_export(sdxl_bfq, tmp_path, native_build, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from bf.runtime.backend_ort import OrtBackend
     from bf.runtime.backend_torch import TorchBackend
-    from bf.runtime.exported import ExportedModel
-    from bf.runtime.generation import GenerationRequest, generate
+    from bf.runtime.generation import generate
 
-    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
-    r = run_bf("export", sdxl_bfq, "--target", "onnx-std", "--steps", "4", "--out", tmp_path / "e")
-    assert r.returncode == 0, r.stderr
-    exported = ExportedModel.open(tmp_path / "e")
-    req = GenerationRequest(PROMPT, steps=4, seed=7)
-    ort = generate(exported, OrtBackend(exported), req).images[0].astype(np.float32) / 255
+    exported, req, ort = _onnx_std_export_and_ort_image(sdxl_bfq, tmp_path, native_build, monkeypatch)
     backend = TorchBackend(exported, low_memory=True)
     bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     assert backend.vae_dtype == (torch.bfloat16 if bf16 else torch.float32)
