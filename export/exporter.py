@@ -25,7 +25,7 @@ from bf.export.qdq_lowering import lower_graph_qdq, qdq_nodes
 from bf.export.sizes import unet_breakdown
 from bf.format import Checkpoint
 from bf.format.dequant_op import DOMAIN, OP_TYPE, OP_VERSION, PLUGIN_NAMESPACE
-from bf.format.export_manifest import EXPORT_FORMAT, EXPORT_VERSION, manifest_json
+from bf.format.export_manifest import ENGINE_TARGETS, EXPORT_FORMAT, EXPORT_VERSION, TARGETS, manifest_json
 from bf.native_size import far_from_native, nearest_multiple, size_rule
 
 # what each graph form makes of a quantized weight, for the export's log
@@ -36,8 +36,6 @@ FORM_WORDS = {
 }
 
 MANIFEST = "manifest.json"
-TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
-ENGINE_TARGETS = ("trt", "trt-rtx")
 PRECISIONS = ("fp32", "fp16")
 WEIGHTS = ("plugin", "qdq")  # how an engine target's graphs carry the quantized weights
 # The graph form each target writes: custom LowBitDequant ops, standard decode ops, or DequantizeLinear.

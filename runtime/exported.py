@@ -8,10 +8,8 @@ from functools import cached_property
 from pathlib import Path
 
 from bf.errors import BfError
-from bf.format.export_manifest import ExportManifest, read_manifest
+from bf.format.export_manifest import ENGINE_TARGETS, ExportManifest, read_manifest
 from bf.native_size import check_size, far_from_native
-
-ENGINE_TARGETS = ("trt", "trt-rtx")
 
 
 def export_command(bfq: str, manifest: ExportManifest, scheduler: str, steps: int) -> str:

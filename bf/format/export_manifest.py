@@ -17,6 +17,7 @@ EXPORT_FORMAT, EXPORT_VERSION = "bf.export", 1
 GRAPHS = ("text_encoder", "unet", "vae_decoder")
 FAMILY_GRAPHS = {"sd15": GRAPHS, "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_decoder")}
 TARGETS = ("onnx", "onnx-std", "onnx-qdq", "trt", "trt-rtx")
+ENGINE_TARGETS = ("trt", "trt-rtx")  # the targets that build TensorRT engines
 GRAPH_FORMS = ("custom", "std", "qdq")
 
 
