@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from bf.cli.cached_exports import baseline_export, bench_target
-from bf.cli.checks import check_gpu_backend, check_outputs, parse_batch_sizes
+from bf.cli.checks import check_gpu_backend, check_outputs, check_torch_options, parse_batch_sizes
 from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, LOW_MEMORY_OPTION, backend_options
 from bf.cli.output import log, progress_bar, write_json
 from bf.errors import BfError
@@ -67,12 +67,7 @@ def command(target, backend, baseline, height, width, batch_text, steps, runs, w
         raise BfError(f"--fp16-configs {unknown[0]!r}: choose from {', '.join(FP16_CONFIGS)}")
     if backend == "torch" and baseline == "fp16" and not fp16_configs:
         raise BfError("--fp16-configs is empty; name at least one, or pass --baseline none")
-    if compile_step and backend != "torch":
-        raise BfError(f"--compile applies to --backend torch, not {backend}")
-    if compile_step and fused not in (None, "off"):
-        raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
-    if low_memory and backend != "torch":
-        raise BfError(f"--low-memory applies to --backend torch, not {backend}")
+    check_torch_options(backend, compile_step, fused, low_memory)
     check_outputs(json_out=json_out, plot=plot)
     check_gpu_backend(backend)
     model = ExportedModel.open(bench_target(target, backend))

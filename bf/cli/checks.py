@@ -65,6 +65,16 @@ def check_png_out(out: Path) -> None:
     check_writable_file(out)
 
 
+def check_torch_options(backend: str, compile_step: bool, fused: str | None, low_memory: bool) -> None:
+    """bf infer's and bf bench's options of the torch backend alone, against --backend and each other."""
+    if compile_step and backend != "torch":
+        raise BfError(f"--compile applies to --backend torch, not {backend}")
+    if compile_step and fused not in (None, "off"):
+        raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
+    if low_memory and backend != "torch":
+        raise BfError(f"--low-memory applies to --backend torch, not {backend}")
+
+
 def check_gpu_backend(backend: str) -> None:
     """Before any export or load: the GPU backends need a visible CUDA GPU."""
     from bf.runtime.cuda_runtime import gpu_count

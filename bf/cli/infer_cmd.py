@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from bf.cli.cached_exports import check_shipped_size, shipped_export
-from bf.cli.checks import check_gpu_backend, check_png_out, parse_lora_args
+from bf.cli.checks import check_gpu_backend, check_png_out, check_torch_options, parse_lora_args
 from bf.cli.options import COMPILE_OPTION, FUSED_OPTION, KEEP_DECODED_OPTION, LOW_MEMORY_OPTION, RUNTIME_LORA_OPTION, backend_options
 from bf.cli.output import log, progress_bar
 from bf.errors import BfError
@@ -76,12 +76,7 @@ def command(model_dir, prompt, negative_prompt, steps, cfg, seed, scheduler, hei
         raise BfError("--prompt is empty; say what to draw")
     if steps is not None and steps < 1:  # before the shipped model is exported for it
         raise BfError(f"--steps {steps}: must be at least 1")
-    if compile_step and backend != "torch":
-        raise BfError(f"--compile applies to --backend torch, not {backend}")
-    if compile_step and fused not in (None, "off"):
-        raise BfError(f"--fused {fused} runs on the streamed ring, which a --compile step replaces: give one of them")
-    if low_memory and backend != "torch":
-        raise BfError(f"--low-memory applies to --backend torch, not {backend}")
+    check_torch_options(backend, compile_step, fused, low_memory)
     if loras and backend != "torch":
         raise BfError(f"--lora runs on --backend torch; the {backend} backend runs the exported graph: put the LoRA into it "
                       "with bf export --lora")  # fmt: skip
