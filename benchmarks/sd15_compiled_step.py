@@ -19,7 +19,9 @@ is against the fastest FP16 configuration of the run:
                              --keep MB kept decoded as FP16 weights (default mode, in the step's stream)
   lowbit compile_graph_cl_aheadN  the same, each block's weights decoded ahead on a side stream into N
                              persistent slots (bf::lowbit_decode_ahead) while the blocks before compute,
-                             for each N of --ahead (with --decode-blocks B: each launch's grid capped at B)
+                             for each N of --ahead; the step captured at the runtime's priority, above the
+                             decode stream's (--compute-priority: others), --decode-blocks B: each launch's
+                             grid capped at B, --ahead-keep MB: that much of the smallest weights kept decoded
 
 Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
@@ -86,12 +88,13 @@ def build_step(eager_step, mode: str, options: dict | None = None):
     return step
 
 
-def graphed_step(eager_step, mode: str, options: dict | None = None):
-    """The compiled step replayed from CUDA graphs: torch's (reduce-overhead) or the backend's own (default)."""
+def graphed_step(eager_step, mode: str, options: dict | None = None, priority: int = 0):
+    """The compiled step replayed from CUDA graphs: torch's (reduce-overhead) or the backend's own (default), the
+    latter captured on a stream of CUDA priority ``priority``."""
     from bf.runtime.torch_graph import GraphedCall
 
     step = build_step(eager_step, mode, options)
-    return step if mode == "reduce-overhead" else GraphedCall(step)
+    return step if mode == "reduce-overhead" else GraphedCall(step, priority=priority)
 
 
 def warm_up(step, inputs) -> float:
@@ -133,6 +136,17 @@ def profile(step, inputs) -> dict:
     }
 
 
+def _smallest_within(sizes: dict, budget: int) -> set:
+    """Keys of the smallest items (key -> element count) whose elements add up to at most ``budget``."""
+    keep, used = set(), 0
+    for key in sorted(sizes, key=lambda k: sizes[k]):
+        if used + sizes[key] > budget:
+            break
+        keep.add(key)
+        used += sizes[key]
+    return keep
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
@@ -149,13 +163,27 @@ def main() -> None:
                     help="compiled: slot counts to decode ahead into, a configuration each")  # fmt: skip
     ap.add_argument("--decode-blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                     help="compiled, decoding ahead into the first --ahead slots: grid caps of the decode launches")  # fmt: skip
+    ap.add_argument("--ahead-keep", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                    help="compiled, decoding ahead into the first --ahead slots: MB of the smallest weights kept decoded "
+                         "(their blocks' decodes, launches mostly, leave the step), a configuration each")  # fmt: skip
+    ap.add_argument("--compute-priority", type=lambda t: [int(x) for x in t.split(",") if x], default=[-5],
+                    help="compiled, decoding ahead: CUDA priorities of the step's own stream, a configuration each (the "
+                         "decode stream's is 0, the lowest; the runtime captures at -5, the highest: the step's kernels "
+                         "are scheduled before the decode's)")  # fmt: skip
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
 
     from bf.decode_kernels import load
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
-    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead, decode_launches, packed_bytes
+    from bf.runtime.compiled_weights import (
+        AHEAD_COMPILE_OPTIONS,
+        STEP_PRIORITY,
+        compile_weights,
+        decode_ahead,
+        decode_launches,
+        packed_bytes,
+    )
     from bf.runtime.streamed_weights import largest_within
 
     lib = load(args.lib)
@@ -255,17 +283,20 @@ def main() -> None:
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
-    # (keep MB, compile mode, slots decoded ahead into (0: in the step's stream), decode grid cap)
-    points = [(0, mode, 0, 0) for mode, _ in modes] + [(0, "default", n, 0) for n in args.ahead]
-    points += [(0, "default", args.ahead[0], b) for b in args.decode_blocks if args.ahead]
-    points += [(keep, "default", 0, 0) for keep in keeps[1:]]
-    for keep, mode, ahead, blocks in points:
+    # (keep MB, compile mode, slots decoded ahead into (0: in the step's stream), decode grid cap, the step's priority)
+    points = [(0, mode, 0, 0, 0) for mode, _ in modes] + [(0, "default", n, 0, p) for n in args.ahead for p in args.compute_priority]
+    points += [(0, "default", args.ahead[0], b, STEP_PRIORITY) for b in args.decode_blocks if args.ahead]
+    points += [(keep, "default", 0, 0, 0) for keep in keeps[1:]]
+    points += [(-keep, "default", args.ahead[0], 0, STEP_PRIORITY) for keep in args.ahead_keep if args.ahead]  # < 0: the smallest
+    for keep, mode, ahead, blocks, priority in points:
         label = dict(modes)[mode]
-        name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "") + (
-            f"_keep{keep}MB" if keep else "")  # fmt: skip
+        name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
+        name += f"_keep{keep}MB" if keep > 0 else f"_keepsmallest{-keep}MB" if keep else ""
+        name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
-        kept = largest_within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
+        sizes = {n: p.numel for n, p in packed.items()}
+        kept = (largest_within if keep > 0 else _smallest_within)(sizes, abs(keep) * 2**20 // 2)  # fp16 elements
         if kept:
             from bf.runtime.backend_torch import _decode_quantized_weights
 
@@ -279,10 +310,12 @@ def main() -> None:
             slot_bytes = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead, max_blocks=blocks)
         clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
         options = AHEAD_COMPILE_OPTIONS if ahead else None
-        step = graphed_step(model.eager_step, mode, options)
+        step = graphed_step(model.eager_step, mode, options, priority if ahead else 0)
         with torch.inference_mode():
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
-                     "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks}  # fmt: skip
+                     "kept": "largest" if keep > 0 else "smallest",
+                     "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks,
+                     "step_stream_priority": priority}  # fmt: skip
             if keep == 0 and ahead == 0 and mode == "reduce-overhead" and not args.quick:
                 torch._dynamo.reset()
                 step = graphed_step(model.eager_step, mode)

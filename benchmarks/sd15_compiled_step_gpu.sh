@@ -8,10 +8,11 @@
 #   lora     benchmarks/sd15_lora_step.py: a rank-16 LoRA on every attention projection, its cost to the step
 #   diffusers  benchmarks/sd15_diffusers_unet_step.py: the UNet in diffusers, bitsfusion backend against FP16, then
 #            pytest -m gpu of the LoRA and diffusers paths
+#   reuse    benchmarks/sd15_ahead_buffer_reuse.py: decoding ahead, compiled with inductor's buffer reuse and without
 #   layers   benchmarks/sd15_layer_paths.py: every layer class of the step on each way to get its weight (decode into a
 #            buffer, into one reused buffer, im2col + matrix product, the fused kernel with --fused), L2-cold, against FP16
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
-# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers [the script's args]
+# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers|reuse [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
 mkdir -p "$out"
@@ -31,6 +32,10 @@ elif [ "$part" = layers ]; then
   echo "== SD-v1.5's layers, each way to get a weight, L2-cold, against FP16"
   (cd /tmp && python3 "$repo/benchmarks/sd15_layer_paths.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_layer_paths.json" "$@") 2>&1 \
     | grep --line-buffered -v "Loading weights" | tee "$out/sd15_layer_paths.txt"
+elif [ "$part" = reuse ]; then
+  echo "== SD-v1.5 decoding ahead: inductor's buffer reuse on and off"
+  (cd /tmp && python3 "$repo/benchmarks/sd15_ahead_buffer_reuse.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_ahead_buffer_reuse.json" "$@") 2>&1 \
+    | grep --line-buffered -v "Loading weights" | tee "$out/sd15_ahead_buffer_reuse.txt"
 elif [ "$part" = diffusers ]; then
   echo "== SD-v1.5 UNet in diffusers: bitsfusion backend against FP16"
   (cd /tmp && python3 "$repo/benchmarks/sd15_diffusers_unet_step.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_diffusers_unet_step.json" \

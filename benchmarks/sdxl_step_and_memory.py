@@ -147,7 +147,7 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
     from sd15_unet_step import random_packed
 
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
-    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead, packed_bytes
+    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, STEP_PRIORITY, compile_weights, decode_ahead, packed_bytes
 
     timesteps = torch.arange(980, -1, -20)
     inputs, (hidden, eager_kw) = unet_inputs(arch, master, size, batch, b)
@@ -198,7 +198,7 @@ def unet_configs(arch_name: str, arch, master, shapes, bits, size: int, batch: i
                                                log=lambda msg: print(f"{arch_name} {name}: {msg}", flush=True))  # fmt: skip
         b.clean()  # the FP16 weights the compiled layers replaced are gone
         if b.cuda:
-            step = graphed_step(model.eager_step, "default", AHEAD_COMPILE_OPTIONS if ahead else None)
+            step = graphed_step(model.eager_step, "default", AHEAD_COMPILE_OPTIONS if ahead else None, STEP_PRIORITY if ahead else 0)
             with torch.inference_mode():
                 extra["warmup_s"] = warm_up(step, inputs)
         else:

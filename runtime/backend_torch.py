@@ -20,9 +20,9 @@ SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. T
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
 decoded inside the compiled step by custom ops (bf.runtime.compiled_weights), one launch per UNet
 block, instead of the ring: in the step's stream, just before each block (the default: on SD-v1.5 it
-is 0.1-0.2 ms slower than decoding ahead, at the lowest peak memory), or ahead, on a side stream, into
-``ahead_slots`` persistent slots while the blocks before compute; decoded and fp weights are compiled
-as they are.
+is 0.15-0.22 ms slower than decoding ahead, at the lowest peak memory), or ahead, on a side stream, into
+``ahead_slots`` persistent slots while the blocks before compute, the step's graph captured above the
+decode stream's priority; decoded and fp weights are compiled as they are.
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -169,7 +169,9 @@ class TorchUNet:
 
             options = AHEAD_COMPILE_OPTIONS if self.slot_bytes else None
             step = _logged_first_calls(torch.compile(step, fullgraph=True, options=options), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-        self.step = GraphedCall(step) if cuda_graph else step
+        from bf.runtime.compiled_weights import STEP_PRIORITY
+
+        self.step = GraphedCall(step, priority=STEP_PRIORITY if self.slot_bytes else 0) if cuda_graph else step
 
     def release_graphs(self) -> None:
         """Let go of the step's CUDA graphs and the memory pool their activations live in (the next step captures

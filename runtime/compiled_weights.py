@@ -21,9 +21,12 @@ Where the decode runs:
 
 Decoding ahead, a block's op takes a view of the block's input, which is computed from the previous
 block's output: the compiler then issues it after every read of the previous block's weights, whose
-slot the decode it starts overwrites. Its output is a view of a persistent slot that inductor takes
-for a buffer of its own, so a step that decodes ahead is compiled with ``AHEAD_COMPILE_OPTIONS``:
-no buffer of inductor's plan may take over that memory.
+slot the decode it starts overwrites. The op says it writes the block's slot, a tensor of the model's:
+the compiler orders the block's reads of its weights after it, and its own buffers (which it reuses
+freely) never take over a slot. A step that decodes ahead is compiled with ``AHEAD_COMPILE_OPTIONS``
+(inductor's buffer reuse off: on SD-v1.5 its peak is 0.50 GB instead of 0.63 GB at the same speed) and
+captured at ``STEP_PRIORITY``, above the decode stream's: where a block and a decode contend for the GPU,
+the block's kernels are scheduled first.
 
 The weights are the decode kernels' output bit for bit (the ops run the same kernel as the other
 modes), so the compiled step differs from an eager step with the same decoded weights only where
@@ -110,6 +113,15 @@ def _(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: 
     return codes[0].new_empty(_GROUPS[group][2], dtype=dtype)
 
 
+# Inductor's options for a step that decodes ahead. Its plan reusing buffers (by default) raised SD-v1.5's peak by
+# 0.13 GB with the slots held beside it, at the same step time (results/sd15_ahead_buffer_reuse.json).
+AHEAD_COMPILE_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+
+# The CUDA priority a step that decodes ahead is captured at (PyTorch maps it to the highest the GPU has); the decode
+# stream stays at 0, the lowest. PyTorch's graphs keep each kernel's captured priority.
+STEP_PRIORITY = -5
+
+
 class _Schedule:
     """Decoding ahead: a model's groups in the order its forward calls them, the slots they decode into (group i
     into slot i % slots), the side stream, and the event of each group's pending decode."""
@@ -144,19 +156,17 @@ class _Schedule:
 _SCHEDULES: weakref.WeakValueDictionary[int, _Schedule] = weakref.WeakValueDictionary()
 _SCHEDULE_IDS = itertools.count()
 
-# Inductor options of a step that decodes ahead: its plan never reuses a buffer (in place or after it dies), since
-# the ops' outputs are views of the slots.
-AHEAD_COMPILE_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
-
-@torch.library.custom_op("bf::lowbit_decode_ahead", mutates_args=(), tags=(torch.Tag.flexible_layout,))
-def lowbit_decode_ahead(after: torch.Tensor, schedule: int, index: int) -> torch.Tensor:
+@torch.library.custom_op("bf::lowbit_decode_ahead", mutates_args=("slot",))
+def lowbit_decode_ahead(slot: torch.Tensor, after: torch.Tensor, schedule: int, index: int) -> None:
     """Group ``index`` of schedule ``schedule``: start the decode due now (the first group starts one per slot,
-    each later group the one ``slots - 1`` ahead, into the slot the previous group has just used), wait for this
-    group's decode, and return its weights, a view of its slot.
+    each later group the one ``slots - 1`` ahead, into the slot the previous group has just used), then wait for
+    this group's decode into ``slot``, its slot.
 
+    The op says it writes ``slot``: the compiler then orders every read of the group's weights (views of the slot)
+    after it, and the slots stay tensors of the model's, never buffers of the compiler's plan that it could reuse.
     ``after`` is the group's input, computed from the previous group's output: taking it makes the compiler issue
-    this op after every read of the previous group's weights, which the decode started here overwrites."""
+    this op after every read of the previous group's weights, whose slot the decode started here overwrites."""
     s = _SCHEDULES[schedule]
     if index not in (s.next, 0):  # the first block starts a step anew, also after one that stopped half-way
         raise BfError(f"the compiled low-bit step ran block {index} where its schedule expected block {s.next}: "
@@ -166,13 +176,14 @@ def lowbit_decode_ahead(after: torch.Tensor, schedule: int, index: int) -> torch
     for j in range(n) if index == 0 else range(index + n - 1, min(index + n, len(s.order))):
         s.start(j)
     s.wait(index)
-    return s.slots[index % n][: s.order[index].size]
+    mine = s.slots[index % n]
+    if slot.data_ptr() != mine.data_ptr():  # a functional trace handed a copy of the slot (inductor hands the slot)
+        slot.copy_(mine)
 
 
 @lowbit_decode_ahead.register_fake
-def _(after: torch.Tensor, schedule: int, index: int) -> torch.Tensor:
-    s = _SCHEDULES[schedule]
-    return torch.empty(s.order[index].size, dtype=s.slots[0].dtype, device=s.slots[0].device)
+def _(slot: torch.Tensor, after: torch.Tensor, schedule: int, index: int) -> None:
+    return None
 
 
 class CompiledLowBitGroup(nn.Module):
@@ -209,7 +220,9 @@ class CompiledLowBitGroup(nn.Module):
             flat = torch.ops.bf.lowbit_decode_group(self.codes, self.scales, self.group, self.dtype)
         else:
             x = _input(args, kwargs)  # its first element: a dependency on the input that costs no copy of it
-            flat = torch.ops.bf.lowbit_decode_ahead(x[(0,) * x.dim()], *self.ahead)
+            slot = self.schedule.slots[self.ahead[1] % len(self.schedule.slots)]
+            torch.ops.bf.lowbit_decode_ahead(slot, x[(0,) * x.dim()], *self.ahead)
+            flat = slot[: self.size]
         stored = [flat[o : o + n].view(shape) for o, (n, shape, _) in zip(self.offsets, self.layouts, strict=True)]
         for first, count, stride, up, down in self.lora_runs:  # LoRAs: weight + up @ down, one product per run
             n, shape, _ = self.layouts[first]

@@ -38,17 +38,17 @@ def cuda_time_ms(call: Callable[[], object], runs: int, warmup: int) -> list[flo
     return times
 
 
-_capture_streams: dict[int, torch.cuda.Stream] = {}
+_capture_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
-def _capture_stream() -> torch.cuda.Stream:
-    """The one stream every warm-up and capture of this module runs on. PyTorch keeps a cuBLAS
+def _capture_stream(priority: int = 0) -> torch.cuda.Stream:
+    """The one stream (per priority) every warm-up and capture of this module runs on. PyTorch keeps a cuBLAS
     workspace for each stream cuBLAS ever ran on, so a fresh stream per capture (cycling through
     PyTorch's pool of 32) would leave up to 32 of them allocated."""
-    device = torch.cuda.current_device()
-    if device not in _capture_streams:
-        _capture_streams[device] = torch.cuda.Stream(device)
-    return _capture_streams[device]
+    key = (torch.cuda.current_device(), priority)
+    if key not in _capture_streams:
+        _capture_streams[key] = torch.cuda.Stream(key[0], priority=priority)
+    return _capture_streams[key]
 
 
 def graph_time_ms(call: Callable[[], object], reps: int = 10, replays: int = 5) -> float:
@@ -60,16 +60,20 @@ def graph_time_ms(call: Callable[[], object], reps: int = 10, replays: int = 5) 
 
 class GraphedCall:
     """``fn(*inputs)`` as a CUDA graph. Inputs are copied into the capture's static tensors;
-    the returned tensor is the graph's static output, overwritten by the next call."""
+    the returned tensor is the graph's static output, overwritten by the next call.
 
-    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2):
-        self.fn, self.warmup = fn, warmup
+    ``priority``: the CUDA priority of the stream the graph is captured on (lower is higher; PyTorch instantiates
+    graphs with each kernel keeping the priority it was captured at). A step captured above the priority of a side
+    stream it forks (a decode ahead at 0) has its own blocks scheduled first wherever the two contend for the GPU."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2, priority: int = 0):
+        self.fn, self.warmup, self.priority = fn, warmup, priority
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.pool = None  # one memory pool shared by every shape's graph
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
         static = [t.clone() for t in inputs]
-        side = _capture_stream()
+        side = _capture_stream(self.priority)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuDNN/cuBLAS pick and cache their kernels outside the capture
             for _ in range(self.warmup):

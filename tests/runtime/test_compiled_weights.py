@@ -215,7 +215,7 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bf.decode_kernels import load
-    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead
+    from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, STEP_PRIORITY, compile_weights, decode_ahead
     from bf.runtime.torch_graph import GraphedCall
 
     lib = load(native_build / "libbf_decode.so")
@@ -231,7 +231,7 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
     with torch.inference_mode():
         eager = decoded(x)
         torch._dynamo.reset()
-        # decoding ahead: no buffer reuse (the ops return views of the slots); torch's CUDA graphs, as reduce-overhead has them
+        # decoding ahead: the runtime's options (no buffer reuse), torch's CUDA graphs as reduce-overhead has them
         ours = torch.compile(model, fullgraph=True, options={"triton.cudagraphs": True, **AHEAD_COMPILE_OPTIONS}) if ahead else \
             torch.compile(model, mode="reduce-overhead", fullgraph=True)  # fmt: skip
         theirs = torch.compile(copy.deepcopy(decoded), mode="reduce-overhead", fullgraph=True)
@@ -243,10 +243,42 @@ def test_compiled_step_equals_the_decoded_weights_compiled_and_eager(native_buil
         assert torch.equal(a, b)
         assert (a.float() - eager.float()).abs().max().item() <= 2e-3 * eager.float().abs().max().item()
         torch._dynamo.reset()
-        graphed = GraphedCall(torch.compile(model, fullgraph=True, options=AHEAD_COMPILE_OPTIONS if ahead else None))
+        options = AHEAD_COMPILE_OPTIONS if ahead else None
+        graphed = GraphedCall(torch.compile(model, fullgraph=True, options=options), priority=STEP_PRIORITY if ahead else 0)
         reference = torch.compile(copy.deepcopy(decoded), fullgraph=True)(x)
         for _ in range(3):
             assert torch.equal(graphed(x), reference)
+
+
+@pytest.mark.parametrize("runtime_options", [True, False])
+def test_a_compiled_step_decoding_ahead_writes_the_slots_in_place_and_equals_the_decoded_weights(native_build, runtime_options):
+    """On the CPU: dynamo traces the decode-ahead op (which writes its block's slot) without a graph break, inductor
+    calls it on the slot itself (no copy of a slot in the compiled code), and the compiled model equals the decoded
+    weights' within float32 rounding, step after step: with the runtime's options and with inductor's own (its
+    buffers reused as it plans them)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_weights import _SCHEDULES, AHEAD_COMPILE_OPTIONS, compile_weights, decode_ahead
+
+    decoded, packed = _net_and_layers(channels_last=False, device="cpu")
+    model = copy.deepcopy(decoded)
+    compile_weights(model, packed, torch.float32, decoder=load(native_build / "libbf_decode.so"))
+    x = torch.randn(2, 4, 6, 6)
+    assert decode_ahead(model, lambda: model(x[:1]), slots=2) == 4 * (640 + 128)  # slot 0: a, then fc; slot 1: b
+    slots = _SCHEDULES[model.a.ahead[0]].slots
+    with torch.inference_mode():
+        ref = decoded(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, options=AHEAD_COMPILE_OPTIONS if runtime_options else None)
+        out, (code,) = run_and_get_code(compiled, x)
+        assert code.count("torch.ops.bf.lowbit_decode_ahead.default(") == 3
+        assert "aten.copy_" not in code and "clone" not in code
+        for _ in range(2):
+            assert torch.allclose(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+            out = compiled(x)
+    assert [s.numel() for s in slots] == [640, 128]
+    torch._dynamo.reset()
 
 
 def test_the_torch_backends_compiled_unet_decodes_ahead_when_asked(tiny_model, native_build, monkeypatch):
