@@ -148,6 +148,8 @@ def _smallest_within(sizes: dict, budget: int) -> set:
 
 
 def main() -> None:
+    from bf.runtime.compiled_weights import STEP_PRIORITY
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_compiled_step.json")
@@ -162,14 +164,17 @@ def main() -> None:
     ap.add_argument("--ahead", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 3],
                     help="compiled: slot counts to decode ahead into, a configuration each")  # fmt: skip
     ap.add_argument("--decode-blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
-                    help="compiled, decoding ahead into the first --ahead slots: grid caps of the decode launches")  # fmt: skip
-    ap.add_argument("--ahead-keep", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
-                    help="compiled, decoding ahead into the first --ahead slots: MB of the smallest weights kept decoded "
-                         "(their blocks' decodes, launches mostly, leave the step), a configuration each")  # fmt: skip
-    ap.add_argument("--compute-priority", type=lambda t: [int(x) for x in t.split(",") if x], default=[-5],
-                    help="compiled, decoding ahead: CUDA priorities of the step's own stream, a configuration each (the "
-                         "decode stream's is 0, the lowest; the runtime captures at -5, the highest: the step's kernels "
-                         "are scheduled before the decode's)")  # fmt: skip
+                    help="compiled, decoding ahead into the first --ahead slots, the step at the runtime's priority: grid "
+                         "caps of the decode launches, a configuration each")  # fmt: skip
+    ap.add_argument("--ahead-keep", type=lambda t: [int(x) for x in t.split(",") if x and int(x) > 0], default=[],
+                    help="compiled, decoding ahead into the first --ahead slots, the step at the runtime's priority: MB of "
+                         "the smallest weights kept decoded (their blocks' decodes, launches mostly, leave the step), a "
+                         "configuration each")  # fmt: skip
+    ap.add_argument("--compute-priority", type=lambda t: [int(x) for x in t.split(",") if x], default=[STEP_PRIORITY],
+                    help="compiled, decoding ahead into each --ahead: CUDA priorities to capture the step's stream at, a "
+                         "configuration each, named _priorityP unless P is the runtime's (-5, which PyTorch clamps to the "
+                         "highest priority it creates streams at); the decode stream's is 0, the lowest. A list that starts "
+                         "with a minus is written --compute-priority=-5,0")  # fmt: skip
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
@@ -178,7 +183,6 @@ def main() -> None:
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
     from bf.runtime.compiled_weights import (
         AHEAD_COMPILE_OPTIONS,
-        STEP_PRIORITY,
         compile_weights,
         decode_ahead,
         decode_launches,
@@ -313,7 +317,7 @@ def main() -> None:
         step = graphed_step(model.eager_step, mode, options, priority if ahead else 0)
         with torch.inference_mode():
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
-                     "kept": "largest" if keep > 0 else "smallest",
+                     "kept": "largest" if keep > 0 else "smallest" if keep else "none",
                      "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks,
                      "step_stream_priority": priority}  # fmt: skip
             if keep == 0 and ahead == 0 and mode == "reduce-overhead" and not args.quick:
@@ -325,7 +329,8 @@ def main() -> None:
         checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
                         "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
         print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
-        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]):
+        first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
+        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]) and first_priority:
             key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "")
             res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
         del model, step

@@ -114,11 +114,12 @@ def _(codes: list[torch.Tensor], scales: list[torch.Tensor], group: int, dtype: 
 
 
 # Inductor's options for a step that decodes ahead. Its plan reusing buffers (by default) raised SD-v1.5's peak by
-# 0.13 GB with the slots held beside it, at the same step time (results/sd15_ahead_buffer_reuse.json).
+# 0.06-0.13 GB with the slots held beside it, at the same step time (BENCHMARKS.md).
 AHEAD_COMPILE_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
-# The CUDA priority a step that decodes ahead is captured at (PyTorch maps it to the highest the GPU has); the decode
-# stream stays at 0, the lowest. PyTorch's graphs keep each kernel's captured priority.
+# The CUDA priority a step that decodes ahead is captured at (PyTorch clamps it to the highest priority it creates
+# streams at, -3 in PyTorch 2.11); the decode stream stays at 0, the lowest. PyTorch's graphs keep each kernel's
+# captured priority.
 STEP_PRIORITY = -5
 
 
