@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_ahead_buffer_reuse.json")
     ap.add_argument("--iters", type=int, default=30)
     args = ap.parse_args()
-    from bf.atomic import atomic_path
+    from bf.cli.output import write_json
     from bf.decode_kernels import load
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
     from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, STEP_PRIORITY, compile_weights, decode_ahead, packed_bytes
@@ -76,9 +75,7 @@ def main() -> None:
         del model, step
         torch._dynamo.reset()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -136,17 +136,6 @@ def profile(step, inputs) -> dict:
     }
 
 
-def _smallest_within(sizes: dict, budget: int) -> set:
-    """Keys of the smallest items (key -> element count) whose elements add up to at most ``budget``."""
-    keep, used = set(), 0
-    for key in sorted(sizes, key=lambda k: sizes[k]):
-        if used + sizes[key] > budget:
-            break
-        keep.add(key)
-        used += sizes[key]
-    return keep
-
-
 def main() -> None:
     from bf.runtime.compiled_weights import STEP_PRIORITY
 
@@ -188,7 +177,7 @@ def main() -> None:
         decode_launches,
         packed_bytes,
     )
-    from bf.runtime.streamed_weights import largest_within
+    from bf.runtime.streamed_weights import largest_within, smallest_within
 
     lib = load(args.lib)
     res: dict = run_record("benchmarks/sd15_compiled_step.py", args) | {
@@ -287,20 +276,22 @@ def main() -> None:
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
-    # (keep MB, compile mode, slots decoded ahead into (0: in the step's stream), decode grid cap, the step's priority)
-    points = [(0, mode, 0, 0, 0) for mode, _ in modes] + [(0, "default", n, 0, p) for n in args.ahead for p in args.compute_priority]
-    points += [(0, "default", args.ahead[0], b, STEP_PRIORITY) for b in args.decode_blocks if args.ahead]
-    points += [(keep, "default", 0, 0, 0) for keep in keeps[1:]]
-    points += [(-keep, "default", args.ahead[0], 0, STEP_PRIORITY) for keep in args.ahead_keep if args.ahead]  # < 0: the smallest
-    for keep, mode, ahead, blocks, priority in points:
+    # (MB kept decoded, which weights: "largest" or "smallest", compile mode, slots decoded ahead into (0: in the step's
+    # stream), decode grid cap, the step's priority)
+    points = [(0, "largest", mode, 0, 0, 0) for mode, _ in modes]
+    points += [(0, "largest", "default", n, 0, p) for n in args.ahead for p in args.compute_priority]
+    points += [(0, "largest", "default", args.ahead[0], b, STEP_PRIORITY) for b in args.decode_blocks if args.ahead]
+    points += [(keep, "largest", "default", 0, 0, 0) for keep in keeps[1:]]
+    points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY) for keep in args.ahead_keep if args.ahead]
+    for keep, which, mode, ahead, blocks, priority in points:
         label = dict(modes)[mode]
         name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
-        name += f"_keep{keep}MB" if keep > 0 else f"_keepsmallest{-keep}MB" if keep else ""
+        name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
         name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
-        sizes = {n: p.numel for n, p in packed.items()}
-        kept = (largest_within if keep > 0 else _smallest_within)(sizes, abs(keep) * 2**20 // 2)  # fp16 elements
+        within = largest_within if which == "largest" else smallest_within
+        kept = within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
         if kept:
             from bf.runtime.backend_torch import _decode_quantized_weights
 
@@ -317,7 +308,7 @@ def main() -> None:
         step = graphed_step(model.eager_step, mode, options, priority if ahead else 0)
         with torch.inference_mode():
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
-                     "kept": "largest" if keep > 0 else "smallest" if keep else "none",
+                     "kept": which if keep else "none",
                      "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks,
                      "step_stream_priority": priority}  # fmt: skip
             if keep == 0 and ahead == 0 and mode == "reduce-overhead" and not args.quick:

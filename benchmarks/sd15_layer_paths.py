@@ -23,7 +23,6 @@ CPU (--device cpu) only the paths' outputs are checked against each other, on sd
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -186,7 +185,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="also the fused Triton kernel (compiles each tile configuration per class)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_layer_paths.json")
     args = ap.parse_args()
-    from bf.atomic import atomic_path
+    from bf.cli.output import write_json
     from bf.decode_kernels import load
     from bf.runtime.torch_graph import graph_time_ms
 
@@ -229,9 +228,7 @@ def main() -> None:
         res["step_layers_minus_fp16_ms"] = {k: v - base for k, v in totals.items()}
         print("the step's layers: " + ", ".join(f"{k} {v:.3f} ms ({v - base:+.3f})" for k, v in totals.items()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

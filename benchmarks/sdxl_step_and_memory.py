@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import sys
 import time
@@ -311,7 +310,7 @@ def main() -> None:
     ap.add_argument("--generation-only", action="store_true", help="the whole generations' memory alone (no UNet step figures)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sdxl_step_and_memory.json")
     args = ap.parse_args()
-    from bf.atomic import atomic_path
+    from bf.cli.output import write_json
 
     b = Bench(args.device, args.iters)
     res = {
@@ -354,9 +353,9 @@ def main() -> None:
         res["failed_configs"] = errors
         res["complete"] = name == args.archs.split(",")[-1] and not errors
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {args.out}" + ("" if res["complete"] else f" ({name} so far)"), flush=True)
+        write_json(args.out, res)
+        if not res["complete"]:
+            print(f"(the figures so far: up to {name})", flush=True)
 
 
 if __name__ == "__main__":

@@ -158,20 +158,18 @@ class TorchUNet:
             except Exception as e:  # a model whose blocks cannot be scheduled runs as well decoding in the step's stream
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 log(f"the compiled step decodes each block's weights just before it (decoding ahead: {first})")
-        step = self.eager_step
+        step, priority = self.eager_step, 0
         if compile:
             import os
 
             from bf.cache import cache_root
 
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
-            from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS
+            from bf.runtime.compiled_weights import AHEAD_COMPILE_OPTIONS, STEP_PRIORITY
 
-            options = AHEAD_COMPILE_OPTIONS if self.slot_bytes else None
+            options, priority = (AHEAD_COMPILE_OPTIONS, STEP_PRIORITY) if self.slot_bytes else (None, 0)
             step = _logged_first_calls(torch.compile(step, fullgraph=True, options=options), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-        from bf.runtime.compiled_weights import STEP_PRIORITY
-
-        self.step = GraphedCall(step, priority=STEP_PRIORITY if self.slot_bytes else 0) if cuda_graph else step
+        self.step = GraphedCall(step, priority=priority) if cuda_graph else step
 
     def release_graphs(self) -> None:
         """Let go of the step's CUDA graphs and the memory pool their activations live in (the next step captures

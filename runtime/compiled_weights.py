@@ -133,9 +133,13 @@ class _Schedule:
         self.ready: dict[int, torch.cuda.Event] = {}
         self.next = 0
 
+    def slot(self, i: int) -> torch.Tensor:
+        """Group i's slot."""
+        return self.slots[i % len(self.slots)]
+
     def start(self, i: int) -> None:
         """Decode group i into its slot on the side stream, after the work issued so far on the current stream."""
-        g, slot = self.order[i], self.slots[i % len(self.slots)]
+        g, slot = self.order[i], self.slot(i)
         if self.side is None:
             _decode(g.codes, g.scales, g.group, slot)
             return
@@ -177,7 +181,7 @@ def lowbit_decode_ahead(slot: torch.Tensor, after: torch.Tensor, schedule: int, 
     for j in range(n) if index == 0 else range(index + n - 1, min(index + n, len(s.order))):
         s.start(j)
     s.wait(index)
-    mine = s.slots[index % n]
+    mine = s.slot(index)
     if slot.data_ptr() != mine.data_ptr():  # a functional trace handed a copy of the slot (inductor hands the slot)
         slot.copy_(mine)
 
@@ -221,7 +225,7 @@ class CompiledLowBitGroup(nn.Module):
             flat = torch.ops.bf.lowbit_decode_group(self.codes, self.scales, self.group, self.dtype)
         else:
             x = _input(args, kwargs)  # its first element: a dependency on the input that costs no copy of it
-            slot = self.schedule.slots[self.ahead[1] % len(self.schedule.slots)]
+            slot = self.schedule.slot(self.ahead[1])
             torch.ops.bf.lowbit_decode_ahead(slot, x[(0,) * x.dim()], *self.ahead)
             flat = slot[: self.size]
         stored = [flat[o : o + n].view(shape) for o, (n, shape, _) in zip(self.offsets, self.layouts, strict=True)]

@@ -424,8 +424,18 @@ def stream_weights(
 def largest_within(sizes: dict, budget: int) -> set:
     """Keys of the largest items (``sizes``: key -> element count) whose elements add up to at most ``budget``;
     ties keep ``sizes``' order. How every mode that keeps weights decoded picks them."""
+    return _within(sorted(sizes, key=lambda k: -sizes[k]), sizes, budget)
+
+
+def smallest_within(sizes: dict, budget: int) -> set:
+    """Keys of the smallest items whose elements add up to at most ``budget`` (the weights whose decodes are mostly
+    launches: benchmarks/sd15_compiled_step.py --ahead-keep)."""
+    return _within(sorted(sizes, key=lambda k: sizes[k]), sizes, budget)
+
+
+def _within(keys: list, sizes: dict, budget: int) -> set:
     keep, used = set(), 0
-    for key in sorted(sizes, key=lambda k: -sizes[k]):
+    for key in keys:
         if used + sizes[key] <= budget:
             keep.add(key)
             used += sizes[key]

@@ -24,6 +24,7 @@ import math
 import sys
 from pathlib import Path
 
+from bf.cli.output import write_json
 from bf.errors import BfError
 
 # Student's t, 97.5% quantile, by degrees of freedom: a 95% two-sided interval over a handful of runs
@@ -174,8 +175,7 @@ def main() -> None:
               f"{e['mean_eval_half_width']:8.3f}  {e['verdict']}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)  # atomically
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
