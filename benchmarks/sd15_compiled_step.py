@@ -22,6 +22,8 @@ is against the fastest FP16 configuration of the run:
                              for each N of --ahead; the step captured at the runtime's priority, above the
                              decode stream's (--compute-priority: others), --decode-blocks B: each launch's
                              grid capped at B, --ahead-keep MB: that much of the smallest weights kept decoded
+  ..._fused                  (--fused-layers) the same, where the fused Triton kernel reads a layer's codes itself
+                             if it measured faster than decode + op on the layer's input (bf.runtime.compiled_fused)
 
 Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
@@ -164,12 +166,23 @@ def main() -> None:
                          "configuration each, named _priorityP unless P is the runtime's (-5, which PyTorch clamps to the "
                          "highest priority it creates streams at); the decode stream's is 0, the lowest. A list that starts "
                          "with a minus is written --compute-priority=-5,0")  # fmt: skip
+    ap.add_argument("--fused-layers", action="store_true",
+                    help="compiled: also each in-stream, first --ahead and --ahead-keep configuration with the layers the fused "
+                         "kernel runs faster than decode + op (bf.runtime.compiled_fused.choose_fused, timed in the run) "
+                         "reading their codes, named _fused")  # fmt: skip
+    ap.add_argument(
+        "--no-in-stream",
+        action="store_true",
+        help="compiled: skip the configurations that decode in the step's stream (the _fused one stays)",
+    )
+    ap.add_argument("--profile-no-fp16", action="store_true", help="--profile: the 1.99-bit configurations only")
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
 
     from bf.decode_kernels import load
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
+    from bf.runtime.compiled_fused import choose_fused, install_fused
     from bf.runtime.compiled_weights import (
         AHEAD_COMPILE_OPTIONS,
         compile_weights,
@@ -277,17 +290,21 @@ def main() -> None:
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
     # (MB kept decoded, which weights: "largest" or "smallest", compile mode, slots decoded ahead into (0: in the step's
-    # stream), decode grid cap, the step's priority)
-    points = [(0, "largest", mode, 0, 0, 0) for mode, _ in modes]
-    points += [(0, "largest", "default", n, 0, p) for n in args.ahead for p in args.compute_priority]
-    points += [(0, "largest", "default", args.ahead[0], b, STEP_PRIORITY) for b in args.decode_blocks if args.ahead]
-    points += [(keep, "largest", "default", 0, 0, 0) for keep in keeps[1:]]
-    points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY) for keep in args.ahead_keep if args.ahead]
-    for keep, which, mode, ahead, blocks, priority in points:
+    # stream), decode grid cap, the step's priority, fused layers)
+    points = [] if args.no_in_stream else [(0, "largest", mode, 0, 0, 0, False) for mode, _ in modes]
+    points += [(0, "largest", "default", n, 0, p, False) for n in args.ahead for p in args.compute_priority]
+    points += [(0, "largest", "default", args.ahead[0], b, STEP_PRIORITY, False) for b in args.decode_blocks if args.ahead]
+    points += [] if args.no_in_stream else [(keep, "largest", "default", 0, 0, 0, False) for keep in keeps[1:]]
+    points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY, False) for keep in args.ahead_keep if args.ahead]
+    if args.fused_layers:
+        points += [(0, "largest", "default", 0, 0, 0, True)]
+        points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY, True) for keep in (0, *args.ahead_keep) if args.ahead]
+    for keep, which, mode, ahead, blocks, priority, fused in points:
         label = dict(modes)[mode]
         name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
         name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
         name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
+        name += "_fused" if fused else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
         within = largest_within if which == "largest" else smallest_within
@@ -296,8 +313,13 @@ def main() -> None:
             from bf.runtime.backend_torch import _decode_quantized_weights
 
             _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
-        compile_weights(model.unet, {n: p for n, p in packed.items() if n not in kept}, torch.float16, decoder=lib,
-                        by_block=not args.per_layer_decode)  # fmt: skip
+        rest = {n: p for n, p in packed.items() if n not in kept}
+        chosen = {}
+        if fused:  # timed on the step's own input shapes, on the FP16 model still in place
+            chosen = choose_fused(model.unet, rest, lambda model=model: model.eager_step(*inputs), lib, log=print)
+            install_fused(model.unet, chosen)
+            rest = {n: p for n, p in rest.items() if n not in chosen}
+        compile_weights(model.unet, rest, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
         launches = decode_launches(model.unet)
         slot_bytes = 0
         if ahead:
@@ -310,7 +332,10 @@ def main() -> None:
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
                      "kept": which if keep else "none",
                      "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks,
-                     "step_stream_priority": priority}  # fmt: skip
+                     "step_stream_priority": priority, "fused_layers": len(chosen),
+                     "fused_fp16_weight_bytes": sum(2 * packed[n].numel for n in chosen),
+                     "fused_code_bytes": sum(fw.nbytes for fw, _ in chosen.values()),
+                     "fused": {n: cfg.name for n, (_, cfg) in chosen.items()}}  # fmt: skip
             if keep == 0 and ahead == 0 and mode == "reduce-overhead" and not args.quick:
                 torch._dynamo.reset()
                 step = graphed_step(model.eager_step, mode)
@@ -322,11 +347,12 @@ def main() -> None:
         print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]) and first_priority:
-            key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "")
-            res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
-        del model, step
+            key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "") + ("_fused" if fused else "")
+            with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
+                res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
+        del model, step, chosen  # the fused layers' codes too: the next configuration's baseline must not hold them
         torch._dynamo.reset()
-    if args.profile:
+    if args.profile and not args.profile_no_fp16:
         for label, compile_it in (("fp16_compiled_cl", True), ("fp16_eager_kernels_cl", False)):
             fp16 = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
             with torch.inference_mode():
@@ -334,9 +360,9 @@ def main() -> None:
                                                                inputs)  # fmt: skip
             del fp16
             torch._dynamo.reset()
-        for label, prof in res["profile"].items():
-            print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
+    for label, prof in res.get("profile", {}).items():
+        print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
+              + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
     del packed, ref
 
     res["configs"] = configs

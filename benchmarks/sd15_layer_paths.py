@@ -11,12 +11,14 @@ costs the step's layers, against FP16's:
                 once could gain from L2)
   gemm          a convolution as an im2col copy and one cuBLAS matrix product, FP16 weights (a linear: as fp16)
   decode+gemm   decode into a buffer, then im2col and the matrix product
-  fused         bf.runtime.lowbit_gemm's Triton kernel on the codes (--fused: best of the runtime's tile configurations)
+  fused         bf.runtime.lowbit_gemm's Triton kernel on the codes (--fused: the best of the runtime's tile configurations
+                and of a wider search: split-K sized to the GPU, fp16 levels by conversion or from bit patterns;
+                each configuration's output checked against the FP16 layer's)
 
 Per-layer medians of CUDA-graph replays (bf.runtime.torch_graph.graph_time_ms), so no host launch overhead counts. On a
 CPU (--device cpu) only the paths' outputs are checked against each other, on sd15-tiny.
 
-    python benchmarks/sd15_layer_paths.py [--lib libbf_decode.so] [--fused] [--out results/sd15_layer_paths.json]
+    python benchmarks/sd15_layer_paths.py [--lib libbf_decode.so] [--fused] [--low-res] [--out results/sd15_layer_paths.json]
     python benchmarks/sd15_layer_paths.py --device cpu --arch sd15-tiny   # the logic, on a CPU
 """
 
@@ -156,7 +158,7 @@ class LayerClass:
 
     def fused_paths(self) -> dict:
         from bf.runtime.fused_layout import fusable, fused_weight
-        from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward
+        from bf.runtime.lowbit_gemm import lowbit_forward
 
         w = self.cls["weight"]
         module = torch.nn.Conv2d(w[1], w[0], w[2], self.cls["stride"], self.cls["padding"]) if self.conv else torch.nn.Linear(w[1], w[0])
@@ -164,17 +166,48 @@ class LayerClass:
             return {}
         codes = self.codes.to(self.device)
         fws = [fused_weight(codes, self.scale, module, self.levels) for _ in range(self.copies)]
-        return {f"fused {c.name}": (lambda c=c: [lowbit_forward(self.x, fw, c, self.bias) for fw in fws]) for c in CONFIGS}
+        return {f"fused {c.name}": (lambda c=c: [lowbit_forward(self.x, fw, c, self.bias) for fw in fws]) for c in fused_search()}
 
 
-def check_paths(lc: LayerClass) -> float:
-    """The largest difference of any path's output from the FP16 layer's, relative to its largest value."""
+def fused_search() -> list:
+    """The fused kernel's tile configurations tried: the runtime's (levels from bit patterns), one by int-to-float
+    conversion, then split-K sized to the GPU."""
+    import dataclasses
+
+    from bf.runtime.lowbit_gemm import CONFIGS, TileConfig
+
+    return [
+        *CONFIGS,
+        dataclasses.replace(CONFIGS[4], magic=False),
+        TileConfig(128, 128, 64, 8, 3, splits=0),
+        TileConfig(128, 64, 64, 4, 4, splits=0),
+        TileConfig(64, 128, 64, 4, 4, splits=0),
+        TileConfig(64, 64, 64, 4, 4, splits=0),
+        TileConfig(128, 128, 128, 8, 3, splits=0),
+        TileConfig(64, 128, 128, 4, 3, splits=0),
+    ]
+
+
+def check_paths(lc: LayerClass, fused: bool = False) -> dict:
+    """Each path's largest difference from the FP16 layer's output, relative to its largest value."""
     ref = lc.op(lc.rows[0]).float()
-    worst = 0.0
-    for call in lc.paths(fused=False).values():
-        got = call()[0].float()
-        worst = max(worst, ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
-    return worst
+    diffs = {}
+    for name, call in lc.paths(fused).items():
+        try:
+            diffs[name] = ((call()[0].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        except Exception as e:  # a fused tile this GPU cannot hold (registers, shared memory) is a result, not a failure
+            if not name.startswith("fused "):
+                raise
+            print(f"  {name}: {type(e).__name__}", flush=True)
+            diffs[name] = math.inf
+    return diffs
+
+
+def low_res(cls: dict) -> bool:
+    """A layer at SD-v1.5's 8x8 or 16x16 latents at 512x512, the size this script runs (64 and 256 tokens): where
+    the weights outweigh the compute."""
+    shape = cls["input"]
+    return shape[2] <= 16 if cls["kind"] == "conv" else shape[1] in (64, 256)
 
 
 def main() -> None:
@@ -183,6 +216,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lib", type=Path, default=None)
     ap.add_argument("--fused", action="store_true", help="also the fused Triton kernel (compiles each tile configuration per class)")
+    ap.add_argument("--low-res", action="store_true", help="only the layers at the 8x8 and 16x16 latents (64 and 256 tokens)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_layer_paths.json")
     args = ap.parse_args()
     from bf.cli.output import write_json
@@ -193,20 +227,31 @@ def main() -> None:
     dtype = torch.float16 if cuda else torch.float32
     lib = load(args.lib) if cuda else None
     classes = layer_classes(args.arch, args.device, dtype)
+    if args.low_res:
+        classes = [c for c in classes if low_res(c)]
     print(f"{args.arch}: {sum(c['count'] for c in classes)} quantized layers in {len(classes)} classes", flush=True)
     gen = torch.Generator().manual_seed(0)
     totals = defaultdict(float)
     for cls in classes:
         lc = LayerClass(cls, args.device, dtype, lib, gen)
-        cls["max_rel_diff_vs_fp16"] = check_paths(lc)
+        diffs = check_paths(lc, args.fused and cuda)
+        cls["max_rel_diff_vs_fp16"] = max(v for k, v in diffs.items() if not k.startswith("fused "))
         if cuda:
             with torch.inference_mode():
-                ms = {name: graph_time_ms(call, reps=1) / lc.copies for name, call in lc.paths(args.fused).items()}
+                ms = {}
+                for name, call in lc.paths(args.fused).items():
+                    if not diffs[name] <= 1e-2:  # a wrong result (NaN, or none) is reported, never timed as a candidate
+                        if not math.isinf(diffs[name]):
+                            print(f"  {name}: max relative difference {diffs[name]:.2e} from the FP16 layer", flush=True)
+                        continue
+                    ms[name] = graph_time_ms(call, reps=1) / lc.copies
             fused = {k: v for k, v in ms.items() if k.startswith("fused ")}
             if fused:
                 best = min(fused, key=fused.get)
                 ms = {k: v for k, v in ms.items() if not k.startswith("fused ")} | {"fused": fused[best]}
                 cls["fused_config"] = best.removeprefix("fused ")
+                cls["fused_ms"] = {k.removeprefix("fused "): v for k, v in fused.items()}
+                cls["fused_max_rel_diff_vs_fp16"] = max(diffs[f"fused {k}"] for k in cls["fused_ms"])
             cls["ms"], cls["copies"] = ms, lc.copies
             for k, v in ms.items():
                 totals[k] += v * cls["count"]

@@ -28,6 +28,10 @@ freely) never take over a slot. A step that decodes ahead is compiled with ``AHE
 captured at ``STEP_PRIORITY``, above the decode stream's: where a block and a decode contend for the GPU,
 the block's kernels are scheduled first.
 
+Layers whose weight outweighs their compute (SD-v1.5's 8x8 convolutions) can instead read their codes in a fused
+Triton kernel and never hold an FP16 weight (bf.runtime.compiled_fused: install those before compile_weights groups
+the rest).
+
 The weights are the decode kernels' output bit for bit (the ops run the same kernel as the other
 modes), so the compiled step differs from an eager step with the same decoded weights only where
 inductor changes the order of floating-point work around them.

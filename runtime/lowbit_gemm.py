@@ -16,6 +16,7 @@ or a linear layer is the 1x1 case), with optional split-K for layers with few ou
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,11 +34,15 @@ def _lowbit_conv_kernel(
     M, N, C, H, W, OH, OW, HALF, ITERS_PER_SPLIT,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     CODE_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, GATHER: tl.constexpr,
+    MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     PER_WORD: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     MASK: tl.constexpr = (1 << CODE_BITS) - 1
+    # MAGIC: fp16 1024 + code has the bits 0x6400 | code (code < 1024), so an OR and one fp16 subtraction give the
+    # level exactly, instead of an int-to-float conversion; which is faster depends on the tile (sd15_layer_paths --fused).
+    level0 = (HALF + 1024).to(tl.float16)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -80,14 +85,21 @@ def _lowbit_conv_kernel(
             k = r * C + c
             words = tl.load(w_ptr + (k // PER_WORD)[:, None].to(tl.int64) * N + offs_n[None, :], mask=(c < C)[:, None] & n_ok[None, :],
                             other=0)  # fmt: skip
-            wt = (((words >> ((k % PER_WORD) * CODE_BITS)[:, None]) & MASK) - HALF).to(tl.float16)
+            codes = (words >> ((k % PER_WORD) * CODE_BITS)[:, None]) & MASK
+            if MAGIC:
+                wt = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - level0
+            else:
+                wt = (codes - HALF).to(tl.float16)
         else:  # one load per word, split into its codes along a new axis, folded into K
             # C is a multiple of PER_WORD (checked on the host), so a tile's codes are whole words.
             word = (r * C + c0) // PER_WORD + offs_w
             word_ok = (c0 + offs_w * PER_WORD < C)[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + word[:, None].to(tl.int64) * N + offs_n[None, :], mask=word_ok, other=0)
-            codes = (words[:, None, :] >> shifts[None, :, None]) & MASK
-            wt = tl.reshape(codes - HALF, (BLOCK_K, BLOCK_N)).to(tl.float16)
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+            if MAGIC:
+                wt = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - level0
+            else:
+                wt = (codes - HALF).to(tl.float16)
         if SWAP:
             acc = tl.dot(tl.trans(wt), tl.trans(a), acc)
         else:
@@ -127,15 +139,16 @@ class TileConfig:
     block_k: int
     warps: int
     stages: int
-    splits: int = 1  # split-K: partial sums in fp32, added by a second kernel
+    splits: int = 1  # split-K: partial sums in fp32, added by a second kernel; 0: enough to give every multiprocessor a tile
     swap: bool = False  # compute out^T = W x^T (the weight as the first operand)
     gather: bool = False  # load each code's word (repeats served by L1) instead of splitting loaded words
+    magic: bool = True  # fp16 levels from bit patterns, not int-to-float conversions
 
     @property
     def name(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.warps}s{self.stages}k{self.splits}{'t' if self.swap else ''}" + (
-            "g" if self.gather else ""
-        )
+        flags = ("t" if self.swap else "") + ("g" if self.gather else "") + ("" if self.magic else "c")
+        splits = self.splits or "A"
+        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.warps}s{self.stages}k{splits}{flags}"
 
 
 # Tried in this order per layer and input shape by bf.runtime.streamed_weights; small-M layers
@@ -152,6 +165,11 @@ CONFIGS = (
     TileConfig(32, 128, 128, 4, 4, splits=4, swap=True),
     TileConfig(64, 128, 64, 4, 4, splits=8, swap=True),
 )
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,16 +199,17 @@ def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torc
         raise BfError(f"the fused layer takes {fw.in_channels} input channels, got {c}")
     n = fw.out_channels
     total = geometry[0] * geometry[1] * math.ceil(c / cfg.block_k)
-    per_split = math.ceil(total / cfg.splits)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    per_split = math.ceil(total / (cfg.splits or max(1, min(total, _multiprocessors(x.device) // tiles))))
     splits = math.ceil(total / per_split)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     has_bias = bias is not None
     bias = bias if has_bias else fw.scale  # a pointer the kernel never reads
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), splits)
+    grid = (tiles, splits)
     _lowbit_conv_kernel[grid](
         x, fw.words, fw.scale, bias, y, part, m, n, c, h, w, oh, ow, fw.half, per_split,
         KH=geometry[0], KW=geometry[1], STRIDE=geometry[2], PAD=geometry[3], CODE_BITS=fw.code_bits,
-        HAS_BIAS=has_bias, SPLIT=splits > 1, SWAP=cfg.swap, GATHER=cfg.gather,
+        HAS_BIAS=has_bias, SPLIT=splits > 1, SWAP=cfg.swap, GATHER=cfg.gather, MAGIC=cfg.magic,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if splits > 1:

@@ -128,3 +128,38 @@ def random_lora_file(path: Path, unet, rank: int = 4, seed: int = 0, targets=("t
             tensors[f"unet.{name}.lora_B.weight"] = torch.randn(up, generator=g) * 0.1
     save_file(tensors, str(path))
     return path
+
+
+def conv_linear_stack(widths: tuple[int, int, int, int], grids: tuple, scale: float):
+    """A stack a (3x3 conv) -> SiLU -> b (1x1 conv, no bias) -> mean over pixels -> fc (linear) with channels
+    ``widths`` = (in, a's out, b's out, fc's out), each layer quantized on its grid of ``grids`` (a, b, fc) to random
+    levels with scales up to ``scale``: the stack on the decoded weights, and its QuantizedLayers by name."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from bf.format import QuantizedLayer
+
+    torch.manual_seed(0)
+    cin, mid, out, fc_out = widths
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(cin, mid, 3, padding=1), nn.Conv2d(mid, out, 1, bias=False)
+            self.fc = nn.Linear(out, fc_out)
+
+        def forward(self, x):
+            x = torch.nn.functional.silu(self.a(x))
+            x = self.b(x) * 0.5 + 1.0
+            return self.fc(x.mean((2, 3)))
+
+    rng = np.random.default_rng(0)
+    layers = {}
+    for name, grid in zip(("a", "b", "fc"), grids, strict=True):
+        shape = tuple(getattr(Net(), name).weight.shape)
+        layers[name] = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * scale, grid)
+    decoded = Net()
+    for name, layer in layers.items():
+        getattr(decoded, name).weight.data = torch.from_numpy(layer.dequantize())
+    return decoded, layers

@@ -9,35 +9,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bf.format import Grid, QuantizedLayer  # noqa: E402
+from tests.conftest import conv_linear_stack  # noqa: E402
 
 
 def _net_and_layers(channels_last: bool, device: str):
     """A small conv/linear stack, its quantized layers packed for ``device``, and the same stack with the decoded weights."""
-    from torch import nn
-
     from bf.runtime.streamed_weights import packed_weight
 
-    torch.manual_seed(0)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 8, 1, bias=False)
-            self.fc = nn.Linear(8, 6)
-
-        def forward(self, x):
-            x = torch.nn.functional.silu(self.a(x))
-            x = self.b(x) * 0.5 + 1.0
-            return self.fc(x.mean((2, 3)))
-
-    rng = np.random.default_rng(0)
-    layers = {}
-    for name, grid in (("a", Grid(2)), ("b", Grid(1)), ("fc", Grid(3, "plain"))):
-        shape = tuple(getattr(Net(), name).weight.shape)
-        layers[name] = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.2, grid)
-    decoded = Net()
-    for name, layer in layers.items():
-        getattr(decoded, name).weight.data = torch.from_numpy(layer.dequantize())
+    decoded, layers = conv_linear_stack((4, 16, 8, 6), (Grid(2), Grid(1), Grid(3, "plain")), 0.2)
     packed = {name: packed_weight(layer, device, channels_last) for name, layer in layers.items()}
     return decoded, packed
 

@@ -60,6 +60,7 @@ CASES = [  # kind, in, out, kernel, stride, padding, levels, input spatial size
     ("conv", 96, 48, 3, 1, 1, 17, 8),
     ("linear", 768, 320, 1, 1, 0, 65, 0),
     ("linear", 320, 1280, 1, 1, 0, 3, 0),
+    ("conv", 512, 256, 3, 1, 1, 3, 8),
 ]
 
 
@@ -69,7 +70,7 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
-    from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward
+    from bf.runtime.lowbit_gemm import CONFIGS, TileConfig, lowbit_forward
 
     kind, cin, cout, k, stride, pad, levels, size = case
     gen = torch.Generator(device="cuda").manual_seed(cin + cout + levels)
@@ -84,7 +85,14 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
     else:
         x = torch.randn(2, cin, size, size, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last)
     ref = _reference(kind, x, codes, scale, bias, levels, stride, pad)
-    for cfg in (*CONFIGS, dataclasses.replace(CONFIGS[1], gather=True)):  # and the per-code word loads
+    configs = [
+        *CONFIGS,
+        dataclasses.replace(CONFIGS[1], gather=True),  # the per-code word loads
+        dataclasses.replace(CONFIGS[4], magic=False),  # int-to-float conversions
+        TileConfig(64, 128, 64, 4, 4, splits=0),  # split-K sized to the GPU
+        TileConfig(128, 128, 128, 8, 3, splits=0, gather=True, magic=False),
+    ]
+    for cfg in configs:
         y = lowbit_forward(x, fw, cfg, bias)
         assert y.shape == ref.shape and y.dtype == torch.float16
         assert kind == "linear" or y.is_contiguous(memory_format=torch.channels_last)

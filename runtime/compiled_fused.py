@@ -1,0 +1,218 @@
+"""Quantized layers whose codes the fused Triton kernel (bf.runtime.lowbit_gemm) reads inside a ``torch.compile``'d
+step, instead of decoding their weights into FP16 first (bf.runtime.compiled_weights).
+
+A decoded weight costs its FP16 bytes twice, written then read; the fused kernel reads only the codes. Where a
+layer's weight outweighs its compute (SD-v1.5's 3x3 convolutions at the 8x8 latents: 29.5 MB of FP16 weight for
+128 output pixels a batch of 2), that is the layer's whole cost, and the fused kernel with split-K sized to the GPU
+runs it about as fast as cuDNN runs the FP16 weight. Where the compute dominates, cuDNN / cuBLAS on a decoded weight
+are faster. ``choose_fused`` times both on each layer's input shape from one forward and keeps the faster.
+
+The kernel is registered as a PyTorch custom op (``bf::lowbit_fused_layer``, with a fake implementation that gives
+the output's shape and layout), so dynamo traces the UNet through it and the step's CUDA graph captures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from bf.errors import BfError
+
+# The tile configurations tried per layer (bf.runtime.lowbit_gemm.TileConfig fields; splits 0: one tile per
+# multiprocessor): the tiles that won SD-v1.5's 8x8 layers in a wider search (benchmarks/sd15_layer_paths.py --fused).
+CANDIDATES = (
+    dict(block_m=128, block_n=128, block_k=128, warps=8, stages=3, splits=0),
+    dict(block_m=128, block_n=128, block_k=64, warps=8, stages=3, splits=0),
+    dict(block_m=64, block_n=128, block_k=64, warps=4, stages=4, splits=0),
+    dict(block_m=64, block_n=64, block_k=64, warps=4, stages=4, splits=0),
+)
+
+# The fused layers by id: (FusedWeight without its tensors, TileConfig). The op's schema takes an int; the id
+# keeps the layer's geometry and tile out of the traced graph. Ids are per process, so inductor's on-disk cache can
+# serve a graph made in another process only where every op's tensors have the same shapes.
+_LAYERS: list[tuple] = []
+_LAYER_IDS: dict[tuple, int] = {}
+
+
+def _layer_id(fw, cfg) -> int:
+    shape = dataclasses.replace(fw, words=None, scale=None)
+    key = (*(getattr(shape, f.name) for f in dataclasses.fields(shape)), cfg)
+    if key not in _LAYER_IDS:
+        _LAYER_IDS[key] = len(_LAYERS)
+        _LAYERS.append((shape, cfg))
+    return _LAYER_IDS[key]
+
+
+# needs_fixed_stride_order: inductor hands the kernel its input in the strides eager gives it (channels-last in a
+# channels-last model), instead of a layout the kernel would first copy into NHWC.
+@torch.library.custom_op("bf::lowbit_fused_layer", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def lowbit_fused_layer(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """Layer ``layer`` (see ``_layer_id``) on ``x``: the fused kernel over its codes ``words`` and scales (on the CPU,
+    for tests and tracing checks: the same layer on the weight the codes make, in ``x``'s dtype)."""
+    shape, cfg = _LAYERS[layer]
+    fw = dataclasses.replace(shape, words=words, scale=scale)
+    if not x.is_cuda:
+        return _reference(x, fw, bias)
+    from bf.runtime.lowbit_gemm import lowbit_forward
+
+    return lowbit_forward(x, fw, cfg, bias)
+
+
+def _reference(x: torch.Tensor, fw, bias: torch.Tensor | None) -> torch.Tensor:
+    from bf.runtime.fused_layout import unpack_words
+
+    w = (unpack_words(fw.words, fw.code_bits) - fw.half).to(x.dtype) * fw.scale.to(x.dtype)[:, None]  # [out, K]
+    if x.dim() != 4:
+        return F.linear(x, w, bias)
+    kh, kw = fw.kernel
+    w = w.view(fw.out_channels, kh, kw, fw.in_channels).permute(0, 3, 1, 2)
+    y = F.conv2d(x, w, bias, fw.stride, fw.padding)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@lowbit_fused_layer.register_fake
+def _(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, layer: int) -> torch.Tensor:
+    fw, _ = _LAYERS[layer]
+    if x.dim() != 4:
+        return x.new_empty((*x.shape[:-1], fw.out_channels))
+    (kh, kw), s, p = fw.kernel, fw.stride, fw.padding
+    b, _, h, w = x.shape
+    oh, ow = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+    return x.new_empty((b, fw.out_channels, oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+class FusedLowBitLayer(nn.Module):
+    """A Conv2d or Linear that runs the fused kernel on its codes; the FP16 weight never exists. The codes and
+    scales are plain attributes on the device they were made on: ``.to()`` does not move them, and they are not
+    in the state dict (the .bfq holds them)."""
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, fw, cfg):
+        super().__init__()
+        # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
+        self.words, self.scale = fw.words, fw.scale
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+        self.layer, self.config = _layer_id(fw, cfg), cfg
+        self.conv = isinstance(module, nn.Conv2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv:  # the kernel reads NHWC: the compiler then writes the input so in the kernel that makes it
+            return torch.ops.bf.lowbit_fused_layer(x.contiguous(memory_format=torch.channels_last), self.words, self.scale, self.bias,
+                                                   self.layer)  # fmt: skip
+        # a linear layer's rows, whatever its input's rank (the op takes a 4-D input for a convolution's)
+        y = torch.ops.bf.lowbit_fused_layer(x.reshape(-1, x.shape[-1]), self.words, self.scale, self.bias, self.layer)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _layer_inputs(owner: nn.Module, names: list[str], run_once: Callable[[], object]) -> dict[str, torch.Size]:
+    """The input shape each named layer sees in one forward (a layer that runs twice: its first)."""
+    shapes: dict[str, torch.Size] = {}
+    hooks = []
+    for name in names:
+
+        def record(module, args, name=name):
+            shapes.setdefault(name, args[0].shape)
+
+        hooks.append(owner.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object], decoder, against: str = "decode",
+                 log: Callable[[str], None] = lambda msg: None) -> dict[str, tuple]:  # fmt: skip
+    """The layers of ``owner`` (name -> PackedWeight in ``packed``, on the GPU) that the fused kernel runs faster than
+    the alternative, at the input shape each sees in ``run_once()`` (one forward, at the shape the step will run):
+    name -> (FusedWeight, TileConfig). ``against``: "decode", decoding the weight and running cuDNN / cuBLAS on it
+    (a step that decodes in its stream), or "fp16", cuDNN / cuBLAS alone on the decoded weight (a step whose decode
+    is hidden ahead). Layers of one class (shapes, stride, padding, width) are timed once, each way as a CUDA graph
+    of back-to-back calls, so with the layer's codes and weight warm in L2."""
+    if against not in ("decode", "fp16"):
+        raise BfError(f"fused layers: against={against!r}: must be 'decode' or 'fp16'")
+    from bf.runtime.fused_layout import fusable, fused_weight
+    from bf.runtime.lowbit_gemm import TileConfig, lowbit_forward
+    from bf.runtime.streamed_weights import integer_codes
+    from bf.runtime.torch_graph import graph_time_ms
+
+    candidates = []
+    for name, pw in packed.items():
+        module = owner.get_submodule(name)
+        if isinstance(module, nn.Conv2d) and not pw.channels_last:
+            continue  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
+        if fusable(module, pw.spec.grid.levels) is None:
+            candidates.append(name)
+    shapes = _layer_inputs(owner, candidates, run_once)
+    configs = [TileConfig(**c) for c in CANDIDATES]
+    chosen: dict[str, tuple] = {}
+    verdicts: dict[tuple, TileConfig | None] = {}
+    for name in candidates:
+        if name not in shapes:
+            continue  # not run by the forward: left to the decode
+        module, pw = owner.get_submodule(name), packed[name]
+        conv = isinstance(module, nn.Conv2d)
+        key = (tuple(shapes[name]), tuple(pw.spec.shape), pw.spec.grid.levels, module.stride if conv else 1, module.padding if conv else 0)
+        fw = None
+        if key not in verdicts:
+            fw = fused_weight(integer_codes(pw, decoder), pw.scale, module, pw.spec.grid.levels)
+            shape = shapes[name] if conv else (math.prod(shapes[name][:-1]), shapes[name][-1])  # as FusedLowBitLayer runs it
+            x = torch.randn(shape, device=pw.codes.device, dtype=torch.float16)
+            x = x.contiguous(memory_format=torch.channels_last) if conv else x
+            bias = None if module.bias is None else module.bias.detach().to(torch.float16)
+            buf = torch.empty(pw.spec.shape, device=pw.codes.device, dtype=torch.float16)
+            decoder.decode_cuda(pw.codes, pw.scale, pw.spec, out=buf)
+
+            def decoded(x=x, pw=pw, buf=buf, bias=bias, module=module, conv=conv, decode=against == "decode"):
+                if decode:
+                    decoder.decode_cuda(pw.codes, pw.scale, pw.spec, out=buf)
+                w = buf.permute(0, 3, 1, 2) if pw.channels_last else buf
+                if conv:
+                    return F.conv2d(x, w, bias, module.stride, module.padding, module.dilation, module.groups)
+                return F.linear(x, w, bias)
+
+            other_ms = graph_time_ms(decoded)
+            best, best_ms = None, math.inf
+            for cfg in configs:
+                try:
+                    ms = graph_time_ms(lambda cfg=cfg, x=x, fw=fw, bias=bias: lowbit_forward(x, fw, cfg, bias))
+                except Exception as e:  # a tile this GPU cannot hold (registers, shared memory)
+                    if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
+                        raise
+                    continue
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+            verdicts[key] = best if best_ms < other_ms else None
+            geometry = f", stride {module.stride[0]}" if conv else ""
+            log(f"fused layers: {tuple(shapes[name])} x {tuple(pw.spec.shape)}{geometry} ({pw.spec.grid.levels} levels): "
+                f"{'decode + op' if against == 'decode' else 'op'} {other_ms * 1e3:.1f} us, fused "
+                f"{best_ms * 1e3:.1f} us ({best.name if best else 'no tile ran'}): {'fused' if verdicts[key] else 'decoded'}")  # fmt: skip
+        if verdicts[key] is not None:
+            fw = fw if fw is not None else fused_weight(integer_codes(pw, decoder), pw.scale, module, pw.spec.grid.levels)
+            chosen[name] = (fw, verdicts[key])
+    return chosen
+
+
+def install_fused(owner: nn.Module, chosen: dict[str, tuple]) -> int:
+    """Replace each layer named in ``chosen`` (``choose_fused``'s answer) by a FusedLowBitLayer; returns how many.
+    Install them before bf.runtime.compiled_weights.compile_weights groups the rest (which must not name them)."""
+    from bf.module_paths import parent_and_attribute
+
+    for name, (fw, cfg) in chosen.items():
+        module = owner.get_submodule(name)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise BfError(f"fused layers: {name} is a {type(module).__name__}, not a Conv2d or Linear")
+        parent, child = parent_and_attribute(owner, name)
+        setattr(parent, child, FusedLowBitLayer(module, fw, cfg))
+    return len(chosen)
+
+
+def fused_bytes(owner: nn.Module) -> int:
+    """Resident bytes of the fused layers' codes and scales."""
+    return sum(m.words.nbytes + m.scale.nbytes for m in owner.modules() if isinstance(m, FusedLowBitLayer))

@@ -1,0 +1,216 @@
+"""Quantized layers run by the fused kernel inside a compiled model (bf.runtime.compiled_fused)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bf.format import Grid  # noqa: E402
+from tests.conftest import conv_linear_stack  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("layer", "x_shape", "out_shape"),
+    [
+        (nn.Conv2d(64, 32, 3, padding=1), (2, 64, 8, 8), (2, 32, 8, 8)),
+        (nn.Conv2d(64, 32, 3, stride=2, padding=1), (2, 64, 15, 15), (2, 32, 8, 8)),
+        (nn.Conv2d(64, 32, 1), (1, 64, 5, 7), (1, 32, 5, 7)),
+        (nn.Linear(64, 48), (2, 77, 64), (2, 77, 48)),
+    ],
+)
+def test_the_fake_op_gives_the_kernels_output_shape_and_layout(layer, x_shape, out_shape):
+    """What the compiler plans with: the shape the kernel returns, channels-last for a convolution."""
+    from bf.runtime.compiled_fused import _layer_id
+    from bf.runtime.fused_layout import fused_weight
+
+    w = layer.weight
+    stored = (w.shape[0], *w.shape[2:], w.shape[1]) if w.dim() == 4 else tuple(w.shape)  # conv rows in (kh, kw, in) order
+    fw = fused_weight(torch.zeros(stored, dtype=torch.uint8), torch.ones(w.shape[0]), layer, 3)
+    layer_id = _layer_id(fw, ("a tile",))
+    meta = torch.empty(x_shape, device="meta", dtype=torch.float16)
+    y = torch.ops.bf.lowbit_fused_layer(meta, fw.words.to("meta"), fw.scale.to("meta"), None, layer_id)
+    assert tuple(y.shape) == out_shape and y.dtype == torch.float16
+    assert len(out_shape) == 3 or y.is_contiguous(memory_format=torch.channels_last)
+    assert _layer_id(fw, ("a tile",)) == layer_id  # one id per geometry and tile, however often it is asked
+
+
+@pytest.mark.parametrize(
+    ("layer", "x_shape"),
+    [(nn.Conv2d(64, 32, 3, stride=2, padding=1), (2, 64, 9, 9)), (nn.Conv2d(64, 32, 1), (1, 64, 5, 7)), (nn.Linear(64, 48), (154, 64))],
+)
+def test_the_op_passes_torchs_custom_op_checks(layer, x_shape):
+    """torch.library.opcheck on the CPU path: the fake implementation's shapes and strides equal the real output's,
+    and the op traces and dispatches as registered."""
+    from bf.runtime.compiled_fused import _layer_id
+    from bf.runtime.fused_layout import fused_weight
+
+    w = layer.weight
+    stored = (w.shape[0], *w.shape[2:], w.shape[1]) if w.dim() == 4 else tuple(w.shape)
+    gen = torch.Generator().manual_seed(1)
+    fw = fused_weight(torch.randint(0, 5, stored, generator=gen).to(torch.uint8), torch.rand(w.shape[0], generator=gen), layer, 5)
+    x = torch.randn(x_shape, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    for bias in (None, torch.randn(w.shape[0], generator=gen)):
+        torch.library.opcheck(torch.ops.bf.lowbit_fused_layer, (x, fw.words, fw.scale, bias, _layer_id(fw, ("a tile",))))
+
+
+def _stack_layers():
+    """A conv/linear stack at a small latent (weights outweigh compute) on its decoded weights, and its quantized layers."""
+    return conv_linear_stack((256, 512, 256, 128), (Grid(1), Grid(2), Grid(4)), 0.02)
+
+
+def _stack(device: str):
+    """The stack, and its layers packed channels-last for ``device``."""
+    from bf.runtime.streamed_weights import packed_weight
+
+    decoded, layers = _stack_layers()
+    return decoded, {name: packed_weight(layer, device, True) for name, layer in layers.items()}
+
+
+@pytest.mark.gpu
+def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native_build):
+    """On the GPU: the layers choose_fused picks (every one, forced) run the kernel inside a compiled, CUDA-graphed
+    step whose other layers decode as usual, within fp32-accumulation rounding of the decoded model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    from bf.decode_kernels import load
+    from bf.runtime import compiled_fused
+    from bf.runtime.compiled_fused import FusedLowBitLayer, choose_fused, fused_bytes, install_fused
+    from bf.runtime.compiled_weights import compile_weights, decode_launches
+    from bf.runtime.torch_graph import GraphedCall
+
+    lib = load(native_build / "libbf_decode.so")
+    decoded, packed = _stack("cuda")
+    decoded = decoded.cuda().half().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 256, 8, 8, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    logged = []
+    chosen = choose_fused(decoded, packed, lambda: decoded(x), lib, log=logged.append)
+    assert len(logged) == 3 and all("decode + op" in m for m in logged)  # one line per class of layer
+    from bf.runtime.lowbit_gemm import TileConfig
+
+    assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged, strict=True))  # the forward's order
+    assert all(isinstance(cfg, TileConfig) and fw.words.is_cuda for fw, cfg in chosen.values())
+    # every layer fused, whatever this GPU timed: the path under test
+    from bf.runtime.fused_layout import fused_weight
+    from bf.runtime.streamed_weights import integer_codes
+
+    cfg = TileConfig(**compiled_fused.CANDIDATES[0])
+    forced = {n: (fused_weight(integer_codes(p, lib), p.scale, getattr(decoded, n), p.spec.grid.levels), cfg) for n, p in packed.items()
+              if n != "fc"}  # fmt: skip
+    model = copy.deepcopy(decoded)
+    assert install_fused(model, forced) == 2
+    compile_weights(model, {"fc": packed["fc"]}, torch.float16, decoder=lib)
+    assert isinstance(model.a, FusedLowBitLayer) and decode_launches(model) == 1
+    assert fused_bytes(model) == sum(fw.words.nbytes + fw.scale.nbytes for fw, _ in forced.values())
+    with torch.inference_mode():
+        ref = decoded(x).float()
+        torch._dynamo.reset()
+        step = GraphedCall(torch.compile(model, fullgraph=True))
+        for _ in range(3):
+            got = step(x).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 2e-3, f"relative error {err:.2e}"
+        torch._dynamo.reset()
+
+
+def _forced(decoded, levels: dict, names) -> dict:
+    """Every named layer fused, with the codes its QuantizedLayer levels make (no GPU to read them back from)."""
+    from bf.runtime.fused_layout import fused_weight
+
+    chosen = {}
+    for name in names:
+        pw = levels[name]
+        module = getattr(decoded, name)
+        codes = pw.levels - pw.grid.qmin  # code 0 is the lowest level
+        if codes.dim() == 4:
+            codes = codes.permute(0, 2, 3, 1)  # (kh, kw, in) rows: the fused layout's K order
+        chosen[name] = (fused_weight(codes.to(torch.uint8), pw.scale, module, pw.grid.levels), ("a tile",))
+    return chosen
+
+
+def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_model(native_build):
+    """On the CPU (the op's reference path): a model whose 3x3 convolution and linear layer are fused and whose 1x1
+    convolution decodes in the step traces without a graph break through both ops, and equals the decoded-weight model."""
+    from bf.decode_kernels import load
+    from bf.errors import BfError
+    from bf.runtime.compiled_fused import FusedLowBitLayer, fused_bytes, install_fused
+    from bf.runtime.compiled_weights import compile_weights, decode_launches
+    from bf.runtime.streamed_weights import packed_weight
+
+    decoded, layers = _stack_layers()
+    packed = {n: packed_weight(layer, "cpu", True) for n, layer in layers.items()}
+    levels = {n: _Levels(layer) for n, layer in layers.items()}
+    model = copy.deepcopy(decoded)
+    chosen = _forced(decoded, levels, ["a", "fc"])
+    assert install_fused(model, chosen) == 2
+    compile_weights(model, {"b": packed["b"]}, torch.float32, decoder=load(native_build / "libbf_decode.so"))
+    assert isinstance(model.a, FusedLowBitLayer) and isinstance(model.fc, FusedLowBitLayer) and decode_launches(model) == 1
+    assert fused_bytes(model) == sum(fw.words.nbytes + fw.scale.nbytes for fw, _ in chosen.values())
+    decoded, model = decoded.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 256, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = decoded(x)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        traced = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+    # an NCHW input reaches the fused convolutions channels-last, the layout the kernel reads without a copy
+    from bf.runtime import compiled_fused
+
+    seen = []
+    reference = compiled_fused._reference
+
+    def watched(x, fw, bias):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.dim())
+        return reference(x, fw, bias)
+
+    compiled_fused._reference = watched
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x.contiguous()), ref, rtol=1e-5, atol=1e-5)
+            assert seen == [True, 2]
+            seen.clear()
+            torch._dynamo.reset()
+            traced = torch.compile(model, backend="aot_eager", fullgraph=True)  # the compiled graph asks for the layout too
+            torch.testing.assert_close(traced(x.contiguous()), ref, rtol=1e-5, atol=1e-5)
+            assert seen == [True, 2]
+            torch._dynamo.reset()
+    finally:
+        compiled_fused._reference = reference
+    with pytest.raises(BfError, match="is a FusedLowBitLayer, not a Conv2d"):
+        install_fused(model, {"a": chosen["a"]})
+
+
+class _Levels:
+    """A QuantizedLayer's integer levels, grid and scales as tensors."""
+
+    def __init__(self, layer):
+        self.levels = torch.from_numpy(layer.levels().astype(np.int64))
+        self.grid = layer.grid
+        self.scale = torch.from_numpy(np.asarray(layer.scale, dtype=np.float32))
+
+
+@pytest.mark.parametrize("x_shape", [(2, 77, 64), (2, 3, 5, 64), (64,)])
+def test_a_fused_linear_layer_takes_any_leading_dimensions(x_shape):
+    """A linear layer's input of any rank (4-D ones included, which the op would read as a convolution's) gives
+    F.linear's output on the weight its codes make."""
+    from bf.runtime.compiled_fused import FusedLowBitLayer
+    from bf.runtime.fused_layout import fused_weight
+
+    gen = torch.Generator().manual_seed(2)
+    layer = nn.Linear(64, 24)
+    codes = torch.randint(0, 9, (24, 64), generator=gen).to(torch.uint8)
+    scale = torch.rand(24, generator=gen)
+    fused = FusedLowBitLayer(layer, fused_weight(codes, scale, layer, 9), ("a tile",))
+    x = torch.randn(x_shape, generator=gen)
+    with torch.inference_mode():
+        y = fused(x)
+    ref = nn.functional.linear(x, (codes.float() - 4) * scale[:, None], layer.bias.detach())
+    assert y.shape == (*x_shape[:-1], 24)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
