@@ -205,7 +205,10 @@ def install_fused(owner: nn.Module, chosen: dict[str, tuple]) -> int:
     from bf.module_paths import parent_and_attribute
 
     for name, (fw, cfg) in chosen.items():
-        module = owner.get_submodule(name)
+        try:
+            module = owner.get_submodule(name)
+        except AttributeError:
+            raise BfError(f"fused layers: the model has no layer {name!r}") from None
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise BfError(f"fused layers: {name} is a {type(module).__name__}, not a Conv2d or Linear")
         parent, child = parent_and_attribute(owner, name)

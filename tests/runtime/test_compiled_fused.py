@@ -185,6 +185,8 @@ def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_mo
         compiled_fused._reference = reference
     with pytest.raises(BfError, match="is a FusedLowBitLayer, not a Conv2d"):
         install_fused(model, {"a": chosen["a"]})
+    with pytest.raises(BfError, match="the model has no layer 'c'"):
+        install_fused(model, {"c": chosen["a"]})
 
 
 class _Levels:
