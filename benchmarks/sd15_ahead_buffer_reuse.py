@@ -74,7 +74,6 @@ def main() -> None:
         print(f"{label}: {row['median_ms']:.3f} ms/step, peak {row['peak_mem_bytes'] / 1e9:.3f} GB", flush=True)
         del model, step
         torch._dynamo.reset()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, res)
 
 

@@ -45,6 +45,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet, stats  # noqa: E402
+
+from bf.runtime.compiled_weights import STEP_PRIORITY  # noqa: E402
 
 DEV = "cuda"
 
@@ -138,9 +141,24 @@ def profile(step, inputs) -> dict:
     }
 
 
-def main() -> None:
-    from bf.runtime.compiled_weights import STEP_PRIORITY
+class Point(NamedTuple):
+    """One 1.99-bit compiled configuration."""
 
+    keep: int = 0  # MB kept decoded
+    which: str = "largest"  # which weights are kept: "largest" or "smallest"
+    mode: str = "default"  # torch.compile's mode
+    ahead: int = 0  # slots decoded ahead into (0: in the step's stream)
+    blocks: int = 0  # decode launches' grid cap (0: none)
+    priority: int = STEP_PRIORITY  # the step's CUDA priority when it decodes ahead (in its stream: 0)
+    fused: bool = False  # the fused kernel on the layers it runs faster (bf.runtime.compiled_fused)
+
+
+def print_profile(label: str, prof: dict) -> None:
+    print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
+          + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_compiled_step.json")
@@ -180,6 +198,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
 
+    from bf.cli.output import write_json
     from bf.decode_kernels import load
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
     from bf.runtime.compiled_fused import choose_fused, install_fused
@@ -232,16 +251,13 @@ def main() -> None:
                 compile_weights(model.unet, packed, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
             with torch.inference_mode():  # the default runtime: decode in the step's stream
                 prof[label] = profile(model.eager_step if "eager" in label else build_step(model.eager_step, "default"), inputs)
-            print(f"profile {label}: {prof[label]['kernel_ms']:.2f} ms of kernels: "
-                  + ", ".join(f"{c} {v:.2f}" for c, v in prof[label]["by_category_ms"].items()), flush=True)  # fmt: skip
+            print_profile(label, prof[label])
             del model
             torch._dynamo.reset()
         old = json.loads(args.out.read_text()) if args.out.exists() else res
         old["profile"] = prof
         old["profile_command"] = res["command"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(old, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, old)
         return
 
     # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
@@ -289,17 +305,17 @@ def main() -> None:
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
-    # (MB kept decoded, which weights: "largest" or "smallest", compile mode, slots decoded ahead into (0: in the step's
-    # stream), decode grid cap, the step's priority, fused layers)
-    points = [] if args.no_in_stream else [(0, "largest", mode, 0, 0, 0, False) for mode, _ in modes]
-    points += [(0, "largest", "default", n, 0, p, False) for n in args.ahead for p in args.compute_priority]
-    points += [(0, "largest", "default", args.ahead[0], b, STEP_PRIORITY, False) for b in args.decode_blocks if args.ahead]
-    points += [] if args.no_in_stream else [(keep, "largest", "default", 0, 0, 0, False) for keep in keeps[1:]]
-    points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY, False) for keep in args.ahead_keep if args.ahead]
+    ahead_first = args.ahead[:1]  # the slot count the variants below decode ahead into (none: no such variants)
+    points = [] if args.no_in_stream else [Point(mode=mode) for mode, _ in modes]
+    points += [Point(ahead=n, priority=p) for n in args.ahead for p in args.compute_priority]
+    points += [Point(ahead=n, blocks=b) for n in ahead_first for b in args.decode_blocks]
+    points += [] if args.no_in_stream else [Point(keep=keep) for keep in keeps[1:]]
+    points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
     if args.fused_layers:
-        points += [(0, "largest", "default", 0, 0, 0, True)]
-        points += [(keep, "smallest", "default", args.ahead[0], 0, STEP_PRIORITY, True) for keep in (0, *args.ahead_keep) if args.ahead]
+        points += [Point(fused=True)]
+        points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
     for keep, which, mode, ahead, blocks, priority, fused in points:
+        priority = priority if ahead else 0  # a step in the decode's own stream is captured at the default priority
         label = dict(modes)[mode]
         name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
         name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
@@ -327,7 +343,7 @@ def main() -> None:
             slot_bytes = decode_ahead(model.unet, lambda model=model, small=small: model.eager_step(*small), ahead, max_blocks=blocks)
         clean()  # the FP16 weights the compiled layers replaced are gone: they are not part of this configuration's peak
         options = AHEAD_COMPILE_OPTIONS if ahead else None
-        step = graphed_step(model.eager_step, mode, options, priority if ahead else 0)
+        step = graphed_step(model.eager_step, mode, options, priority)
         with torch.inference_mode():
             extra = {"warmup_s": warm_up(step, inputs), "kept_decoded_bytes": sum(2 * packed[n].numel for n in kept),
                      "kept": which if keep else "none",
@@ -346,7 +362,7 @@ def main() -> None:
                         "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
         print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
-        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *args.ahead[:1]) and first_priority:
+        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
             key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "") + ("_fused" if fused else "")
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
                 res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
@@ -361,8 +377,7 @@ def main() -> None:
             del fp16
             torch._dynamo.reset()
     for label, prof in res.get("profile", {}).items():
-        print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
-              + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
+        print_profile(label, prof)
     del packed, ref
 
     res["configs"] = configs
@@ -383,9 +398,7 @@ def main() -> None:
                     for k in sorted(lowbit, key=lambda k: configs[k]["peak_mem_bytes"])]  # fmt: skip
     print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
                      indent=1), flush=True)  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,6 @@ def main() -> None:
         res["step_layers_vs_fp16"] = {k: v / base for k, v in totals.items()}
         res["step_layers_minus_fp16_ms"] = {k: v - base for k, v in totals.items()}
         print("the step's layers: " + ", ".join(f"{k} {v:.3f} ms ({v - base:+.3f})" for k, v in totals.items()), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, res)
 
 

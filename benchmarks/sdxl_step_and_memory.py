@@ -352,7 +352,6 @@ def main() -> None:
         errors = [f"{m}: {k}" for m, mod in res["models"].items() for k, c in mod.get("configs", {}).items() if "error" in c]
         res["failed_configs"] = errors
         res["complete"] = name == args.archs.split(",")[-1] and not errors
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, res)
         if not res["complete"]:
             print(f"(the figures so far: up to {name})", flush=True)

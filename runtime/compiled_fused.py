@@ -96,7 +96,7 @@ class FusedLowBitLayer(nn.Module):
         # plain attributes, not buffers: moving the model to float16 must not round the float32 scales
         self.words, self.scale = fw.words, fw.scale
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
-        self.layer, self.config = _layer_id(fw, cfg), cfg
+        self.layer = _layer_id(fw, cfg)  # its geometry and tile: _LAYERS[self.layer]
         self.conv = isinstance(module, nn.Conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,18 +137,11 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
     of back-to-back calls, so with the layer's codes and weight warm in L2."""
     if against not in ("decode", "fp16"):
         raise BfError(f"fused layers: against={against!r}: must be 'decode' or 'fp16'")
-    from bf.runtime.fused_layout import fusable, fused_weight
-    from bf.runtime.lowbit_gemm import TileConfig, lowbit_forward
-    from bf.runtime.streamed_weights import integer_codes
+    from bf.runtime.lowbit_gemm import TileConfig, tile_times
+    from bf.runtime.streamed_weights import fusable_layer, fused_codes
     from bf.runtime.torch_graph import graph_time_ms
 
-    candidates = []
-    for name, pw in packed.items():
-        module = owner.get_submodule(name)
-        if isinstance(module, nn.Conv2d) and not pw.channels_last:
-            continue  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
-        if fusable(module, pw.spec.grid.levels) is None:
-            candidates.append(name)
+    candidates = [name for name, pw in packed.items() if fusable_layer(owner.get_submodule(name), pw)]
     shapes = _layer_inputs(owner, candidates, run_once)
     configs = [TileConfig(**c) for c in CANDIDATES]
     chosen: dict[str, tuple] = {}
@@ -161,40 +154,31 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
         key = (tuple(shapes[name]), tuple(pw.spec.shape), pw.spec.grid.levels, module.stride if conv else 1, module.padding if conv else 0)
         fw = None
         if key not in verdicts:
-            fw = fused_weight(integer_codes(pw, decoder), pw.scale, module, pw.spec.grid.levels)
+            fw = fused_codes(module, pw, decoder)
             shape = shapes[name] if conv else (math.prod(shapes[name][:-1]), shapes[name][-1])  # as FusedLowBitLayer runs it
             x = torch.randn(shape, device=pw.codes.device, dtype=torch.float16)
             x = x.contiguous(memory_format=torch.channels_last) if conv else x
             bias = None if module.bias is None else module.bias.detach().to(torch.float16)
-            buf = torch.empty(pw.spec.shape, device=pw.codes.device, dtype=torch.float16)
-            decoder.decode_cuda(pw.codes, pw.scale, pw.spec, out=buf)
+            buf = torch.empty(pw.numel, device=pw.codes.device, dtype=torch.float16)
+            weight = pw.decode(decoder, buf)
 
-            def decoded(x=x, pw=pw, buf=buf, bias=bias, module=module, conv=conv, decode=against == "decode"):
-                if decode:
-                    decoder.decode_cuda(pw.codes, pw.scale, pw.spec, out=buf)
-                w = buf.permute(0, 3, 1, 2) if pw.channels_last else buf
+            def decoded(x=x, pw=pw, buf=buf, weight=weight, bias=bias, module=module, conv=conv):
+                w = pw.decode(decoder, buf) if against == "decode" else weight
                 if conv:
                     return F.conv2d(x, w, bias, module.stride, module.padding, module.dilation, module.groups)
                 return F.linear(x, w, bias)
 
             other_ms = graph_time_ms(decoded)
-            best, best_ms = None, math.inf
-            for cfg in configs:
-                try:
-                    ms = graph_time_ms(lambda cfg=cfg, x=x, fw=fw, bias=bias: lowbit_forward(x, fw, cfg, bias))
-                except Exception as e:  # a tile this GPU cannot hold (registers, shared memory)
-                    if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
-                        raise
-                    continue
-                if ms < best_ms:
-                    best, best_ms = cfg, ms
+            times = tile_times(x, fw, configs, bias)
+            best = min(times, key=times.get) if times else None
+            best_ms = times[best] if times else math.inf
             verdicts[key] = best if best_ms < other_ms else None
             geometry = f", stride {module.stride[0]}" if conv else ""
             log(f"fused layers: {tuple(shapes[name])} x {tuple(pw.spec.shape)}{geometry} ({pw.spec.grid.levels} levels): "
                 f"{'decode + op' if against == 'decode' else 'op'} {other_ms * 1e3:.1f} us, fused "
                 f"{best_ms * 1e3:.1f} us ({best.name if best else 'no tile ran'}): {'fused' if verdicts[key] else 'decoded'}")  # fmt: skip
         if verdicts[key] is not None:
-            fw = fw if fw is not None else fused_weight(integer_codes(pw, decoder), pw.scale, module, pw.spec.grid.levels)
+            fw = fw if fw is not None else fused_codes(module, pw, decoder)
             chosen[name] = (fw, verdicts[key])
     return chosen
 

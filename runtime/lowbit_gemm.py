@@ -167,6 +167,21 @@ CONFIGS = (
 )
 
 
+def tile_times(x: torch.Tensor, fw: FusedWeight, configs, bias: torch.Tensor | None = None) -> dict[TileConfig, float]:
+    """Milliseconds per call of each tile configuration on ``x`` (bf.runtime.torch_graph.graph_time_ms); a tile
+    this GPU cannot hold (shared memory, registers) is left out."""
+    from bf.runtime.torch_graph import graph_time_ms
+
+    times = {}
+    for cfg in configs:
+        try:
+            times[cfg] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg, bias))
+        except Exception as e:
+            if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
+                raise
+    return times
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -278,28 +278,24 @@ class StreamedLayer(nn.Module):
         return y
 
     def _choose(self, x: torch.Tensor) -> None:
-        from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward
+        from bf.runtime.lowbit_gemm import CONFIGS, lowbit_forward, tile_times
         from bf.runtime.torch_graph import graph_time_ms
 
         if torch.cuda.is_current_stream_capturing():
             raise BfError("streamed weights: the first forward picks kernels and cannot run under CUDA graph capture")
         fw = self.fused
         self.chosen_for = tuple(x.shape)
-        for cfg in CONFIGS:
-            try:
-                self.timings[cfg.name] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg, self.bias))
-            except Exception as e:  # a tile that does not fit this GPU's shared memory or registers
-                if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
-                    raise
-        if not self.timings:
+        times = tile_times(x, fw, CONFIGS, self.bias)
+        if not times:
             raise BfError(f"streamed weights: no tile configuration of the fused kernel runs layer {self.index} on this GPU")
-        best = min(self.timings, key=self.timings.get)
+        self.timings = {cfg.name: ms for cfg, ms in times.items()}
+        best = min(times, key=times.get)
         if self.fused_mode == "auto":
             self.timings["decode+op"] = graph_time_ms(lambda: self.op(x, self.ring.decode_alone(self.index), self.bias))
-            if self.timings["decode+op"] <= self.timings[best]:
+            if self.timings["decode+op"] <= times[best]:
                 self.fused = None
                 return
-        self.config = next(c for c in CONFIGS if c.name == best)
+        self.config = best
         self._run_fused = functools.partial(lowbit_forward, fw=fw, cfg=self.config)
         self.ring.drop(self.index)
 
@@ -449,12 +445,22 @@ def integer_codes(w: PackedWeight, decoder) -> torch.Tensor:
     return (out.float() + w.spec.grid.levels // 2).round_().to(torch.uint8)
 
 
-def _fused_weight(module: nn.Conv2d | nn.Linear, w: PackedWeight, ring: WeightRing):
-    """The layer's codes in the fused kernel's layout, or None where that kernel cannot run it."""
-    from bf.runtime.fused_layout import fusable, fused_weight
+def fusable_layer(module: nn.Module, w: PackedWeight) -> bool:
+    """Whether the fused kernel (bf.runtime.lowbit_gemm) can run ``module`` on ``w``'s codes."""
+    from bf.runtime.fused_layout import fusable
 
     if isinstance(module, nn.Conv2d) and not w.channels_last:
-        return None  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
-    if fusable(module, w.spec.grid.levels) is not None:
-        return None
-    return fused_weight(integer_codes(w, ring.lib), w.scale, module, w.spec.grid.levels)
+        return False  # the kernel reads NHWC input and (kh, kw, in)-ordered rows
+    return fusable(module, w.spec.grid.levels) is None
+
+
+def fused_codes(module: nn.Conv2d | nn.Linear, w: PackedWeight, decoder):
+    """``w``'s codes in the fused kernel's layout (bf.runtime.fused_layout.FusedWeight), read back on the GPU."""
+    from bf.runtime.fused_layout import fused_weight
+
+    return fused_weight(integer_codes(w, decoder), w.scale, module, w.spec.grid.levels)
+
+
+def _fused_weight(module: nn.Conv2d | nn.Linear, w: PackedWeight, ring: WeightRing):
+    """The layer's codes in the fused kernel's layout, or None where that kernel cannot run it."""
+    return fused_codes(module, w, ring.lib) if fusable_layer(module, w) else None

@@ -174,8 +174,7 @@ def main() -> None:
         print(f"{e['label'][:52]:<52} {e['other']:<11} {each:<26} {e['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]{'':<6} {e['sd_over_runs']:6.3f} "
               f"{e['mean_eval_half_width']:8.3f}  {e['verdict']}")  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, result)  # atomically
+        write_json(args.json, result)  # atomically, its directory made
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")

@@ -118,18 +118,18 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
         torch._dynamo.reset()
 
 
-def _forced(decoded, levels: dict, names) -> dict:
-    """Every named layer fused, with the codes its QuantizedLayer levels make (no GPU to read them back from)."""
+def _forced(decoded, layers: dict, names) -> dict:
+    """Every named layer fused, with the codes its QuantizedLayer's levels make (no GPU to read them back from)."""
     from bf.runtime.fused_layout import fused_weight
 
     chosen = {}
     for name in names:
-        pw = levels[name]
-        module = getattr(decoded, name)
-        codes = pw.levels - pw.grid.qmin  # code 0 is the lowest level
+        layer = layers[name]
+        codes = torch.from_numpy(layer.levels().astype(np.int64)) - layer.grid.qmin  # code 0 is the lowest level
         if codes.dim() == 4:
             codes = codes.permute(0, 2, 3, 1)  # (kh, kw, in) rows: the fused layout's K order
-        chosen[name] = (fused_weight(codes.to(torch.uint8), pw.scale, module, pw.grid.levels), ("a tile",))
+        scale = torch.from_numpy(np.asarray(layer.scale, dtype=np.float32))
+        chosen[name] = (fused_weight(codes.to(torch.uint8), scale, getattr(decoded, name), layer.grid.levels), ("a tile",))
     return chosen
 
 
@@ -144,9 +144,8 @@ def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_mo
 
     decoded, layers = _stack_layers()
     packed = {n: packed_weight(layer, "cpu", True) for n, layer in layers.items()}
-    levels = {n: _Levels(layer) for n, layer in layers.items()}
     model = copy.deepcopy(decoded)
-    chosen = _forced(decoded, levels, ["a", "fc"])
+    chosen = _forced(decoded, layers, ["a", "fc"])
     assert install_fused(model, chosen) == 2
     compile_weights(model, {"b": packed["b"]}, torch.float32, decoder=load(native_build / "libbf_decode.so"))
     assert isinstance(model.a, FusedLowBitLayer) and isinstance(model.fc, FusedLowBitLayer) and decode_launches(model) == 1
@@ -187,15 +186,6 @@ def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_mo
         install_fused(model, {"a": chosen["a"]})
     with pytest.raises(BfError, match="the model has no layer 'c'"):
         install_fused(model, {"c": chosen["a"]})
-
-
-class _Levels:
-    """A QuantizedLayer's integer levels, grid and scales as tensors."""
-
-    def __init__(self, layer):
-        self.levels = torch.from_numpy(layer.levels().astype(np.int64))
-        self.grid = layer.grid
-        self.scale = torch.from_numpy(np.asarray(layer.scale, dtype=np.float32))
 
 
 @pytest.mark.parametrize("x_shape", [(2, 77, 64), (2, 3, 5, 64), (64,)])
