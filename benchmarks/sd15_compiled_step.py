@@ -29,8 +29,9 @@ Peak memory is what a configuration allocates on top of an empty GPU while it st
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
 and again after torch._dynamo.reset() (inductor's on-disk cache warm: what the next process pays).
 The decoded-weight configurations are checked against the same codes decoded once, run eagerly.
-With --profile, one step of the best FP16 and of the best 1.99-bit configuration (compiled without
-CUDA graphs, so each kernel is visible) is broken down by kernel category.
+With --profile, one step of the best FP16 and of the best 1.99-bit configuration is broken down by kernel
+category, as measured (replayed from its CUDA graph) and compiled without CUDA graphs; every kernel's start,
+duration and stream go to <out>_timeline.json.
 
     python benchmarks/sd15_compiled_step.py [--out results/sd15_compiled_step.json] [--keep 256,640] [--profile]
 """
@@ -113,7 +114,11 @@ def warm_up(step, inputs) -> float:
 
 
 def profile(step, inputs) -> dict:
-    """GPU time of one step by kernel category (ms), and every kernel's time (longest first)."""
+    """GPU time of one step by kernel category (ms), every kernel's time (longest first), and its timeline: each
+    stream's busy time, the span from the first kernel's start to the last one's end, and the kernels in start order
+    (``timeline``: start and duration in us from the first start, stream, name). A step replayed from a CUDA graph
+    shows its kernels too (CUPTI traces graph nodes); how long the step's stream waits on the decode stream is its
+    span less its busy time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -123,22 +128,32 @@ def profile(step, inputs) -> dict:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(*inputs)
         torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
     kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
+    for e in events:
+        kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
     category = {n: next((c for c, pattern in CATEGORIES if re.search(pattern, n, re.IGNORECASE)), "other") for n in kernels}
     cats: dict[str, float] = {}
     for name, ms in kernels.items():
         cats[category[name]] = cats.get(category[name], 0.0) + ms
     total = sum(cats.values())
     ordered = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
+    events.sort(key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start if events else 0
+    streams: dict[str, float] = {}
+    for e in events:
+        streams[str(e.device_resource_id)] = streams.get(str(e.device_resource_id), 0.0) + e.time_range.elapsed_us() / 1e3
     return {
         "kernel_ms": total,
+        "kernels": len(events),
+        "span_ms": (max(e.time_range.end for e in events) - t0) / 1e3 if events else 0.0,
+        "stream_busy_ms": streams,
         "by_category_ms": ordered,
-        "by_category_share": {c: v / total for c, v in ordered.items()},
+        "by_category_share": {c: v / total for c, v in ordered.items()} if total else {},
         "kernels_ms": [{"name": n[:160], "ms": v, "category": category[n]} for n, v in sorted(kernels.items(), key=lambda kv: -kv[1])],
-    }
+        "timeline": [[round(e.time_range.start - t0, 2), round(e.time_range.elapsed_us(), 2), e.device_resource_id, e.name[:80]]
+                     for e in events],
+    }  # fmt: skip
 
 
 class Point(NamedTuple):
@@ -154,8 +169,9 @@ class Point(NamedTuple):
 
 
 def print_profile(label: str, prof: dict) -> None:
-    print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels: "
-          + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
+    busy = ", ".join(f"stream {s} {v:.2f}" for s, v in prof["stream_busy_ms"].items())
+    print(f"profile {label}: {prof['kernel_ms']:.2f} ms of kernels ({prof['kernels']}) over {prof['span_ms']:.2f} ms "
+          f"({busy}): " + ", ".join(f"{c} {v:.2f}" for c, v in prof["by_category_ms"].items()), flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -193,7 +209,7 @@ def main() -> None:
         action="store_true",
         help="compiled: skip the configurations that decode in the step's stream (the _fused one stays)",
     )
-    ap.add_argument("--profile-no-fp16", action="store_true", help="--profile: the 1.99-bit configurations only")
+    ap.add_argument("--profile-no-fp16", action="store_true", help="--profile: of FP16, only the graphed step as measured")
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
@@ -255,6 +271,8 @@ def main() -> None:
             del model
             torch._dynamo.reset()
         old = json.loads(args.out.read_text()) if args.out.exists() else res
+        timelines = {label: pr.pop("timeline") for label, pr in prof.items()}
+        write_json(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
         old["profile"] = prof
         old["profile_command"] = res["command"]
         write_json(args.out, old)
@@ -280,6 +298,9 @@ def main() -> None:
                     step = graphed_step(fp16.eager_step, mode)
                     extra["warmup_cached_s"] = warm_up(step, inputs)
             record(f"fp16_{label}{sfx}", step, base, extra)
+            if args.profile and mode == "default":  # as measured: replayed from its graph
+                with torch.inference_mode():
+                    res.setdefault("profile", {})[f"fp16_{label}{sfx}_graphed"] = profile(step, inputs)
             del fp16, step
             torch._dynamo.reset()
 
@@ -365,7 +386,8 @@ def main() -> None:
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
             key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "") + ("_fused" if fused else "")
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
-                res.setdefault("profile", {})[key] = profile(build_step(model.eager_step, "default", options), inputs)
+                res.setdefault("profile", {})[key + "_graphed"] = profile(step, inputs)  # as measured
+                res["profile"][key] = profile(build_step(model.eager_step, "default", options), inputs)
         del model, step, chosen  # the fused layers' codes too: the next configuration's baseline must not hold them
         torch._dynamo.reset()
     if args.profile and not args.profile_no_fp16:
@@ -398,6 +420,9 @@ def main() -> None:
                     for k in sorted(lowbit, key=lambda k: configs[k]["peak_mem_bytes"])]  # fmt: skip
     print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
                      indent=1), flush=True)  # fmt: skip
+    timelines = {label: prof.pop("timeline") for label, prof in res.get("profile", {}).items()}
+    if timelines:  # every kernel of each profiled step, beside the figures
+        write_json(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
     write_json(args.out, res)
 
 
