@@ -166,6 +166,8 @@ class Point(NamedTuple):
     blocks: int = 0  # decode launches' grid cap (0: none)
     priority: int = STEP_PRIORITY  # the step's CUDA priority when it decodes ahead (in its stream: 0)
     fused: bool = False  # the fused kernel on the layers it runs faster (bf.runtime.compiled_fused)
+    against: str = "decode"  # fused: what the fused kernel is timed against (choose_fused's against)
+    margin: float = 1.0  # fused: taken within this factor of the alternative's time (choose_fused's margin)
 
 
 def print_profile(label: str, prof: dict) -> None:
@@ -204,11 +206,12 @@ def main() -> None:
                     help="compiled: also each in-stream, first --ahead and --ahead-keep configuration with the layers the fused "
                          "kernel runs faster than decode + op (bf.runtime.compiled_fused.choose_fused, timed in the run) "
                          "reading their codes, named _fused")  # fmt: skip
-    ap.add_argument(
-        "--no-in-stream",
-        action="store_true",
-        help="compiled: skip the configurations that decode in the step's stream (the _fused one stays)",
-    )
+    ap.add_argument("--fused-choice", type=lambda t: [(a, float(m)) for a, m in (x.split(":") for x in t.split(",") if x)], default=[],
+                    help="compiled, decoding ahead into the first --ahead slots: AGAINST:MARGIN pairs (AGAINST decode or fp16, "
+                         "see choose_fused), a configuration each with the layers so chosen fused, named _fused_AGAINSTxMARGIN; "
+                         "e.g. fp16:1,decode:1.5")  # fmt: skip
+    ap.add_argument("--no-in-stream", action="store_true",
+                    help="compiled: skip those that decode in the step's stream (--fused-layers' _fused one stays)")  # fmt: skip
     ap.add_argument("--profile-no-fp16", action="store_true", help="--profile: of FP16, only the graphed step as measured")
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
@@ -335,13 +338,15 @@ def main() -> None:
     if args.fused_layers:
         points += [Point(fused=True)]
         points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
-    for keep, which, mode, ahead, blocks, priority, fused in points:
+    points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
+    for keep, which, mode, ahead, blocks, priority, fused, against, margin in points:
         priority = priority if ahead else 0  # a step in the decode's own stream is captured at the default priority
         label = dict(modes)[mode]
         name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
         name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
         name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
         name += "_fused" if fused else ""
+        name += f"_{against}x{margin:g}" if fused and (against, margin) != ("decode", 1.0) else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
         within = largest_within if which == "largest" else smallest_within
@@ -353,7 +358,7 @@ def main() -> None:
         rest = {n: p for n, p in packed.items() if n not in kept}
         chosen = {}
         if fused:  # timed on the step's own input shapes, on the FP16 model still in place
-            chosen = choose_fused(model.unet, rest, lambda model=model: model.eager_step(*inputs), lib, log=print)
+            chosen = choose_fused(model.unet, rest, lambda model=model: model.eager_step(*inputs), lib, against, margin, log=print)
             install_fused(model.unet, chosen)
             rest = {n: p for n, p in rest.items() if n not in chosen}
         compile_weights(model.unet, rest, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
@@ -370,6 +375,7 @@ def main() -> None:
                      "kept": which if keep else "none",
                      "decode_launches": launches, "ahead_slots": ahead, "slot_bytes": slot_bytes, "decode_blocks": blocks,
                      "step_stream_priority": priority, "fused_layers": len(chosen),
+                     "fused_against": against if fused else None, "fused_margin": margin if fused else None,
                      "fused_fp16_weight_bytes": sum(2 * packed[n].numel for n in chosen),
                      "fused_code_bytes": sum(fw.nbytes for fw, _ in chosen.values()),
                      "fused": {n: cfg.name for n, (_, cfg) in chosen.items()}}  # fmt: skip

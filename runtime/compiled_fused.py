@@ -128,15 +128,19 @@ def _layer_inputs(owner: nn.Module, names: list[str], run_once: Callable[[], obj
 
 
 def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object], decoder, against: str = "decode",
-                 log: Callable[[str], None] = lambda msg: None) -> dict[str, tuple]:  # fmt: skip
+                 margin: float = 1.0, log: Callable[[str], None] = lambda msg: None) -> dict[str, tuple]:  # fmt: skip
     """The layers of ``owner`` (name -> PackedWeight in ``packed``, on the GPU) that the fused kernel runs faster than
     the alternative, at the input shape each sees in ``run_once()`` (one forward, at the shape the step will run):
     name -> (FusedWeight, TileConfig). ``against``: "decode", decoding the weight and running cuDNN / cuBLAS on it
     (a step that decodes in its stream), or "fp16", cuDNN / cuBLAS alone on the decoded weight (a step whose decode
-    is hidden ahead). Layers of one class (shapes, stride, padding, width) are timed once, each way as a CUDA graph
-    of back-to-back calls, so with the layer's codes and weight warm in L2."""
+    is hidden ahead). ``margin``: the fused kernel is taken where it runs within ``margin`` times the alternative's
+    time (above 1: a layer whose decode, hidden ahead, still costs the step its share of the GPU's memory
+    bandwidth). Layers of one class (shapes, stride, padding, width) are timed once, each way as a CUDA graph of
+    back-to-back calls, so with the layer's codes and weight warm in L2."""
     if against not in ("decode", "fp16"):
         raise BfError(f"fused layers: against={against!r}: must be 'decode' or 'fp16'")
+    if not margin > 0:
+        raise BfError(f"fused layers: margin={margin}: must be a positive factor (1: only where the fused kernel is faster)")
     from bf.runtime.lowbit_gemm import TileConfig, tile_times
     from bf.runtime.streamed_weights import fusable_layer, fused_codes
     from bf.runtime.torch_graph import graph_time_ms
@@ -172,7 +176,7 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
             times = tile_times(x, fw, configs, bias)
             best = min(times, key=times.get) if times else None
             best_ms = times[best] if times else math.inf
-            verdicts[key] = best if best_ms < other_ms else None
+            verdicts[key] = best if best_ms < margin * other_ms else None
             geometry = f", stride {module.stride[0]}" if conv else ""
             log(f"fused layers: {tuple(shapes[name])} x {tuple(pw.spec.shape)}{geometry} ({pw.spec.grid.levels} levels): "
                 f"{'decode + op' if against == 'decode' else 'op'} {other_ms * 1e3:.1f} us, fused "
