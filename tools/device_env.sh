@@ -15,7 +15,8 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "/tmp/bfpkg-$bf_key.new" . \
       && touch "/tmp/bfpkg-$bf_key.new/.complete" && mv "/tmp/bfpkg-$bf_key.new" "/tmp/bfpkg-$bf_key"
   fi
-  export PYTHONPATH=/tmp/bfpkg-$bf_key:/tmp/site
+  # the repository last: the GPU tests import their helpers from tests.conftest, while bf resolves to the installed copy
+  export PYTHONPATH=/tmp/bfpkg-$bf_key:/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export BF_CACHE=/tmp/bfcache TORCHINDUCTOR_CACHE_DIR=/tmp/bfcache/torchinductor  # exports, engines, inductor's kernels
