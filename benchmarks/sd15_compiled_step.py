@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--no-nchw", action="store_true", help="skip the NCHW configurations")
     ap.add_argument("--quick", action="store_true", help="compile + CUDA graph only, no cached warm-up")
     ap.add_argument("--per-layer-decode", action="store_true", help="compiled: one decode launch per layer instead of per block")
+    ap.add_argument("--sub-blocks", action="store_true",
+                    help="compiled: a transformer block's attn1, attn2 and ff decode as blocks of their own (compile_weights' "
+                         "sub_blocks), names end _subblocks")  # fmt: skip
     ap.add_argument("--ahead", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 3],
                     help="compiled: slot counts to decode ahead into, a configuration each")  # fmt: skip
     ap.add_argument("--decode-blocks", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
@@ -347,6 +350,7 @@ def main() -> None:
         name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
         name += "_fused" if fused else ""
         name += f"_{against}x{margin:g}" if fused and (against, margin) != ("decode", 1.0) else ""
+        name += "_subblocks" if args.sub_blocks else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
         within = largest_within if which == "largest" else smallest_within
@@ -361,7 +365,7 @@ def main() -> None:
             chosen = choose_fused(model.unet, rest, lambda model=model: model.eager_step(*inputs), lib, against, margin, log=print)
             install_fused(model.unet, chosen)
             rest = {n: p for n, p in rest.items() if n not in chosen}
-        compile_weights(model.unet, rest, torch.float16, decoder=lib, by_block=not args.per_layer_decode)
+        compile_weights(model.unet, rest, torch.float16, decoder=lib, by_block=not args.per_layer_decode, sub_blocks=args.sub_blocks)
         launches = decode_launches(model.unet)
         slot_bytes = 0
         if ahead:

@@ -277,16 +277,22 @@ def _input(args: tuple, kwargs: dict) -> torch.Tensor:
 # The blocks whose layers decode together: the innermost ResNet, transformer block, attention, or resampler a
 # layer sits in, by its module name in a diffusers UNet.
 _BLOCK = re.compile(r"^(.*\b(?:resnets|transformer_blocks|attentions|downsamplers|upsamplers)\.\d+)\.(.+)$")
+# With sub_blocks: a transformer block's attentions and feed-forward (attn1, attn2, ff) are blocks of their own. Each
+# is called on a normalization of the previous one's output, so they stay on the chain a decode ahead follows.
+_SUB_BLOCK = re.compile(r"^(.*\btransformer_blocks\.\d+\.(?:attn\d+|ff))\.(.+)$")
 
 
 def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=None, by_block: bool = True,
-                    deltas: dict | None = None) -> int:  # fmt: skip
+                    deltas: dict | None = None, sub_blocks: bool = False) -> int:  # fmt: skip
     """Make every layer of ``owner`` named in ``packed`` (name -> bf.runtime.streamed_weights.PackedWeight, already on
     the device the model runs on) decode its weight from the codes on every call, in place; returns how many.
 
     ``by_block``: the layers of one block decode together (a CompiledLowBitGroup around the block); a layer
     outside every block, or in a block that holds another group (an attention's projections around its
-    transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone.
+    transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone. ``sub_blocks`` (with
+    ``by_block``): a transformer block's self-attention, cross-attention and feed-forward decode as groups of their
+    own, so that a step decoding ahead waits for a third of such a block's weights before it starts it, and its slots
+    need only hold the largest third.
 
     ``deltas``: LoRAs as changes of the weights (name -> (up, down), bf.lora_adapters.LoRAHooks.take_weight_deltas),
     added to the decoded weights in the step: the base stays packed codes, and nothing dense is kept."""
@@ -301,7 +307,7 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
             raise BfError(f"compiled weights: {name} holds a {stored} weight, the model's is {tuple(module.weight.shape)}")
     groups: dict[str, dict] = {}
     for name, pw in packed.items():
-        m = _BLOCK.match(name) if by_block else None
+        m = ((sub_blocks and _SUB_BLOCK.match(name)) or _BLOCK.match(name)) if by_block else None
         block, member = (m[1], m[2]) if m else (name, "")
         groups.setdefault(block, {})[member] = pw
     for block in [b for b in groups if any(other.startswith(b + ".") for other in groups)]:

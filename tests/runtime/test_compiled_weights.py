@@ -133,6 +133,39 @@ def test_decoding_ahead_follows_the_forward_order_and_changes_no_weight(tiny_mod
         decode_ahead(model, lambda: (model(*small), model(*small)))
 
 
+def test_sub_blocks_decode_a_transformer_blocks_attentions_and_feed_forward_ahead_on_their_own(tiny_model, native_build):
+    """sub_blocks: each transformer block's attn1, attn2 and ff is a group; all of them lie on the chain a decode ahead
+    follows (none is left to the step's stream), the slots hold the largest of these smaller groups, and the output
+    equals the decoded-weight UNet's, eager and traced whole."""
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_weights import _SCHEDULES, CompiledLowBitGroup, compile_weights, decode_ahead
+
+    decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
+    lib = load(native_build / "libbf_decode.so")
+    whole, split = copy.deepcopy(decoded), copy.deepcopy(decoded)
+    compile_weights(whole, packed, torch.float32, decoder=lib)
+    compile_weights(split, packed, torch.float32, decoder=lib, sub_blocks=True)
+    named = {n: m for n, m in split.named_modules() if isinstance(m, CompiledLowBitGroup)}
+    blocks = {n for n, m in whole.named_modules() if isinstance(m, CompiledLowBitGroup) and "transformer_blocks" in n}
+    assert blocks and {n.rsplit(".", 1)[1] for n in named if "transformer_blocks" in n} == {"attn1", "attn2", "ff"}
+    assert {n.rsplit(".", 1)[0] for n in named if "transformer_blocks" in n} == blocks  # every block split, nothing else
+    assert sum(len(g.names) for g in named.values()) == len(packed)
+    t, ctx = torch.tensor(10), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    small = (torch.randn(1, 4, 4, 4), t, torch.randn(1, 1, decoded.config.cross_attention_dim))
+    said: list[str] = []
+    slot_bytes = decode_ahead(split, lambda: split(*small), slots=2, log=said.append)
+    assert said == [] and all(g.ahead is not None for g in named.values())
+    assert slot_bytes <= decode_ahead(whole, lambda: whole(*small), slots=2)  # (the tiny UNet's largest groups are ResNets)
+    assert len(_SCHEDULES[next(iter(named.values())).ahead[0]].order) == len(named) == sum(
+        isinstance(m, CompiledLowBitGroup) for m in whole.modules()) + 2 * len(blocks)  # fmt: skip
+    sample = torch.randn(2, 4, 16, 16)
+    with torch.inference_mode():
+        ref = decoded(sample, t, ctx).sample
+        assert torch.equal(split(sample, t, ctx).sample, ref)
+        traced = torch.compile(split, backend="aot_eager", fullgraph=True)
+        assert torch.equal(traced(sample, t, ctx).sample, ref)
+
+
 def test_decoding_ahead_leaves_a_side_branch_to_decode_on_its_own(native_build):
     """A block beside the main line (as SDXL's added-time embedding runs beside conv_in): its output feeds the
     line, but the next block's input is not computed from it, so the data would not order a decode into its slot

@@ -70,6 +70,7 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("triton")
+    from bf.runtime.compiled_fused import CANDIDATES
     from bf.runtime.lowbit_gemm import CONFIGS, TileConfig, lowbit_forward
 
     kind, cin, cout, k, stride, pad, levels, size = case
@@ -89,8 +90,9 @@ def test_the_fused_kernel_computes_the_decoded_layer_with_every_tile_configurati
         *CONFIGS,
         dataclasses.replace(CONFIGS[1], gather=True),  # the per-code word loads
         dataclasses.replace(CONFIGS[4], magic=False),  # int-to-float conversions
-        TileConfig(64, 128, 64, 4, 4, splits=0),  # split-K sized to the GPU
-        TileConfig(128, 128, 128, 8, 3, splits=0, gather=True, magic=False),
+        *(TileConfig(**c) for c in CANDIDATES),  # the compiled step's tiles: split-K sized to the GPU
+        TileConfig(**CANDIDATES[0], magic=False),  # 128-wide K tiles with conversions
+        TileConfig(128, 128, 64, 8, 3, splits=0, gather=True, magic=False),  # (gathered 128-wide K tiles need 256 KB of shared memory)
     ]
     for cfg in configs:
         y = lowbit_forward(x, fw, cfg, bias)
