@@ -62,6 +62,7 @@ DEV = "cuda"
 # Kernel name patterns, first match wins (the profile's categories).
 CATEGORIES = [
     ("fused (triton)", r"^triton_"),  # inductor's kernels, whose names list what they fused ("convolution" included)
+    ("low-bit kernel", r"^_lowbit_conv_kernel|^_split_sum_kernel"),  # the fused Triton kernel reading codes (compiled_fused)
     ("decode", r"bf::|decode_kernel|lowbit"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("conv", r"fprop|implicit_gemm|nhwckrsc|conv|winograd|dgrad"),  # cuDNN's convolutions are implicit GEMMs: before gemm

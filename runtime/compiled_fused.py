@@ -5,7 +5,9 @@ A decoded weight costs its FP16 bytes twice, written then read; the fused kernel
 layer's weight outweighs its compute (SD-v1.5's 3x3 convolutions at the 8x8 latents: 29.5 MB of FP16 weight for
 128 output pixels a batch of 2), that is the layer's whole cost, and the fused kernel with split-K sized to the GPU
 runs it about as fast as cuDNN runs the FP16 weight. Where the compute dominates, cuDNN / cuBLAS on a decoded weight
-are faster. ``choose_fused`` times both on each layer's input shape from one forward and keeps the faster.
+are faster. ``choose_fused`` times both on each layer's input shape from one forward and keeps the faster. (Taking
+slower fused layers for the decode they leave out, ``margin`` above 1, made SD-v1.5's step that decodes ahead slower:
+the kernel's extra time is on the step's chain, while the decode it saves was partly hidden beside it.)
 
 The kernel is registered as a PyTorch custom op (``bf::lowbit_fused_layer``, with a fake implementation that gives
 the output's shape and layout), so dynamo traces the UNet through it and the step's CUDA graph captures it.

@@ -76,3 +76,28 @@ def test_script_loads_and_answers_help(path, monkeypatch, capsys):
         module.main()
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_the_step_timeline_splits_a_span_into_the_chains_kernels_launch_gaps_and_waits(monkeypatch):
+    """sd15_step_timeline.split on a made-up step that decodes ahead: the inputs' copies before the step are left out, a
+    decode beside the chain is not the chain's, a gap under 3 us is a launch gap, and a wait that ends within 4 us of a
+    decode's end waited on it."""
+    monkeypatch.setattr(sys, "path", [str(REPO / "benchmarks"), *sys.path])
+    spec = importlib.util.spec_from_file_location("_step_timeline", REPO / "benchmarks" / "sd15_step_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernels = [
+        [0.0, 1.0, 7, "Memcpy DtoD (Device -> Device)"],  # the input's copy, then the graph's launch
+        [500.0, 10.0, 7, "triton_poi_fused_add_0"],
+        [505.0, 15.0, 9, "void bf::(anonymous namespace)::decode_batch_kernel<__half, 4>"],  # ends at 520
+        [510.5, 5.0, 7, "nvjet_sm90_hsh_64x8"],  # 0.5 us after the first: a launch gap
+        [522.0, 4.0, 7, "sm90_xmma_fprop_implicit_gemm"],  # 6.5 us: a wait, 2 us after the decode's end
+        [530.0, 2.0, 7, "triton_red_fused_native_group_norm_1"],  # 4 us: a wait on nothing
+    ]
+    s = module.split("lowbit_compiled_cl_ahead2_graphed", kernels)
+    assert s["span_ms"] == pytest.approx(0.032) and s["chain_kernels"] == 4 and s["side_decodes"] == 1
+    assert s["chain_busy_ms"] == pytest.approx(0.021) and s["side_decode_ms"] == pytest.approx(0.015)
+    assert s["chain_busy_by_category_ms"] == pytest.approx({"fused (triton)": 0.012, "gemm": 0.005, "conv": 0.004})
+    assert (s["launch_gaps_ms"], s["waits_ms"], s["waits_on_a_decode_ms"]) == pytest.approx((0.0005, 0.0105, 0.0065))
+    in_stream = module.split("lowbit_compiled_cl_graphed", kernels)  # the same decode in the step's own stream
+    assert in_stream["chain_kernels"] == 5 and in_stream["side_decode_ms"] == 0 and in_stream["waits_on_a_decode_ms"] == 0

@@ -206,3 +206,15 @@ def test_a_fused_linear_layer_takes_any_leading_dimensions(x_shape):
     ref = nn.functional.linear(x, (codes.float() - 4) * scale[:, None], layer.bias.detach())
     assert y.shape == (*x_shape[:-1], 24)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"against": "fp32"}, "must be 'decode' or 'fp16'"), ({"margin": 0.0}, "positive factor"),
+                                                 ({"margin": float("nan")}, "positive factor")])  # fmt: skip
+def test_choose_fused_refuses_a_bad_baseline_or_margin_before_any_work(kwargs, message):
+    from bf.errors import BfError
+    from bf.runtime.compiled_fused import choose_fused
+
+    ran = []
+    with pytest.raises(BfError, match=message):
+        choose_fused(nn.Linear(4, 4), {}, lambda: ran.append(1), decoder=None, **kwargs)
+    assert ran == []  # refused before the forward that finds the layers' inputs

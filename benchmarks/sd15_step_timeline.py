@@ -1,0 +1,148 @@
+"""Where an SD-v1.5 step's time goes between its kernels: the kernel timelines that
+``benchmarks/sd15_compiled_step.py --profile`` writes beside its JSON (<out>_timeline.json), each step
+replayed from its CUDA graph as it is measured, split into what runs on the step's own chain of kernels
+and what waits.
+
+For each profiled step:
+
+  span          the first kernel's start (after the inputs' copies into the graph) to the last one's end
+  chain busy    the kernels of the step's chain (every kernel, less the decodes of a step that decodes ahead,
+                which run beside it on their own stream), by category
+  launch gaps   the chain's gaps under 3 us (a graph's kernel-to-kernel latency)
+  waits         the chain's gaps of 3 us and more; "on a decode": those that end within 4 us of a decode's end
+                (the step waited for the weights it needed next)
+
+and, against the first FP16 step in the file, the difference of each. A plot of the chains and decodes of
+the FP16 step and each 1.99-bit step goes beside the JSON (--plot).
+
+    python benchmarks/sd15_step_timeline.py results/sd15_compiled_step_profile_timeline.json \\
+        --out results/sd15_step_timeline.json --plot results/sd15_step_timeline.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_US = 3.0  # a gap at least this long is a wait, not a graph's launch latency (FP16's are 0.4-0.7 us)
+ON_DECODE_US = 4.0  # a wait that ends this close after a decode's end waited for it
+DECODE = re.compile(r"decode_batch_kernel|decode_kernel")  # the decode library's kernels
+AHEAD = "ahead"  # a profile label naming a step that decodes ahead, beside its chain
+
+
+def category(name: str) -> str:
+    from sd15_compiled_step import CATEGORIES
+
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def split(label: str, kernels: list) -> dict:
+    """One step's timeline ([start us, duration us, stream, name], in start order) split as the docstring says."""
+    first = next(i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy"))
+    kernels = kernels[first:]
+    t0 = kernels[0][0]
+    side = [k for k in kernels if AHEAD in label and DECODE.search(k[3])]
+    chain = [k for k in kernels if not (AHEAD in label and DECODE.search(k[3]))]
+    busy: dict[str, float] = {}
+    for k in chain:
+        busy[category(k[3])] = busy.get(category(k[3]), 0.0) + k[1] / 1e3
+    launch = waits = on_decode = 0.0
+    decode_ends = sorted(k[0] + k[1] for k in side)
+    for a, b in itertools.pairwise(chain):
+        gap = b[0] - (a[0] + a[1])
+        if gap < WAIT_US:
+            launch += max(gap, 0.0)
+            continue
+        waits += gap
+        if any(0 <= b[0] - end <= ON_DECODE_US for end in decode_ends):
+            on_decode += gap
+    return {
+        "span_ms": (max(k[0] + k[1] for k in kernels) - t0) / 1e3,
+        "chain_kernels": len(chain),
+        "chain_busy_ms": sum(busy.values()),
+        "chain_busy_by_category_ms": dict(sorted(busy.items(), key=lambda kv: -kv[1])),
+        "launch_gaps_ms": launch / 1e3,
+        "waits_ms": waits / 1e3,
+        "waits_on_a_decode_ms": on_decode / 1e3,
+        "side_decode_ms": sum(k[1] for k in side) / 1e3,
+        "side_decodes": len(side),
+    }
+
+
+def plot(path: Path, timelines: dict[str, list], labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"conv": "tab:blue", "gemm": "tab:orange", "attention": "tab:green", "fused (triton)": "tab:gray",
+              "decode": "tab:red", "low-bit kernel": "tab:purple"}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(14, 0.9 * len(labels) + 1.2))
+    for row, label in enumerate(labels):
+        kernels = timelines[label]
+        kernels = kernels[next(i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy")) :]
+        t0 = kernels[0][0]
+        for k in kernels:
+            off_chain = AHEAD in label and DECODE.search(k[3])
+            y = row + (0.42 if off_chain else 0.0)
+            ax.broken_barh([((k[0] - t0) / 1e3, k[1] / 1e3)], (y - 0.18, 0.36 if not off_chain else 0.2),
+                           color=colors.get(category(k[3]), "black"), linewidth=0)  # fmt: skip
+    ax.set_yticks(range(len(labels)), [label.removesuffix("_graphed") for label in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms from the step's first kernel (one step, replayed from its CUDA graph, under the profiler)")
+    ax.set_title("SD-v1.5 UNet step, batch 2, 512x512, H200: each step's chain of kernels (decodes ahead: the thin row below it)",
+                 fontsize=9)  # fmt: skip
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), fontsize=7, ncol=len(colors), loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("timeline", type=Path, help="a timeline JSON of sd15_compiled_step.py --profile")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures here (JSON)")
+    ap.add_argument("--plot", type=Path, default=None, help="write a plot of the graphed steps' timelines here (PNG)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bf.cli.output import write_json
+    from bf.errors import BfError
+
+    try:
+        data = json.loads(args.timeline.read_text())
+        timelines = data["timeline"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {args.timeline} is not a timeline that sd15_compiled_step.py --profile wrote ({e})") from None
+    labels = [label for label in timelines if label.endswith("_graphed") and timelines[label]]
+    if not labels:
+        raise SystemExit(f"error: {args.timeline} holds no step replayed from its graph (labels ending _graphed)")
+    fp16 = next((label for label in labels if label.startswith("fp16")), None)
+    steps = {label: split(label, timelines[label]) for label in labels}
+    keys = ("span_ms", "chain_busy_ms", "launch_gaps_ms", "waits_ms", "waits_on_a_decode_ms", "side_decode_ms")
+    print(f"{'step (graphed, profiled)':44s}" + "".join(f"{k.removesuffix('_ms'):>22s}" for k in keys))
+    for label, s in steps.items():
+        if fp16 and label != fp16:
+            s["vs_fp16_ms"] = {k: s[k] - steps[fp16][k] for k in keys}
+        diff = s.get("vs_fp16_ms", {})
+        cells = "".join(f"{s[k]:>13.3f}" + (f" ({diff[k]:+.3f})" if k in diff else " " * 9) for k in keys)
+        print(f"{label.removesuffix('_graphed'):44s}{cells}")
+    if args.out:
+        try:
+            write_json(args.out, {"command": "python benchmarks/sd15_step_timeline.py " + " ".join(sys.argv[1:]),
+                                  "source": data.get("command"), "wait_us": WAIT_US, "on_decode_us": ON_DECODE_US,
+                                  "baseline": fp16, "steps": steps})  # fmt: skip
+        except BfError as e:
+            raise SystemExit(f"error: {e}") from None
+    if args.plot:
+        plot(args.plot, timelines, labels)
+
+
+if __name__ == "__main__":
+    main()
