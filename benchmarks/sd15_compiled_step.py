@@ -29,9 +29,11 @@ Peak memory is what a configuration allocates on top of an empty GPU while it st
 codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
 and again after torch._dynamo.reset() (inductor's on-disk cache warm: what the next process pays).
 The decoded-weight configurations are checked against the same codes decoded once, run eagerly.
-With --profile, one step of the best FP16 and of the best 1.99-bit configuration is broken down by kernel
-category, as measured (replayed from its CUDA graph) and compiled without CUDA graphs; every kernel's start,
-duration and stream go to <out>_timeline.json.
+With --profile, one step of FP16 compiled (default mode, the backend's CUDA graph) and of each 1.99-bit
+configuration that keeps nothing decoded and decodes in its stream or ahead into the first --ahead slots is broken
+down by kernel category, as measured (replayed from its CUDA graph, named <config>_graphed) and launched kernel by
+kernel (<config>_no_graph); every kernel's start, duration and stream go to <out>_timeline.json
+(benchmarks/sd15_step_timeline.py reads it).
 
     python benchmarks/sd15_compiled_step.py [--out results/sd15_compiled_step.json] [--keep 256,640] [--profile]
 """
@@ -41,8 +43,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,24 +55,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from sd15_step_timeline import kernel_category, step_kernels, write_timeline  # noqa: E402
 from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet, stats  # noqa: E402
 
 from bf.runtime.compiled_weights import STEP_PRIORITY  # noqa: E402
 
 DEV = "cuda"
-
-# Kernel name patterns, first match wins (the profile's categories).
-CATEGORIES = [
-    ("fused (triton)", r"^triton_"),  # inductor's kernels, whose names list what they fused ("convolution" included)
-    ("low-bit kernel", r"^_lowbit_conv_kernel|^_split_sum_kernel"),  # the fused Triton kernel reading codes (compiled_fused)
-    ("decode", r"bf::|decode_kernel|lowbit"),
-    ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("conv", r"fprop|implicit_gemm|nhwckrsc|conv|winograd|dgrad"),  # cuDNN's convolutions are implicit GEMMs: before gemm
-    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|splitK"),
-    ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
-    ("norm", r"norm"),
-    ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|fill|cat"),
-]
 
 
 def timed(call, iters: int, warmup: int = 3) -> dict:
@@ -115,11 +105,11 @@ def warm_up(step, inputs) -> float:
 
 
 def profile(step, inputs) -> dict:
-    """GPU time of one step by kernel category (ms), every kernel's time (longest first), and its timeline: each
-    stream's busy time, the span from the first kernel's start to the last one's end, and the kernels in start order
-    (``timeline``: start and duration in us from the first start, stream, name). A step replayed from a CUDA graph
-    shows its kernels too (CUPTI traces graph nodes); how long the step's stream waits on the decode stream is its
-    span less its busy time."""
+    """GPU time of one step by kernel category (ms), every kernel's time (longest first), and its timeline: the span
+    from the step's first kernel (after the inputs' copies) to the last one's end, each stream's busy time, and the
+    kernels in start order (``timeline``: start and duration in us, stream, name; sd15_step_timeline.py reads it). A
+    step replayed from a CUDA graph shows its kernels too (CUPTI traces a graph's kernels), on the graph's own streams,
+    which hold the step's kernels and the decodes beside them alike."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -130,30 +120,30 @@ def profile(step, inputs) -> dict:
         step(*inputs)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    events.sort(key=lambda e: e.time_range.start)
     kernels: dict[str, float] = {}
+    streams: dict[str, float] = {}
     for e in events:
         kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1e3
-    category = {n: next((c for c, pattern in CATEGORIES if re.search(pattern, n, re.IGNORECASE)), "other") for n in kernels}
+        streams[str(e.device_resource_id)] = streams.get(str(e.device_resource_id), 0.0) + e.time_range.elapsed_us() / 1e3
+    category = {n: kernel_category(n) for n in kernels}
     cats: dict[str, float] = {}
     for name, ms in kernels.items():
         cats[category[name]] = cats.get(category[name], 0.0) + ms
     total = sum(cats.values())
     ordered = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
-    events.sort(key=lambda e: e.time_range.start)
-    t0 = events[0].time_range.start if events else 0
-    streams: dict[str, float] = {}
-    for e in events:
-        streams[str(e.device_resource_id)] = streams.get(str(e.device_resource_id), 0.0) + e.time_range.elapsed_us() / 1e3
+    timeline = [[e.time_range.start, e.time_range.elapsed_us(), e.device_resource_id, e.name[:120]] for e in events]
+    t0 = timeline[0][0] if timeline else 0
+    in_step = step_kernels(timeline)
     return {
         "kernel_ms": total,
         "kernels": len(events),
-        "span_ms": (max(e.time_range.end for e in events) - t0) / 1e3 if events else 0.0,
+        "span_ms": (max(k[0] + k[1] for k in in_step) - in_step[0][0]) / 1e3 if in_step else 0.0,
         "stream_busy_ms": streams,
         "by_category_ms": ordered,
         "by_category_share": {c: v / total for c, v in ordered.items()} if total else {},
         "kernels_ms": [{"name": n[:160], "ms": v, "category": category[n]} for n, v in sorted(kernels.items(), key=lambda kv: -kv[1])],
-        "timeline": [[round(e.time_range.start - t0, 2), round(e.time_range.elapsed_us(), 2), e.device_resource_id, e.name[:80]]
-                     for e in events],
+        "timeline": [[round(k[0] - t0, 2), round(k[1], 2), k[2], k[3]] for k in timeline],
     }  # fmt: skip
 
 
@@ -169,6 +159,33 @@ class Point(NamedTuple):
     fused: bool = False  # the fused kernel on the layers it runs faster (bf.runtime.compiled_fused)
     against: str = "decode"  # fused: what the fused kernel is timed against (choose_fused's against)
     margin: float = 1.0  # fused: taken within this factor of the alternative's time (choose_fused's margin)
+
+
+def point_name(point: Point, labels: dict[str, str], sub_blocks: bool) -> str:
+    """A configuration's name in the JSON and the log; ``labels``: torch.compile's mode -> its label."""
+    keep, which, mode, ahead, blocks, priority, fused, against, margin = point
+    name = f"lowbit_{labels[mode]}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
+    name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
+    name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
+    name += "_fused" if fused else ""
+    name += f"_{against}x{margin:g}" if fused and (against, margin) != ("decode", 1.0) else ""
+    return name + ("_subblocks" if sub_blocks else "")
+
+
+def fused_choice(text: str) -> list[tuple[str, float]]:
+    """--fused-choice: AGAINST:MARGIN pairs, checked before anything runs."""
+    pairs = []
+    for item in (x for x in text.split(",") if x):
+        against, _, margin = item.partition(":")
+        try:
+            factor = float(margin)
+        except ValueError:
+            factor = math.nan
+        if against not in ("decode", "fp16") or not 0 < factor < math.inf:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected AGAINST:MARGIN, AGAINST decode or fp16 and MARGIN a factor "
+                                             "above 0, e.g. fp16:1")  # fmt: skip
+        pairs.append((against, factor))
+    return pairs
 
 
 def print_profile(label: str, prof: dict) -> None:
@@ -210,7 +227,7 @@ def main() -> None:
                     help="compiled: also each in-stream, first --ahead and --ahead-keep configuration with the layers the fused "
                          "kernel runs faster than decode + op (bf.runtime.compiled_fused.choose_fused, timed in the run) "
                          "reading their codes, named _fused")  # fmt: skip
-    ap.add_argument("--fused-choice", type=lambda t: [(a, float(m)) for a, m in (x.split(":") for x in t.split(",") if x)], default=[],
+    ap.add_argument("--fused-choice", type=fused_choice, default=[],
                     help="compiled, decoding ahead into the first --ahead slots: AGAINST:MARGIN pairs (AGAINST decode or fp16, "
                          "see choose_fused), a configuration each with the layers so chosen fused, named _fused_AGAINSTxMARGIN; "
                          "e.g. fp16:1,decode:1.5")  # fmt: skip
@@ -220,6 +237,27 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true", help="only the kernel profiles (writes them into --out's 'profile')")
     ap.add_argument("--profile", action="store_true", help="also break one step of the best FP16 and 1.99-bit configurations down")
     args = ap.parse_args()
+    if args.sub_blocks and args.per_layer_decode:
+        ap.error("--sub-blocks splits blocks into smaller groups; with --per-layer-decode every layer is a group already")
+    if args.fused_choice and not args.ahead:
+        ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
+    # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
+    modes = [("default", "compile_graph")] if args.quick else [("reduce-overhead", "compile"), ("default", "compile_graph")]
+    keeps = (0, *args.keep)
+    ahead_first = args.ahead[:1]  # the slot count the variants below decode ahead into (none: no such variants)
+    points = [] if args.no_in_stream else [Point(mode=mode) for mode, _ in modes]
+    points += [Point(ahead=n, priority=p) for n in args.ahead for p in args.compute_priority]
+    points += [Point(ahead=n, blocks=b) for n in ahead_first for b in args.decode_blocks]
+    points += [] if args.no_in_stream else [Point(keep=keep) for keep in keeps[1:]]
+    points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
+    if args.fused_layers:
+        points += [Point(fused=True)]
+        points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
+    points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
+    names = [point_name(point, dict(modes), args.sub_blocks) for point in points]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        ap.error(f"configurations asked for twice: {', '.join(twice)} (a --fused-choice pair repeats another one)")
 
     from bf.cli.output import write_json
     from bf.decode_kernels import load
@@ -279,14 +317,12 @@ def main() -> None:
             torch._dynamo.reset()
         old = json.loads(args.out.read_text()) if args.out.exists() else res
         timelines = {label: pr.pop("timeline") for label, pr in prof.items()}
-        write_json(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
+        write_timeline(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
         old["profile"] = prof
         old["profile_command"] = res["command"]
         write_json(args.out, old)
         return
 
-    # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
-    modes = [("default", "compile_graph")] if args.quick else [("reduce-overhead", "compile"), ("default", "compile_graph")]
     layouts = (True,) if args.no_nchw else (False, True)
     for cl in layouts:
         sfx = "_cl" if cl else ""
@@ -326,32 +362,14 @@ def main() -> None:
         ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
     del decoded
     checks: dict = {}
-    keeps = (0, *args.keep)
     for keep in keeps:
         name = "lowbit_streamed_cl" + (f"_keep{keep}MB" if keep else "")
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
-    ahead_first = args.ahead[:1]  # the slot count the variants below decode ahead into (none: no such variants)
-    points = [] if args.no_in_stream else [Point(mode=mode) for mode, _ in modes]
-    points += [Point(ahead=n, priority=p) for n in args.ahead for p in args.compute_priority]
-    points += [Point(ahead=n, blocks=b) for n in ahead_first for b in args.decode_blocks]
-    points += [] if args.no_in_stream else [Point(keep=keep) for keep in keeps[1:]]
-    points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
-    if args.fused_layers:
-        points += [Point(fused=True)]
-        points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
-    points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
-    for keep, which, mode, ahead, blocks, priority, fused, against, margin in points:
+    for (keep, which, mode, ahead, blocks, priority, fused, against, margin), name in zip(points, names, strict=True):
         priority = priority if ahead else 0  # a step in the decode's own stream is captured at the default priority
-        label = dict(modes)[mode]
-        name = f"lowbit_{label}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
-        name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
-        name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
-        name += "_fused" if fused else ""
-        name += f"_{against}x{margin:g}" if fused and (against, margin) != ("decode", 1.0) else ""
-        name += "_subblocks" if args.sub_blocks else ""
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
         within = largest_within if which == "largest" else smallest_within
@@ -395,10 +413,9 @@ def main() -> None:
         print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
-            key = "lowbit_compiled_cl" + (f"_ahead{ahead}" if ahead else "") + ("_fused" if fused else "")
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
-                res.setdefault("profile", {})[key + "_graphed"] = profile(step, inputs)  # as measured
-                res["profile"][key] = profile(build_step(model.eager_step, "default", options), inputs)
+                res.setdefault("profile", {})[name + "_graphed"] = profile(step, inputs)  # as measured
+                res["profile"][name + "_no_graph"] = profile(build_step(model.eager_step, "default", options), inputs)
         del model, step, chosen  # the fused layers' codes too: the next configuration's baseline must not hold them
         torch._dynamo.reset()
     if args.profile and not args.profile_no_fp16:
@@ -433,7 +450,7 @@ def main() -> None:
                      indent=1), flush=True)  # fmt: skip
     timelines = {label: prof.pop("timeline") for label, prof in res.get("profile", {}).items()}
     if timelines:  # every kernel of each profiled step, beside the figures
-        write_json(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
+        write_timeline(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
     write_json(args.out, res)
 
 

@@ -31,26 +31,59 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WAIT_US = 3.0  # a gap at least this long is a wait, not a graph's launch latency (FP16's are 0.4-0.7 us)
 ON_DECODE_US = 4.0  # a wait that ends this close after a decode's end waited for it
-DECODE = re.compile(r"decode_batch_kernel|decode_kernel")  # the decode library's kernels
-AHEAD = "ahead"  # a profile label naming a step that decodes ahead, beside its chain
+# A profile label naming a step that decodes ahead: its decodes run beside its chain. Told by the label, since the
+# stream ids of a replayed graph are the graph's own, which hold the chain's kernels and the decodes alike.
+AHEAD = "ahead"
+
+# Kernel name patterns, first match wins (the profiles' categories).
+CATEGORIES = [
+    ("fused (triton)", r"^triton_"),  # inductor's kernels, whose names list what they fused ("convolution" included)
+    ("low-bit kernel", r"^_lowbit_conv_kernel|^_split_sum_kernel"),  # the fused Triton kernel reading codes (compiled_fused)
+    ("decode", r"bf::|decode_kernel|lowbit"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    # cuDNN's convolutions are implicit GEMMs (before gemm), with a workspace kernel of cuDNN's (cask_plugin)
+    ("conv", r"fprop|implicit_gemm|nhwckrsc|conv|winograd|dgrad|cask_plugin"),
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|splitK"),
+    ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
+    ("norm", r"norm"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|fill|cat"),
+]
 
 
-def category(name: str) -> str:
-    from sd15_compiled_step import CATEGORIES
-
+def kernel_category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def write_timeline(path: Path, payload: dict) -> None:
+    """A timeline JSON, compact (a step is some 800 kernels), written atomically."""
+    from bf.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def step_kernels(kernels: list) -> list:
+    """A profiled step's kernels from its first one after the inputs' copies into the graph (and the graph's launch)."""
+    first = next((i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy")), len(kernels))
+    return kernels[first:]
+
+
+def _beside(label: str, kernel: list) -> bool:
+    return AHEAD in label and kernel_category(kernel[3]) == "decode"
 
 
 def split(label: str, kernels: list) -> dict:
     """One step's timeline ([start us, duration us, stream, name], in start order) split as the docstring says."""
-    first = next(i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy"))
-    kernels = kernels[first:]
+    kernels = step_kernels(kernels)
+    if not kernels:
+        raise ValueError(f"{label}: no kernel after the inputs' copies")
     t0 = kernels[0][0]
-    side = [k for k in kernels if AHEAD in label and DECODE.search(k[3])]
-    chain = [k for k in kernels if not (AHEAD in label and DECODE.search(k[3]))]
+    side = [k for k in kernels if _beside(label, k)]
+    chain = [k for k in kernels if not _beside(label, k)]
     busy: dict[str, float] = {}
     for k in chain:
-        busy[category(k[3])] = busy.get(category(k[3]), 0.0) + k[1] / 1e3
+        busy[kernel_category(k[3])] = busy.get(kernel_category(k[3]), 0.0) + k[1] / 1e3
     launch = waits = on_decode = 0.0
     decode_ends = sorted(k[0] + k[1] for k in side)
     for a, b in itertools.pairwise(chain):
@@ -84,18 +117,17 @@ def plot(path: Path, timelines: dict[str, list], labels: list[str]) -> None:
               "decode": "tab:red", "low-bit kernel": "tab:purple"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(14, 0.9 * len(labels) + 1.2))
     for row, label in enumerate(labels):
-        kernels = timelines[label]
-        kernels = kernels[next(i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy")) :]
+        kernels = step_kernels(timelines[label])
         t0 = kernels[0][0]
         for k in kernels:
-            off_chain = AHEAD in label and DECODE.search(k[3])
+            off_chain = _beside(label, k)
             y = row + (0.42 if off_chain else 0.0)
             ax.broken_barh([((k[0] - t0) / 1e3, k[1] / 1e3)], (y - 0.18, 0.36 if not off_chain else 0.2),
-                           color=colors.get(category(k[3]), "black"), linewidth=0)  # fmt: skip
+                           color=colors.get(kernel_category(k[3]), "black"), linewidth=0)  # fmt: skip
     ax.set_yticks(range(len(labels)), [label.removesuffix("_graphed") for label in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms from the step's first kernel (one step, replayed from its CUDA graph, under the profiler)")
-    ax.set_title("SD-v1.5 UNet step, batch 2, 512x512, H200: each step's chain of kernels (decodes ahead: the thin row below it)",
+    ax.set_title("One UNet step each: its chain of kernels, and the decodes beside it (the thin row below) where it decodes ahead",
                  fontsize=9)  # fmt: skip
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), fontsize=7, ncol=len(colors), loc="upper right")
@@ -111,7 +143,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the figures here (JSON)")
     ap.add_argument("--plot", type=Path, default=None, help="write a plot of the graphed steps' timelines here (PNG)")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bf.cli.output import write_json
     from bf.errors import BfError
 
@@ -120,7 +151,7 @@ def main() -> None:
         timelines = data["timeline"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {args.timeline} is not a timeline that sd15_compiled_step.py --profile wrote ({e})") from None
-    labels = [label for label in timelines if label.endswith("_graphed") and timelines[label]]
+    labels = [label for label in timelines if label.endswith("_graphed") and step_kernels(timelines[label])]
     if not labels:
         raise SystemExit(f"error: {args.timeline} holds no step replayed from its graph (labels ending _graphed)")
     fp16 = next((label for label in labels if label.startswith("fp16")), None)

@@ -292,11 +292,14 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
     transformer blocks), decodes alone, so groups never nest. Otherwise every layer alone. ``sub_blocks`` (with
     ``by_block``): a transformer block's self-attention, cross-attention and feed-forward decode as groups of their
     own, so that a step decoding ahead waits for a third of such a block's weights before it starts it, and its slots
-    need only hold the largest third.
+    need only hold the largest third. (A transformer block with other quantized layers, such as an adaptive norm's
+    linear layer, keeps those as groups of one, as around any other group.)
 
     ``deltas``: LoRAs as changes of the weights (name -> (up, down), bf.lora_adapters.LoRAHooks.take_weight_deltas),
     added to the decoded weights in the step: the base stays packed codes, and nothing dense is kept."""
     deltas = deltas or {}
+    if sub_blocks and not by_block:
+        raise BfError("compiled weights: sub_blocks splits blocks into smaller groups; with by_block=False every layer is a group already")
     if decoder is not None:
         _DECODER[0] = decoder
     for name, pw in packed.items():

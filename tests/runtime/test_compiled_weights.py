@@ -138,6 +138,7 @@ def test_sub_blocks_decode_a_transformer_blocks_attentions_and_feed_forward_ahea
     follows (none is left to the step's stream), the slots hold the largest of these smaller groups, and the output
     equals the decoded-weight UNet's, eager and traced whole."""
     from bf.decode_kernels import load
+    from bf.errors import BfError
     from bf.runtime.compiled_weights import _SCHEDULES, CompiledLowBitGroup, compile_weights, decode_ahead
 
     decoded, packed = _tiny_unet(tiny_model, "cpu", channels_last=False)
@@ -155,9 +156,11 @@ def test_sub_blocks_decode_a_transformer_blocks_attentions_and_feed_forward_ahea
     said: list[str] = []
     slot_bytes = decode_ahead(split, lambda: split(*small), slots=2, log=said.append)
     assert said == [] and all(g.ahead is not None for g in named.values())
-    assert slot_bytes <= decode_ahead(whole, lambda: whole(*small), slots=2)  # (the tiny UNet's largest groups are ResNets)
+    assert slot_bytes == decode_ahead(whole, lambda: whole(*small), slots=2)  # the tiny UNet's largest groups are ResNets
     assert len(_SCHEDULES[next(iter(named.values())).ahead[0]].order) == len(named) == sum(
         isinstance(m, CompiledLowBitGroup) for m in whole.modules()) + 2 * len(blocks)  # fmt: skip
+    with pytest.raises(BfError, match="with by_block=False every layer is a group already"):
+        compile_weights(copy.deepcopy(decoded), packed, torch.float32, decoder=lib, by_block=False, sub_blocks=True)
     sample = torch.randn(2, 4, 16, 16)
     with torch.inference_mode():
         ref = decoded(sample, t, ctx).sample
