@@ -55,7 +55,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from sd15_step_timeline import kernel_category, step_kernels, write_timeline  # noqa: E402
+from sd15_step_timeline import kernel_category, span_ms, step_kernels, write_timelines  # noqa: E402
 from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet, stats  # noqa: E402
 
 from bf.runtime.compiled_weights import STEP_PRIORITY  # noqa: E402
@@ -134,11 +134,10 @@ def profile(step, inputs) -> dict:
     ordered = dict(sorted(cats.items(), key=lambda kv: -kv[1]))
     timeline = [[e.time_range.start, e.time_range.elapsed_us(), e.device_resource_id, e.name[:120]] for e in events]
     t0 = timeline[0][0] if timeline else 0
-    in_step = step_kernels(timeline)
     return {
         "kernel_ms": total,
         "kernels": len(events),
-        "span_ms": (max(k[0] + k[1] for k in in_step) - in_step[0][0]) / 1e3 if in_step else 0.0,
+        "span_ms": span_ms(step_kernels(timeline)),
         "stream_busy_ms": streams,
         "by_category_ms": ordered,
         "by_category_share": {c: v / total for c, v in ordered.items()} if total else {},
@@ -316,8 +315,7 @@ def main() -> None:
             del model
             torch._dynamo.reset()
         old = json.loads(args.out.read_text()) if args.out.exists() else res
-        timelines = {label: pr.pop("timeline") for label, pr in prof.items()}
-        write_timeline(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
+        write_timelines(args.out, res["command"], prof)
         old["profile"] = prof
         old["profile_command"] = res["command"]
         write_json(args.out, old)
@@ -360,6 +358,7 @@ def main() -> None:
     decoded = TorchUNet(copy.deepcopy(master), timesteps, packed, weights="decoded", device=DEV, cuda_graph=False, decoder=lib)
     with torch.inference_mode():
         ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
+    ref_max = ref.abs().max().item()
     del decoded
     checks: dict = {}
     for keep in keeps:
@@ -408,9 +407,12 @@ def main() -> None:
                 extra["warmup_cached_s"] = warm_up(step, inputs)
         record(name, step, base, extra, resident=packed_bytes(model.unet))  # the codes were allocated before `base`, the slots after
         diff = (outputs[name] - ref).abs().max().item()
-        checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref.abs().max().item(),
-                        "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
-        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref.abs().max().item():.3g})", flush=True)
+        checks[name] = {
+            "max_abs_diff_vs_decoded_eager": diff,
+            "ref_max_abs": ref_max,
+            "bit_identical": bool(torch.equal(outputs[name], ref)),
+        }
+        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref_max:.3g})", flush=True)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
@@ -448,9 +450,7 @@ def main() -> None:
                     for k in sorted(lowbit, key=lambda k: configs[k]["peak_mem_bytes"])]  # fmt: skip
     print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
                      indent=1), flush=True)  # fmt: skip
-    timelines = {label: prof.pop("timeline") for label, prof in res.get("profile", {}).items()}
-    if timelines:  # every kernel of each profiled step, beside the figures
-        write_timeline(args.out.with_name(args.out.stem + "_timeline.json"), {"command": res["command"], "timeline": timelines})
+    write_timelines(args.out, res["command"], res.get("profile", {}))  # every kernel of each profiled step, beside the figures
     write_json(args.out, res)
 
 

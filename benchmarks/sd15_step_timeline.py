@@ -54,12 +54,17 @@ def kernel_category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
 
 
-def write_timeline(path: Path, payload: dict) -> None:
-    """A timeline JSON, compact (a step is some 800 kernels), written atomically."""
+def write_timelines(out: Path, command: str, profiles: dict) -> None:
+    """Each profile's ``timeline`` moved out of ``profiles`` into ``<out>_timeline.json`` beside ``out``: compact (a step
+    is some 800 kernels), written atomically; nothing where no profile has one."""
     from bf.atomic import atomic_path
 
+    timelines = {label: prof.pop("timeline") for label, prof in profiles.items() if "timeline" in prof}
+    if not timelines:
+        return
+    path = out.with_name(out.stem + "_timeline.json")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
+        tmp.write_text(json.dumps({"command": command, "timeline": timelines}, separators=(",", ":")) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -67,6 +72,11 @@ def step_kernels(kernels: list) -> list:
     """A profiled step's kernels from its first one after the inputs' copies into the graph (and the graph's launch)."""
     first = next((i for i, k in enumerate(kernels) if not k[3].startswith("Memcpy")), len(kernels))
     return kernels[first:]
+
+
+def span_ms(kernels: list) -> float:
+    """From the first kernel's start to the last one's end (``kernels`` in start order, as step_kernels gives them)."""
+    return (max(k[0] + k[1] for k in kernels) - kernels[0][0]) / 1e3 if kernels else 0.0
 
 
 def _beside(label: str, kernel: list) -> bool:
@@ -78,14 +88,15 @@ def split(label: str, kernels: list) -> dict:
     kernels = step_kernels(kernels)
     if not kernels:
         raise ValueError(f"{label}: no kernel after the inputs' copies")
-    t0 = kernels[0][0]
-    side = [k for k in kernels if _beside(label, k)]
-    chain = [k for k in kernels if not _beside(label, k)]
+    side, chain = [], []
+    for k in kernels:
+        (side if _beside(label, k) else chain).append(k)
     busy: dict[str, float] = {}
     for k in chain:
-        busy[kernel_category(k[3])] = busy.get(kernel_category(k[3]), 0.0) + k[1] / 1e3
+        category = kernel_category(k[3])
+        busy[category] = busy.get(category, 0.0) + k[1] / 1e3
     launch = waits = on_decode = 0.0
-    decode_ends = sorted(k[0] + k[1] for k in side)
+    decode_ends = [k[0] + k[1] for k in side]
     for a, b in itertools.pairwise(chain):
         gap = b[0] - (a[0] + a[1])
         if gap < WAIT_US:
@@ -95,7 +106,7 @@ def split(label: str, kernels: list) -> dict:
         if any(0 <= b[0] - end <= ON_DECODE_US for end in decode_ends):
             on_decode += gap
     return {
-        "span_ms": (max(k[0] + k[1] for k in kernels) - t0) / 1e3,
+        "span_ms": span_ms(kernels),
         "chain_kernels": len(chain),
         "chain_busy_ms": sum(busy.values()),
         "chain_busy_by_category_ms": dict(sorted(busy.items(), key=lambda kv: -kv[1])),

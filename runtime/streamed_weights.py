@@ -404,10 +404,10 @@ def stream_weights(
                       priority=priority, max_blocks=decode_blocks)  # fmt: skip
     for index, (name, module) in enumerate(modules.items()):
         parent, child = parent_and_attribute(owner, name)
-        fw = _fused_weight(module, entries[index], ring) if fused != "off" and index not in keep else None
+        w = entries[index]
+        fw = fused_codes(module, w, ring.lib) if fused != "off" and index not in keep and fusable_layer(module, w) else None
         layer = StreamedLayer(module, ring, index, fw, fused)
         if index in keep:
-            w = entries[index]
             layer.decoded = w.decode(ring.lib, torch.empty(w.numel, dtype=dtype, device=w.codes.device))
         setattr(parent, child, layer)
     if lora is not None and fused == "off":  # a fused kernel reads the codes, not the slot: its layer keeps the hook
@@ -459,8 +459,3 @@ def fused_codes(module: nn.Conv2d | nn.Linear, w: PackedWeight, decoder):
     from bf.runtime.fused_layout import fused_weight
 
     return fused_weight(integer_codes(w, decoder), w.scale, module, w.spec.grid.levels)
-
-
-def _fused_weight(module: nn.Conv2d | nn.Linear, w: PackedWeight, ring: WeightRing):
-    """The layer's codes in the fused kernel's layout, or None where that kernel cannot run it."""
-    return fused_codes(module, w, ring.lib) if fusable_layer(module, w) else None

@@ -82,6 +82,8 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     from bf.runtime import compiled_fused
     from bf.runtime.compiled_fused import FusedLowBitLayer, choose_fused, fused_bytes, install_fused
     from bf.runtime.compiled_weights import compile_weights, decode_launches
+    from bf.runtime.lowbit_gemm import TileConfig
+    from bf.runtime.streamed_weights import fused_codes
     from bf.runtime.torch_graph import GraphedCall
 
     lib = load(native_build / "libbf_decode.so")
@@ -91,17 +93,11 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     logged = []
     chosen = choose_fused(decoded, packed, lambda: decoded(x), lib, log=logged.append)
     assert len(logged) == 3 and all("decode + op" in m for m in logged)  # one line per class of layer
-    from bf.runtime.lowbit_gemm import TileConfig
-
     assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged, strict=True))  # the forward's order
     assert all(isinstance(cfg, TileConfig) and fw.words.is_cuda for fw, cfg in chosen.values())
     # every layer fused, whatever this GPU timed: the path under test
-    from bf.runtime.fused_layout import fused_weight
-    from bf.runtime.streamed_weights import integer_codes
-
     cfg = TileConfig(**compiled_fused.CANDIDATES[0])
-    forced = {n: (fused_weight(integer_codes(p, lib), p.scale, getattr(decoded, n), p.spec.grid.levels), cfg) for n, p in packed.items()
-              if n != "fc"}  # fmt: skip
+    forced = {n: (fused_codes(getattr(decoded, n), p, lib), cfg) for n, p in packed.items() if n != "fc"}
     model = copy.deepcopy(decoded)
     assert install_fused(model, forced) == 2
     compile_weights(model, {"fc": packed["fc"]}, torch.float16, decoder=lib)
