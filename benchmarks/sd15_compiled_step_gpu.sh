@@ -11,8 +11,10 @@
 #   reuse    benchmarks/sd15_ahead_buffer_reuse.py: decoding ahead, compiled with inductor's buffer reuse and without
 #   layers   benchmarks/sd15_layer_paths.py: every layer class of the step on each way to get its weight (decode into a
 #            buffer, into one reused buffer, im2col + matrix product, the fused kernel with --fused), L2-cold, against FP16
+#   kernels  benchmarks/lowbit_kernel_ablation.py: the fused kernel on the layers that hold most weight bytes, against
+#            the same kernel on FP16 weights (its decode left out) and cuDNN / cuBLAS
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
-# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers|reuse [the script's args]
+# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers|reuse|kernels [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
 mkdir -p "$out"
@@ -32,6 +34,10 @@ elif [ "$part" = layers ]; then
   echo "== SD-v1.5's layers, each way to get a weight, L2-cold, against FP16"
   (cd /tmp && python3 "$repo/benchmarks/sd15_layer_paths.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_layer_paths.json" "$@") 2>&1 \
     | grep --line-buffered -v "Loading weights" | tee "$out/sd15_layer_paths.txt"
+elif [ "$part" = kernels ]; then
+  echo "== the fused low-bit kernel: where its time goes, against cuDNN / cuBLAS"
+  (cd /tmp && python3 "$repo/benchmarks/lowbit_kernel_ablation.py" --out "$out/lowbit_kernel_ablation.json" "$@") 2>&1 \
+    | tee "$out/lowbit_kernel_ablation.txt"
 elif [ "$part" = reuse ]; then
   echo "== SD-v1.5 decoding ahead: inductor's buffer reuse on and off"
   (cd /tmp && python3 "$repo/benchmarks/sd15_ahead_buffer_reuse.py" --lib "$BF_DECODE_LIB" --out "$out/sd15_ahead_buffer_reuse.json" "$@") 2>&1 \

@@ -28,6 +28,35 @@ from bf.errors import BfError
 from bf.runtime.fused_layout import FusedWeight
 
 
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The output rows (pixels) and columns (channels) of this program's tile."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Consecutive programs share a column of weight tiles, so it is read from DRAM about once.
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _input_tile(x_ptr, it, c_iters, img, oy, ox, m_ok, C, H, W, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """Iteration ``it`` of the implicit GEMM over an NHWC input: the kernel tap ``r`` and the run of channels ``c``
+    it covers, and its [pixels, BLOCK_K] input tile, zero where the tap falls outside the image."""
+    r = it // c_iters
+    c = (it - r * c_iters) * BLOCK_K + tl.arange(0, BLOCK_K)
+    iy = oy * STRIDE - PAD + r // KW
+    ix = ox * STRIDE - PAD + r % KW
+    row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    pix = ((img * H + iy) * W + ix).to(tl.int64) * C
+    return r, c, tl.load(x_ptr + pix[:, None] + c[None, :], mask=row_ok[:, None] & (c[None, :] < C), other=0.0)
+
+
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "HALF", "ITERS_PER_SPLIT"])
 def _lowbit_conv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr,
@@ -43,19 +72,8 @@ def _lowbit_conv_kernel(
     # MAGIC: fp16 1024 + code has the bits 0x6400 | code (code < 1024), so an OR and one fp16 subtraction give the
     # level exactly, instead of an int-to-float conversion; which is faster depends on the tile (sd15_layer_paths --fused).
     level0 = (HALF + 1024).to(tl.float16)
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Consecutive programs share a column of weight tiles, so it is read from DRAM about once.
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < N
     ox = offs_m % OW
@@ -73,14 +91,7 @@ def _lowbit_conv_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(start, stop):
-        r = it // c_iters
-        c0 = (it - r * c_iters) * BLOCK_K
-        iy = oy * STRIDE - PAD + r // KW
-        ix = ox * STRIDE - PAD + r % KW
-        row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        pix = ((img * H + iy) * W + ix).to(tl.int64) * C
-        c = c0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + pix[:, None] + c[None, :], mask=row_ok[:, None] & (c[None, :] < C), other=0.0)
+        r, c, a = _input_tile(x_ptr, it, c_iters, img, oy, ox, m_ok, C, H, W, KW, STRIDE, PAD, BLOCK_K)
         if GATHER:  # each code loads its word (the repeats hit L1): no reshape of the tile
             k = r * C + c
             words = tl.load(w_ptr + (k // PER_WORD)[:, None].to(tl.int64) * N + offs_n[None, :], mask=(c < C)[:, None] & n_ok[None, :],
@@ -92,6 +103,7 @@ def _lowbit_conv_kernel(
                 wt = (codes - HALF).to(tl.float16)
         else:  # one load per word, split into its codes along a new axis, folded into K
             # C is a multiple of PER_WORD (checked on the host), so a tile's codes are whole words.
+            c0 = (it - r * c_iters) * BLOCK_K
             word = (r * C + c0) // PER_WORD + offs_w
             word_ok = (c0 + offs_w * PER_WORD < C)[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + word[:, None].to(tl.int64) * N + offs_n[None, :], mask=word_ok, other=0)
