@@ -68,12 +68,9 @@ def _fp16_conv_kernel(x_ptr, w_ptr, y_ptr, M, N, C, H, W, OH, OW, ITERS_PER_SPLI
     # bf.runtime.lowbit_gemm's loop (stride 1, the same tiles, split-K and swapped operands) with the weight tile loaded
     # as FP16 instead of decoded, and no scale or bias; split-K writes fp32 partial sums [split, M, N] that the host adds
     split = tl.program_id(1)
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, img, oy, ox = _tile_offsets(M, N, OH, OW, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    ox = offs_m % OW
-    oy = (offs_m // OW) % OH
-    img = offs_m // (OW * OH)
     c_iters = tl.cdiv(C, BLOCK_K)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)

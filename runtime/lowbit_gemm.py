@@ -29,8 +29,8 @@ from bf.runtime.fused_layout import FusedWeight
 
 
 @triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The output rows (pixels) and columns (channels) of this program's tile."""
+def _tile_offsets(M, N, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The output rows (pixels) and columns (channels) of this program's tile, and its pixels' image, row and column."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -40,7 +40,8 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_size = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_size
     pid_n = (pid % in_group) // group_size
-    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), offs_m // (OW * OH), (offs_m // OW) % OH, offs_m % OW
 
 
 @triton.jit
@@ -73,12 +74,9 @@ def _lowbit_conv_kernel(
     # level exactly, instead of an int-to-float conversion; which is faster depends on the tile (sd15_layer_paths --fused).
     level0 = (HALF + 1024).to(tl.float16)
     split = tl.program_id(1)
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, img, oy, ox = _tile_offsets(M, N, OH, OW, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    ox = offs_m % OW
-    oy = (offs_m // OW) % OH
-    img = offs_m // (OW * OH)
     offs_w = tl.arange(0, WORDS)
     shifts = tl.arange(0, PER_WORD) * CODE_BITS
 
