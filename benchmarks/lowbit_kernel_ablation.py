@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from sd15_layer_paths import fused_search
 
 try:
     import triton
     import triton.language as tl
 
-    from bf.runtime.lowbit_gemm import _input_tile, _tile_offsets
+    from bf.runtime.lowbit_gemm import _accumulate, _input_tile, _tile_offsets, split_k
 
     jit = triton.jit
 except ImportError:  # Triton comes with the GPU extras; --help answers without it
@@ -80,10 +81,7 @@ def _fp16_conv_kernel(x_ptr, w_ptr, y_ptr, M, N, C, H, W, OH, OW, ITERS_PER_SPLI
         r, c, a = _input_tile(x_ptr, it, c_iters, img, oy, ox, m_ok, C, H, W, KW, 1, PAD, BLOCK_K)
         k = r * C + c
         wt = tl.load(w_ptr + k[:, None].to(tl.int64) * N + offs_n[None, :], mask=(c < C)[:, None] & n_ok[None, :], other=0.0)
-        if SWAP:
-            acc = tl.dot(tl.trans(wt), tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, wt, acc)
+        acc = _accumulate(acc, a, wt, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     out = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -107,10 +105,7 @@ def fp16_triton(x, w_kn, kernel, n, cfg):
     h, w, oh, ow, kh, kw, pad = geom
     bm, bn, bk, warps, stages, splits, swap = cfg.block_m, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.splits, cfg.swap
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    total = kh * kw * triton.cdiv(c, bk)
-    # splits 0: as lowbit_forward sizes split-K, enough splits to give every multiprocessor a tile
-    per_split = math.ceil(total / (splits or max(1, min(total, torch.cuda.get_device_properties(x.device).multi_processor_count // tiles))))
-    splits = math.ceil(total / per_split)
+    per_split, splits = split_k(kh * kw * triton.cdiv(c, bk), tiles, splits, x.device)  # as lowbit_forward sizes it
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     _fp16_conv_kernel[(tiles, splits)](x, w_kn, part, m, n, c, h, w, oh, ow, per_split, KH=kh, KW=kw, PAD=pad,
                                        SPLIT=splits > 1, SWAP=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
@@ -196,16 +191,18 @@ def main() -> None:
     args = ap.parse_args()
     if "triton" not in globals() or not torch.cuda.is_available():
         sys.exit("lowbit_kernel_ablation.py needs a CUDA GPU and Triton (pip install -e '.[fused]')")
-    from bf.runtime.compiled_fused import CANDIDATES
     from bf.runtime.fused_layout import fused_weight
-    from bf.runtime.lowbit_gemm import CONFIGS, TileConfig, lowbit_forward
+    from bf.runtime.lowbit_gemm import TileConfig, lowbit_forward
 
-    grid = [*CONFIGS, *(TileConfig(**c) for c in CANDIDATES)]
-    grid += [  # larger pixel tiles: each decoded weight feeds more products; more splits with the in-kernel reduction
+    # sd15_layer_paths' search (the runtime's tiles and split-K sized to the GPU, which holds the compiled step's
+    # CANDIDATES), levels from bit patterns only; then larger pixel tiles (each decoded weight feeds more products),
+    # swapped operands with split-K sized to the GPU, more splits, and per-code word loads
+    grid = [c for c in fused_search() if c.magic]
+    grid += [
         TileConfig(256, 128, 64, 8, 3, swap=True), TileConfig(256, 128, 64, 8, 3, splits=0, swap=True),
         TileConfig(128, 128, 64, 8, 4, splits=0, swap=True), TileConfig(128, 128, 64, 4, 3, splits=0, swap=True),
-        TileConfig(128, 64, 64, 4, 4, splits=0), TileConfig(64, 128, 128, 4, 3, splits=0), TileConfig(128, 128, 128, 8, 3, splits=8),
-        TileConfig(128, 128, 128, 8, 3, splits=16), TileConfig(128, 128, 64, 8, 3, splits=0, swap=True),
+        TileConfig(128, 128, 128, 8, 3, splits=8), TileConfig(128, 128, 128, 8, 3, splits=16),
+        TileConfig(128, 128, 64, 8, 3, splits=0, swap=True),
         TileConfig(128, 128, 64, 8, 3, swap=True, gather=True), TileConfig(128, 128, 64, 8, 3, splits=0, swap=True, gather=True),
     ]  # fmt: skip
     # the FP16 ablation on every tile of the fused grid (code loading aside), so the two columns are tuned alike
@@ -231,7 +228,7 @@ def main() -> None:
         fws = [fused_weight(c, scale, module, levels) for c in codes]
         n_fp16 = min(1000, max(2, math.ceil(COLD_BYTES / fp16_bytes)))
         n_fused = min(1000, max(2, math.ceil(COLD_BYTES / fws[0].words.nbytes)))
-        fws = [fws[i % 2] if i < 2 else type(fws[0])(**{**vars(fws[i % 2]), "words": fws[i % 2].words.clone()}) for i in range(n_fused)]
+        fws = [fws[i % 2] if i < 2 else dataclasses.replace(fws[i % 2], words=fws[i % 2].words.clone()) for i in range(n_fused)]
         weights = [((c.float() - levels // 2) * scale.view(-1, *[1] * (c.dim() - 1))).half() for c in codes]
         ref = []
         for w in weights:

@@ -58,6 +58,17 @@ def _input_tile(x_ptr, it, c_iters, img, oy, ox, m_ok, C, H, W, KW: tl.constexpr
     return r, c, tl.load(x_ptr + pix[:, None] + c[None, :], mask=row_ok[:, None] & (c[None, :] < C), other=0.0)
 
 
+@triton.jit
+def _accumulate(acc, a, wt, SWAP: tl.constexpr):
+    """``acc`` plus input tile ``a`` times weight tile ``wt``; with ``SWAP`` the accumulator is the transposed product
+    (out^T = W x^T: the weight the first operand, which the tensor cores may take from registers)."""
+    if SWAP:
+        acc = tl.dot(tl.trans(wt), tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, wt, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW", "HALF", "ITERS_PER_SPLIT"])
 def _lowbit_conv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr,
@@ -84,7 +95,7 @@ def _lowbit_conv_kernel(
     total = KH * KW * c_iters
     start = split * ITERS_PER_SPLIT
     stop = tl.minimum(start + ITERS_PER_SPLIT, total)
-    if SWAP:  # out^T = W x^T: the decoded weight is the first operand, which the tensor cores may take from registers
+    if SWAP:  # see _accumulate
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -95,10 +106,6 @@ def _lowbit_conv_kernel(
             words = tl.load(w_ptr + (k // PER_WORD)[:, None].to(tl.int64) * N + offs_n[None, :], mask=(c < C)[:, None] & n_ok[None, :],
                             other=0)  # fmt: skip
             codes = (words >> ((k % PER_WORD) * CODE_BITS)[:, None]) & MASK
-            if MAGIC:
-                wt = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - level0
-            else:
-                wt = (codes - HALF).to(tl.float16)
         else:  # one load per word, split into its codes along a new axis, folded into K
             # C is a multiple of PER_WORD (checked on the host), so a tile's codes are whole words.
             c0 = (it - r * c_iters) * BLOCK_K
@@ -106,14 +113,11 @@ def _lowbit_conv_kernel(
             word_ok = (c0 + offs_w * PER_WORD < C)[:, None] & n_ok[None, :]
             words = tl.load(w_ptr + word[:, None].to(tl.int64) * N + offs_n[None, :], mask=word_ok, other=0)
             codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-            if MAGIC:
-                wt = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - level0
-            else:
-                wt = (codes - HALF).to(tl.float16)
-        if SWAP:
-            acc = tl.dot(tl.trans(wt), tl.trans(a), acc)
+        if MAGIC:
+            wt = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - level0
         else:
-            acc = tl.dot(a, wt, acc)
+            wt = (codes - HALF).to(tl.float16)
+        acc = _accumulate(acc, a, wt, SWAP)
     if SWAP:
         acc = tl.trans(acc)
 
@@ -197,6 +201,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def split_k(iterations: int, tiles: int, splits: int, device: torch.device) -> tuple[int, int]:
+    """(K iterations per split, splits) for a launch of ``tiles`` output tiles over ``iterations`` K iterations;
+    ``splits`` 0: enough splits to give every multiprocessor a tile."""
+    per_split = math.ceil(iterations / (splits or max(1, min(iterations, _multiprocessors(device) // tiles))))
+    return per_split, math.ceil(iterations / per_split)
+
+
 def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output for ``x``: NHWC (channels-last NCHW tensor) for a convolution, [..., in] for a linear layer."""
     if x.dtype != torch.float16:
@@ -223,10 +234,8 @@ def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torc
     if c != fw.in_channels:
         raise BfError(f"the fused layer takes {fw.in_channels} input channels, got {c}")
     n = fw.out_channels
-    total = geometry[0] * geometry[1] * math.ceil(c / cfg.block_k)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    per_split = math.ceil(total / (cfg.splits or max(1, min(total, _multiprocessors(x.device) // tiles))))
-    splits = math.ceil(total / per_split)
+    per_split, splits = split_k(geometry[0] * geometry[1] * math.ceil(c / cfg.block_k), tiles, cfg.splits, x.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     has_bias = bias is not None
     bias = bias if has_bias else fw.scale  # a pointer the kernel never reads
