@@ -7,6 +7,8 @@ baseline's layer):
                straight into the tiles, split-K as the fused kernel sizes it, its partial sums added by torch (a sum
                and a copy: one launch more than the fused kernel's), no scale or bias
   fused        the fused kernel on codes, each tile configuration of the grid in main()
+  wgmma        the TMA kernel on codes (bf.runtime.lowbit_wgmma, Hopper): input boxes by the tensor memory accelerator,
+               codes decoded into the tensor cores' registers, asynchronous warp-group products
 
 The JSON's "ptx" reads each compiled variant's PTX: tensor-core groups and their waits, cp.async and tensor memory
 accelerator copies, barriers, register reallocation.
@@ -16,6 +18,7 @@ pass 150 MB, and a call's time is the graph's median replay over the copies. Eve
 against cuDNN's (max |diff| / max |ref|), before and after its timing.
 
     python benchmarks/lowbit_kernel_ablation.py [--out results/lowbit_kernel_ablation.json] [--quick]
+        [--columns triton-fp16,fused,wgmma]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ except ImportError:  # Triton comes with the GPU extras; --help answers without 
 
 REPO = Path(__file__).resolve().parents[1]
 COLD_BYTES = 150e6
+COLUMNS = ["triton-fp16", "fused", "wgmma"]
 # (name, kind, input shape, out channels, kernel, code bits): most of SD-v1.5's weight bytes, and one large-M layer
 LAYERS = [
     ("8x8 conv 1280", "conv", (2, 1280, 8, 8), 1280, 3, 2),
@@ -170,6 +174,20 @@ def ptx_facts(kernel) -> list[dict]:
     return facts
 
 
+def timed_column(configs, run, weights, refs) -> dict:
+    """Each configuration's cold time over ``weights`` (run(weight, cfg)), its output checked against ``refs`` (the
+    first two weights') before and after timing; a tile this GPU cannot hold is recorded as its error."""
+    times = {}
+    for cfg in configs:
+        try:
+            d = max(rel_diff(run(weights[i], cfg), refs[i]) for i in (0, 1, 0))
+            times[cfg.name] = {"us": cold_time_us([lambda w=w: run(w, cfg) for w in weights]), "rel_diff": d}
+            times[cfg.name]["rel_diff_after_timing"] = rel_diff(run(weights[0], cfg), refs[0])
+        except Exception as e:
+            times[cfg.name] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    return times
+
+
 def rel_diff(y, ref) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
 
@@ -188,7 +206,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "results" / "lowbit_kernel_ablation.json")
     ap.add_argument("--quick", action="store_true", help="the first three layers and a smaller grid")
+    ap.add_argument(
+        "--columns",
+        type=lambda t: t.split(","),
+        default=COLUMNS,
+        help=f"which kernels to time besides cuDNN / cuBLAS, comma-separated (default {','.join(COLUMNS)})",
+    )
     args = ap.parse_args()
+    if set(args.columns) - set(COLUMNS):
+        sys.exit(f"--columns takes {', '.join(COLUMNS)}, got {','.join(args.columns)}")
     if "triton" not in globals() or not torch.cuda.is_available():
         sys.exit("lowbit_kernel_ablation.py needs a CUDA GPU and Triton (pip install -e '.[fused]')")
     from bf.runtime.fused_layout import fused_weight
@@ -207,6 +233,12 @@ def main() -> None:
     ]  # fmt: skip
     # the FP16 ablation on every tile of the fused grid (code loading aside), so the two columns are tuned alike
     fp16_grid = list(dict.fromkeys(dataclasses.replace(c, gather=False, magic=True) for c in grid))
+    wgmma_grid = []
+    if "wgmma" in args.columns:
+        from bf.runtime.tma_tiles import CONFIGS as WGMMA_CONFIGS
+
+        # the runtime's tiles with split-K sized to the GPU, then fixed splits
+        wgmma_grid = [*WGMMA_CONFIGS, *(dataclasses.replace(c, splits=s) for c in WGMMA_CONFIGS[:3] for s in (1, 2, 4))]
     layers = LAYERS[:3] if args.quick else LAYERS
     dev = "cuda"
     torch.backends.cudnn.benchmark = True
@@ -248,45 +280,36 @@ def main() -> None:
         w_kn = [weights[i % 2].reshape(cout, -1).t().contiguous() for i in range(n_fp16)]
         ref_nobias = [r - (bias.view(-1, 1, 1) if kind == "conv" else bias) for r in ref]
         tri = {}
-        for cfg in fp16_grid:
-            key = cfg.name
-            try:
-                d = max(rel_diff(fp16_triton(x, w_kn[i], k, cout, cfg), ref_nobias[i]) for i in (0, 1))
-                tri[key] = {"us": cold_time_us([lambda w=w: fp16_triton(x, w, k, cout, cfg) for w in w_kn]), "rel_diff": d}
-                tri[key]["rel_diff_after_timing"] = rel_diff(fp16_triton(x, w_kn[0], k, cout, cfg), ref_nobias[0])
-            except Exception as e:  # a tile this GPU cannot hold is a result
-                tri[key] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+        if "triton-fp16" in args.columns:
+            tri = timed_column(fp16_grid, lambda w, cfg: fp16_triton(x, w, k, cout, cfg), w_kn, ref_nobias)
         del w_kn
-        fused = {}
-        for cfg in grid:
-            try:
-                d = max(rel_diff(lowbit_forward(x, fws[i], cfg, bias), ref[i]) for i in (0, 1, 0))
-                fused[cfg.name] = {"us": cold_time_us([lambda fw=fw: lowbit_forward(x, fw, cfg, bias) for fw in fws]), "rel_diff": d}
-                d2 = rel_diff(lowbit_forward(x, fws[0], cfg, bias), ref[0])
-                fused[cfg.name]["rel_diff_after_timing"] = d2
-            except Exception as e:
-                fused[cfg.name] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-        ok = {c: v["us"] for c, v in fused.items() if "us" in v and v["rel_diff"] < 2e-2 and v["rel_diff_after_timing"] < 2e-2}
-        bad = [c for c, v in fused.items() if "us" in v and c not in ok]
-        tri_ok = {c: v["us"] for c, v in tri.items() if "us" in v and v["rel_diff"] < 2e-2 and v["rel_diff_after_timing"] < 2e-2}
-        bad += [f"triton-fp16 {c}" for c, v in tri.items() if "us" in v and c not in tri_ok]
-        if not ok:
-            sys.exit(f"{name}: no fused configuration ran and matched cuDNN: {fused}")
-        best = min(ok, key=ok.get)
-        best_tri = min(tri_ok, key=tri_ok.get) if tri_ok else None
+        fused = timed_column(grid, lambda fw, cfg: lowbit_forward(x, fw, cfg, bias), fws, ref) if "fused" in args.columns else {}
+        wg = {}
+        if "wgmma" in args.columns:
+            from bf.runtime.lowbit_wgmma import wgmma_forward
+            from bf.runtime.tma_tiles import unsupported
+
+            runnable = [c for c in wgmma_grid if not unsupported(tuple(x.shape), fws[0], c)]
+            wg = timed_column(runnable, lambda fw, cfg: wgmma_forward(x, fw, cfg, bias), fws, ref)
+            wg.update({c.name: {"unsupported": unsupported(tuple(x.shape), fws[0], c)} for c in wgmma_grid if c not in runnable})
         m = math.prod(xshape) // cin
         flop = 2 * m * cout * cin * k * k
         row = {"layer": name, "kind": kind, "input": list(xshape), "out_channels": cout, "kernel": k, "code_bits": bits,
                "flop": flop, "fp16_weight_bytes": fp16_bytes, "fused_weight_bytes": fws[0].words.nbytes, "copies": [n_fp16, n_fused],
-               "cudnn_us": cudnn, "cudnn_kernels": cudnn_kernels, "triton_fp16_us": tri, "fused_us": fused, "fused_best": best,
-               "fused_best_us": ok[best],
-               "triton_fp16_best": best_tri, "failed_check": bad}  # fmt: skip
+               "cudnn_us": cudnn, "cudnn_kernels": cudnn_kernels}  # fmt: skip
+        text = f"{name:18s} M={m:5d} cudnn {cudnn:6.1f} us"
+        bad = []
+        for column, key, times in (("triton-fp16", "triton_fp16", tri), ("fused", "fused", fused), ("wgmma", "wgmma", wg)):
+            if column not in args.columns:
+                continue
+            ok = {c: v["us"] for c, v in times.items() if "us" in v and v["rel_diff"] < 2e-2 and v["rel_diff_after_timing"] < 2e-2}
+            bad += [f"{column} {c}" for c, v in times.items() if "us" in v and c not in ok]
+            best = min(ok, key=ok.get) if ok else None
+            row |= {f"{key}_us": times, f"{key}_best": best, f"{key}_best_us": ok.get(best)}
+            text += f"  {column} {ok[best]:6.1f} ({best}, {flop / ok[best] / 1e6:4.0f} TFLOP/s)" if best else f"  {column} -"
+        row["failed_check"] = bad
         rows.append(row)
-        tri_text = f"triton-fp16 {tri_ok[best_tri]:6.1f} ({best_tri})" if best_tri else "triton-fp16 -"
-        print(f"{name:18s} M={m:5d} cudnn {cudnn:6.1f} us  {tri_text}  fused {ok[best]:6.1f} ({best})"
-              f"  {flop / ok[best] / 1e6:4.0f} TFLOP/s  [{time.time() - t0:.0f} s]", flush=True)  # fmt: skip
-        for c in sorted(ok, key=ok.get)[:6]:
-            print(f"    {c:28s} {ok[c]:6.1f}", flush=True)
+        print(f"{text}  [{time.time() - t0:.0f} s]", flush=True)
         if bad:
             print(f"    failed the check: {', '.join(bad)}", flush=True)
         write(args, rows)  # after every layer: a run cut short keeps what it measured
@@ -294,6 +317,10 @@ def main() -> None:
 
     try:
         ptx = {"fused": ptx_facts(_lowbit_conv_kernel), "triton_fp16": ptx_facts(_fp16_conv_kernel)}
+        if "wgmma" in args.columns:
+            from bf.runtime.lowbit_wgmma import _wgmma_lowbit_kernel
+
+            ptx["wgmma"] = ptx_facts(_wgmma_lowbit_kernel)
     except (AttributeError, KeyError, TypeError) as e:  # Triton's compiled-kernel cache is not a public interface
         ptx = {"error": f"{type(e).__name__}: {e}"}
     write(args, rows, ptx)

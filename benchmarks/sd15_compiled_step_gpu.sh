@@ -11,8 +11,9 @@
 #   reuse    benchmarks/sd15_ahead_buffer_reuse.py: decoding ahead, compiled with inductor's buffer reuse and without
 #   layers   benchmarks/sd15_layer_paths.py: every layer class of the step on each way to get its weight (decode into a
 #            buffer, into one reused buffer, im2col + matrix product, the fused kernel with --fused), L2-cold, against FP16
-#   kernels  benchmarks/lowbit_kernel_ablation.py: the fused kernel on the layers that hold most weight bytes, against
-#            the same kernel on FP16 weights (its decode left out) and cuDNN / cuBLAS
+#   kernels  benchmarks/lowbit_kernel_ablation.py: the fused kernels on the layers that hold most weight bytes (the
+#            Triton kernel, the same kernel on FP16 weights with its decode left out, the Hopper TMA kernel;
+#            --columns picks), against cuDNN / cuBLAS
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
 # usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers|reuse|kernels [the script's args]
 set -uo pipefail

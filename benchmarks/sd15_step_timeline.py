@@ -38,7 +38,7 @@ AHEAD = "ahead"
 # Kernel name patterns, first match wins (the profiles' categories).
 CATEGORIES = [
     ("fused (triton)", r"^triton_"),  # inductor's kernels, whose names list what they fused ("convolution" included)
-    ("low-bit kernel", r"^_lowbit_conv_kernel|^_split_sum_kernel"),  # the fused Triton kernel reading codes (compiled_fused)
+    ("low-bit kernel", r"^_lowbit_conv_kernel|^_wgmma_lowbit_kernel|^_split_sum_kernel"),  # the fused kernels (compiled_fused)
     ("decode", r"bf::|decode_kernel|lowbit"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     # cuDNN's convolutions are implicit GEMMs (before gemm), with a workspace kernel of cuDNN's (cask_plugin)

@@ -1,21 +1,24 @@
-"""Quantized layers whose codes the fused Triton kernel (bf.runtime.lowbit_gemm) reads inside a ``torch.compile``'d
-step, instead of decoding their weights into FP16 first (bf.runtime.compiled_weights).
+"""Quantized layers whose codes a fused kernel reads inside a ``torch.compile``'d step, instead of decoding their
+weights into FP16 first (bf.runtime.compiled_weights): the Triton kernel (bf.runtime.lowbit_gemm) on any CUDA GPU,
+and on Hopper (sm_90, Triton 3.6 with Gluon) also the warp-specialized TMA kernel (bf.runtime.lowbit_wgmma).
 
-A decoded weight costs its FP16 bytes twice, written then read; the fused kernel reads only the codes. Where a
+A decoded weight costs its FP16 bytes twice, written then read; a fused kernel reads only the codes. Where a
 layer's weight outweighs its compute (SD-v1.5's 3x3 convolutions at the 8x8 latents: 29.5 MB of FP16 weight for
-128 output pixels a batch of 2), that is the layer's whole cost, and the fused kernel with split-K sized to the GPU
-runs it about as fast as cuDNN runs the FP16 weight. Where the compute dominates, cuDNN / cuBLAS on a decoded weight
-are faster. ``choose_fused`` times both on each layer's input shape from one forward and keeps the faster. (Taking
-slower fused layers for the decode they leave out, ``margin`` above 1, made SD-v1.5's step that decodes ahead slower:
-the kernel's extra time is on the step's chain, while the decode it saves was partly hidden beside it.)
+128 output pixels a batch of 2), that is the layer's whole cost: there the TMA kernel runs in about 0.63x the time
+cuDNN takes on the FP16 weight, and at the 16x16 latents about as fast as cuDNN. Where the compute dominates (the
+32x32 and 64x64 latents, the large linear layers), cuDNN / cuBLAS on a decoded weight are faster. ``choose_fused``
+times every way on each layer's input shape from one forward and keeps the fastest. (Taking slower fused layers for
+the decode they leave out, ``margin`` above 1, made SD-v1.5's step that decodes ahead slower: the kernel's extra
+time is on the step's chain, while the decode it saves was partly hidden beside it.)
 
-The kernel is registered as a PyTorch custom op (``bf::lowbit_fused_layer``, with a fake implementation that gives
-the output's shape and layout), so dynamo traces the UNet through it and the step's CUDA graph captures it.
+The kernels are registered as one PyTorch custom op (``bf::lowbit_fused_layer``, with a fake implementation that
+gives the output's shape and layout), so dynamo traces the UNet through it and the step's CUDA graph captures it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,6 +27,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from bf.errors import BfError
+from bf.runtime.tma_tiles import CONFIGS as WGMMA_CONFIGS
+from bf.runtime.tma_tiles import WgmmaConfig, unsupported
 
 # The tile configurations tried per layer (bf.runtime.lowbit_gemm.TileConfig fields; splits 0: one tile per
 # multiprocessor): the tiles that won SD-v1.5's 8x8 layers in a wider search (benchmarks/sd15_layer_paths.py --fused).
@@ -60,9 +65,37 @@ def lowbit_fused_layer(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor
     fw = dataclasses.replace(shape, words=words, scale=scale)
     if not x.is_cuda:
         return _reference(x, fw, bias)
+    return _forward(x, fw, cfg, bias)
+
+
+def _forward(x: torch.Tensor, fw, cfg, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer by the kernel ``cfg`` is a tile of: the Hopper TMA kernel (WgmmaConfig) or the Triton kernel
+    (TileConfig)."""
+    if isinstance(cfg, WgmmaConfig):
+        from bf.runtime.lowbit_wgmma import wgmma_forward
+
+        return wgmma_forward(x, fw, cfg, bias)
     from bf.runtime.lowbit_gemm import lowbit_forward
 
     return lowbit_forward(x, fw, cfg, bias)
+
+
+@functools.cache
+def _gluon_for_hopper() -> bool:
+    """Triton 3.6 or newer, with Gluon: the API the TMA kernel is written against."""
+    try:
+        import triton
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError:
+        return False
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
+
+
+def _wgmma_configs(x_shape: tuple, fw) -> list:
+    """The Hopper TMA kernel's tiles that take this layer, on an sm_90 GPU with Triton's Gluon (none elsewhere)."""
+    if torch.cuda.get_device_capability()[0] != 9 or not _gluon_for_hopper():
+        return []
+    return [c for c in WGMMA_CONFIGS if not unsupported(x_shape, fw, c)]
 
 
 def _reference(x: torch.Tensor, fw, bias: torch.Tensor | None) -> torch.Tensor:
@@ -175,7 +208,7 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
                 return F.linear(x, w, bias)
 
             other_ms = graph_time_ms(decoded)
-            times = tile_times(x, fw, configs, bias)
+            times = tile_times(x, fw, configs + _wgmma_configs(tuple(x.shape), fw), bias, forward=_forward)
             best = min(times, key=times.get) if times else None
             best_ms = times[best] if times else math.inf
             verdicts[key] = best if best_ms < margin * other_ms else None

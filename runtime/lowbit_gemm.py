@@ -181,15 +181,17 @@ CONFIGS = (
 )
 
 
-def tile_times(x: torch.Tensor, fw: FusedWeight, configs, bias: torch.Tensor | None = None) -> dict[TileConfig, float]:
-    """Milliseconds per call of each tile configuration on ``x`` (bf.runtime.torch_graph.graph_time_ms); a tile
-    this GPU cannot hold (shared memory, registers) is left out."""
+def tile_times(x: torch.Tensor, fw: FusedWeight, configs, bias: torch.Tensor | None = None, forward=None) -> dict:
+    """Milliseconds per call of each tile configuration on ``x`` (bf.runtime.torch_graph.graph_time_ms), run by
+    ``forward(x, fw, cfg, bias)`` (default lowbit_forward); a tile this GPU cannot hold (shared memory, registers)
+    is left out."""
     from bf.runtime.torch_graph import graph_time_ms
 
+    forward = forward or lowbit_forward
     times = {}
     for cfg in configs:
         try:
-            times[cfg] = graph_time_ms(lambda cfg=cfg: lowbit_forward(x, fw, cfg, bias))
+            times[cfg] = graph_time_ms(lambda cfg=cfg: forward(x, fw, cfg, bias))
         except Exception as e:
             if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
                 raise
@@ -247,7 +249,13 @@ def lowbit_forward(x: torch.Tensor, fw: FusedWeight, cfg: TileConfig, bias: torc
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if splits > 1:
-        block = 1024
-        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, fw.scale, bias, y, m * n, n, splits, HAS_BIAS=has_bias,
-                                                         BLOCK=block)  # fmt: skip
+        sum_splits(part, fw.scale, bias if has_bias else None, y)
     return y
+
+
+def sum_splits(part: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Write into ``y`` the sum of split-K partial sums ``part`` [splits, M, N] times the per-row ``scale``, plus ``bias``."""
+    splits, m, n = part.shape
+    block = 1024
+    _split_sum_kernel[(triton.cdiv(m * n, block),)](part, scale, scale if bias is None else bias, y, m * n, n, splits,
+                                                     HAS_BIAS=bias is not None, BLOCK=block)  # fmt: skip
