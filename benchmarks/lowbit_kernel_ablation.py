@@ -7,8 +7,9 @@ baseline's layer):
                straight into the tiles, split-K as the fused kernel sizes it, its partial sums added by torch (a sum
                and a copy: one launch more than the fused kernel's), no scale or bias
   fused        the fused kernel on codes, each tile configuration of the grid in main()
-  wgmma        the TMA kernel on codes (bf.runtime.lowbit_wgmma, Hopper): input boxes by the tensor memory accelerator,
-               codes decoded into the tensor cores' registers, asynchronous warp-group products
+  wgmma        the TMA kernel on codes (bf.runtime.lowbit_wgmma, Hopper): input boxes and code words by the tensor
+               memory accelerator, decoding warps writing FP16 weight tiles to shared memory, asynchronous warp-group
+               products (the JSON's ptx num_stages is Triton's launch option, not these tiles' stages)
 
 The JSON's "ptx" reads each compiled variant's PTX: tensor-core groups and their waits, cp.async and tensor memory
 accelerator copies, barriers, register reallocation.

@@ -4,7 +4,7 @@ and on Hopper (sm_90, Triton 3.6 with Gluon) also the warp-specialized TMA kerne
 
 A decoded weight costs its FP16 bytes twice, written then read; a fused kernel reads only the codes. Where a
 layer's weight outweighs its compute (SD-v1.5's 3x3 convolutions at the 8x8 latents: 29.5 MB of FP16 weight for
-128 output pixels a batch of 2), that is the layer's whole cost: there the TMA kernel runs in about 0.63x the time
+128 output pixels a batch of 2), that is the layer's whole cost: there the TMA kernel runs in about 0.63-0.64x the time
 cuDNN takes on the FP16 weight, and at the 16x16 latents about as fast as cuDNN. Where the compute dominates (the
 32x32 and 64x64 latents, the large linear layers), cuDNN / cuBLAS on a decoded weight are faster. ``choose_fused``
 times every way on each layer's input shape from one forward and keeps the fastest. (Taking slower fused layers for
@@ -70,11 +70,16 @@ def lowbit_fused_layer(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor
 
 def _forward(x: torch.Tensor, fw, cfg, bias: torch.Tensor | None) -> torch.Tensor:
     """The layer by the kernel ``cfg`` is a tile of: the Hopper TMA kernel (WgmmaConfig) or the Triton kernel
-    (TileConfig)."""
+    (TileConfig). A TMA tile chosen at one input shape may not take another (a tile is whole image rows: 128 pixels
+    are no whole rows of a 12-pixel-wide latent); that input runs on the Triton kernel's first tile."""
     if isinstance(cfg, WgmmaConfig):
-        from bf.runtime.lowbit_wgmma import wgmma_forward
+        if not unsupported(tuple(x.shape), fw, cfg):
+            from bf.runtime.lowbit_wgmma import wgmma_forward
 
-        return wgmma_forward(x, fw, cfg, bias)
+            return wgmma_forward(x, fw, cfg, bias)
+        from bf.runtime.lowbit_gemm import TileConfig
+
+        cfg = TileConfig(**CANDIDATES[0])
     from bf.runtime.lowbit_gemm import lowbit_forward
 
     return lowbit_forward(x, fw, cfg, bias)
@@ -82,20 +87,35 @@ def _forward(x: torch.Tensor, fw, cfg, bias: torch.Tensor | None) -> torch.Tenso
 
 @functools.cache
 def _gluon_for_hopper() -> bool:
-    """Triton 3.6 or newer, with Gluon: the API the TMA kernel is written against."""
+    """Triton 3.6 with Gluon: the experimental API the TMA kernel is written and verified against (it changes between
+    releases)."""
     try:
         import triton
         from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
     except ImportError:
         return False
-    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
 
 
-def _wgmma_configs(x_shape: tuple, fw) -> list:
-    """The Hopper TMA kernel's tiles that take this layer, on an sm_90 GPU with Triton's Gluon (none elsewhere)."""
-    if torch.cuda.get_device_capability()[0] != 9 or not _gluon_for_hopper():
+def _wgmma_configs(x: torch.Tensor, fw) -> list:
+    """The Hopper TMA kernel's tiles that take this layer on ``x``: on an sm_90 GPU with Triton 3.6 (none elsewhere)."""
+    if torch.cuda.get_device_capability(x.device)[0] != 9 or not _gluon_for_hopper():
         return []
-    return [c for c in WGMMA_CONFIGS if not unsupported(x_shape, fw, c)]
+    return [c for c in WGMMA_CONFIGS if not unsupported(tuple(x.shape), fw, c)]
+
+
+def _wgmma_times(x: torch.Tensor, fw, bias: torch.Tensor | None, log: Callable[[str], None]) -> dict:
+    """Milliseconds per call of the TMA kernel's tiles that take this layer. A tile that fails to compile or run is
+    left out, logged (Gluon is experimental: the Triton kernel's tiles stay)."""
+    from bf.runtime.lowbit_gemm import tile_times
+
+    times = {}
+    for cfg in _wgmma_configs(x, fw):
+        try:
+            times |= tile_times(x, fw, [cfg], bias, forward=_forward)
+        except Exception as e:
+            log(f"fused layers: the TMA kernel's tile {cfg.name} failed ({type(e).__name__}: {str(e)[:160]}): left out")
+    return times
 
 
 def _reference(x: torch.Tensor, fw, bias: torch.Tensor | None) -> torch.Tensor:
@@ -208,7 +228,7 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
                 return F.linear(x, w, bias)
 
             other_ms = graph_time_ms(decoded)
-            times = tile_times(x, fw, configs + _wgmma_configs(tuple(x.shape), fw), bias, forward=_forward)
+            times = tile_times(x, fw, configs, bias) | _wgmma_times(x, fw, bias, log)
             best = min(times, key=times.get) if times else None
             best_ms = times[best] if times else math.inf
             verdicts[key] = best if best_ms < margin * other_ms else None

@@ -1,4 +1,4 @@
-"""The layout of low-bit codes that the fused kernels (bf.runtime.lowbit_gemm) read.
+"""The layout of low-bit codes that the fused kernels (bf.runtime.lowbit_gemm, bf.runtime.lowbit_wgmma) read.
 
 The .bfq's radix fields (5 ternary codes per byte, 3 five-level codes per 7 bits, ...) need
 divisions to split, which a matrix-product tile cannot afford per element. Here each code gets a

@@ -12,8 +12,8 @@ NHWC input; a pixel tile must be whole rows of one image or whole images (bf.run
 those rules and the tiles). Codes come in bf.runtime.fused_layout's words; the per-row scale multiplies the
 accumulator once, at the end; split-K partial sums are added by bf.runtime.lowbit_gemm.sum_splits.
 
-The decoded tile is the products' shared-memory operand, not their register operand: with it in registers and a
-product left in flight, outputs came out wrong.
+The decoded tile is the products' shared-memory operand. As their register operand, with a product in flight while
+the next tile decodes, Triton 3.6 gave wrong outputs.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _loader(p):
         bar = ready.index(stage)
         mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(x_desc, [img0, row0 + r // KW - PAD, col0 + r % KW - PAD, c0], bar, x_smem.index(stage))
-        # C is a multiple of PER_WORD (checked on the host), so a K tile's codes are whole words; past C (the last tile
+        # C is a multiple of PER_WORD (tma_tiles.unsupported), so a K tile's codes are whole words; past C (the last tile
         # of a tap) they are the next tap's or zeros, against input that is zero there.
         tma.async_copy_global_to_shared(w_desc, [(r * C + c0) // PER_WORD, n0], bar, w_smem.index(stage))
 
@@ -91,6 +91,7 @@ def _decoder(p):
         levels = codes.to(gl.int16).to(gl.float16, bitcast=True) - level0
         a_smem.index(stage).store(gl.reshape(levels, [BLOCK_N, BLOCK_K]))
         fence_async_shared()  # the stores, visible to the tensor cores' reads
+        # One thread arrives, after the barrier Triton puts before an arrive: every decoding warp's stores are done.
         mbarrier.arrive(decoded.index(stage), count=1)
 
 

@@ -14,7 +14,9 @@ import torch
 
 from bf.runtime.fused_layout import FusedWeight
 
-SHARED_BYTES = 227 * 1024  # an sm_90 block's shared memory
+# An sm_90 block's shared memory (227 KiB), less 1 KiB for what Triton adds to the buffers stages() counts
+# (about 200 bytes measured: its alignment and scratch)
+SHARED_BYTES = 226 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def tile_box(nhwc: torch.Tensor, block_m: int) -> list[int]:
     """The TMA box [images, rows, columns] of a block_m-pixel tile: whole rows of one image, or whole images (a
     linear layer's, or 1x1 convolution's, one row of pixels: block_m of them)."""
     b, h, w, _ = nhwc.shape
-    if b == 1 and h == 1:
+    if b == 1 and h == 1:  # (also a k x k convolution's one row of one image: unsupported() keeps its width <= block_m)
         return [1, 1, block_m]
     rows = block_m // w
     return [1, rows, w] if rows <= h else [rows // h, h, w]
@@ -90,9 +92,11 @@ def unsupported(x_shape: tuple, fw: FusedWeight, cfg: WgmmaConfig) -> str | None
     c = x_shape[1] if len(x_shape) == 4 else x_shape[-1]
     if c % 8:
         return f"{c} input channels: TMA rows must be a multiple of 16 bytes"
+    if c % (32 // fw.code_bits):
+        return f"{c} input channels: not whole words of {32 // fw.code_bits} codes"
     if fw.out_channels % 4:
         return f"{fw.out_channels} output channels: TMA rows of code words must be a multiple of 16 bytes"
-    if cfg.block_n < 16 * cfg.warps or cfg.block_n % (16 * cfg.warps) or cfg.block_m > 256 or cfg.block_m % 8:
+    if cfg.warps % 4 or cfg.block_n % (16 * cfg.warps) or not 8 <= cfg.block_m <= 256 or cfg.block_m % 8:
         return f"tile {cfg.name} does not map onto warp-group products"
     lanes = cfg.block_n // cfg.decode_warps  # the decoding warps split the output channels
     if cfg.block_n % cfg.decode_warps or not 1 <= lanes <= 32 or lanes & (lanes - 1):

@@ -84,6 +84,7 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     from bf.runtime.compiled_weights import compile_weights, decode_launches
     from bf.runtime.lowbit_gemm import TileConfig
     from bf.runtime.streamed_weights import fused_codes
+    from bf.runtime.tma_tiles import WgmmaConfig
     from bf.runtime.torch_graph import GraphedCall
 
     lib = load(native_build / "libbf_decode.so")
@@ -94,7 +95,7 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     chosen = choose_fused(decoded, packed, lambda: decoded(x), lib, log=logged.append)
     assert len(logged) == 3 and all("decode + op" in m for m in logged)  # one line per class of layer
     assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged, strict=True))  # the forward's order
-    assert all(isinstance(cfg, TileConfig) and fw.words.is_cuda for fw, cfg in chosen.values())
+    assert all(isinstance(cfg, (TileConfig, WgmmaConfig)) and fw.words.is_cuda for fw, cfg in chosen.values())
     # every layer fused, whatever this GPU timed: the path under test
     cfg = TileConfig(**compiled_fused.CANDIDATES[0])
     forced = {n: (fused_codes(getattr(decoded, n), p, lib), cfg) for n, p in packed.items() if n != "fc"}

@@ -36,7 +36,7 @@ CASES = [  # kind, in, out, kernel, levels, input spatial size (linear: rows), b
     ("conv", 64, 64, 3, 3, 1, True),  # 1x1 images: PyTorch's strides along the size-1 dimensions are not NHWC's
     ("conv", 64, 64, 3, 3, (1, 8), True),  # one row an image: a tile is whole images of it
     ("linear", 768, 320, 1, 65, 77, True),  # M = 154: not a multiple of any tile
-    ("linear", 1280, 10240, 1, 3, 256, False),
+    ("linear", 1280, 10240, 1, 3, 256, False),  # M = 512
 ]
 
 
@@ -56,7 +56,7 @@ def test_the_tma_kernel_computes_the_decoded_layer_with_every_tile_it_takes(case
     bias = torch.randn(cout, device="cuda", generator=gen).half() if has_bias else None
     fw = fused_weight(codes, scale, module, levels)
     if kind == "linear":
-        x = torch.randn(2, size // 2, cin, device="cuda", generator=gen).half()
+        x = torch.randn(2, size, cin, device="cuda", generator=gen).half()
     else:
         h, w = size if isinstance(size, tuple) else (size, size)
         x = torch.randn(2, cin, h, w, device="cuda", generator=gen).half().contiguous(memory_format=torch.channels_last)
