@@ -290,9 +290,9 @@ def main() -> None:
             from bf.runtime.lowbit_wgmma import wgmma_forward
             from bf.runtime.tma_tiles import unsupported
 
-            runnable = [c for c in wgmma_grid if not unsupported(tuple(x.shape), fws[0], c)]
-            wg = timed_column(runnable, lambda fw, cfg: wgmma_forward(x, fw, cfg, bias), fws, ref)
-            wg.update({c.name: {"unsupported": unsupported(tuple(x.shape), fws[0], c)} for c in wgmma_grid if c not in runnable})
+            why = {c: unsupported(tuple(x.shape), fws[0], c) for c in wgmma_grid}
+            wg = timed_column([c for c in wgmma_grid if not why[c]], lambda fw, cfg: wgmma_forward(x, fw, cfg, bias), fws, ref)
+            wg.update({c.name: {"unsupported": why[c]} for c in wgmma_grid if why[c]})
         m = math.prod(xshape) // cin
         flop = 2 * m * cout * cin * k * k
         row = {"layer": name, "kind": kind, "input": list(xshape), "out_channels": cout, "kernel": k, "code_bits": bits,

@@ -39,8 +39,12 @@ DECODE_REGS = 88  # registers per decoding thread; the loader warp gets the fewe
 def _loader(p):
     """One warp: each stage's input box (a kernel tap over a run of channels) and the words of the same K range, by TMA,
     once the tensor cores are done with the stage."""
-    (x_desc, w_desc, x_smem, w_smem, a_smem, ready, decoded, empty, start, n_iters, c_iters, C, img0, row0, col0, n0,
-     KW, PAD, PER_WORD, CODE_BITS, HALF) = p  # fmt: skip
+    descs, bufs, bars, loop, box, n0, _half = p
+    x_desc, w_desc = descs
+    x_smem, w_smem, _a_smem = bufs
+    ready, _decoded, empty = bars
+    start, n_iters = loop
+    c_iters, C, img0, row0, col0, KW, PAD, PER_WORD = box
     STAGES: gl.constexpr = x_smem.type.shape[0]
     BLOCK_K: gl.constexpr = x_smem.type.shape[4]
     for i in range(n_iters):
@@ -68,10 +72,12 @@ def _decode_layout(block_n, words, per_word, num_warps):
 @gluon.jit
 def _decoder(p):
     """The decoding warps: each stage's words into the FP16 weight tile the tensor cores read."""
-    (x_desc, w_desc, x_smem, w_smem, a_smem, ready, decoded, empty, start, n_iters, c_iters, C, img0, row0, col0, n0,
-     KW, PAD, PER_WORD, CODE_BITS, HALF) = p  # fmt: skip
+    _descs, bufs, bars, loop, _box, _n0, HALF = p
+    _x_smem, w_smem, a_smem = bufs
+    ready, decoded, _empty = bars
+    _start, n_iters = loop
     # (constants from the buffers' shapes: those passed to a worker partition arrive as run-time values)
-    STAGES: gl.constexpr = x_smem.type.shape[0]
+    STAGES: gl.constexpr = a_smem.type.shape[0]
     BLOCK_N: gl.constexpr = a_smem.type.shape[1]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
     WORDS: gl.constexpr = w_smem.type.shape[1]
@@ -99,8 +105,10 @@ def _decoder(p):
 def _products(p, acc, out, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
     """The tensor-core warps (the default partition): one asynchronous product per stage, one in flight; then the
     tile's output (its partial sum, under split-K)."""
-    (x_desc, w_desc, x_smem, w_smem, a_smem, ready, decoded, empty, start, n_iters, c_iters, C, img0, row0, col0, n0,
-     KW, PAD, PER_WORD, CODE_BITS, HALF) = p  # fmt: skip
+    _descs, bufs, bars, loop, _box, n0, _half = p
+    x_smem, _w_smem, a_smem = bufs
+    ready, decoded, empty = bars
+    _start, n_iters = loop
     STAGES: gl.constexpr = x_smem.type.shape[0]
     BLOCK_K: gl.constexpr = a_smem.type.shape[2]
     BLOCK_M: gl.constexpr = x_smem.type.shape[1] * x_smem.type.shape[2] * x_smem.type.shape[3]
@@ -179,8 +187,10 @@ def _wgmma_lowbit_kernel(
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_M, 16])  # fmt: skip
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma_layout)
-    p = (x_desc, w_desc, x_smem, w_smem, a_smem, ready, decoded, empty, start, n_iters, c_iters, C, img0, row0, col0, n0,
-         KW, PAD, PER_WORD, CODE_BITS, HALF)  # fmt: skip
+    # what every partition gets: the descriptors, the stage buffers and their barriers, its iterations, where the
+    # input boxes lie, the first output channel, the level of code 0
+    box = (c_iters, C, img0, row0, col0, KW, PAD, PER_WORD)
+    p = ((x_desc, w_desc), (x_smem, w_smem, a_smem), (ready, decoded, empty), (start, n_iters), box, n0, HALF)
     out = (s_ptr, b_ptr, y_ptr, part_ptr, M, N, pixel0, split)
     # (the default partition writes the output itself: Triton 3.6 cannot return a tensor from it; constants travel
     # as arguments of their own: in a tuple they arrive as run-time values)
@@ -212,7 +222,7 @@ def wgmma_forward(x: torch.Tensor, fw: FusedWeight, cfg: WgmmaConfig, bias: torc
         y = torch.empty(out_shape, dtype=torch.float16, device=x.device, memory_format=torch.channels_last)
     else:
         y = torch.empty(out_shape, dtype=torch.float16, device=x.device)
-    kh, kw = fw.kernel if x.dim() == 4 else (1, 1)
+    kh, kw = fw.kernel  # (1, 1) for a linear layer
     tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
     per_split, splits = split_k(kh * kw * math.ceil(c / bk), tiles_m * tiles_n, cfg.splits, x.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
