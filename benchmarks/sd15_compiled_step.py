@@ -22,11 +22,15 @@ is against the fastest FP16 configuration of the run:
                              for each N of --ahead; the step captured at the runtime's priority, above the
                              decode stream's (--compute-priority: others), --decode-blocks B: each launch's
                              grid capped at B, --ahead-keep MB: that much of the smallest weights kept decoded
-  ..._fused                  (--fused-layers) the same, where the fused Triton kernel reads a layer's codes itself
-                             if it measured faster than decode + op on the layer's input (bf.runtime.compiled_fused)
+  ..._fused                  (--fused-layers) the same, where a fused kernel (Triton's, or on Hopper the TMA one)
+                             reads a layer's codes itself if it measured faster than decode + op on the layer's input
+                             (bf.runtime.compiled_fused); the layers are chosen once per choice rule and shared by the
+                             configurations, and a _fused configuration that keeps weights decoded (--fused-keep,
+                             --ahead-keep) keeps the smallest of the layers not fused
 
 Peak memory is what a configuration allocates on top of an empty GPU while it steps (weights,
-codes, activations, graph pools). Each compile's warm-up (trace, compile, first capture) is timed,
+codes, activations, graph pools). The JSON is written after every configuration ("complete": false until the
+last), so a run stopped part-way keeps what it measured. Each compile's warm-up (trace, compile, first capture) is timed,
 and again after torch._dynamo.reset() (inductor's on-disk cache warm: what the next process pays).
 The decoded-weight configurations are checked against the same codes decoded once, run eagerly.
 With --profile, one step of FP16 compiled (default mode, the backend's CUDA graph) and of each 1.99-bit
@@ -230,6 +234,15 @@ def main() -> None:
                     help="compiled, decoding ahead into the first --ahead slots: AGAINST:MARGIN pairs (AGAINST decode or fp16, "
                          "see choose_fused), a configuration each with the layers so chosen fused, named _fused_AGAINSTxMARGIN; "
                          "e.g. fp16:1,decode:1.5")  # fmt: skip
+    ap.add_argument("--fused-keep", type=lambda t: [int(x) for x in t.split(",") if x and int(x) > 0], default=[],
+                    help="with --fused-layers, in the step's stream: MB of the smallest weights not fused kept decoded, a "
+                         "configuration each")  # fmt: skip
+    ap.add_argument("--backend-fused", action="store_true",
+                    help="also the torch backend's own compiled step with fused layers (TorchUNet(compile=True, fused='auto'), "
+                         "what bf infer/bench --compile --fused auto run: the choice made at its first step), named "
+                         "lowbit_backend_compile_graph_cl_fused, with the seconds its choice took")  # fmt: skip
+    ap.add_argument("--only-fused", action="store_true",
+                    help="of the 1.99-bit compiled configurations, only the _fused ones (the streamed ring stays)")  # fmt: skip
     ap.add_argument("--no-in-stream", action="store_true",
                     help="compiled: skip those that decode in the step's stream (--fused-layers' _fused one stays)")  # fmt: skip
     ap.add_argument("--profile-no-fp16", action="store_true", help="--profile: of FP16, only the graphed step as measured")
@@ -240,6 +253,8 @@ def main() -> None:
         ap.error("--sub-blocks splits blocks into smaller groups; with --per-layer-decode every layer is a group already")
     if args.fused_choice and not args.ahead:
         ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
+    if (args.fused_keep or args.only_fused) and not args.fused_layers:
+        ap.error("--fused-keep and --only-fused apply to --fused-layers configurations: give --fused-layers")
     # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
     modes = [("default", "compile_graph")] if args.quick else [("reduce-overhead", "compile"), ("default", "compile_graph")]
     keeps = (0, *args.keep)
@@ -251,8 +266,11 @@ def main() -> None:
     points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
     if args.fused_layers:
         points += [Point(fused=True)]
+        points += [Point(keep=keep, which="smallest", fused=True) for keep in args.fused_keep]
         points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
     points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
+    if args.only_fused:
+        points = [p for p in points if p.fused]
     names = [point_name(point, dict(modes), args.sub_blocks) for point in points]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -261,7 +279,7 @@ def main() -> None:
     from bf.cli.output import write_json
     from bf.decode_kernels import load
     from bf.runtime.backend_torch import TorchUNet, _smallest_inputs
-    from bf.runtime.compiled_fused import choose_fused, install_fused
+    from bf.runtime.compiled_fused import choose_fused, fused_bytes, install_fused
     from bf.runtime.compiled_weights import (
         AHEAD_COMPILE_OPTIONS,
         compile_weights,
@@ -284,6 +302,15 @@ def main() -> None:
               torch.randn(b, 77, 768, device=DEV, generator=g).half())  # fmt: skip
     configs: dict = {}
     outputs: dict = {}
+    checks: dict = {}
+
+    def save(complete: bool) -> None:
+        """The figures so far into --out (the summary once an FP16 and a 1.99-bit configuration are in)."""
+        res["complete"] = complete
+        res["configs"], res["checks"] = configs, checks
+        if "best_fp16_config" in res and any(k.startswith("lowbit_") for k in configs):
+            summarize(res)
+        write_json(args.out, res)
 
     def record(name: str, step, base: int, extra: dict | None = None, resident: int = 0) -> None:
         with torch.inference_mode():
@@ -294,6 +321,7 @@ def main() -> None:
         c = configs[name]
         warm = f", warm-up {c['warmup_s']:.1f} s (cached: {c.get('warmup_cached_s', float('nan')):.1f} s)" if "warmup_s" in c else ""
         print(f"{name}: {c['median_ms']:.3f} ms/step, peak {c['peak_mem_bytes'] / 1e9:.3f} GB{warm}", flush=True)
+        save(complete=False)
 
     # FP16, eager diffusers
     base = clean()
@@ -360,29 +388,50 @@ def main() -> None:
         ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
     ref_max = ref.abs().max().item()
     del decoded
-    checks: dict = {}
+    choices: dict = {}  # (against, margin) -> choose_fused's answer, made once on the first such configuration's model
     for keep in keeps:
         name = "lowbit_streamed_cl" + (f"_keep{keep}MB" if keep else "")
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, keep_decoded_bytes=keep * 2**20)
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
+    if args.backend_fused:  # as a user's process builds it: the codes grouped, the fused layers chosen at the first step
+        name = "lowbit_backend_compile_graph_cl_fused"
+        base = clean()
+        said: list[str] = []
+        model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, compile=True, fused="auto",
+                          log=lambda m: (said.append(m), print(m, flush=True)))  # fmt: skip
+        with torch.inference_mode():
+            extra = {"warmup_s": warm_up(model.step, inputs), "fused_layers": model.fused_layers}
+        chose = [m for m in said if m.startswith("fused layers: ") and " of the " in m]
+        extra["fused_choice"] = chose[0] if chose else None  # its last words: the seconds the choice took
+        record(name, model.step, base, extra, resident=packed_bytes(model.unet))  # fused words: allocated after `base`
+        diff = (outputs[name] - ref).abs().max().item()
+        checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref_max,
+                        "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
+        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref_max:.3g})", flush=True)
+        del model
+        torch._dynamo.reset()
     for (keep, which, mode, ahead, blocks, priority, fused, against, margin), name in zip(points, names, strict=True):
         priority = priority if ahead else 0  # a step in the decode's own stream is captured at the default priority
         base = clean()
         model = TorchUNet(copy.deepcopy(master), timesteps, weights="fp", device=DEV, cuda_graph=False)
+        chosen = {}
+        if fused:  # timed on the step's own input shapes, on the FP16 model still in place; every layer a candidate
+            if (against, margin) not in choices:
+                choices[against, margin] = choose_fused(model.unet, packed, lambda model=model: model.eager_step(*inputs), lib,
+                                                        against, margin, log=print)  # fmt: skip
+                # made now and held from here on, so counted like the codes: resident, added back below
+                base += sum(fw.nbytes for fw, _ in choices[against, margin].values())
+            chosen = choices[against, margin]
+            install_fused(model.unet, chosen)
         within = largest_within if which == "largest" else smallest_within
-        kept = within({n: p.numel for n, p in packed.items()}, keep * 2**20 // 2)  # fp16 elements
+        kept = within({n: p.numel for n, p in packed.items() if n not in chosen}, keep * 2**20 // 2)  # fp16 elements
         if kept:
             from bf.runtime.backend_torch import _decode_quantized_weights
 
             _decode_quantized_weights(model.unet, {n: packed[n] for n in kept}, DEV, lib)
-        rest = {n: p for n, p in packed.items() if n not in kept}
-        chosen = {}
-        if fused:  # timed on the step's own input shapes, on the FP16 model still in place
-            chosen = choose_fused(model.unet, rest, lambda model=model: model.eager_step(*inputs), lib, against, margin, log=print)
-            install_fused(model.unet, chosen)
-            rest = {n: p for n, p in rest.items() if n not in chosen}
+        rest = {n: p for n, p in packed.items() if n not in kept and n not in chosen}
         compile_weights(model.unet, rest, torch.float16, decoder=lib, by_block=not args.per_layer_decode, sub_blocks=args.sub_blocks)
         launches = decode_launches(model.unet)
         slot_bytes = 0
@@ -405,7 +454,8 @@ def main() -> None:
                 torch._dynamo.reset()
                 step = graphed_step(model.eager_step, mode)
                 extra["warmup_cached_s"] = warm_up(step, inputs)
-        record(name, step, base, extra, resident=packed_bytes(model.unet))  # the codes were allocated before `base`, the slots after
+        # the codes (and the shared fused layers' words) were allocated before `base`, the slots after
+        record(name, step, base, extra, resident=packed_bytes(model.unet) + fused_bytes(model.unet))
         diff = (outputs[name] - ref).abs().max().item()
         checks[name] = {
             "max_abs_diff_vs_decoded_eager": diff,
@@ -418,7 +468,7 @@ def main() -> None:
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
                 res.setdefault("profile", {})[name + "_graphed"] = profile(step, inputs)  # as measured
                 res["profile"][name + "_no_graph"] = profile(build_step(model.eager_step, "default", options), inputs)
-        del model, step, chosen  # the fused layers' codes too: the next configuration's baseline must not hold them
+        del model, step, chosen
         torch._dynamo.reset()
     if args.profile and not args.profile_no_fp16:
         for label, compile_it in (("fp16_compiled_cl", True), ("fp16_eager_kernels_cl", False)):
@@ -430,10 +480,18 @@ def main() -> None:
             torch._dynamo.reset()
     for label, prof in res.get("profile", {}).items():
         print_profile(label, prof)
-    del packed, ref
+    del packed, ref, choices
+    save(complete=True)
+    print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
+                     indent=1), flush=True)  # fmt: skip
+    write_timelines(args.out, res["command"], res.get("profile", {}))  # every kernel of each profiled step, beside the figures
+    write_json(args.out, res)
 
-    res["configs"] = configs
-    res["checks"] = checks
+
+def summarize(res: dict) -> None:
+    """Each configuration's ratios to the fastest FP16, and the fastest 1.99-bit configuration within 0.3x its memory
+    (else the fastest), into ``res``."""
+    configs = res["configs"]
     lowbit = [k for k in configs if k.startswith("lowbit_")]
     for k in configs:
         configs[k]["step_vs_best_fp16"] = configs[k]["median_ms"] / res["best_fp16_step_ms"]
@@ -448,10 +506,6 @@ def main() -> None:
                       "peak_mem_at_most_0.3x_best_fp16": res["ratios"]["peak_mem_vs_best_fp16"] <= 0.3}  # fmt: skip
     res["curve"] = [{"config": k, "step_ms": configs[k]["median_ms"], "peak_mem_bytes": configs[k]["peak_mem_bytes"]}
                     for k in sorted(lowbit, key=lambda k: configs[k]["peak_mem_bytes"])]  # fmt: skip
-    print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
-                     indent=1), flush=True)  # fmt: skip
-    write_timelines(args.out, res["command"], res.get("profile", {}))  # every kernel of each profiled step, beside the figures
-    write_json(args.out, res)
 
 
 if __name__ == "__main__":

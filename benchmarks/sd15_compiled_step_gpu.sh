@@ -5,6 +5,8 @@
 #   checks   pytest -m gpu (the compiled low-bit layers and the torch backend, compiled included, against the
 #            decoded weights and ONNX Runtime), then bf bench --backend torch --compile on the shipped model twice:
 #            the second process finds inductor's cache warm
+#   fused    pytest -m gpu of the fused layers in a compiled step (the layers, and the torch backend compiled with
+#            --fused on against ONNX Runtime), then bf bench --backend torch --compile --fused auto on the shipped model
 #   lora     benchmarks/sd15_lora_step.py: a rank-16 LoRA on every attention projection, its cost to the step
 #   diffusers  benchmarks/sd15_diffusers_unet_step.py: the UNet in diffusers, bitsfusion backend against FP16, then
 #            pytest -m gpu of the LoRA and diffusers paths
@@ -15,9 +17,13 @@
 #            Triton kernel, the same kernel on FP16 weights with its decode left out, the Hopper TMA kernel;
 #            --columns picks), against cuDNN / cuBLAS
 # Needs .whl/ for diffusers, peft and accelerate (carry it).
-# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|lora|diffusers|layers|reuse|kernels [the script's args]
+# usage: benchmarks/sd15_compiled_step_gpu.sh OUT_DIR step|checks|fused|lora|diffusers|layers|reuse|kernels [the script's args]
 set -uo pipefail
 out=$1; part=$2; shift 2
+case "$part" in
+  step|checks|fused|lora|diffusers|layers|reuse|kernels) ;;
+  *) echo "unknown part '$part': give step, checks, fused, lora, diffusers, layers, reuse or kernels" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 repo=$PWD
 source tools/device_env.sh
@@ -50,7 +56,7 @@ elif [ "$part" = diffusers ]; then
   echo "== pytest -m gpu: LoRA on the torch backend, bitsfusion in diffusers"
   (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
      "$repo/tests/runtime/test_runtime_lora.py" "$repo/tests/diffusers_backend" 2>&1 | tail -15) | tee "$out/pytest_lora.txt"
-else
+elif [ "$part" = checks ]; then
   echo "== pytest -m gpu: compiled low-bit layers, torch backend"
   (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
      "$repo/tests/runtime/test_compiled_weights.py" "$repo/tests/runtime/test_runtime_infer.py" 2>&1 | tail -15) | tee "$out/pytest_compiled.txt"
@@ -59,4 +65,14 @@ else
     (cd /tmp && python3 -m bf.cli bench --backend torch --compile --batch 1,2 --json "$out/bench_shipped_torch_compile_$run.json" \
        2>&1 | grep -v "Loading weights" | tail -24) | tee "$out/bench_shipped_torch_compile_$run.txt"
   done
+elif [ "$part" = fused ]; then
+  echo "== pytest -m gpu: fused layers in a compiled step, torch backend compiled with them"
+  (cd /tmp && python3 -m pytest -q -m gpu -p no:cacheprovider -o pythonpath= --rootdir "$repo" -c "$repo/pyproject.toml" \
+     "$repo/tests/runtime/test_compiled_fused.py" "$repo/tests/runtime/test_fused_kernels.py" \
+     "$repo/tests/runtime/test_runtime_infer.py::test_torch_backend_on_the_gpu_matches_ort" \
+     "$repo/tests/runtime/test_runtime_infer.py::test_compiled_with_fused_layers_the_smallest_others_stay_decoded_and_the_image_matches_ort" \
+     2>&1 | tail -15) | tee "$out/pytest_compiled_fused_backend.txt"
+  echo "== bf bench --backend torch --compile --fused auto (shipped model)"
+  (cd /tmp && python3 -m bf.cli bench --backend torch --compile --fused auto --batch 1,2 --json "$out/bench_shipped_torch_compile_fused.json" \
+     2>&1 | grep -v "Loading weights" | tail -40) | tee "$out/bench_shipped_torch_compile_fused.txt"
 fi

@@ -17,7 +17,7 @@ BACKENDS = ("ort", "trt", "torch")
 class BackendOptions:
     weights: str | None = None  # torch: streamed, decoded or fp (None: streamed for a quantized export, fp otherwise)
     cuda_graph: bool | None = None  # torch, trt: replay the UNet step from a CUDA graph (None: on for torch, off for trt)
-    fused: str | None = None  # torch, streamed weights: the fused low-bit kernel, auto/on/off (None: off)
+    fused: str | None = None  # torch, streamed weights (ring or compiled): the fused low-bit kernels, auto/on/off (None: off)
     keep_decoded_bytes: int = 0  # torch, streamed weights: bytes of the largest weights kept decoded
     compile: bool = False  # torch: the UNet step compiled by torch.compile (streamed weights decoded inside it)
     channels_last: bool = True  # torch: the UNet runs channels-last

@@ -12,9 +12,10 @@ Weights, three ways:
 Streamed layers may instead run a fused kernel that reads the codes in its matrix-product tiles
 (``fused``, bf.runtime.lowbit_gemm, needs Triton): "auto" lets each layer's first call time
 both and keep the faster, "on" fuses every layer the kernel can run, "off" (the default: on
-SD-v1.5 the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
+SD-v1.5's streamed ring the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
 (``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
-``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed).
+``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed; a compiled step
+with fused layers keeps the smallest of the others instead, see below).
 
 ``compile``: the step is compiled by ``torch.compile`` (inductor fuses the elementwise work around the
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
@@ -22,7 +23,14 @@ decoded inside the compiled step by custom ops (bf.runtime.compiled_weights), on
 block, instead of the ring: in the step's stream, just before each block (the default: on SD-v1.5 it
 is 0.15-0.22 ms slower than decoding ahead, at the lowest peak memory), or ahead, on a side stream, into
 ``ahead_slots`` persistent slots while the blocks before compute, the step's graph captured above the
-decode stream's priority; decoded and fp weights are compiled as they are.
+decode stream's priority; decoded and fp weights are compiled as they are. With ``fused`` ("auto" or
+"on"; in the step's stream only), the first step, before it compiles, times the fused kernels (on Hopper
+also the TMA one, bf.runtime.compiled_fused) on each class of layer at the step's input shape against
+decoding + cuDNN / cuBLAS, and the layers they run faster ("auto") or can run at all ("on") read their
+codes in the compiled step instead of being decoded; ``keep_decoded_bytes`` then keeps the smallest of
+the other layers decoded, instead of the largest (on SD-v1.5 at 512x512 on an H200: 77-79 of 258 layers
+fused, the step 1.10-1.11x the fastest FP16's at 0.23x its memory, and with 120 MB of the smallest others
+kept 1.08x at 0.29x, BENCHMARKS.md).
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -124,11 +132,20 @@ class TorchUNet:
         self.compiled_bytes = 0  # codes and scales the compiled step decodes
         self.compiled_kept_bytes = 0  # weights a compiled step keeps decoded instead
         self.slot_bytes = 0  # the slots a compiled step decodes ahead into
+        self._fuse_first = None  # compiled with fused layers: what the first step chooses among (see _choose_fused)
         if compile and weights == "streamed":
-            if fused not in (None, "off"):
-                raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
-            module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes = _compiled_lowbit(
-                module, unet, layers, device, torch_dtype, channels_last, keep_decoded_bytes, decoder, self.lora)  # fmt: skip
+            self.fused = _fused_mode(fused, channels_last, dtype)
+            if self.fused != "off" and ahead_slots:
+                raise BfError(f"fused={fused!r} with a compiled step decoding ahead: fused layers run in a step that decodes in "
+                              "its stream (ahead_slots=0), which measured as fast at less memory")  # fmt: skip
+            fusing = self.fused != "off"  # then the weights kept decoded are chosen with the fused layers, at the first step
+            keep_now = 0 if fusing else keep_decoded_bytes
+            module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes, packed, deltas = _compiled_lowbit(
+                module, unet, layers, device, torch_dtype, channels_last, keep_now, decoder, self.lora)  # fmt: skip
+            if fusing:
+                hooked = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
+                candidates = {n: p for n, p in packed.items() if n not in hooked}
+                self._fuse_first = (packed, deltas, candidates, keep_decoded_bytes, torch_dtype, decoder, log)
         elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
@@ -169,7 +186,64 @@ class TorchUNet:
 
             options, priority = (AHEAD_COMPILE_OPTIONS, STEP_PRIORITY) if self.slot_bytes else (None, 0)
             step = _logged_first_calls(torch.compile(step, fullgraph=True, options=options), log, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            if self._fuse_first is not None:
+                step = self._choosing_fused_first(step)
         self.step = GraphedCall(step, priority=priority) if cuda_graph else step
+
+    def _choosing_fused_first(self, step):
+        """``step`` whose first call first chooses the fused layers at its inputs' shape (before it compiles)."""
+
+        def call(*inputs):
+            if self._fuse_first is not None:
+                self._choose_fused(inputs)
+            return step(*inputs)
+
+        return call
+
+    def _choose_fused(self, inputs: tuple) -> None:
+        """Time the fused kernels on every class of compiled layer at ``inputs``' shapes (one eager forward finds each
+        layer's input) and regroup the step: the layers they run faster ("auto"), or every one they run ("on"), read
+        their codes; of the others, the smallest within ``keep_decoded_bytes`` are decoded once (their decodes in the
+        step are mostly launches), and the rest are decoded in the step as before."""
+        import time
+
+        import torch
+        from torch import nn
+
+        from bf.runtime.compiled_fused import choose_fused, fused_bytes, install_fused
+        from bf.runtime.compiled_weights import compile_weights, grouped_paths, packed_bytes, ungroup
+        from bf.runtime.streamed_weights import smallest_within
+
+        packed, deltas, candidates, keep_bytes, dtype, decoder, log = self._fuse_first
+        self._fuse_first = None
+        if decoder is None:
+            from bf.decode_kernels import load
+
+            decoder = load()
+        log(f"timing the fused low-bit kernels against decode + cuDNN/cuBLAS on the UNet's layers at input {list(inputs[0].shape)} "
+            "(once, before the step compiles)")  # fmt: skip
+        t0 = time.perf_counter()
+        margin = 1.0 if self.fused == "auto" else math.inf  # "on": every layer a tile of the kernels runs
+        with torch.inference_mode(False):  # the fused layers' codes and the regrouped layers are the model's, not inference tensors
+            paths = grouped_paths(self.unet)  # timed where the layers sit now, inside their groups (the forward needs them)
+            named = {p: n for n, p in paths.items()}
+            chosen = choose_fused(self.unet, {paths[n]: w for n, w in candidates.items()}, lambda: self.eager_step(*inputs), decoder,
+                                  "decode", margin, log=log)  # fmt: skip
+            chosen = {named[p]: c for p, c in chosen.items()}
+            itemsize = torch.tensor([], dtype=dtype).element_size()
+            kept = smallest_within({n: w.numel for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize)
+            if chosen or kept:
+                ungroup(self.unet)
+                install_fused(self.unet, chosen)
+                for name in kept:
+                    self.unet.get_submodule(name).weight = nn.Parameter(_decoded_once(packed[name], decoder, dtype), requires_grad=False)
+                rest = {n: p for n, p in packed.items() if n not in chosen and n not in kept}
+                compile_weights(self.unet, rest, dtype, decoder=decoder, deltas={n: d for n, d in deltas.items() if n in rest})
+                self.compiled_bytes = packed_bytes(self.unet) + fused_bytes(self.unet)
+                self.compiled_kept_bytes = sum(packed[n].numel for n in kept) * itemsize
+        kept_text = f", {len(kept)} of the others ({self.compiled_kept_bytes / 2**20:.1f} MB) decoded once" if kept else ""
+        log(f"fused layers: {len(chosen)} of the {len(packed)} compiled layers read their codes in the fused kernel{kept_text}, the "
+            f"rest are decoded in the step ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
 
     def release_graphs(self) -> None:
         """Let go of the step's CUDA graphs and the memory pool their activations live in (the next step captures
@@ -188,18 +262,23 @@ class TorchUNet:
     @property
     def weight_bytes(self) -> int:
         """Resident bytes of the quantized weights held outside the module's parameters: the streamed layers' packed
-        codes and scales, weights kept decoded and fused layers' words, or the compiled layers' codes and scales
-        (0 for decoded and fp weights: the module's parameters hold them)."""
+        codes and scales, weights kept decoded and fused layers' words, or the compiled layers' codes and scales and
+        fused layers' words (0 for decoded and fp weights: the module's parameters hold them)."""
         return self.module.weight_bytes if self.ring is not None else self.compiled_bytes
 
     @property
     def fused_layers(self) -> int:
         """Layers running the fused low-bit kernel (0 before the first step)."""
-        return self.module.fused_layers if self.ring is not None else 0
+        if self.ring is not None:
+            return self.module.fused_layers
+        from bf.runtime.compiled_fused import FusedLowBitLayer
+
+        return sum(isinstance(m, FusedLowBitLayer) for m in self.unet.modules()) if self.compiled else 0
 
     @property
     def kept_decoded_bytes(self) -> int:
-        """Bytes of the quantized weights kept decoded (``keep_decoded_bytes``; 0 for decoded and fp weights)."""
+        """Bytes of the quantized weights kept decoded (``keep_decoded_bytes``; 0 for decoded and fp weights, and for a
+        compiled step with fused layers until its first call has chosen them)."""
         return self.module.kept_decoded_bytes if self.ring is not None else self.compiled_kept_bytes
 
     def streamed_layers(self) -> dict:
@@ -215,8 +294,8 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     """``module`` on the device with its quantized layers decoded in the step by the custom op, except the
     largest weights within ``keep_decoded_bytes``, decoded once. ``lora`` (bf.lora_adapters.LoRAHooks): the
     branches on the layers decoded in the step are added to their weights there; the others are hooked. Returns the
-    module, the number of quantized layers, the resident bytes of the compiled layers' codes and scales, and the bytes
-    kept decoded."""
+    module, the number of quantized layers, the resident bytes of the compiled layers' codes and scales, the bytes
+    kept decoded, and the compiled layers' packed weights and LoRA changes by name (to group them again)."""
     import torch
 
     from bf.runtime.compiled_weights import compile_weights, packed_bytes
@@ -238,7 +317,19 @@ def _compiled_lowbit(module, unet, layers: dict, device: str, dtype, channels_la
     module = module.to(device, dtype)
     if kept:
         _decode_quantized_weights(unet, kept, device, decoder)
-    return module, len(modules), packed_bytes(unet), sum(sizes[n] for n in kept) * itemsize
+    return module, len(modules), packed_bytes(unet), sum(sizes[n] for n in kept) * itemsize, packed, deltas or {}
+
+
+def _decoded_once(w, decoder, dtype):
+    """A PackedWeight decoded into a weight of its own, module-shaped (a channels-last one in channels-last memory), on
+    the device its codes are on (the CPU: the library's CPU decode, for tests)."""
+    import torch
+
+    flat = torch.empty(w.numel, dtype=dtype, device=w.codes.device)
+    if flat.is_cuda:
+        return w.decode(decoder, flat)
+    flat.copy_(torch.from_numpy(decoder.decode_cpu(w.codes.numpy(), w.scale.numpy(), w.spec)).reshape(-1))
+    return w.view(flat)
 
 
 def _smallest_inputs(unet, device: str, dtype):
@@ -361,8 +452,6 @@ class TorchBackend:
             raise BfError(f"weights={weights!r}: must be one of {', '.join(WEIGHT_MODES)}")
         if fused not in (None, "off") and weights == "decoded":  # (the fp baseline has no codes: fused means nothing there)
             raise BfError(f"fused={fused!r} runs on streamed weights, not weights='decoded'")
-        if fused not in (None, "off") and compile and weights == "streamed":  # before the pipeline loads
-            raise BfError(f"fused={fused!r} runs on the streamed ring; a compiled step decodes its weights inside the graph")
         if weights != "fp" and not quantized:
             raise BfError(f"{model.root} holds an FP model; weights={weights!r} needs a quantized export")
         source = Path(model.manifest.model.source)
@@ -395,7 +484,7 @@ class TorchBackend:
                 from bf.lora_adapters import LoRAHooks
 
                 LoRAHooks(unet_args[0], list(self.loras), lora_files)
-            if weights == "streamed" and not compile:
+            if weights == "streamed":
                 _fused_mode(fused, channels_last, dtype)
         self.compiled, self.channels_last, self.cuda_graph = compile, channels_last, cuda_graph
         # low memory: the text encoders and the VAE wait on the CPU (in the dtype they run in) and visit the GPU

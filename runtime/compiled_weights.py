@@ -220,8 +220,8 @@ class CompiledLowBitGroup(nn.Module):
         self.size = _GROUPS[self.group][2]
         self.ahead: tuple[int, int] | None = None  # decoding ahead: (schedule id, index in it)
         self.schedule: _Schedule | None = None  # decoding ahead: holds the schedule (and its slots) while the model lives
-        for name in self.names:
-            block.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        for name, w in zip(self.names, packed, strict=True):  # where the layer runs: a group made on a moved model stays there
+            block.get_submodule(name).weight = nn.Parameter(torch.empty(0, device=w.codes.device, dtype=dtype), requires_grad=False)
         self.lora_runs = _delta_runs(self.names, self.layouts, deltas)
 
     def forward(self, *args, **kwargs):
@@ -321,6 +321,32 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
         mine = {m: deltas[full] for m in members if (full := f"{block}.{m}" if m else block) in deltas}
         setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype, mine))
     return len(packed)
+
+
+def grouped_paths(owner: nn.Module) -> dict[str, str]:
+    """Where each grouped layer is now: its name in the model before ``compile_weights`` -> its module path inside its
+    group (a group holds its block as ``block``)."""
+    paths = {}
+    for name, group in owner.named_modules():
+        if isinstance(group, CompiledLowBitGroup):
+            paths |= {f"{name}.{m}" if m else name: f"{name}.block.{m}" if m else f"{name}.block" for m in group.names}
+    return paths
+
+
+def ungroup(owner: nn.Module) -> int:
+    """Undo ``compile_weights``: every group gives its block back, each of the group's layers with a weight on the meta
+    device of the shape the model had (no memory; ``compile_weights`` checks it against the codes), so the layers can
+    be grouped again, some of them first swapped for others (bf.runtime.compiled_fused.install_fused). Returns how
+    many groups there were. A group decoding ahead goes with its slots."""
+    groups = [(name, m) for name, m in owner.named_modules() if isinstance(m, CompiledLowBitGroup)]
+    for name, group in groups:
+        for member, (_, stored, channels_last) in zip(group.names, group.layouts, strict=True):
+            shape = (stored[0], stored[3], stored[1], stored[2]) if channels_last else stored
+            layer = group.block.get_submodule(member)  # "" is the block itself: a group of one layer
+            layer.weight = nn.Parameter(torch.empty(shape, device="meta", dtype=group.dtype), requires_grad=False)
+        parent, child = parent_and_attribute(owner, name)
+        setattr(parent, child, group.block)
+    return len(groups)
 
 
 def decode_ahead(owner: nn.Module, run_once: Callable[[], object], slots: int = 2, priority: int = 0, max_blocks: int = 0,

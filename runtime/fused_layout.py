@@ -65,16 +65,23 @@ def fusable(module: torch.nn.Module, levels: int) -> str | None:
     return None
 
 
-def fused_weight(codes: torch.Tensor, scale: torch.Tensor, module: torch.nn.Module, levels: int) -> FusedWeight:
-    """The fused layout of ``codes``: integer codes [out, kh, kw, in] (or [out, in]) in 0..levels-1."""
+def fused_weight(codes: torch.Tensor, scale: torch.Tensor, module: torch.nn.Module, levels: int,
+                 chunk_elements: int = 1 << 22) -> FusedWeight:  # fmt: skip
+    """The fused layout of ``codes``: integer codes [out, kh, kw, in] (or [out, in]) in 0..levels-1. The words are
+    packed ``chunk_elements`` codes at a time (whole output channels), so the 64-bit shifts need 16 bytes a code of
+    a chunk, not of the weight (SD-v1.5's largest would otherwise take 0.5 GB beside the step)."""
     bits = code_bits(levels)
     per_word = 32 // bits
     n = codes.shape[0]
-    k_major = codes.reshape(n, -1).t().to(torch.int64)  # [K, N]
-    k = k_major.shape[0]
-    shifted = k_major.view(k // per_word, per_word, n) << (torch.arange(per_word, device=codes.device) * bits).view(1, per_word, 1)
-    words = shifted.sum(dim=1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    rows = codes.reshape(n, -1)
+    k = rows.shape[1]
+    shifts = (torch.arange(per_word, device=codes.device) * bits).view(1, per_word, 1)
+    words = torch.empty(k // per_word, n, dtype=torch.int32, device=codes.device)
+    step = max(1, chunk_elements // max(k, 1))
+    for first in range(0, n, step):
+        k_major = rows[first : first + step].t().to(torch.int64)  # [K, outputs of the chunk]
+        packed = (k_major.view(k // per_word, per_word, -1) << shifts).sum(dim=1)
+        words[:, first : first + step] = torch.where(packed >= 2**31, packed - 2**32, packed)
     if isinstance(module, torch.nn.Conv2d):
         kernel, stride, padding = tuple(module.kernel_size), module.stride[0], module.padding[0]
         cin = module.in_channels

@@ -442,7 +442,7 @@ def integer_codes(w: PackedWeight, decoder) -> torch.Tensor:
     """A packed weight's codes (0 .. levels-1) as uint8 of its stored shape, decoded on the GPU with unit scales."""
     out = torch.empty(w.spec.shape, dtype=torch.float16, device=w.codes.device)
     decoder.decode_cuda(w.codes, torch.ones_like(w.scale), w.spec, out=out)
-    return (out.float() + w.spec.grid.levels // 2).round_().to(torch.uint8)
+    return out.add_(w.spec.grid.levels // 2).round_().to(torch.uint8)  # integers to 255 are exact in float16
 
 
 def fusable_layer(module: nn.Module, w: PackedWeight) -> bool:

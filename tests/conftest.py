@@ -163,3 +163,23 @@ def conv_linear_stack(widths: tuple[int, int, int, int], grids: tuple, scale: fl
     for name, layer in layers.items():
         getattr(decoded, name).weight.data = torch.from_numpy(layer.dequantize())
     return decoded, layers
+
+
+def forced_fused(decoded, layers: dict, names) -> dict:
+    """Every named layer of ``decoded`` (a module whose weights are ``layers``' QuantizedLayers decoded) fused, as
+    bf.runtime.compiled_fused.choose_fused answers, with the codes the layers' levels make (no GPU to read them back
+    from) and a placeholder tile (the CPU runs the op's reference path)."""
+    import numpy as np
+    import torch
+
+    from bf.runtime.fused_layout import fused_weight
+
+    chosen = {}
+    for name in names:
+        layer = layers[name]
+        codes = torch.from_numpy(layer.levels().astype(np.int64)) - layer.grid.qmin  # code 0 is the lowest level
+        if codes.dim() == 4:
+            codes = codes.permute(0, 2, 3, 1)  # (kh, kw, in) rows: the fused layout's K order
+        scale = torch.from_numpy(np.asarray(layer.scale, dtype=np.float32))
+        chosen[name] = (fused_weight(codes.to(torch.uint8), scale, decoded.get_submodule(name), layer.grid.levels), ("a tile",))
+    return chosen

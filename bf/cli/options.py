@@ -11,13 +11,15 @@ DEVICE_OPTION = click.option("--device", default=None, help="cpu or cuda (defaul
 KEEP_DECODED_OPTION = click.option(
     "--keep-decoded", type=click.IntRange(0), default=0, show_default=True, metavar="MB",
     help="torch, streamed weights: keep this many MB of the largest weights decoded instead of decoding them every step "
-         "(GPU memory for speed).",
+         "(GPU memory for speed); with --compile --fused, the smallest of the layers the fused kernels do not take, chosen "
+         "at the first step (their decodes are mostly launches).",
 )  # fmt: skip
 FUSED_OPTION = click.option(
     "--fused", type=click.Choice(["auto", "on", "off"]), default=None,
-    help="torch, streamed weights: run layers on the fused low-bit kernel (Triton), which reads the codes in its matrix tiles "
-         "instead of decoding them first (needs Triton). auto: where each layer's first call measures it faster "
-         "[default: off].",
+    help="torch, streamed weights: run layers on the fused low-bit kernel (Triton; on Hopper GPUs also a TMA kernel), which "
+         "reads the codes in its matrix tiles instead of decoding them first (needs Triton, float16). auto: where it measures "
+         "faster (each layer's first call; with --compile, every class of layer timed once before the first step compiles, "
+         "which adds about half a minute on SD-v1.5); on: every layer it can run [default: off].",
 )  # fmt: skip
 
 
@@ -30,8 +32,8 @@ RUNTIME_LORA_OPTION = click.option(
 COMPILE_OPTION = click.option(
     "--compile", "compile_step", is_flag=True,
     help="torch: compile the UNet step with torch.compile (inductor) and replay it from a CUDA graph (unless --no-cuda-graph); "
-         "streamed weights are decoded inside it (not with --fused). The first step of each shape compiles (about a minute "
-         "for SD-v1.5; cached for later runs).",
+         "streamed weights are decoded inside it, or read by the fused kernel with --fused. The first step of each shape "
+         "compiles (about a minute for SD-v1.5; cached for later runs).",
 )  # fmt: skip
 
 

@@ -2,7 +2,6 @@
 
 import copy
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -10,7 +9,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bf.format import Grid  # noqa: E402
-from tests.conftest import conv_linear_stack  # noqa: E402
+from tests.conftest import conv_linear_stack, forced_fused  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -115,21 +114,6 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
         torch._dynamo.reset()
 
 
-def _forced(decoded, layers: dict, names) -> dict:
-    """Every named layer fused, with the codes its QuantizedLayer's levels make (no GPU to read them back from)."""
-    from bf.runtime.fused_layout import fused_weight
-
-    chosen = {}
-    for name in names:
-        layer = layers[name]
-        codes = torch.from_numpy(layer.levels().astype(np.int64)) - layer.grid.qmin  # code 0 is the lowest level
-        if codes.dim() == 4:
-            codes = codes.permute(0, 2, 3, 1)  # (kh, kw, in) rows: the fused layout's K order
-        scale = torch.from_numpy(np.asarray(layer.scale, dtype=np.float32))
-        chosen[name] = (fused_weight(codes.to(torch.uint8), scale, getattr(decoded, name), layer.grid.levels), ("a tile",))
-    return chosen
-
-
 def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_model(native_build):
     """On the CPU (the op's reference path): a model whose 3x3 convolution and linear layer are fused and whose 1x1
     convolution decodes in the step traces without a graph break through both ops, and equals the decoded-weight model."""
@@ -142,7 +126,7 @@ def test_fused_layers_trace_whole_beside_decoded_groups_and_equal_the_decoded_mo
     decoded, layers = _stack_layers()
     packed = {n: packed_weight(layer, "cpu", True) for n, layer in layers.items()}
     model = copy.deepcopy(decoded)
-    chosen = _forced(decoded, layers, ["a", "fc"])
+    chosen = forced_fused(decoded, layers, ["a", "fc"])
     assert install_fused(model, chosen) == 2
     compile_weights(model, {"b": packed["b"]}, torch.float32, decoder=load(native_build / "libbf_decode.so"))
     assert isinstance(model.a, FusedLowBitLayer) and isinstance(model.fc, FusedLowBitLayer) and decode_launches(model) == 1

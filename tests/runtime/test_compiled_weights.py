@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bf.format import Grid, QuantizedLayer  # noqa: E402
-from tests.conftest import conv_linear_stack  # noqa: E402
+from tests.conftest import conv_linear_stack, forced_fused  # noqa: E402
 
 
 def _net_and_layers(channels_last: bool, device: str):
@@ -42,9 +42,9 @@ def test_the_op_traces_without_a_graph_break_and_decodes_exactly(native_build, m
         assert torch.equal(traced(x), ref)
 
 
-def _tiny_unet(tiny_model, device: str, channels_last: bool):
+def _tiny_unet(tiny_model, device: str, channels_last: bool, with_layers: bool = False):
     """The tiny UNet (every SD-v1.5 block type) with its layers quantized to 1-3 bits: the decoded-weight UNet
-    and the layers packed for ``device``."""
+    and the layers packed for ``device`` (``with_layers``: and the QuantizedLayers by name)."""
     from diffusers import UNet2DConditionModel
 
     from bf.format import quantizable_layers
@@ -55,13 +55,14 @@ def _tiny_unet(tiny_model, device: str, channels_last: bool):
     shapes = {k: tuple(v.shape) for k, v in decoded.state_dict().items()}
     names = [n for n in quantizable_layers(shapes) if not n.startswith("time_embedding")]
     rng = np.random.default_rng(1)
-    packed = {}
+    packed, layers = {}, {}
     for i, name in enumerate(names):
         shape, grid = shapes[f"{name}.weight"], (Grid(1), Grid(2), Grid(3))[i % 3]
-        layer = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.1, grid)
+        layer = layers[name] = QuantizedLayer.from_levels(name, rng.integers(grid.qmin, grid.qmax + 1, shape), rng.random(shape[0]) * 0.1,
+                                                          grid)  # fmt: skip
         decoded.get_submodule(name).weight.data = torch.from_numpy(layer.dequantize())
         packed[name] = packed_weight(layer, device, channels_last)
-    return decoded, packed
+    return (decoded, packed, layers) if with_layers else (decoded, packed)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -318,6 +319,109 @@ def test_the_torch_backends_compiled_unet_decodes_ahead_when_asked(tiny_model, n
         for i in (0, 3):
             step = torch.tensor([i])
             assert torch.equal(ours.eager_step(sample, step, ctx), ref.eager_step(sample, step, ctx))
+
+
+def test_ungrouped_layers_group_again_around_layers_swapped_in_between(tiny_model, native_build):
+    """ungroup gives every block back with meta placeholders of the model's weight shapes; grouping a subset again
+    around fused layers installed in between gives the decoded model's output, with fewer decode launches."""
+    from bf.decode_kernels import load
+    from bf.runtime.compiled_fused import FusedLowBitLayer, install_fused
+    from bf.runtime.compiled_weights import CompiledLowBitGroup, compile_weights, decode_launches, ungroup
+
+    lib = load(native_build / "libbf_decode.so")
+    decoded, packed, layers = _tiny_unet(tiny_model, "cpu", channels_last=True, with_layers=True)
+    model = copy.deepcopy(decoded).to(memory_format=torch.channels_last)
+    compile_weights(model, packed, torch.float32, decoder=lib)
+    launches = decode_launches(model)
+    groups = sum(isinstance(m, CompiledLowBitGroup) for m in model.modules())
+    assert ungroup(model) == groups == launches
+    assert not any(isinstance(m, CompiledLowBitGroup) for m in model.modules())
+    for name in packed:  # the model's own shapes (the channels-last codes' permuted back), holding no memory
+        w = model.get_submodule(name).weight
+        assert w.is_meta and w.shape == decoded.get_submodule(name).weight.shape, name
+    # a resnet's 3x3 convolution, a transformer block's query and an attention's 1x1 input projection leave their groups
+    names = ["down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "down_blocks.0.attentions.0.proj_in"]  # fmt: skip
+    assert install_fused(model, forced_fused(decoded, layers, names)) == 3
+    compile_weights(model, {n: p for n, p in packed.items() if n not in names}, torch.float32, decoder=lib)
+    assert decode_launches(model) == launches - 1  # proj_in was a group of its own; the others' blocks still decode
+    assert sum(isinstance(m, FusedLowBitLayer) for m in model.modules()) == 3
+    sample = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.tensor(10), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    with torch.inference_mode():
+        ref = decoded.to(memory_format=torch.channels_last)(sample, t, ctx).sample
+        torch.testing.assert_close(model(sample, t, ctx).sample, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_torch_unet_chooses_its_fused_layers_at_the_first_steps_shape(tiny_model, native_build, monkeypatch):
+    """TorchUNet(compile=True, fused="auto"): the first step, before it compiles, asks choose_fused (here answering
+    with three layers, as a GPU's timings might) at that step's input, regroups the rest, and steps equal to the decoded
+    weights'; later steps do not choose again. (CPU, float32, torch.compile left out: the flow, not the kernels.)"""
+    from torch import nn
+
+    from bf.errors import BfError
+    from bf.runtime import backend_torch, compiled_fused
+    from bf.runtime.backend_torch import TorchUNet
+    from bf.runtime.compiled_fused import fused_bytes
+    from bf.runtime.compiled_weights import decode_launches, packed_bytes
+
+    monkeypatch.setenv("BF_DECODE_LIB", str(native_build / "libbf_decode.so"))
+    decoded, packed, layers = _tiny_unet(tiny_model, "cpu", channels_last=True, with_layers=True)
+    # three layers by their names, and where they sit inside their decode groups when the first step chooses
+    names = {"up_blocks.1.resnets.0.conv2": "up_blocks.1.resnets.0.block.conv2",
+             "mid_block.attentions.0.transformer_blocks.0.ff.net.2": "mid_block.attentions.0.transformer_blocks.0.block.ff.net.2",
+             "down_blocks.1.attentions.0.proj_out": "down_blocks.1.attentions.0.proj_out.block"}  # fmt: skip
+    asked = []
+
+    def choose(owner, candidates, run_once, decoder, against, margin, log):
+        shapes = compiled_fused._layer_inputs(owner, list(candidates), run_once)  # the forward the real one runs
+        asked.append((len(candidates), shapes[names["up_blocks.1.resnets.0.conv2"]], against, margin))
+        log("fused layers: (timings)")
+        forced = forced_fused(decoded, layers, list(names))
+        return {path: forced[name] for name, path in names.items()}
+
+    monkeypatch.setattr(compiled_fused, "choose_fused", choose)
+    monkeypatch.setattr(backend_torch, "_fused_mode", lambda fused, channels_last, dtype: fused)  # Triton and float16 aside
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    logged = []
+    timesteps = torch.arange(900, -1, -100)
+    opts = {"device": "cpu", "dtype": "float32", "channels_last": True, "cuda_graph": False}
+    ref = TorchUNet(copy.deepcopy(decoded), timesteps, weights="fp", **opts)
+    ours = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, fused="auto", log=logged.append,
+                     **opts)  # fmt: skip
+    launches = decode_launches(ours.unet)
+    assert ours.fused_layers == 0 and not asked  # nothing chosen before the first step
+    sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, decoded.config.cross_attention_dim)
+    with torch.inference_mode():
+        for i in (0, 3):
+            step = torch.tensor([i])
+            torch.testing.assert_close(ours.step(sample, step, ctx), ref.eager_step(sample, step, ctx), rtol=1e-5, atol=1e-5)
+    assert len(asked) == 1 and asked[0] == (len(packed), (2, 64, 4, 4), "decode", 1.0)  # up_blocks.1 runs at 4x4, 64 channels
+    assert ours.fused_layers == 3 and decode_launches(ours.unet) == launches - 1  # proj_out decoded alone; the others in blocks
+    assert ours.weight_bytes == packed_bytes(ours.unet) + fused_bytes(ours.unet) and fused_bytes(ours.unet) > 0
+    assert any(m.startswith("timing the fused low-bit kernels") and "[2, 4, 16, 16]" in m for m in logged)
+    assert any(m.startswith("fused layers: 3 of the ") for m in logged), logged
+    # with weights kept decoded: the smallest of the layers not fused, chosen with them, hold their decoded weights
+    budget = 3 * 2**10 * 4  # float32 bytes: a few of the tiny UNet's smallest weights
+    asked.clear()
+    kept = TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, fused="auto", keep_decoded_bytes=budget,
+                     **opts)  # fmt: skip
+    assert kept.kept_decoded_bytes == 0  # nothing chosen yet: the budget waits for the first step
+    with torch.inference_mode():
+        torch.testing.assert_close(kept.step(sample, step, ctx), ref.eager_step(sample, step, ctx), rtol=1e-5, atol=1e-5)
+    held = {}  # the layers holding a weight, by their names outside the decode groups (a group holds its block as "block")
+    for path, m in kept.unet.named_modules():
+        name = ".".join(part for part in path.split(".") if part != "block")
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name in packed and m.weight.numel():
+            held[name] = m.weight
+    assert held and set(held).isdisjoint(names) and 0 < kept.kept_decoded_bytes == 4 * sum(w.numel() for w in held.values()) <= budget
+    smallest_not_fused = min(packed[n].numel for n in packed if n not in names)
+    assert min(w.numel() for w in held.values()) == smallest_not_fused
+    for n, w in held.items():  # the codes' values, in the model's layout
+        assert torch.equal(w, decoded.get_submodule(n).weight), n
+    assert kept.fused_layers == 3 and decode_launches(kept.unet) < launches - 1
+    with pytest.raises(BfError, match="with a compiled step decoding ahead"):
+        TorchUNet(copy.deepcopy(decoded), timesteps, packed, weights="streamed", compile=True, fused="on", ahead_slots=2, **opts)
 
 
 def test_an_sdxl_unet_decodes_ahead_beside_its_added_time_embedding(tiny_sdxl_model, native_build, monkeypatch):

@@ -33,6 +33,9 @@ def test_fused_words_hold_every_code_in_kh_kw_in_order(levels):
         word = int(fw.words[k // per_word, o]) & 0xFFFFFFFF
         assert (word >> (k % per_word * fw.code_bits)) & mask == codes[o, kh, kw, i]
     assert (fw.kernel, fw.stride, fw.padding, fw.in_channels, fw.out_channels, fw.half) == ((3, 3), 1, 1, 32, 12, levels // 2)
+    # packed a few output channels at a time (a chunk of 1, 5 and 7 channels' codes): the same words
+    for chunk in (1, 5 * 288, 7 * 288 + 100):
+        assert torch.equal(fused_weight(codes, torch.rand(12), conv, levels, chunk_elements=chunk).words, fw.words), chunk
 
 
 def test_fusable_names_what_the_kernel_cannot_run():

@@ -211,12 +211,33 @@ def test_torch_backend_on_the_gpu_matches_ort(exported_std, native_build, monkey
     from bf.runtime.generation import generate
 
     # the default (weights streamed layer by layer, channels-last, CUDA graph), and weights decoded once at load, eager, NCHW
-    # and the step compiled (torch.compile), its weights decoded inside it
-    for options in ({}, {"weights": "decoded", "cuda_graph": False, "channels_last": False}, {"compile": True}):
+    # and the step compiled (torch.compile), its weights decoded inside it, or with every layer the fused kernels run
+    # reading its codes (chosen at the first step)
+    configs = ({}, {"weights": "decoded", "cuda_graph": False, "channels_last": False}, {"compile": True}, {"compile": True, "fused": "on"})
+    for options in configs:
+        torch._dynamo.reset()
         backend = TorchBackend(model, **options)
         assert backend.decoded_layers > 100
         ours = generate(model, backend, req)
         assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35, options
+        assert (backend.fused_layers > 0) == ("fused" in options), (options, backend.fused_layers)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_compiled_with_fused_layers_the_smallest_others_stay_decoded_and_the_image_matches_ort(exported_std, native_build, monkeypatch):
+    """--compile --fused on --keep-decoded 1: the layers the fused kernels cannot take (conv_in's 4 input channels) are
+    the smallest others, kept decoded within the MB, and the image is ONNX Runtime's."""
+    model, req, ref = _gpu_model_and_ort_reference(exported_std, native_build, monkeypatch)
+    from bf.runtime.backend_torch import TorchBackend
+    from bf.runtime.generation import generate
+
+    torch._dynamo.reset()
+    backend = TorchBackend(model, compile=True, fused="on", keep_decoded_bytes=2**20)
+    ours = generate(model, backend, req)
+    assert psnr_db(ours.images.astype(np.float32) / 255, ref.images.astype(np.float32) / 255) >= 35
+    assert backend.fused_layers > 0 and 0 < backend.torch_unet.kept_decoded_bytes <= 2**20
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
