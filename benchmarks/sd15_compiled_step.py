@@ -253,8 +253,10 @@ def main() -> None:
         ap.error("--sub-blocks splits blocks into smaller groups; with --per-layer-decode every layer is a group already")
     if args.fused_choice and not args.ahead:
         ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
-    if (args.fused_keep or args.only_fused) and not args.fused_layers:
-        ap.error("--fused-keep and --only-fused apply to --fused-layers configurations: give --fused-layers")
+    if args.fused_keep and not args.fused_layers:
+        ap.error("--fused-keep applies to --fused-layers configurations: give --fused-layers")
+    if args.only_fused and not (args.fused_layers or args.fused_choice or args.backend_fused):
+        ap.error("--only-fused keeps the fused configurations: give --fused-layers, --fused-choice or --backend-fused")
     # --quick: the flavour bf --compile runs (inductor's kernels in the backend's own CUDA graph) alone
     modes = [("default", "compile_graph")] if args.quick else [("reduce-overhead", "compile"), ("default", "compile_graph")]
     keeps = (0, *args.keep)
@@ -304,13 +306,24 @@ def main() -> None:
     outputs: dict = {}
     checks: dict = {}
 
-    def save(complete: bool) -> None:
-        """The figures so far into --out (the summary once an FP16 and a 1.99-bit configuration are in)."""
-        res["complete"] = complete
+    def save() -> None:
+        """The figures so far into --out, "complete": false (the summary once an FP16 and a 1.99-bit configuration are
+        in; the kernel profiles only in the last write)."""
+        if args.profile_only:  # its --out is read back at the end and merged into
+            return
+        res["complete"] = False
         res["configs"], res["checks"] = configs, checks
         if "best_fp16_config" in res and any(k.startswith("lowbit_") for k in configs):
             summarize(res)
-        write_json(args.out, res)
+        write_json(args.out, {k: v for k, v in res.items() if k != "profile"})
+
+    def check(name: str, ref: torch.Tensor) -> None:
+        """Configuration ``name``'s output against ``ref``, the same codes decoded once, run eagerly; then the figures saved."""
+        diff, ref_max = (outputs[name] - ref).abs().max().item(), ref.abs().max().item()
+        checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref_max,
+                        "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
+        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref_max:.3g})", flush=True)
+        save()
 
     def record(name: str, step, base: int, extra: dict | None = None, resident: int = 0) -> None:
         with torch.inference_mode():
@@ -321,7 +334,7 @@ def main() -> None:
         c = configs[name]
         warm = f", warm-up {c['warmup_s']:.1f} s (cached: {c.get('warmup_cached_s', float('nan')):.1f} s)" if "warmup_s" in c else ""
         print(f"{name}: {c['median_ms']:.3f} ms/step, peak {c['peak_mem_bytes'] / 1e9:.3f} GB{warm}", flush=True)
-        save(complete=False)
+        save()  # (a compiled 1.99-bit one again once its check is in)
 
     # FP16, eager diffusers
     base = clean()
@@ -386,7 +399,6 @@ def main() -> None:
     decoded = TorchUNet(copy.deepcopy(master), timesteps, packed, weights="decoded", device=DEV, cuda_graph=False, decoder=lib)
     with torch.inference_mode():
         ref = decoded.step(*inputs).float().clone()  # the same codes decoded once into FP16 weights, eager
-    ref_max = ref.abs().max().item()
     del decoded
     choices: dict = {}  # (against, margin) -> choose_fused's answer, made once on the first such configuration's model
     for keep in keeps:
@@ -406,10 +418,7 @@ def main() -> None:
         chose = [m for m in said if m.startswith("fused layers: ") and " of the " in m]
         extra["fused_choice"] = chose[0] if chose else None  # its last words: the seconds the choice took
         record(name, model.step, base, extra, resident=packed_bytes(model.unet))  # fused words: allocated after `base`
-        diff = (outputs[name] - ref).abs().max().item()
-        checks[name] = {"max_abs_diff_vs_decoded_eager": diff, "ref_max_abs": ref_max,
-                        "bit_identical": bool(torch.equal(outputs[name], ref))}  # fmt: skip
-        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref_max:.3g})", flush=True)
+        check(name, ref)
         del model
         torch._dynamo.reset()
     for (keep, which, mode, ahead, blocks, priority, fused, against, margin), name in zip(points, names, strict=True):
@@ -421,8 +430,9 @@ def main() -> None:
             if (against, margin) not in choices:
                 choices[against, margin] = choose_fused(model.unet, packed, lambda model=model: model.eager_step(*inputs), lib,
                                                         against, margin, log=print)  # fmt: skip
-                # made now and held from here on, so counted like the codes: resident, added back below
-                base += sum(fw.nbytes for fw, _ in choices[against, margin].values())
+                # the words, made now and held from here on, count like the codes: resident, added back below (the
+                # scales are the codes' own, allocated before `base`)
+                base += sum(fw.words.nbytes for fw, _ in choices[against, margin].values())
             chosen = choices[against, margin]
             install_fused(model.unet, chosen)
         within = largest_within if which == "largest" else smallest_within
@@ -456,13 +466,7 @@ def main() -> None:
                 extra["warmup_cached_s"] = warm_up(step, inputs)
         # the codes (and the shared fused layers' words) were allocated before `base`, the slots after
         record(name, step, base, extra, resident=packed_bytes(model.unet) + fused_bytes(model.unet))
-        diff = (outputs[name] - ref).abs().max().item()
-        checks[name] = {
-            "max_abs_diff_vs_decoded_eager": diff,
-            "ref_max_abs": ref_max,
-            "bit_identical": bool(torch.equal(outputs[name], ref)),
-        }
-        print(f"  vs the same codes decoded once, eager: max |diff| {diff:.3g} (output max {ref_max:.3g})", flush=True)
+        check(name, ref)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
         if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
@@ -481,7 +485,9 @@ def main() -> None:
     for label, prof in res.get("profile", {}).items():
         print_profile(label, prof)
     del packed, ref, choices
-    save(complete=True)
+    res["complete"] = True
+    res["configs"], res["checks"] = configs, checks
+    summarize(res)
     print(json.dumps({k: res[k] for k in ("best_fp16_config", "best_fp16_step_ms", "lowbit_config", "step_ms", "ratios", "targets")},
                      indent=1), flush=True)  # fmt: skip
     write_timelines(args.out, res["command"], res.get("profile", {}))  # every kernel of each profiled step, beside the figures

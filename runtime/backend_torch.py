@@ -27,10 +27,11 @@ decode stream's priority; decoded and fp weights are compiled as they are. With 
 "on"; in the step's stream only), the first step, before it compiles, times the fused kernels (on Hopper
 also the TMA one, bf.runtime.compiled_fused) on each class of layer at the step's input shape against
 decoding + cuDNN / cuBLAS, and the layers they run faster ("auto") or can run at all ("on") read their
-codes in the compiled step instead of being decoded; ``keep_decoded_bytes`` then keeps the smallest of
-the other layers decoded, instead of the largest (on SD-v1.5 at 512x512 on an H200: 77-79 of 258 layers
-fused, the step 1.10-1.11x the fastest FP16's at 0.23x its memory, and with 120 MB of the smallest others
-kept 1.08x at 0.29x, BENCHMARKS.md).
+codes in the compiled step instead of being decoded; later input shapes keep that choice. ``keep_decoded_bytes``
+then keeps the smallest of the other layers decoded, instead of the largest (on SD-v1.5 at 512x512 on an
+H200: 77-79 of 258 layers fused, the step 1.10-1.11x the fastest FP16's at 0.23x its memory, and with 120 MB
+of the smallest others kept 1.08x at 0.29x; the choice takes 0.5-1.5 minutes the first time, each tile
+compiling, and raises the first step's peak by what its timings hold: BENCHMARKS.md).
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -139,12 +140,15 @@ class TorchUNet:
                 raise BfError(f"fused={fused!r} with a compiled step decoding ahead: fused layers run in a step that decodes in "
                               "its stream (ahead_slots=0), which measured as fast at less memory")  # fmt: skip
             fusing = self.fused != "off"  # then the weights kept decoded are chosen with the fused layers, at the first step
+            if fused not in (None, "off") and not fusing:
+                log(f"fused layers: off (fused={fused!r}: the fused kernels need Triton and a float16, channels-last model); "
+                    "weights kept decoded are the largest")  # fmt: skip
             keep_now = 0 if fusing else keep_decoded_bytes
             module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes, packed, deltas = _compiled_lowbit(
                 module, unet, layers, device, torch_dtype, channels_last, keep_now, decoder, self.lora)  # fmt: skip
             if fusing:
-                hooked = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
-                candidates = {n: p for n, p in packed.items() if n not in hooked}
+                with_lora = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
+                candidates = {n: p for n, p in packed.items() if n not in with_lora}
                 self._fuse_first = (packed, deltas, candidates, keep_decoded_bytes, torch_dtype, decoder, log)
         elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
@@ -215,20 +219,26 @@ class TorchUNet:
         from bf.runtime.streamed_weights import smallest_within
 
         packed, deltas, candidates, keep_bytes, dtype, decoder, log = self._fuse_first
-        self._fuse_first = None
         if decoder is None:
             from bf.decode_kernels import load
 
             decoder = load()
         log(f"timing the fused low-bit kernels against decode + cuDNN/cuBLAS on the UNet's layers at input {list(inputs[0].shape)} "
-            "(once, before the step compiles)")  # fmt: skip
+            "(once, before the step compiles; later input shapes keep this choice)")  # fmt: skip
         t0 = time.perf_counter()
         margin = 1.0 if self.fused == "auto" else math.inf  # "on": every layer a tile of the kernels runs
         with torch.inference_mode(False):  # the fused layers' codes and the regrouped layers are the model's, not inference tensors
             paths = grouped_paths(self.unet)  # timed where the layers sit now, inside their groups (the forward needs them)
             named = {p: n for n, p in paths.items()}
-            chosen = choose_fused(self.unet, {paths[n]: w for n, w in candidates.items()}, lambda: self.eager_step(*inputs), decoder,
-                                  "decode", margin, log=log)  # fmt: skip
+            try:  # the model is not changed until the choice is made
+                chosen = choose_fused(self.unet, {paths[n]: w for n, w in candidates.items()}, lambda: self.eager_step(*inputs),
+                                      decoder, "decode", margin, log=log)  # fmt: skip
+            except BfError:
+                raise
+            except Exception as e:  # Triton or the GPU: a problem of this machine's toolchain, not of the model
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise BfError(f"timing the fused low-bit kernels failed ({type(e).__name__}: {first}); run without --fused") from e
+            self._fuse_first = None
             chosen = {named[p]: c for p, c in chosen.items()}
             itemsize = torch.tensor([], dtype=dtype).element_size()
             kept = smallest_within({n: w.numel for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize)

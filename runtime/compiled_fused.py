@@ -190,8 +190,9 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
     (a step that decodes in its stream), or "fp16", cuDNN / cuBLAS alone on the decoded weight (a step whose decode
     is hidden ahead). ``margin``: the fused kernel is taken where it runs within ``margin`` times the alternative's
     time (above 1: a layer whose decode, hidden ahead, still costs the step its share of the GPU's memory
-    bandwidth). Layers of one class (shapes, stride, padding, width) are timed once, each way as a CUDA graph of
-    back-to-back calls, so with the layer's codes and weight warm in L2."""
+    bandwidth; ``math.inf``: every layer a tile of the kernels runs, the alternative not timed). Layers of one class
+    (shapes, stride, padding, width) are timed once, each way as a CUDA graph of back-to-back calls, so with the layer's
+    codes and weight warm in L2."""
     if against not in ("decode", "fp16"):
         raise BfError(f"fused layers: against={against!r}: must be 'decode' or 'fp16'")
     if not margin > 0:
@@ -227,14 +228,16 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
                     return F.conv2d(x, w, bias, module.stride, module.padding, module.dilation, module.groups)
                 return F.linear(x, w, bias)
 
-            other_ms = graph_time_ms(decoded)
+            every = margin == math.inf  # every layer a tile runs: the alternative's time cannot change the verdict
+            other_ms = math.nan if every else graph_time_ms(decoded)
             times = tile_times(x, fw, configs, bias) | _wgmma_times(x, fw, bias, log)
             best = min(times, key=times.get) if times else None
             best_ms = times[best] if times else math.inf
-            verdicts[key] = best if best_ms < margin * other_ms else None
+            verdicts[key] = best if (every and times) or best_ms < margin * other_ms else None
             geometry = f", stride {module.stride[0]}" if conv else ""
+            other = "not timed" if every else f"{other_ms * 1e3:.1f} us"
             log(f"fused layers: {tuple(shapes[name])} x {tuple(pw.spec.shape)}{geometry} ({pw.spec.grid.levels} levels): "
-                f"{'decode + op' if against == 'decode' else 'op'} {other_ms * 1e3:.1f} us, fused "
+                f"{'decode + op' if against == 'decode' else 'op'} {other}, fused "
                 f"{best_ms * 1e3:.1f} us ({best.name if best else 'no tile ran'}): {'fused' if verdicts[key] else 'decoded'}")  # fmt: skip
         if verdicts[key] is not None:
             fw = fw if fw is not None else fused_codes(module, pw, decoder)

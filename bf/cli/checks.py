@@ -69,8 +69,8 @@ def check_torch_options(backend: str, compile_step: bool, fused: str | None, low
     """bf infer's and bf bench's options of the torch backend alone, against --backend and each other."""
     if compile_step and backend != "torch":
         raise BfError(f"--compile applies to --backend torch, not {backend}")
-    if fused is not None and backend != "torch":
-        raise BfError(f"--fused applies to --backend torch, not {backend}")
+    if fused not in (None, "off") and backend != "torch":
+        raise BfError(f"--fused {fused} applies to --backend torch, not {backend}")
     if low_memory and backend != "torch":
         raise BfError(f"--low-memory applies to --backend torch, not {backend}")
 

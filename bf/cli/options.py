@@ -11,15 +11,16 @@ DEVICE_OPTION = click.option("--device", default=None, help="cpu or cuda (defaul
 KEEP_DECODED_OPTION = click.option(
     "--keep-decoded", type=click.IntRange(0), default=0, show_default=True, metavar="MB",
     help="torch, streamed weights: keep this many MB of the largest weights decoded instead of decoding them every step "
-         "(GPU memory for speed); with --compile --fused, the smallest of the layers the fused kernels do not take, chosen "
-         "at the first step (their decodes are mostly launches).",
+         "(GPU memory for speed); with --compile and --fused auto or on (where they apply: Triton, float16), the smallest of "
+         "the layers the fused kernels do not take, chosen at the first step (their decodes are mostly launches).",
 )  # fmt: skip
 FUSED_OPTION = click.option(
     "--fused", type=click.Choice(["auto", "on", "off"]), default=None,
     help="torch, streamed weights: run layers on the fused low-bit kernel (Triton; on Hopper GPUs also a TMA kernel), which "
          "reads the codes in its matrix tiles instead of decoding them first (needs Triton, float16). auto: where it measures "
-         "faster (each layer's first call; with --compile, every class of layer timed once before the first step compiles, "
-         "which adds about half a minute on SD-v1.5); on: every layer it can run [default: off].",
+         "faster (each layer's first call; with --compile, every class of layer timed at the first step's shape, before it "
+         "compiles, and kept for later shapes: 0.5-1.5 minutes the first time on an H200, each tile compiling); on: every "
+         "layer it can run [default: off].",
 )  # fmt: skip
 
 

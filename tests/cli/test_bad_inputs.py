@@ -78,7 +78,7 @@ CASES = [
     (["infer", "--prompt", "x", "--backend", "trt"], 1, "none is visible here"),
     (["infer", "--prompt", "x", "--compile"], 1, "--compile applies to --backend torch, not ort"),
     (["infer", "--prompt", "x", "--low-memory"], 1, "--low-memory applies to --backend torch, not ort"),
-    (["infer", "--prompt", "x", "--fused", "auto"], 1, "--fused applies to --backend torch, not ort"),
+    (["infer", "--prompt", "x", "--fused", "auto"], 1, "--fused auto applies to --backend torch, not ort"),
     (["infer", "--prompt", "x", "--lora", "style.safetensors"], 1, "--lora runs on --backend torch; the ort backend runs the exported"),
     (["infer", "--prompt", "x", "--backend", "torch", "--lora", "nosuch.safetensors:0.5"], 1, "--lora nosuch.safetensors: no such file"),
     (["infer", "--prompt", "x", "--backend", "torch", "--lora", "nosuch.safetensors:inf"], 1, "the scale must be a finite number"),
