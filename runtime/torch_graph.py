@@ -53,9 +53,9 @@ def _capture_stream(priority: int = 0) -> torch.cuda.Stream:
 
 def graph_time_ms(call: Callable[[], object], reps: int = 10, replays: int = 5) -> float:
     """Milliseconds per call of ``call`` repeated ``reps`` times in one CUDA graph (median of
-    ``replays`` replays): a kernel's time without the host's launch overhead. Each call's output is let go before
-    the next, so the graph's pool holds about one (keeping all ``reps`` would hold 0.4 GB for one of SD-v1.5's
-    64x64 feed-forward layers)."""
+    ``replays`` replays): a kernel's time without the host's launch overhead. Each call's output is let go once the
+    next one has returned, so the graph's pool holds at most two (keeping all ``reps`` would hold 0.4 GB for one of
+    SD-v1.5's 64x64 feed-forward layers)."""
 
     def repeated():
         for _ in range(reps):
