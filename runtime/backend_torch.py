@@ -136,10 +136,10 @@ class TorchUNet:
         self._fuse_first = None  # compiled with fused layers: what the first step chooses among (see _choose_fused)
         if compile and weights == "streamed":
             self.fused = _fused_mode(fused, channels_last, dtype)
-            if self.fused != "off" and ahead_slots:
+            fusing = self.fused != "off"  # then the weights kept decoded are chosen with the fused layers, at the first step
+            if fusing and ahead_slots:
                 raise BfError(f"fused={fused!r} with a compiled step decoding ahead: fused layers run in a step that decodes in "
                               "its stream (ahead_slots=0), which measured as fast at less memory")  # fmt: skip
-            fusing = self.fused != "off"  # then the weights kept decoded are chosen with the fused layers, at the first step
             if fused not in (None, "off") and not fusing:
                 log(f"fused layers: off (fused={fused!r}: the fused kernels need Triton and a float16, channels-last model); "
                     "weights kept decoded are the largest")  # fmt: skip
@@ -147,9 +147,7 @@ class TorchUNet:
             module, self.decoded_layers, self.compiled_bytes, self.compiled_kept_bytes, packed, deltas = _compiled_lowbit(
                 module, unet, layers, device, torch_dtype, channels_last, keep_now, decoder, self.lora)  # fmt: skip
             if fusing:
-                with_lora = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
-                candidates = {n: p for n, p in packed.items() if n not in with_lora}
-                self._fuse_first = (packed, deltas, candidates, keep_decoded_bytes, torch_dtype, decoder, log)
+                self._fuse_first = (packed, deltas, keep_decoded_bytes, torch_dtype, decoder, log)
         elif weights == "streamed":
             from bf.runtime.streamed_weights import stream_weights
 
@@ -218,7 +216,9 @@ class TorchUNet:
         from bf.runtime.compiled_weights import compile_weights, grouped_paths, packed_bytes, ungroup
         from bf.runtime.streamed_weights import smallest_within
 
-        packed, deltas, candidates, keep_bytes, dtype, decoder, log = self._fuse_first
+        packed, deltas, keep_bytes, dtype, decoder, log = self._fuse_first
+        with_lora = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
+        candidates = {n: w for n, w in packed.items() if n not in with_lora}
         if decoder is None:
             from bf.decode_kernels import load
 

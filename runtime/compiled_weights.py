@@ -305,8 +305,7 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
     for name, pw in packed.items():
         module = owner.get_submodule(name)
         stored = tuple(pw.spec.shape)
-        expected = (stored[0], stored[3], stored[1], stored[2]) if pw.channels_last else stored
-        if expected != tuple(module.weight.shape):
+        if _model_shape(stored, pw.channels_last) != tuple(module.weight.shape):
             raise BfError(f"compiled weights: {name} holds a {stored} weight, the model's is {tuple(module.weight.shape)}")
     groups: dict[str, dict] = {}
     for name, pw in packed.items():
@@ -321,6 +320,11 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
         mine = {m: deltas[full] for m in members if (full := f"{block}.{m}" if m else block) in deltas}
         setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype, mine))
     return len(packed)
+
+
+def _model_shape(stored: tuple, channels_last: bool) -> tuple:
+    """The module's weight shape for codes stored in ``stored`` shape ((O, kh, kw, I) when channels-last)."""
+    return (stored[0], stored[3], stored[1], stored[2]) if channels_last else stored
 
 
 def grouped_paths(owner: nn.Module) -> dict[str, str]:
@@ -341,8 +345,8 @@ def ungroup(owner: nn.Module) -> int:
     groups = [(name, m) for name, m in owner.named_modules() if isinstance(m, CompiledLowBitGroup)]
     for name, group in groups:
         for member, (_, stored, channels_last) in zip(group.names, group.layouts, strict=True):
-            shape = (stored[0], stored[3], stored[1], stored[2]) if channels_last else stored
             layer = group.block.get_submodule(member)  # "" is the block itself: a group of one layer
+            shape = _model_shape(stored, channels_last)
             layer.weight = nn.Parameter(torch.empty(shape, device="meta", dtype=group.dtype), requires_grad=False)
         parent, child = parent_and_attribute(owner, name)
         setattr(parent, child, group.block)
