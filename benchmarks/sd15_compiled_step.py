@@ -23,7 +23,8 @@ is against the fastest FP16 configuration of the run:
                              decode stream's (--compute-priority: others), --decode-blocks B: each launch's
                              grid capped at B, --ahead-keep MB: that much of the smallest weights kept decoded
   ..._fused                  (--fused-layers) the same, where a fused kernel (Triton's, or on Hopper the TMA one)
-                             reads a layer's codes itself if it measured faster than decode + op on the layer's input
+                             reads a layer's codes itself if it measured faster than the op plus the weight's share
+                             of a batched decode on the layer's input (--fused-against: other rules)
                              (bf.runtime.compiled_fused); the layers are chosen once per choice rule and shared by the
                              configurations, and a _fused configuration that keeps weights decoded (--fused-keep,
                              --ahead-keep) keeps the smallest of the layers not fused
@@ -34,7 +35,7 @@ last), so a run stopped part-way keeps what it measured. Each compile's warm-up 
 and again after torch._dynamo.reset() (inductor's on-disk cache warm: what the next process pays).
 The decoded-weight configurations are checked against the same codes decoded once, run eagerly.
 With --profile, one step of FP16 compiled (default mode, the backend's CUDA graph) and of each 1.99-bit
-configuration that keeps nothing decoded and decodes in its stream or ahead into the first --ahead slots is broken
+configuration with fused layers, or that keeps nothing decoded, and decodes in its stream or ahead into the first --ahead slots is broken
 down by kernel category, as measured (replayed from its CUDA graph, named <config>_graphed) and launched kernel by
 kernel (<config>_no_graph); every kernel's start, duration and stream go to <out>_timeline.json
 (benchmarks/sd15_step_timeline.py reads it).
@@ -160,7 +161,7 @@ class Point(NamedTuple):
     blocks: int = 0  # decode launches' grid cap (0: none)
     priority: int = STEP_PRIORITY  # the step's CUDA priority when it decodes ahead (in its stream: 0)
     fused: bool = False  # the fused kernel on the layers it runs faster (bf.runtime.compiled_fused)
-    against: str = "decode"  # fused: what the fused kernel is timed against (choose_fused's against)
+    against: str = "stream"  # fused: what the fused kernel is timed against (choose_fused's against)
     margin: float = 1.0  # fused: taken within this factor of the alternative's time (choose_fused's margin)
 
 
@@ -171,7 +172,7 @@ def point_name(point: Point, labels: dict[str, str], sub_blocks: bool) -> str:
     name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
     name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
     name += "_fused" if fused else ""
-    name += f"_{against}x{margin:g}" if fused and (against, margin) != ("decode", 1.0) else ""
+    name += f"_{against}x{margin:g}" if fused and (against, margin) != ("stream", 1.0) else ""
     return name + ("_subblocks" if sub_blocks else "")
 
 
@@ -184,8 +185,8 @@ def fused_choice(text: str) -> list[tuple[str, float]]:
             factor = float(margin)
         except ValueError:
             factor = math.nan
-        if against not in ("decode", "fp16") or not 0 < factor < math.inf:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected AGAINST:MARGIN, AGAINST decode or fp16 and MARGIN a factor "
+        if against not in ("stream", "decode", "fp16") or not 0 < factor < math.inf:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected AGAINST:MARGIN, AGAINST stream, decode or fp16 and MARGIN a factor "
                                              "above 0, e.g. fp16:1")  # fmt: skip
         pairs.append((against, factor))
     return pairs
@@ -228,19 +229,28 @@ def main() -> None:
                          "with a minus is written --compute-priority=-5,0")  # fmt: skip
     ap.add_argument("--fused-layers", action="store_true",
                     help="compiled: also each in-stream, first --ahead and --ahead-keep configuration with the layers the fused "
-                         "kernel runs faster than decode + op (bf.runtime.compiled_fused.choose_fused, timed in the run) "
-                         "reading their codes, named _fused")  # fmt: skip
+                         "kernel runs faster than the op plus the weight's share of a batched decode "
+                         "(bf.runtime.compiled_fused.choose_fused, timed in the run) reading their codes, named _fused")  # fmt: skip
+    ap.add_argument("--fused-against", type=lambda t: [x for x in t.split(",") if x], default=["stream"],
+                    help="with --fused-layers: the rules to choose the fused layers by (choose_fused's against: stream, decode, "
+                         "fp16), the --fused-layers configurations each, named _fused_AGAINSTx1 but for stream")  # fmt: skip
     ap.add_argument("--fused-choice", type=fused_choice, default=[],
-                    help="compiled, decoding ahead into the first --ahead slots: AGAINST:MARGIN pairs (AGAINST decode or fp16, "
-                         "see choose_fused), a configuration each with the layers so chosen fused, named _fused_AGAINSTxMARGIN; "
+                    help="compiled, decoding ahead into the first --ahead slots: AGAINST:MARGIN pairs (AGAINST stream, decode or "
+                         "fp16, see choose_fused), a configuration each with the layers so chosen fused, named _fused_AGAINSTxMARGIN; "
                          "e.g. fp16:1,decode:1.5")  # fmt: skip
     ap.add_argument("--fused-keep", type=lambda t: [int(x) for x in t.split(",") if x and int(x) > 0], default=[],
                     help="with --fused-layers, in the step's stream: MB of the smallest weights not fused kept decoded, a "
                          "configuration each")  # fmt: skip
+    ap.add_argument("--fused-no-base", action="store_true",
+                    help="with --fused-keep: of the --fused-layers configurations in the step's stream, only those that keep "
+                         "weights decoded")  # fmt: skip
     ap.add_argument("--backend-fused", action="store_true",
                     help="also the torch backend's own compiled step with fused layers (TorchUNet(compile=True, fused='auto'), "
                          "what bf infer/bench --compile --fused auto run: the choice made at its first step), named "
                          "lowbit_backend_compile_graph_cl_fused, with the seconds its choice took")  # fmt: skip
+    ap.add_argument("--backend-keep", type=int, default=0,
+                    help="with --backend-fused: MB of the smallest layers not fused the backend keeps decoded (bf's "
+                         "--keep-decoded), named _keepsmallestMB")  # fmt: skip
     ap.add_argument("--only-fused", action="store_true",
                     help="of the 1.99-bit compiled configurations, only the _fused ones (the streamed ring stays)")  # fmt: skip
     ap.add_argument("--no-in-stream", action="store_true",
@@ -253,6 +263,14 @@ def main() -> None:
         ap.error("--sub-blocks splits blocks into smaller groups; with --per-layer-decode every layer is a group already")
     if args.fused_choice and not args.ahead:
         ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
+    if not set(args.fused_against) <= {"stream", "decode", "fp16"} or len(set(args.fused_against)) != len(args.fused_against):
+        ap.error(f"--fused-against {','.join(args.fused_against)}: give distinct rules among stream, decode and fp16")
+    if args.backend_keep and not args.backend_fused:
+        ap.error("--backend-keep applies to --backend-fused: give --backend-fused")
+    if args.backend_keep < 0:
+        ap.error(f"--backend-keep {args.backend_keep}: give MB, 0 or more")
+    if args.fused_no_base and not args.fused_keep:
+        ap.error("--fused-no-base leaves only the --fused-keep configurations: give --fused-keep")
     if args.fused_keep and not args.fused_layers:
         ap.error("--fused-keep applies to --fused-layers configurations: give --fused-layers")
     if args.only_fused and not (args.fused_layers or args.fused_choice or args.backend_fused):
@@ -266,10 +284,11 @@ def main() -> None:
     points += [Point(ahead=n, blocks=b) for n in ahead_first for b in args.decode_blocks]
     points += [] if args.no_in_stream else [Point(keep=keep) for keep in keeps[1:]]
     points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
-    if args.fused_layers:
-        points += [Point(fused=True)]
-        points += [Point(keep=keep, which="smallest", fused=True) for keep in args.fused_keep]
-        points += [Point(keep=keep, which="smallest", ahead=n, fused=True) for n in ahead_first for keep in (0, *args.ahead_keep)]
+    for a in args.fused_against if args.fused_layers else ():
+        points += [] if args.fused_no_base else [Point(fused=True, against=a)]
+        points += [Point(keep=keep, which="smallest", fused=True, against=a) for keep in args.fused_keep]
+        points += [Point(keep=keep, which="smallest", ahead=n, fused=True, against=a)
+                   for n in ahead_first for keep in (0, *args.ahead_keep)]  # fmt: skip
     points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
     if args.only_fused:
         points = [p for p in points if p.fused]
@@ -408,15 +427,21 @@ def main() -> None:
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
     if args.backend_fused:  # as a user's process builds it: the codes grouped, the fused layers chosen at the first step
-        name = "lowbit_backend_compile_graph_cl_fused"
+        name = "lowbit_backend_compile_graph_cl" + (f"_keepsmallest{args.backend_keep}MB" if args.backend_keep else "") + "_fused"
         base = clean()
         said: list[str] = []
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, compile=True, fused="auto",
-                          log=lambda m: (said.append(m), print(m, flush=True)))  # fmt: skip
+                          keep_decoded_bytes=args.backend_keep * 2**20, log=lambda m: (said.append(m), print(m, flush=True)))  # fmt: skip
         with torch.inference_mode():
-            extra = {"warmup_s": warm_up(model.step, inputs), "fused_layers": model.fused_layers}
-        chose = [m for m in said if m.startswith("fused layers: ") and " of the " in m]
+            extra = {"warmup_s": warm_up(model.step, inputs), "fused_layers": model.fused_layers,
+                     "kept_decoded_bytes": model.compiled_kept_bytes}  # fmt: skip
+        chose = [m for m in said if m.startswith("fused layers: ") and " compiled layers read their codes" in m]
         extra["fused_choice"] = chose[0] if chose else None  # its last words: the seconds the choice took
+        # the first step's peak holds the choice's timings; the figure compared is the steady step's: record's, its
+        # graph captured again (a replay allocates nothing: a peak reset between replays would miss the activations)
+        extra["first_step_peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + packed_bytes(model.unet)
+        model.release_graphs()
+        torch.cuda.reset_peak_memory_stats()
         record(name, model.step, base, extra, resident=packed_bytes(model.unet))  # fused words: allocated after `base`
         check(name, ref)
         del model
@@ -468,7 +493,7 @@ def main() -> None:
         record(name, step, base, extra, resident=packed_bytes(model.unet) + fused_bytes(model.unet))
         check(name, ref)
         first_priority = ahead == 0 or priority == args.compute_priority[0]  # (the profile runs without a graph: no priority)
-        if args.profile and keep == 0 and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
+        if args.profile and (keep == 0 or fused) and blocks == 0 and mode == "default" and ahead in (0, *ahead_first) and first_priority:
             with torch.inference_mode():  # as the step runs (the fused layers' op has no autograd formula)
                 res.setdefault("profile", {})[name + "_graphed"] = profile(step, inputs)  # as measured
                 res["profile"][name + "_no_graph"] = profile(build_step(model.eager_step, "default", options), inputs)

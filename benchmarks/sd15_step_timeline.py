@@ -15,6 +15,12 @@ For each profiled step:
 and, against the first FP16 step in the file, the difference of each. A plot of the chains and decodes of
 the FP16 step and each 1.99-bit step goes beside the JSON (--plot).
 
+Each 1.99-bit step with fused low-bit kernels is also set beside the FP16 step layer by layer (``fused_layers``):
+both steps run the UNet's convolutions and linear layers in the same order, one kernel each (cuDNN's workspace and
+padding kernels and the fused kernel's split-K sum counted with the kernel before them), so the n-th layer kernel of
+one is the n-th of the other. Listed: every layer the fused kernel runs, its time against the FP16 kernel's, and
+the sum of the differences (what the fused layers cost or save the step, their decodes aside).
+
     python benchmarks/sd15_step_timeline.py results/sd15_compiled_step_profile_timeline.json \\
         --out results/sd15_step_timeline.json --plot results/sd15_step_timeline.png
 """
@@ -48,6 +54,11 @@ CATEGORIES = [
     ("norm", r"norm"),
     ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|fill|cat"),
 ]
+
+
+# Kernels that finish the layer kernel before them: cuDNN's workspace and padding kernels, the fused kernel's
+# split-K sum, cuBLAS's split-K reduction.
+LAYER_HELPER = r"init_device_workspace|AddPadding|_split_sum_kernel|splitKreduce"
 
 
 def kernel_category(name: str) -> str:
@@ -118,6 +129,32 @@ def split(label: str, kernels: list) -> dict:
     }
 
 
+def layer_kernels(kernels: list) -> list[tuple[str, float]]:
+    """A step's layer kernels in order (convolution, matrix product or fused low-bit kernel), (name, us) each, with
+    the helpers after each one (LAYER_HELPER) added to its time."""
+    layers: list[list] = []
+    for k in step_kernels(kernels):
+        if re.search(LAYER_HELPER, k[3]):
+            if layers:
+                layers[-1][1] += k[1]
+        elif kernel_category(k[3]) in ("conv", "gemm", "low-bit kernel"):
+            layers.append([k[3], k[1]])
+    return [(name, us) for name, us in layers]
+
+
+def fused_layers(fp16: list, lowbit: list) -> dict | None:
+    """The layers a 1.99-bit step runs on the fused kernel, against the FP16 step's kernel for the same layer (see the
+    docstring); None where the two steps do not run as many layer kernels (then they cannot be paired)."""
+    a, b = layer_kernels(fp16), layer_kernels(lowbit)
+    if len(a) != len(b):
+        return None
+    rows = [{"layer": i, "fp16_kernel": x[0][:60], "fp16_us": x[1], "fused_us": y[1], "diff_us": y[1] - x[1]}
+            for i, (x, y) in enumerate(zip(a, b, strict=True)) if kernel_category(y[0]) == "low-bit kernel"]  # fmt: skip
+    return {"layers": len(a), "fused": len(rows), "fused_us": sum(r["fused_us"] for r in rows),
+            "fp16_us": sum(r["fp16_us"] for r in rows), "diff_us": sum(r["diff_us"] for r in rows),
+            "slower": sum(r["diff_us"] > 0 for r in rows), "rows": rows}  # fmt: skip
+
+
 def plot(path: Path, timelines: dict[str, list], labels: list[str]) -> None:
     import matplotlib
 
@@ -175,6 +212,16 @@ def main() -> None:
         diff = s.get("vs_fp16_ms", {})
         cells = "".join(f"{s[k]:>13.3f}" + (f" ({diff[k]:+.3f})" if k in diff else " " * 9) for k in keys)
         print(f"{label.removesuffix('_graphed'):44s}{cells}")
+    for label in steps if fp16 else ():
+        paired = fused_layers(timelines[fp16], timelines[label]) if label != fp16 else None
+        if paired and paired["fused"]:
+            steps[label]["fused_layers"] = paired
+            print(f"{label.removesuffix('_graphed')}: {paired['fused']} of {paired['layers']} layers fused, "
+                  f"{paired['fused_us']:.1f} us against FP16's {paired['fp16_us']:.1f} us for them ({paired['diff_us']:+.1f} us; "
+                  f"{paired['slower']} slower)")  # fmt: skip
+            for r in paired["rows"]:
+                print(f"  layer {r['layer']:3d}  {r['fp16_kernel'][:40]:40s} {r['fp16_us']:7.1f} us  fused {r['fused_us']:7.1f} us "
+                      f"({r['diff_us']:+.1f})")  # fmt: skip
     if args.out:
         try:
             write_json(args.out, {"command": "python benchmarks/sd15_step_timeline.py " + " ".join(sys.argv[1:]),

@@ -223,8 +223,8 @@ class TorchUNet:
             from bf.decode_kernels import load
 
             decoder = load()
-        log(f"timing the fused low-bit kernels against decode + cuDNN/cuBLAS on the UNet's layers at input {list(inputs[0].shape)} "
-            "(once, before the step compiles; later input shapes keep this choice)")  # fmt: skip
+        log(f"timing the fused low-bit kernels against cuDNN/cuBLAS plus the weight's decode on the UNet's layers at input "
+            f"{list(inputs[0].shape)} (once, before the step compiles; later input shapes keep this choice)")  # fmt: skip
         t0 = time.perf_counter()
         margin = 1.0 if self.fused == "auto" else math.inf  # "on": every layer a tile of the kernels runs
         with torch.inference_mode(False):  # the fused layers' codes and the regrouped layers are the model's, not inference tensors
@@ -232,7 +232,7 @@ class TorchUNet:
             named = {p: n for n, p in paths.items()}
             try:  # the model is not changed until the choice is made
                 chosen = choose_fused(self.unet, {paths[n]: w for n, w in candidates.items()}, lambda: self.eager_step(*inputs),
-                                      decoder, "decode", margin, log=log)  # fmt: skip
+                                      decoder, "stream", margin, log=log)  # fmt: skip
             except BfError:
                 raise
             except Exception as e:  # Triton or the GPU: a problem of this machine's toolchain, not of the model

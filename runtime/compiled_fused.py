@@ -39,6 +39,9 @@ CANDIDATES = (
     dict(block_m=64, block_n=64, block_k=64, warps=4, stages=4, splits=0),
 )
 
+# What choose_fused times the fused kernel against (see there).
+AGAINST = ("stream", "decode", "fp16")
+
 # The fused layers by id: (FusedWeight without its tensors, TileConfig). The op's schema takes an int; the id
 # keeps the layer's geometry and tile out of the traced graph. Ids are per process, so inductor's on-disk cache can
 # serve a graph made in another process only where every op's tensors have the same shapes.
@@ -182,19 +185,21 @@ def _layer_inputs(owner: nn.Module, names: list[str], run_once: Callable[[], obj
     return shapes
 
 
-def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object], decoder, against: str = "decode",
+def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object], decoder, against: str = "stream",
                  margin: float = 1.0, log: Callable[[str], None] = lambda msg: None) -> dict[str, tuple]:  # fmt: skip
     """The layers of ``owner`` (name -> PackedWeight in ``packed``, on the GPU) that the fused kernel runs faster than
     the alternative, at the input shape each sees in ``run_once()`` (one forward, at the shape the step will run):
-    name -> (FusedWeight, TileConfig). ``against``: "decode", decoding the weight and running cuDNN / cuBLAS on it
-    (a step that decodes in its stream), or "fp16", cuDNN / cuBLAS alone on the decoded weight (a step whose decode
-    is hidden ahead). ``margin``: the fused kernel is taken where it runs within ``margin`` times the alternative's
-    time (above 1: a layer whose decode, hidden ahead, still costs the step its share of the GPU's memory
-    bandwidth; ``math.inf``: every layer a tile of the kernels runs, the alternative not timed). Layers of one class
-    (shapes, stride, padding, width) are timed once, each way as a CUDA graph of back-to-back calls, so with the layer's
-    codes and weight warm in L2."""
-    if against not in ("decode", "fp16"):
-        raise BfError(f"fused layers: against={against!r}: must be 'decode' or 'fp16'")
+    name -> (FusedWeight, TileConfig). ``against``: "stream" (a step that decodes in its stream, grouped: see
+    bf.runtime.compiled_weights), cuDNN / cuBLAS on the decoded weight plus the weight's share of a batched decode
+    (its FP16 bytes at the rate ``decode_ms_per_byte`` measures once); "decode", decoding the one weight and running
+    cuDNN / cuBLAS on it (each layer's decode a launch of its own: a step whose decodes are not batched), or "fp16",
+    cuDNN / cuBLAS alone on the decoded weight (a step whose decode is hidden ahead). ``margin``: the fused kernel is
+    taken where it runs within ``margin`` times the alternative's time (above 1: a layer whose decode, hidden ahead,
+    still costs the step its share of the GPU's memory bandwidth; ``math.inf``: every layer a tile of the kernels
+    runs, the alternative not timed). Layers of one class (shapes, stride, padding, width) are timed once, each way as
+    a CUDA graph of back-to-back calls, so with the layer's codes and weight warm in L2."""
+    if against not in AGAINST:
+        raise BfError(f"fused layers: against={against!r}: must be one of {', '.join(repr(a) for a in AGAINST)}")
     if not margin > 0:
         raise BfError(f"fused layers: margin={margin}: must be a positive factor (1: only where the fused kernel is faster)")
     from bf.runtime.lowbit_gemm import TileConfig, tile_times
@@ -206,6 +211,12 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
     configs = [TileConfig(**c) for c in CANDIDATES]
     chosen: dict[str, tuple] = {}
     verdicts: dict[tuple, TileConfig | None] = {}
+    every = margin == math.inf  # every layer a tile runs: the alternative's time cannot change the verdict
+    per_byte_ms = math.nan
+    if against == "stream" and not every:
+        per_byte_ms = decode_ms_per_byte([packed[n] for n in candidates if n in shapes], decoder)
+        log(f"fused layers: a batched decode writes {1e-6 / per_byte_ms:.0f} GB/s of FP16 weights (one weight's share of "
+            "the step's decode)")  # fmt: skip
     for name in candidates:
         if name not in shapes:
             continue  # not run by the forward: left to the decode
@@ -224,25 +235,51 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
 
             def decoded(x=x, pw=pw, buf=buf, weight=weight, bias=bias, module=module, conv=conv):
                 w = pw.decode(decoder, buf) if against == "decode" else weight
-                if conv:
-                    return F.conv2d(x, w, bias, module.stride, module.padding, module.dilation, module.groups)
+                if conv:  # without its bias, as the compiled step runs it: inductor adds a convolution's bias in its
+                    # next kernel (cuDNN's kernels with a bias took SD-v1.5's 1x1 convolutions from 5 to 12 us)
+                    return F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
                 return F.linear(x, w, bias)
 
-            every = margin == math.inf  # every layer a tile runs: the alternative's time cannot change the verdict
             other_ms = math.nan if every else graph_time_ms(decoded)
+            op_ms, decode_ms = other_ms, 2 * pw.numel * per_byte_ms  # (decode_ms: "stream" alone)
+            other_ms += decode_ms if against == "stream" else 0.0
             times = tile_times(x, fw, configs, bias) | _wgmma_times(x, fw, bias, log)
             best = min(times, key=times.get) if times else None
             best_ms = times[best] if times else math.inf
             verdicts[key] = best if (every and times) or best_ms < margin * other_ms else None
             geometry = f", stride {module.stride[0]}" if conv else ""
-            other = "not timed" if every else f"{other_ms * 1e3:.1f} us"
+            label = {"stream": "op + its decode in the step", "decode": "decode + op", "fp16": "op"}[against]
+            if every:
+                other = f"{label} not timed"
+            elif against == "stream":
+                other = f"op {op_ms * 1e3:.1f} us + its decode in the step {decode_ms * 1e3:.1f} us"
+            else:
+                other = f"{label} {other_ms * 1e3:.1f} us"
             log(f"fused layers: {tuple(shapes[name])} x {tuple(pw.spec.shape)}{geometry} ({pw.spec.grid.levels} levels): "
-                f"{'decode + op' if against == 'decode' else 'op'} {other}, fused "
+                f"{other}, fused "
                 f"{best_ms * 1e3:.1f} us ({best.name if best else 'no tile ran'}): {'fused' if verdicts[key] else 'decoded'}")  # fmt: skip
         if verdicts[key] is not None:
             fw = fw if fw is not None else fused_codes(module, pw, decoder)
             chosen[name] = (fw, verdicts[key])
     return chosen
+
+
+def decode_ms_per_byte(weights: list, decoder, copies: int = 8, budget: int = 128 * 2**20) -> float:
+    """Milliseconds a batched decode (bf.runtime.compiled_weights' group launches) takes per FP16 byte it writes: the
+    slope between decoding one weight and decoding it ``copies`` times in one launch, so without the launch's fixed
+    cost. The weight: the largest of ``weights`` (PackedWeight) whose copies fit in ``budget`` bytes (else the
+    smallest)."""
+    from bf.runtime.torch_graph import graph_time_ms
+
+    if not weights:
+        return math.nan
+    fits = [w for w in weights if 2 * w.numel * copies <= budget]
+    pw = max(fits, key=lambda w: w.numel) if fits else min(weights, key=lambda w: w.numel)
+    outs = [torch.empty(pw.spec.shape, device=pw.codes.device, dtype=torch.float16) for _ in range(copies)]
+    one = graph_time_ms(lambda: decoder.decode_cuda_batch([(pw.codes, pw.scale, pw.spec)], outs[:1]))
+    many = graph_time_ms(lambda: decoder.decode_cuda_batch([(pw.codes, pw.scale, pw.spec)] * copies, outs))
+    slope = (many - one) / (copies - 1)
+    return (slope if slope > 0 else many / copies) / (2 * pw.numel)  # (timing noise on a tiny weight: the launch's average)
 
 
 def install_fused(owner: nn.Module, chosen: dict[str, tuple]) -> int:

@@ -102,3 +102,39 @@ def test_the_step_timeline_splits_a_span_into_the_chains_kernels_launch_gaps_and
     assert module.kernel_category("void cask_plugin__5x_cudnn::xmma__5x_cudnn::init_device_work") == "conv"
     in_stream = module.split("lowbit_compiled_cl_graphed", kernels)  # the same decode in the step's own stream
     assert in_stream["chain_kernels"] == 5 and in_stream["side_decode_ms"] == 0 and in_stream["waits_on_a_decode_ms"] == 0
+
+
+def test_the_step_timeline_pairs_each_fused_layer_with_the_fp16_kernel_of_the_same_layer():
+    """sd15_step_timeline.fused_layers on two made-up steps: layer kernels pair up in order, each with its helpers
+    (cuDNN's workspace kernel, the fused kernel's split-K sum) counted in; other kernels and decodes are not layers;
+    steps with unequal layer counts do not pair."""
+    spec = importlib.util.spec_from_file_location("_step_timeline", REPO / "benchmarks" / "sd15_step_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fp16 = [
+        [0.0, 1.0, 7, "Memcpy DtoD (Device -> Device)"],
+        [10.0, 3.0, 7, "void cask_plugin__5x_cudnn::xmma__5x_cudnn::init_device_workspace_kernel"],  # before any layer: dropped
+        [14.0, 20.0, 7, "sm90_xmma_fprop_implicit_gemm_f16f16"],
+        [35.0, 3.0, 7, "void cask_plugin__5x_cudnn::xmma__5x_cudnn::init_device_workspace_kernel"],
+        [39.0, 5.0, 7, "triton_per_fused_native_group_norm_0"],
+        [45.0, 6.0, 7, "nvjet_sm90_hsh_80x64"],
+        [52.0, 30.0, 7, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"],
+        [83.0, 40.0, 7, "sm90_xmma_fprop_implicit_gemm_f16f16"],
+    ]
+    lowbit = [
+        [0.0, 1.0, 7, "Memcpy DtoD (Device -> Device)"],
+        [10.0, 4.0, 7, "void bf::(anonymous namespace)::decode_batch_kernel<__half, 1>"],
+        [15.0, 16.0, 7, "_wgmma_lowbit_kernel"],
+        [32.0, 3.0, 7, "_split_sum_kernel"],
+        [36.0, 5.0, 7, "triton_per_fused_native_group_norm_0"],
+        [42.0, 6.5, 7, "nvjet_sm90_hsh_80x64"],
+        [49.0, 30.0, 7, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"],
+        [80.0, 46.0, 7, "_lowbit_conv_kernel"],
+    ]
+    assert module.layer_kernels(fp16) == [("sm90_xmma_fprop_implicit_gemm_f16f16", 23.0), ("nvjet_sm90_hsh_80x64", 6.0),
+                                          ("sm90_xmma_fprop_implicit_gemm_f16f16", 40.0)]  # fmt: skip
+    paired = module.fused_layers(fp16, lowbit)
+    assert (paired["layers"], paired["fused"], paired["slower"]) == (3, 2, 1)
+    assert [(r["layer"], r["fp16_us"], r["fused_us"]) for r in paired["rows"]] == [(0, 23.0, 19.0), (2, 40.0, 46.0)]
+    assert paired["diff_us"] == pytest.approx(2.0) and paired["fused_us"] == pytest.approx(65.0)
+    assert module.fused_layers(fp16, lowbit[:-1]) is None  # a layer short: no pairing

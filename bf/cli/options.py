@@ -19,8 +19,8 @@ FUSED_OPTION = click.option(
     help="torch, streamed weights: run layers on the fused low-bit kernel (Triton; on Hopper GPUs also a TMA kernel), which "
          "reads the codes in its matrix tiles instead of decoding them first (needs Triton, float16). auto: where it measures "
          "faster (each layer's first call; with --compile, every class of layer timed at the first step's shape, before it "
-         "compiles, and kept for later shapes: 0.5-1.5 minutes the first time on an H200, each tile compiling); on: every "
-         "layer it can run [default: off].",
+         "compiles, against cuDNN/cuBLAS plus the weight's share of the step's decode, and kept for later shapes: 0.5-2 "
+         "minutes the first time on an H200, each tile compiling); on: every layer it can run [default: off].",
 )  # fmt: skip
 
 

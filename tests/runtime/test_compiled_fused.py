@@ -92,8 +92,9 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     x = torch.randn(2, 256, 8, 8, device="cuda").half().contiguous(memory_format=torch.channels_last)
     logged = []
     chosen = choose_fused(decoded, packed, lambda: decoded(x), lib, log=logged.append)
-    assert len(logged) == 3 and all("decode + op" in m for m in logged)  # one line per class of layer
-    assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged, strict=True))  # the forward's order
+    assert len(logged) == 4 and "GB/s" in logged[0]  # the decode's rate, then one line per class of layer
+    assert all("us + its decode in the step" in m for m in logged[1:])
+    assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged[1:], strict=True))  # the forward's order
     assert all(isinstance(cfg, (TileConfig, WgmmaConfig)) and fw.words.is_cuda for fw, cfg in chosen.values())
     # every layer fused, whatever this GPU timed: the path under test
     cfg = TileConfig(**compiled_fused.CANDIDATES[0])
@@ -189,7 +190,8 @@ def test_a_fused_linear_layer_takes_any_leading_dimensions(x_shape):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"against": "fp32"}, "must be 'decode' or 'fp16'"), ({"margin": 0.0}, "positive factor"),
+@pytest.mark.parametrize(("kwargs", "message"), [({"against": "fp32"}, "must be one of 'stream', 'decode', 'fp16'"),
+                                                 ({"margin": 0.0}, "positive factor"),
                                                  ({"margin": float("nan")}, "positive factor")])  # fmt: skip
 def test_choose_fused_refuses_a_bad_baseline_or_margin_before_any_work(kwargs, message):
     from bf.errors import BfError

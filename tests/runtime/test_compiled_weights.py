@@ -397,7 +397,7 @@ def test_a_compiled_torch_unet_chooses_its_fused_layers_at_the_first_steps_shape
         for i in (0, 3):
             step = torch.tensor([i])
             torch.testing.assert_close(ours.step(sample, step, ctx), ref.eager_step(sample, step, ctx), rtol=1e-5, atol=1e-5)
-    assert len(asked) == 1 and asked[0] == (len(packed), (2, 64, 4, 4), "decode", 1.0)  # up_blocks.1 runs at 4x4, 64 channels
+    assert len(asked) == 1 and asked[0] == (len(packed), (2, 64, 4, 4), "stream", 1.0)  # up_blocks.1 runs at 4x4, 64 channels
     assert ours.fused_layers == 3 and decode_launches(ours.unet) == launches - 1  # proj_out decoded alone; the others in blocks
     assert ours.weight_bytes == packed_bytes(ours.unet) + fused_bytes(ours.unet) and fused_bytes(ours.unet) > 0
     assert any(m.startswith("timing the fused low-bit kernels") and "[2, 4, 16, 16]" in m for m in logged)
