@@ -7,7 +7,10 @@ layer's weight outweighs its compute (SD-v1.5's 3x3 convolutions at the 8x8 late
 128 output pixels a batch of 2), that is the layer's whole cost: there the TMA kernel runs in about 0.63-0.64x the time
 cuDNN takes on the FP16 weight, and at the 16x16 latents about as fast as cuDNN. Where the compute dominates (the
 32x32 and 64x64 latents, the large linear layers), cuDNN / cuBLAS on a decoded weight are faster. ``choose_fused``
-times every way on each layer's input shape from one forward and keeps the fastest. (Taking slower fused layers for
+times the kernels on each layer's input shape from one forward against what the layer would cost the step decoded:
+cuDNN / cuBLAS as the compiled step runs them, plus the weight's share of the step's batched decode. (Timing a
+layer's decode as a launch of its own instead fused SD-v1.5's 1x1 convolutions and linear layers, which the kernel
+runs in about twice cuBLAS's time, and made the step slower. Taking slower fused layers for
 the decode they leave out, ``margin`` above 1, made SD-v1.5's step that decodes ahead slower: the kernel's extra
 time is on the step's chain, while the decode it saves was partly hidden beside it.)
 
@@ -236,7 +239,7 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
             def decoded(x=x, pw=pw, buf=buf, weight=weight, bias=bias, module=module, conv=conv):
                 w = pw.decode(decoder, buf) if against == "decode" else weight
                 if conv:  # without its bias, as the compiled step runs it: inductor adds a convolution's bias in its
-                    # next kernel (cuDNN's kernels with a bias took SD-v1.5's 1x1 convolutions from 5 to 12 us)
+                    # next kernel (with a bias, cuDNN took SD-v1.5's 1x1 convolutions at 16x16 and 32x32 9-15 us, without 5-10)
                     return F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
                 return F.linear(x, w, bias)
 
