@@ -263,8 +263,11 @@ def main() -> None:
         ap.error("--sub-blocks splits blocks into smaller groups; with --per-layer-decode every layer is a group already")
     if args.fused_choice and not args.ahead:
         ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
-    if not set(args.fused_against) <= {"stream", "decode", "fp16"} or len(set(args.fused_against)) != len(args.fused_against):
-        ap.error(f"--fused-against {','.join(args.fused_against)}: give distinct rules among stream, decode and fp16")
+    rules = args.fused_against
+    if not rules or not set(rules) <= {"stream", "decode", "fp16"} or len(set(rules)) != len(rules):
+        ap.error(f"--fused-against {','.join(rules)!r}: give one or more distinct rules among stream, decode and fp16")
+    if rules != ["stream"] and not args.fused_layers:
+        ap.error("--fused-against applies to --fused-layers configurations: give --fused-layers")
     if args.backend_keep and not args.backend_fused:
         ap.error("--backend-keep applies to --backend-fused: give --backend-fused")
     if args.backend_keep < 0:
@@ -437,9 +440,10 @@ def main() -> None:
                      "kept_decoded_bytes": model.compiled_kept_bytes}  # fmt: skip
         chose = [m for m in said if m.startswith("fused layers: ") and " compiled layers read their codes" in m]
         extra["fused_choice"] = chose[0] if chose else None  # its last words: the seconds the choice took
-        # the first step's peak holds the choice's timings; the figure compared is the steady step's: record's, its
-        # graph captured again (a replay allocates nothing: a peak reset between replays would miss the activations)
-        extra["first_step_peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + packed_bytes(model.unet)
+        # the first step's peak holds the choice's timings, with every layer's codes (allocated before `base`); the
+        # figure compared is the steady step's: record's, its graph captured again (a replay allocates nothing: a peak
+        # reset between replays would miss the activations)
+        extra["first_step_peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base + codes_bytes
         model.release_graphs()
         torch.cuda.reset_peak_memory_stats()
         record(name, model.step, base, extra, resident=packed_bytes(model.unet))  # fused words: allocated after `base`

@@ -16,10 +16,11 @@ and, against the first FP16 step in the file, the difference of each. A plot of 
 the FP16 step and each 1.99-bit step goes beside the JSON (--plot).
 
 Each 1.99-bit step with fused low-bit kernels is also set beside the FP16 step layer by layer (``fused_layers``):
-both steps run the UNet's convolutions and linear layers in the same order, one kernel each (cuDNN's workspace and
-padding kernels and the fused kernel's split-K sum counted with the kernel before them), so the n-th layer kernel of
-one is the n-th of the other. Listed: every layer the fused kernel runs, its time against the FP16 kernel's, and
-the sum of the differences (what the fused layers cost or save the step, their decodes aside).
+both steps run the UNet's convolutions and linear layers in the same order, one kernel each (cuDNN's workspace
+kernel counted with the convolution after it, its padding kernels with the convolution beside them, the fused
+kernel's split-K sum with the kernel before it), so the n-th layer kernel of one is the n-th of the other.
+Listed: every layer the fused kernel runs, its time against the FP16 kernel's, and the sum of the differences (what
+the fused layers cost or save the step, their decodes aside).
 
     python benchmarks/sd15_step_timeline.py results/sd15_compiled_step_profile_timeline.json \\
         --out results/sd15_step_timeline.json --plot results/sd15_step_timeline.png
@@ -56,9 +57,12 @@ CATEGORIES = [
 ]
 
 
-# Kernels that finish the layer kernel before them: cuDNN's workspace and padding kernels, the fused kernel's
-# split-K sum, cuBLAS's split-K reduction.
-LAYER_HELPER = r"init_device_workspace|AddPadding|_split_sum_kernel|splitKreduce"
+# Kernels that belong to a layer kernel beside them: cuDNN's workspace kernel runs right before its convolution,
+# its padding kernel before (the input's) or after (the output's), the fused kernel's split-K sum and cuBLAS's
+# split-K reduction after theirs.
+BEFORE_LAYER = r"init_device_workspace"
+BESIDE_LAYER = r"AddPadding"  # the layer kernel next to it if that is one, else the one before
+AFTER_LAYER = r"_split_sum_kernel|splitKreduce"
 
 
 def kernel_category(name: str) -> str:
@@ -129,16 +133,30 @@ def split(label: str, kernels: list) -> dict:
     }
 
 
+def _is_layer(name: str) -> bool:
+    return kernel_category(name) in ("conv", "gemm", "low-bit kernel") and not re.search(
+        f"{BEFORE_LAYER}|{BESIDE_LAYER}|{AFTER_LAYER}", name
+    )
+
+
 def layer_kernels(kernels: list) -> list[tuple[str, float]]:
     """A step's layer kernels in order (convolution, matrix product or fused low-bit kernel), (name, us) each, with
-    the helpers after each one (LAYER_HELPER) added to its time."""
+    the helper kernels that belong to each one (BEFORE_LAYER, BESIDE_LAYER, AFTER_LAYER) added to its time."""
+    kernels = step_kernels(kernels)
     layers: list[list] = []
-    for k in step_kernels(kernels):
-        if re.search(LAYER_HELPER, k[3]):
-            if layers:
-                layers[-1][1] += k[1]
-        elif kernel_category(k[3]) in ("conv", "gemm", "low-bit kernel"):
-            layers.append([k[3], k[1]])
+    pending = 0.0  # helpers' time waiting for the layer kernel after them
+    for i, k in enumerate(kernels):
+        name = k[3]
+        after = re.search(AFTER_LAYER, name) or (
+            re.search(BESIDE_LAYER, name) and not (i + 1 < len(kernels) and _is_layer(kernels[i + 1][3]))
+        )
+        if after and layers:
+            layers[-1][1] += k[1]
+        elif re.search(f"{BEFORE_LAYER}|{BESIDE_LAYER}", name):
+            pending += k[1]
+        elif _is_layer(name):
+            layers.append([name, k[1] + pending])
+            pending = 0.0
     return [(name, us) for name, us in layers]
 
 
@@ -214,6 +232,9 @@ def main() -> None:
         print(f"{label.removesuffix('_graphed'):44s}{cells}")
     for label in steps if fp16 else ():
         paired = fused_layers(timelines[fp16], timelines[label]) if label != fp16 else None
+        if paired is None and label != fp16:
+            print(f"{label.removesuffix('_graphed')}: its layer kernels do not pair with {fp16}'s (not as many): no per-layer "
+                  "comparison")  # fmt: skip
         if paired and paired["fused"]:
             steps[label]["fused_layers"] = paired
             print(f"{label.removesuffix('_graphed')}: {paired['fused']} of {paired['layers']} layers fused, "

@@ -267,22 +267,34 @@ def choose_fused(owner: nn.Module, packed: dict, run_once: Callable[[], object],
     return chosen
 
 
-def decode_ms_per_byte(weights: list, decoder, copies: int = 8, budget: int = 128 * 2**20) -> float:
+def decode_ms_per_byte(weights: list, decoder, budget: int = 128 * 2**20, most: int = 8) -> float:
     """Milliseconds a batched decode (bf.runtime.compiled_weights' group launches) takes per FP16 byte it writes: the
-    slope between decoding one weight and decoding it ``copies`` times in one launch, so without the launch's fixed
-    cost. The weight: the largest of ``weights`` (PackedWeight) whose copies fit in ``budget`` bytes (else the
-    smallest)."""
+    slope between decoding the first of up to ``most`` distinct weights alone and all of them in one launch, so
+    without the launch's fixed cost, each weight's codes read once as in the step. The weights: the largest of
+    ``weights`` (PackedWeight) of their most common packing (one launch per packing) that fit in ``budget`` bytes of
+    FP16 together; where fewer than two fit, one weight decoded twice."""
+    from collections import Counter
+
     from bf.runtime.torch_graph import graph_time_ms
 
     if not weights:
         return math.nan
-    fits = [w for w in weights if 2 * w.numel * copies <= budget]
-    pw = max(fits, key=lambda w: w.numel) if fits else min(weights, key=lambda w: w.numel)
-    outs = [torch.empty(pw.spec.shape, device=pw.codes.device, dtype=torch.float16) for _ in range(copies)]
-    one = graph_time_ms(lambda: decoder.decode_cuda_batch([(pw.codes, pw.scale, pw.spec)], outs[:1]))
-    many = graph_time_ms(lambda: decoder.decode_cuda_batch([(pw.codes, pw.scale, pw.spec)] * copies, outs))
-    slope = (many - one) / (copies - 1)
-    return (slope if slope > 0 else many / copies) / (2 * pw.numel)  # (timing noise on a tiny weight: the launch's average)
+    grid = Counter(w.spec.grid for w in weights).most_common(1)[0][0]  # (its bits and kind: the packing)
+    picked, total = [], 0
+    for w in sorted((w for w in weights if w.spec.grid == grid), key=lambda w: -w.numel):
+        if len(picked) < most and total + 2 * w.numel <= budget:
+            picked.append(w)
+            total += 2 * w.numel
+    if len(picked) < 2:
+        one = picked[0] if picked else min(weights, key=lambda w: w.numel)
+        picked = [one, one]
+    batch = [(w.codes, w.scale, w.spec) for w in picked]
+    outs = [torch.empty(w.spec.shape, device=w.codes.device, dtype=torch.float16) for w in picked]
+    alone = graph_time_ms(lambda: decoder.decode_cuda_batch(batch[:1], outs[:1]))
+    together = graph_time_ms(lambda: decoder.decode_cuda_batch(batch, outs))
+    rest = 2 * sum(w.numel for w in picked[1:])
+    slope = (together - alone) / rest
+    return slope if slope > 0 else together / (rest + 2 * picked[0].numel)  # (timing noise: the launch's average)
 
 
 def install_fused(owner: nn.Module, chosen: dict[str, tuple]) -> int:

@@ -1,6 +1,8 @@
 """Quantized layers run by the fused kernel inside a compiled model (bf.runtime.compiled_fused)."""
 
 import copy
+import math
+import re
 
 import pytest
 
@@ -95,6 +97,11 @@ def test_fused_layers_compile_into_the_step_and_equal_the_decoded_weights(native
     assert len(logged) == 4 and "GB/s" in logged[0]  # the decode's rate, then one line per class of layer
     assert all("us + its decode in the step" in m for m in logged[1:])
     assert all(("): fused" in m) == (n in chosen) for n, m in zip(("a", "b", "fc"), logged[1:], strict=True))  # the forward's order
+    for m in logged[1:]:  # each verdict is the logged arithmetic: fused where the kernel beats the op plus its decode
+        op, decode, fused = (float(v) for v in re.search(r"op ([\d.]+) us \+ its decode in the step ([\d.]+) us, fused ([\d.]+|inf) us",
+                                                          m).groups())  # fmt: skip
+        if abs(fused - (op + decode)) > 0.15:  # (the log rounds to 0.1 us)
+            assert ("): fused" in m) == (fused < op + decode), m
     assert all(isinstance(cfg, (TileConfig, WgmmaConfig)) and fw.words.is_cuda for fw, cfg in chosen.values())
     # every layer fused, whatever this GPU timed: the path under test
     cfg = TileConfig(**compiled_fused.CANDIDATES[0])
@@ -201,3 +208,37 @@ def test_choose_fused_refuses_a_bad_baseline_or_margin_before_any_work(kwargs, m
     with pytest.raises(BfError, match=message):
         choose_fused(nn.Linear(4, 4), {}, lambda: ran.append(1), decoder=None, **kwargs)
     assert ran == []  # refused before the forward that finds the layers' inputs
+
+
+def test_the_decode_rate_is_the_slope_over_distinct_weights_of_one_packing(monkeypatch):
+    """decode_ms_per_byte times the largest weight of the most common packing alone and with the next largest that fit
+    the budget in one launch, and divides the difference by the added FP16 bytes; one weight alone is decoded twice;
+    a slope timing noise makes non-positive falls back to the launch's average."""
+    from types import SimpleNamespace
+
+    from bf.runtime import compiled_fused, torch_graph
+
+    def weight(rows, cols, bits):
+        return SimpleNamespace(codes=torch.zeros(1, dtype=torch.uint8), scale=torch.ones(rows), numel=rows * cols,
+                               spec=SimpleNamespace(shape=(rows, cols), grid=Grid(bits)))  # fmt: skip
+
+    decoded: list[list] = []
+    decoder = SimpleNamespace(decode_cuda_batch=lambda batch, outs: decoded.append([tuple(o.shape) for o in outs]))
+    fixed, per_byte = 0.004, 1e-9  # ms a launch, ms a byte
+
+    def graph_time_ms(call):
+        call()
+        return fixed + per_byte * sum(2 * r * c for r, c in decoded[-1])
+
+    monkeypatch.setattr(torch_graph, "graph_time_ms", graph_time_ms)
+    weights = [weight(64, 64, 1), weight(128, 64, 1), weight(256, 64, 1), weight(512, 64, 2), weight(32, 64, 1)]
+    # 1-bit is the common packing; of it 256x64 (32 KB) and 128x64 (16 KB) fit a 50 KB budget, 64x64 and 32x64 not
+    assert compiled_fused.decode_ms_per_byte(weights, decoder, budget=50 * 1024) == pytest.approx(per_byte)
+    assert decoded[-2:] == [[(256, 64)], [(256, 64), (128, 64)]]
+    assert compiled_fused.decode_ms_per_byte(weights, decoder, budget=10**9, most=3) == pytest.approx(per_byte)
+    assert decoded[-1] == [(256, 64), (128, 64), (64, 64)]
+    assert compiled_fused.decode_ms_per_byte(weights[:1], decoder) == pytest.approx(per_byte)  # alone: twice
+    assert decoded[-1] == [(64, 64), (64, 64)]
+    monkeypatch.setattr(torch_graph, "graph_time_ms", lambda call: (call(), fixed)[1])  # no slope: the average
+    assert compiled_fused.decode_ms_per_byte(weights, decoder) == pytest.approx(fixed / (2 * 64 * (256 + 128 + 64 + 32)))
+    assert math.isnan(compiled_fused.decode_ms_per_byte([], decoder))
