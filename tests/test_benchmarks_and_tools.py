@@ -78,13 +78,18 @@ def test_script_loads_and_answers_help(path, monkeypatch, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def _step_timeline():
+    spec = importlib.util.spec_from_file_location("_step_timeline", REPO / "benchmarks" / "sd15_step_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_step_timeline_splits_a_span_into_the_chains_kernels_launch_gaps_and_waits():
     """sd15_step_timeline.split on a made-up step that decodes ahead: the inputs' copies before the step are left out, a
     decode beside the chain is not the chain's, a gap under 3 us is a launch gap, and a wait that ends within 4 us of a
     decode's end waited on it."""
-    spec = importlib.util.spec_from_file_location("_step_timeline", REPO / "benchmarks" / "sd15_step_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _step_timeline()
     kernels = [
         [0.0, 1.0, 7, "Memcpy DtoD (Device -> Device)"],  # the input's copy, then the graph's launch
         [500.0, 10.0, 7, "triton_poi_fused_add_0"],
@@ -109,9 +114,7 @@ def test_the_step_timeline_pairs_each_fused_layer_with_the_fp16_kernel_of_the_sa
     counted in (cuDNN's workspace kernel with the convolution after it, its padding kernels with the convolution
     beside them, the fused kernel's split-K sum with the kernel before it); other kernels and decodes are not layers;
     steps with unequal layer counts do not pair."""
-    spec = importlib.util.spec_from_file_location("_step_timeline", REPO / "benchmarks" / "sd15_step_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _step_timeline()
     fp16 = [
         [0.0, 1.0, 7, "Memcpy DtoD (Device -> Device)"],
         [8.0, 1.0, 7, "void nhwcAddPaddingKernel<__half, __half, float, true>"],  # the input's padding: the next layer's
