@@ -155,7 +155,7 @@ class Point(NamedTuple):
     """One 1.99-bit compiled configuration."""
 
     keep: int = 0  # MB kept decoded
-    which: str = "largest"  # which weights are kept: "largest" or "smallest"
+    which: str = "largest"  # which weights are kept: "largest", "smallest" or "launches" (fewest decode kernels)
     mode: str = "default"  # torch.compile's mode
     ahead: int = 0  # slots decoded ahead into (0: in the step's stream)
     blocks: int = 0  # decode launches' grid cap (0: none)
@@ -169,7 +169,7 @@ def point_name(point: Point, labels: dict[str, str], sub_blocks: bool) -> str:
     """A configuration's name in the JSON and the log; ``labels``: torch.compile's mode -> its label."""
     keep, which, mode, ahead, blocks, priority, fused, against, margin = point
     name = f"lowbit_{labels[mode]}_cl" + (f"_ahead{ahead}" if ahead else "") + (f"_blocks{blocks}" if blocks else "")
-    name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keepsmallest{keep}MB"
+    name += "" if not keep else f"_keep{keep}MB" if which == "largest" else f"_keep{which}{keep}MB"
     name += f"_priority{priority}" if ahead and priority != STEP_PRIORITY else ""
     name += "_fused" if fused else ""
     name += f"_{against}x{margin:g}" if fused and (against, margin) != ("stream", 1.0) else ""
@@ -241,6 +241,10 @@ def main() -> None:
     ap.add_argument("--fused-keep", type=lambda t: [int(x) for x in t.split(",") if x and int(x) > 0], default=[],
                     help="with --fused-layers, in the step's stream: MB of the smallest weights not fused kept decoded, a "
                          "configuration each")  # fmt: skip
+    ap.add_argument("--fused-keep-by", type=lambda t: [x for x in t.split(",") if x], default=["smallest"],
+                    help="with --fused-keep: which layers not fused are kept decoded, each a configuration: smallest (the "
+                         "smallest layers, what the torch backend keeps), launches (whole decode kernels, the smallest first: "
+                         "bf.runtime.compiled_weights.fewest_launches_within), named _keepBYMB")  # fmt: skip
     ap.add_argument("--fused-no-base", action="store_true",
                     help="with --fused-keep: of the --fused-layers configurations in the step's stream, only those that keep "
                          "weights decoded")  # fmt: skip
@@ -272,6 +276,11 @@ def main() -> None:
         ap.error("--backend-keep applies to --backend-fused: give --backend-fused")
     if args.backend_keep < 0:
         ap.error(f"--backend-keep {args.backend_keep}: give MB, 0 or more")
+    by = args.fused_keep_by
+    if not by or not set(by) <= {"smallest", "launches"} or len(set(by)) != len(by):
+        ap.error(f"--fused-keep-by {','.join(args.fused_keep_by)!r}: give distinct policies among smallest and launches")
+    if args.fused_keep_by != ["smallest"] and not args.fused_keep:
+        ap.error("--fused-keep-by applies to --fused-keep configurations: give --fused-keep")
     if args.fused_no_base and not args.fused_keep:
         ap.error("--fused-no-base leaves only the --fused-keep configurations: give --fused-keep")
     if args.fused_keep and not args.fused_layers:
@@ -289,7 +298,7 @@ def main() -> None:
     points += [Point(keep=keep, which="smallest", ahead=n) for n in ahead_first for keep in args.ahead_keep]
     for a in args.fused_against if args.fused_layers else ():
         points += [] if args.fused_no_base else [Point(fused=True, against=a)]
-        points += [Point(keep=keep, which="smallest", fused=True, against=a) for keep in args.fused_keep]
+        points += [Point(keep=keep, which=by, fused=True, against=a) for by in args.fused_keep_by for keep in args.fused_keep]
         points += [Point(keep=keep, which="smallest", ahead=n, fused=True, against=a)
                    for n in ahead_first for keep in (0, *args.ahead_keep)]  # fmt: skip
     points += [Point(ahead=n, fused=True, against=a, margin=m) for n in ahead_first for a, m in args.fused_choice]
@@ -309,6 +318,7 @@ def main() -> None:
         compile_weights,
         decode_ahead,
         decode_launches,
+        fewest_launches_within,
         packed_bytes,
     )
     from bf.runtime.streamed_weights import largest_within, smallest_within
@@ -464,8 +474,12 @@ def main() -> None:
                 base += sum(fw.words.nbytes for fw, _ in choices[against, margin].values())
             chosen = choices[against, margin]
             install_fused(model.unet, chosen)
-        within = largest_within if which == "largest" else smallest_within
-        kept = within({n: p.numel for n, p in packed.items() if n not in chosen}, keep * 2**20 // 2)  # fp16 elements
+        budget = keep * 2**20 // 2  # fp16 elements
+        if which == "launches":
+            kept = fewest_launches_within({n: p for n, p in packed.items() if n not in chosen}, budget)
+        else:
+            within = largest_within if which == "largest" else smallest_within
+            kept = within({n: p.numel for n, p in packed.items() if n not in chosen}, budget)
         if kept:
             from bf.runtime.backend_torch import _decode_quantized_weights
 

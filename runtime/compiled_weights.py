@@ -56,6 +56,7 @@ from torch import nn
 from bf.errors import BfError
 from bf.format.dequant_op import DequantSpec
 from bf.module_paths import parent_and_attribute
+from bf.runtime.streamed_weights import smallest_within
 
 _DECODER: list = [None]  # the decode library the ops run (None: bf.decode_kernels.load(), found as bf.native says)
 
@@ -307,19 +308,51 @@ def compile_weights(owner: nn.Module, packed: dict, dtype: torch.dtype, decoder=
         stored = tuple(pw.spec.shape)
         if _model_shape(stored, pw.channels_last) != tuple(module.weight.shape):
             raise BfError(f"compiled weights: {name} holds a {stored} weight, the model's is {tuple(module.weight.shape)}")
-    groups: dict[str, dict] = {}
-    for name, pw in packed.items():
-        m = ((sub_blocks and _SUB_BLOCK.match(name)) or _BLOCK.match(name)) if by_block else None
-        block, member = (m[1], m[2]) if m else (name, "")
-        groups.setdefault(block, {})[member] = pw
-    for block in [b for b in groups if any(other.startswith(b + ".") for other in groups)]:
-        for member, pw in groups.pop(block).items():  # around another group: its layers alone
-            groups[f"{block}.{member}"] = {"": pw}
+    groups = {block: {member: packed[name] for member, name in members.items()}
+              for block, members in decode_groups(list(packed), by_block, sub_blocks).items()}  # fmt: skip
     for block, members in groups.items():
         parent, child = parent_and_attribute(owner, block)
         mine = {m: deltas[full] for m in members if (full := f"{block}.{m}" if m else block) in deltas}
         setattr(parent, child, CompiledLowBitGroup(getattr(parent, child), members, dtype, mine))
     return len(packed)
+
+
+def decode_groups(names: list[str], by_block: bool = True, sub_blocks: bool = False) -> dict[str, dict[str, str]]:
+    """How compile_weights groups the layers ``names``: block -> {member: layer name} (member "" for a layer alone)."""
+    groups: dict[str, dict] = {}
+    for name in names:
+        m = ((sub_blocks and _SUB_BLOCK.match(name)) or _BLOCK.match(name)) if by_block else None
+        block, member = (m[1], m[2]) if m else (name, "")
+        groups.setdefault(block, {})[member] = name
+    for block in [b for b in groups if any(other.startswith(b + ".") for other in groups)]:
+        for member, name in groups.pop(block).items():  # around another group: its layers alone
+            groups[f"{block}.{member}"] = {"": name}
+    return groups
+
+
+def decode_kernels(packed: dict) -> int:
+    """Kernels the step's decode launches for the layers of ``packed`` (name -> PackedWeight) grouped as
+    compile_weights groups them: one per packing in each group (the decode kernel is compiled per packing)."""
+    return sum(len({packed[n].spec.grid for n in members.values()}) for members in decode_groups(list(packed)).values())
+
+
+def fewest_launches_within(packed: dict, budget: int) -> set:
+    """Names of the layers of ``packed`` (name -> PackedWeight) to keep decoded within ``budget`` elements so that the
+    step's decode launches the fewest kernels: whole decode kernels (a group's layers of one packing, as
+    compile_weights groups them), the smallest first, then the smallest single layers in what is left. A kernel
+    costs the step some 3.5 us besides its bytes (SD-v1.5 on an H200: 30 of 54 took under 5 us), so the same bytes
+    kept as whole kernels save more than the smallest layers scattered over many."""
+    units: dict[tuple, list[str]] = {}
+    for block, members in decode_groups(list(packed)).items():
+        for name in members.values():
+            units.setdefault((block, packed[name].spec.grid), []).append(name)
+    keep, used = set(), 0
+    for names in sorted(units.values(), key=lambda ns: sum(packed[n].numel for n in ns)):
+        size = sum(packed[n].numel for n in names)
+        if used + size <= budget:
+            keep.update(names)
+            used += size
+    return keep | smallest_within({n: w.numel for n, w in packed.items() if n not in keep}, budget - used)
 
 
 def _model_shape(stored: tuple, channels_last: bool) -> tuple:

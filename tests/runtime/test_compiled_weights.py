@@ -554,3 +554,32 @@ def test_lora_changes_are_added_where_the_step_builds_the_weights(native_build, 
     wrong = {"transformer_blocks.0.o": (torch.randn(6, 2), torch.randn(2, 9))}
     with pytest.raises(BfError, match="LoRA's change of o is 6x9"):
         compile_weights(copy.deepcopy(decoded), packed, torch.float32, decoder=load(native_build / "libbf_decode.so"), deltas=wrong)
+
+
+def test_keeping_whole_decode_kernels_removes_more_launches_than_the_smallest_layers():
+    """fewest_launches_within keeps a group's layers of one packing whole, the smallest such kernels first, then the
+    smallest single layers in what budget is left; decode_groups and decode_kernels count what the step then launches
+    (an attention's projections around its transformer block decode alone until that block's group is gone)."""
+    from bf.format.dequant_op import DequantSpec
+    from bf.runtime.compiled_weights import decode_groups, decode_kernels, fewest_launches_within
+    from bf.runtime.streamed_weights import PackedWeight, smallest_within
+
+    empty = torch.empty(0)
+    layout = {  # name: (elements, bits)
+        "down.resnets.0.conv1": (2, 1), "down.resnets.0.conv2": (40, 1), "down.resnets.0.shortcut": (6, 2),
+        "down.attentions.0.proj_in": (10, 1), "down.attentions.0.proj_out": (10, 1),
+        "down.attentions.0.transformer_blocks.0.attn1.to_q": (5, 3),
+        "mid.resnets.0.conv1": (3, 1), "mid.resnets.0.conv2": (30, 1), "conv_out": (9, 8),
+    }  # fmt: skip
+    packed = {n: PackedWeight(empty, empty, DequantSpec((e, 1), Grid(b))) for n, (e, b) in layout.items()}
+    groups = decode_groups(list(packed))
+    assert groups["down.attentions.0.proj_in"] == {"": "down.attentions.0.proj_in"}  # around the transformer block: alone
+    assert (len(groups), decode_kernels(packed)) == (6, 7)  # resnets.0 runs two packings
+    kept = fewest_launches_within(packed, 15)  # whole kernels to_q (5) and shortcut (6), then the smallest layer (2)
+    assert kept == {"down.attentions.0.transformer_blocks.0.attn1.to_q", "down.resnets.0.shortcut", "down.resnets.0.conv1"}
+    smallest = smallest_within({n: w.numel for n, w in packed.items()}, 15)  # 2 + 3 + 5: two of three leave a kernel
+    assert smallest == {"down.resnets.0.conv1", "mid.resnets.0.conv1", "down.attentions.0.transformer_blocks.0.attn1.to_q"}
+    rest = {n: w for n, w in packed.items() if n not in kept}
+    attention = decode_groups(list(rest))["down.attentions.0"]  # its transformer block's group gone: its projections one
+    assert attention == {"proj_in": "down.attentions.0.proj_in", "proj_out": "down.attentions.0.proj_out"}
+    assert decode_kernels(rest) == 4 < decode_kernels({n: w for n, w in packed.items() if n not in smallest}) == 5
