@@ -15,7 +15,7 @@ both and keep the faster, "on" fuses every layer the kernel can run, "off" (the 
 SD-v1.5's streamed ring the kernel wins too few layers to pay, see BENCHMARKS.md) decodes all. The UNet step is replayed from a CUDA graph
 (``cuda_graph``) and runs channels-last (``channels_last``) unless told otherwise.
 ``keep_decoded_bytes`` keeps that many bytes of the largest weights decoded (memory for speed; a compiled step
-with fused layers keeps the smallest of the others instead, see below).
+with fused layers keeps the others' smallest decode kernels whole instead, see below).
 
 ``compile``: the step is compiled by ``torch.compile`` (inductor fuses the elementwise work around the
 convolutions and matrix products) and then replayed from a CUDA graph. Streamed weights are then
@@ -26,12 +26,16 @@ is 0.15-0.22 ms slower than decoding ahead, at the lowest peak memory), or ahead
 decode stream's priority; decoded and fp weights are compiled as they are. With ``fused`` ("auto" or
 "on"; in the step's stream only), the first step, before it compiles, times the fused kernels (on Hopper
 also the TMA one, bf.runtime.compiled_fused) on each class of layer at the step's input shape against
-decoding + cuDNN / cuBLAS, and the layers they run faster ("auto") or can run at all ("on") read their
-codes in the compiled step instead of being decoded; later input shapes keep that choice. ``keep_decoded_bytes``
-then keeps the smallest of the other layers decoded, instead of the largest (on SD-v1.5 at 512x512 on an
-H200: 77-79 of 258 layers fused, the step 1.10-1.11x the fastest FP16's at 0.23x its memory, and with 120 MB
-of the smallest others kept 1.08x at 0.29x; the choice takes 0.5-1.5 minutes the first time, each tile
-compiling, and raises the first step's peak by what its timings hold: BENCHMARKS.md).
+cuDNN / cuBLAS on the decoded weight plus the weight's share of the step's batched decode, and the layers they
+run faster ("auto") or can run at all ("on") read their codes in the compiled step instead of being decoded;
+later input shapes keep that choice. ``keep_decoded_bytes`` then keeps decoded whole decode kernels of the
+other layers (a group's layers of one packing), the smallest first, then the smallest single layers in what is
+left: a decode kernel costs the step a few microseconds besides its bytes
+(bf.runtime.compiled_weights.fewest_launches_within). On SD-v1.5 at 512x512 on an H200: 23 of 258 layers
+fused, the step 1.069x the fastest FP16's with 120 MB of the smallest other layers kept (at most 0.28x its
+memory; the choice took 97 s with Triton's cache empty, each tile compiling, and raises the first step's peak
+by what its timings hold); keeping whole kernels instead leaves 41 decode kernels in the step instead of 57
+at 120 MB (counted; not yet timed: BENCHMARKS.md).
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -205,16 +209,15 @@ class TorchUNet:
     def _choose_fused(self, inputs: tuple) -> None:
         """Time the fused kernels on every class of compiled layer at ``inputs``' shapes (one eager forward finds each
         layer's input) and regroup the step: the layers they run faster ("auto"), or every one they run ("on"), read
-        their codes; of the others, the smallest within ``keep_decoded_bytes`` are decoded once (their decodes in the
-        step are mostly launches), and the rest are decoded in the step as before."""
+        their codes; of the others, whole decode kernels within ``keep_decoded_bytes``, the smallest first, are decoded
+        once (their decodes in the step are mostly launches), and the rest are decoded in the step as before."""
         import time
 
         import torch
         from torch import nn
 
         from bf.runtime.compiled_fused import choose_fused, fused_bytes, install_fused
-        from bf.runtime.compiled_weights import compile_weights, grouped_paths, packed_bytes, ungroup
-        from bf.runtime.streamed_weights import smallest_within
+        from bf.runtime.compiled_weights import compile_weights, fewest_launches_within, grouped_paths, packed_bytes, ungroup
 
         packed, deltas, keep_bytes, dtype, decoder, log = self._fuse_first
         with_lora = {h.layer for h in self.lora.hooks} if self.lora is not None else set()  # a LoRA stays on its layer
@@ -241,7 +244,7 @@ class TorchUNet:
             self._fuse_first = None
             chosen = {named[p]: c for p, c in chosen.items()}
             itemsize = torch.tensor([], dtype=dtype).element_size()
-            kept = smallest_within({n: w.numel for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize)
+            kept = fewest_launches_within({n: w for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize)
             if chosen or kept:
                 ungroup(self.unet)
                 install_fused(self.unet, chosen)

@@ -11,8 +11,9 @@ DEVICE_OPTION = click.option("--device", default=None, help="cpu or cuda (defaul
 KEEP_DECODED_OPTION = click.option(
     "--keep-decoded", type=click.IntRange(0), default=0, show_default=True, metavar="MB",
     help="torch, streamed weights: keep this many MB of the largest weights decoded instead of decoding them every step "
-         "(GPU memory for speed); with --compile and --fused auto or on (where they apply: Triton, float16), the smallest of "
-         "the layers the fused kernels do not take, chosen at the first step (their decodes are mostly launches).",
+         "(GPU memory for speed); with --compile and --fused auto or on (where they apply: Triton, float16), of the layers "
+         "the fused kernels do not take, the smallest decode kernels whole (a block's layers of one bit width), chosen at the "
+         "first step (such decodes are mostly launches).",
 )  # fmt: skip
 FUSED_OPTION = click.option(
     "--fused", type=click.Choice(["auto", "on", "off"]), default=None,
