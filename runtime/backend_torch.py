@@ -34,8 +34,8 @@ left: a decode kernel costs the step a few microseconds besides its bytes
 (bf.runtime.compiled_weights.fewest_launches_within). On SD-v1.5 at 512x512 on an H200: 23 of 258 layers
 fused, the step 1.069x the fastest FP16's with 120 MB of the smallest other layers kept (at most 0.28x its
 memory; the choice took 97 s with Triton's cache empty, each tile compiling, and raises the first step's peak
-by what its timings hold); keeping whole kernels instead leaves 41 decode kernels in the step instead of 57
-at 120 MB (counted; not yet timed: BENCHMARKS.md).
+by what its timings hold); keeping whole kernels instead, the step's decode alone takes 0.88x the time at 150
+and 200 MB (the step itself not yet timed with it: BENCHMARKS.md).
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
