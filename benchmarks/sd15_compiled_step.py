@@ -253,8 +253,8 @@ def main() -> None:
                          "what bf infer/bench --compile --fused auto run: the choice made at its first step), named "
                          "lowbit_backend_compile_graph_cl_fused, with the seconds its choice took")  # fmt: skip
     ap.add_argument("--backend-keep", type=int, default=0,
-                    help="with --backend-fused: MB of the smallest layers not fused the backend keeps decoded (bf's "
-                         "--keep-decoded), named _keepsmallestMB")  # fmt: skip
+                    help="with --backend-fused: MB of the layers not fused the backend keeps decoded (bf's --keep-decoded: "
+                         "whole decode kernels, the smallest first), named _keeplaunchesMB")  # fmt: skip
     ap.add_argument("--only-fused", action="store_true",
                     help="of the 1.99-bit compiled configurations, only the _fused ones (the streamed ring stays)")  # fmt: skip
     ap.add_argument("--no-in-stream", action="store_true",
@@ -440,7 +440,7 @@ def main() -> None:
         record(name, model.step, base, {"kept_decoded_bytes": model.kept_decoded_bytes}, resident=codes_bytes)
         del model
     if args.backend_fused:  # as a user's process builds it: the codes grouped, the fused layers chosen at the first step
-        name = "lowbit_backend_compile_graph_cl" + (f"_keepsmallest{args.backend_keep}MB" if args.backend_keep else "") + "_fused"
+        name = "lowbit_backend_compile_graph_cl" + (f"_keeplaunches{args.backend_keep}MB" if args.backend_keep else "") + "_fused"
         base = clean()
         said: list[str] = []
         model = TorchUNet(copy.deepcopy(master), timesteps, packed, device=DEV, decoder=lib, compile=True, fused="auto",
@@ -476,7 +476,8 @@ def main() -> None:
             install_fused(model.unet, chosen)
         budget = keep * 2**20 // 2  # fp16 elements
         if which == "launches":
-            kept = fewest_launches_within({n: p for n, p in packed.items() if n not in chosen}, budget)
+            kept = fewest_launches_within({n: p for n, p in packed.items() if n not in chosen}, budget,
+                                          by_block=not args.per_layer_decode, sub_blocks=args.sub_blocks)  # fmt: skip
         else:
             within = largest_within if which == "largest" else smallest_within
             kept = within({n: p.numel for n, p in packed.items() if n not in chosen}, budget)

@@ -74,6 +74,8 @@ def main() -> None:
             else:
                 kept = smallest_within({n: w.numel for n, w in packed.items()}, budget)
             groups = [[packed[n] for n in members.values()] for members in decode_groups([n for n in packed if n not in kept]).values()]
+            if not groups:
+                raise SystemExit(f"error: --keep {mb} keeps every layer not fused decoded: nothing is left to time")
             flat = torch.empty(max(sum(w.numel for w in g) for g in groups), dtype=torch.float16, device="cuda")
 
             def outs(g, flat=flat):  # the group's weights side by side in one buffer, as the step's group decode

@@ -35,7 +35,7 @@ left: a decode kernel costs the step a few microseconds besides its bytes
 fused, the step 1.069x the fastest FP16's with 120 MB of the smallest other layers kept (at most 0.28x its
 memory; the choice took 97 s with Triton's cache empty, each tile compiling, and raises the first step's peak
 by what its timings hold); keeping whole kernels instead, the step's decode alone takes 0.88x the time at 150
-and 200 MB (the step itself not yet timed with it: BENCHMARKS.md).
+and 200 MB (0.88x and 0.87x; the step itself not yet timed with it: BENCHMARKS.md).
 The first step of each input shape compiles (about a minute for SD-v1.5; inductor's cache under
 ``$BF_CACHE/torchinductor``, or ``$TORCHINDUCTOR_CACHE_DIR``, makes later processes faster).
 
@@ -244,7 +244,8 @@ class TorchUNet:
             self._fuse_first = None
             chosen = {named[p]: c for p, c in chosen.items()}
             itemsize = torch.tensor([], dtype=dtype).element_size()
-            kept = fewest_launches_within({n: w for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize)
+            kept = fewest_launches_within({n: w for n, w in candidates.items() if n not in chosen}, keep_bytes // itemsize,
+                                          fixed={n: w for n, w in packed.items() if n not in candidates})  # fmt: skip
             if chosen or kept:
                 ungroup(self.unet)
                 install_fused(self.unet, chosen)

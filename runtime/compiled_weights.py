@@ -330,25 +330,33 @@ def decode_groups(names: list[str], by_block: bool = True, sub_blocks: bool = Fa
     return groups
 
 
-def decode_kernels(packed: dict) -> int:
+def decode_kernels(packed: dict, by_block: bool = True, sub_blocks: bool = False) -> int:
     """Kernels the step's decode launches for the layers of ``packed`` (name -> PackedWeight) grouped as
-    compile_weights groups them: one per packing in each group (the decode kernel is compiled per packing)."""
-    return sum(len({packed[n].spec.grid for n in members.values()}) for members in decode_groups(list(packed)).values())
+    compile_weights groups them (``by_block``, ``sub_blocks``): one per packing in each group (the decode kernel is
+    compiled per packing; a packing whose rows are no multiple of 8 values takes a second, scalar kernel, and a
+    group of more than 384 weights a second launch, neither counted here: none of SD-v1.5's groups has either)."""
+    groups = decode_groups(list(packed), by_block, sub_blocks)
+    return sum(len({packed[n].spec.grid for n in members.values()}) for members in groups.values())
 
 
-def fewest_launches_within(packed: dict, budget: int) -> set:
+def fewest_launches_within(packed: dict, budget: int, fixed: dict | None = None, by_block: bool = True,
+                           sub_blocks: bool = False) -> set:  # fmt: skip
     """Names of the layers of ``packed`` (name -> PackedWeight) to keep decoded within ``budget`` elements so that the
-    step's decode launches the fewest kernels: whole decode kernels (a group's layers of one packing, as
-    compile_weights groups them), the smallest first, then the smallest single layers in what is left. A kernel
-    costs the step's decode about 2.7 us besides its bytes (SD-v1.5 on an H200, benchmarks/sd15_step_decode_launches.py:
-    whole kernels took its decode from 0.400 to 0.352 ms at 150 MB kept), so the same bytes kept as whole kernels save
-    more than the smallest layers scattered over many."""
+    step's decode runs the fewest kernels: whole decode kernels (a group's layers of one packing, as compile_weights
+    groups them with ``by_block`` and ``sub_blocks``), the smallest first, then the smallest single layers in what is
+    left. ``fixed``: layers the step decodes that cannot be kept (name -> PackedWeight; a layer with a LoRA): a
+    kernel that holds one is never whole. A kernel costs the step's decode about 2.7 us besides its bytes (SD-v1.5 on
+    an H200, benchmarks/sd15_step_decode_launches.py: whole kernels took its decode from 0.400 to 0.352 ms at 150 MB
+    kept), so the same bytes kept as whole kernels save more than the smallest layers scattered over many."""
+    fixed = fixed or {}
+    both = packed | fixed
     units: dict[tuple, list[str]] = {}
-    for block, members in decode_groups(list(packed)).items():
+    for block, members in decode_groups(list(both), by_block, sub_blocks).items():
         for name in members.values():
-            units.setdefault((block, packed[name].spec.grid), []).append(name)
+            units.setdefault((block, both[name].spec.grid), []).append(name)
     keep, used = set(), 0
-    for names in sorted(units.values(), key=lambda ns: sum(packed[n].numel for n in ns)):
+    whole = [names for names in units.values() if not any(n in fixed for n in names)]
+    for names in sorted(whole, key=lambda ns: sum(packed[n].numel for n in ns)):
         size = sum(packed[n].numel for n in names)
         if used + size <= budget:
             keep.update(names)

@@ -584,3 +584,12 @@ def test_keeping_whole_decode_kernels_removes_more_launches_than_the_smallest_la
     attention = decode_groups(list(rest))["down.attentions.0"]  # its transformer block's group gone: its projections one
     assert attention == {"proj_in": "down.attentions.0.proj_in", "proj_out": "down.attentions.0.proj_out"}
     assert decode_kernels(rest) == 4 < decode_kernels({n: w for n, w in packed.items() if n not in smallest}) == 5
+    # a layer the step decodes that cannot be kept (a LoRA's): the kernel it shares with conv1 is never whole
+    lora = {"down.resnets.0.conv2": packed["down.resnets.0.conv2"]}
+    keepable = {n: w for n, w in packed.items() if n not in lora}
+    blind = fewest_launches_within(keepable, 11)  # conv1 (2) looks like a whole kernel of its own
+    assert blind == {"down.resnets.0.conv1", "down.attentions.0.transformer_blocks.0.attn1.to_q", "mid.resnets.0.conv1"}
+    seeing = fewest_launches_within(keepable, 11, fixed=lora)
+    assert seeing == {"down.attentions.0.transformer_blocks.0.attn1.to_q", "down.resnets.0.shortcut"}
+    left = {n: w for n, w in packed.items() if n not in seeing}  # (the LoRA layer among them)
+    assert decode_kernels(left) == 4 < decode_kernels({n: w for n, w in packed.items() if n not in blind}) == 5
