@@ -32,25 +32,15 @@ def main() -> None:
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_step_decode_launches.json")
     args = ap.parse_args()
-    try:
-        keeps = [int(x) for x in args.keep.split(",") if x]
-    except ValueError:
-        raise SystemExit(f"error: --keep {args.keep!r}: give MB as integers, e.g. 150,200") from None
-    if not keeps or min(keeps) < 0:
-        raise SystemExit(f"error: --keep {args.keep!r}: give one or more MB, 0 or more")
-    try:
-        configs = json.loads(args.result.read_text())["configs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: {args.result} is not a JSON that sd15_compiled_step.py wrote ({e})") from None
-    if not isinstance(configs.get(args.config, {}).get("fused"), dict):
-        raise SystemExit(f"error: {args.result} has no configuration {args.config!r} with fused layers")
-    fused = set(configs[args.config]["fused"])
+    from sd15_decode_launches import keeps_and_fused
+
+    keeps, fused = keeps_and_fused(args.keep, args.result, args.config)
 
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark times CUDA decode kernels: run it on a machine with a CUDA GPU")
-    from sd15_decode_launches import sd15_layers
+    from sd15_decode_launches import sd15_layers  # (tools/)
     from sd15_unet_step import random_packed
 
     from bf.cli.output import write_json

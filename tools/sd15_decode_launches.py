@@ -43,6 +43,25 @@ def sd15_layers() -> tuple[dict, dict]:
     return shapes, bits
 
 
+def keeps_and_fused(keep: str, result: Path, config: str) -> tuple[list[int], set[str]]:
+    """--keep's MB and the fused layers of configuration ``config`` in ``result`` (sd15_compiled_step.py's JSON), checked;
+    a one-line SystemExit where either is wrong."""
+    try:
+        keeps = [int(x) for x in keep.split(",") if x]
+    except ValueError:
+        raise SystemExit(f"error: --keep {keep!r}: give MB as integers, e.g. 0,120,150") from None
+    if not keeps or min(keeps) < 0:
+        raise SystemExit(f"error: --keep {keep!r}: give one or more MB, 0 or more")
+    try:
+        configs = json.loads(result.read_text())["configs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {result} is not a JSON that sd15_compiled_step.py wrote ({e})") from None
+    if not isinstance(configs.get(config, {}).get("fused"), dict):
+        named = ", ".join(k for k, c in configs.items() if isinstance(c.get("fused"), dict)) or "none"
+        raise SystemExit(f"error: {result} has no configuration {config!r} with fused layers (those it has: {named})")
+    return keeps, set(configs[config]["fused"])
+
+
 def counts(packed: dict, keep_mb: int, by: str) -> dict:
     """The step's decode of ``packed`` (the layers not fused) with ``keep_mb`` MB of them kept decoded, chosen ``by``."""
     from bf.runtime.compiled_weights import decode_groups, decode_kernels, fewest_launches_within
@@ -64,20 +83,7 @@ def main() -> None:
     ap.add_argument("--keep", default="0,120,150,200", help="MB kept decoded, comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="write the counts here (JSON)")
     args = ap.parse_args()
-    try:
-        keeps = [int(x) for x in args.keep.split(",") if x]
-    except ValueError:
-        raise SystemExit(f"error: --keep {args.keep!r}: give MB as integers, e.g. 0,120,150") from None
-    if not keeps or min(keeps) < 0:
-        raise SystemExit(f"error: --keep {args.keep!r}: give one or more MB, 0 or more")
-    try:
-        configs = json.loads(args.result.read_text())["configs"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: {args.result} is not a JSON that sd15_compiled_step.py wrote ({e})") from None
-    if not isinstance(configs.get(args.config, {}).get("fused"), dict):
-        named = ", ".join(k for k, c in configs.items() if isinstance(c.get("fused"), dict)) or "none"
-        raise SystemExit(f"error: {args.result} has no configuration {args.config!r} with fused layers (those it has: {named})")
-    fused = set(configs[args.config]["fused"])
+    keeps, fused = keeps_and_fused(args.keep, args.result, args.config)
 
     from bf.format.dequant_op import DequantSpec
     from bf.format.grid import Grid
