@@ -63,6 +63,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from sd15_step_timeline import kernel_category, span_ms, step_kernels, write_timelines  # noqa: E402
 from sd15_unet_step import clean, random_packed, run_record, sd15_mixed_unet, stats  # noqa: E402
 
+from bf.runtime.compiled_fused import AGAINST  # noqa: E402
 from bf.runtime.compiled_weights import STEP_PRIORITY  # noqa: E402
 
 DEV = "cuda"
@@ -185,7 +186,7 @@ def fused_choice(text: str) -> list[tuple[str, float]]:
             factor = float(margin)
         except ValueError:
             factor = math.nan
-        if against not in ("stream", "decode", "fp16") or not 0 < factor < math.inf:
+        if against not in AGAINST or not 0 < factor < math.inf:
             raise argparse.ArgumentTypeError(f"{item!r}: expected AGAINST:MARGIN, AGAINST stream, decode or fp16 and MARGIN a factor "
                                              "above 0, e.g. fp16:1")  # fmt: skip
         pairs.append((against, factor))
@@ -268,7 +269,7 @@ def main() -> None:
     if args.fused_choice and not args.ahead:
         ap.error("--fused-choice configurations decode ahead: give --ahead a slot count")
     rules = args.fused_against
-    if not rules or not set(rules) <= {"stream", "decode", "fp16"} or len(set(rules)) != len(rules):
+    if not rules or not set(rules) <= set(AGAINST) or len(set(rules)) != len(rules):
         ap.error(f"--fused-against {','.join(rules)!r}: give one or more distinct rules among stream, decode and fp16")
     if rules != ["stream"] and not args.fused_layers:
         ap.error("--fused-against applies to --fused-layers configurations: give --fused-layers")
@@ -276,10 +277,10 @@ def main() -> None:
         ap.error("--backend-keep applies to --backend-fused: give --backend-fused")
     if args.backend_keep < 0:
         ap.error(f"--backend-keep {args.backend_keep}: give MB, 0 or more")
-    by = args.fused_keep_by
-    if not by or not set(by) <= {"smallest", "launches"} or len(set(by)) != len(by):
-        ap.error(f"--fused-keep-by {','.join(args.fused_keep_by)!r}: give distinct policies among smallest and launches")
-    if args.fused_keep_by != ["smallest"] and not args.fused_keep:
+    policies = args.fused_keep_by
+    if not policies or not set(policies) <= {"smallest", "launches"} or len(set(policies)) != len(policies):
+        ap.error(f"--fused-keep-by {','.join(policies)!r}: give distinct policies among smallest and launches")
+    if policies != ["smallest"] and not args.fused_keep:
         ap.error("--fused-keep-by applies to --fused-keep configurations: give --fused-keep")
     if args.fused_no_base and not args.fused_keep:
         ap.error("--fused-no-base leaves only the --fused-keep configurations: give --fused-keep")

@@ -40,13 +40,12 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark times CUDA decode kernels: run it on a machine with a CUDA GPU")
-    from sd15_decode_launches import sd15_layers  # (tools/)
+    from sd15_decode_launches import counts, kept_by, sd15_layers  # (tools/)
     from sd15_unet_step import random_packed
 
     from bf.cli.output import write_json
     from bf.decode_kernels import load
-    from bf.runtime.compiled_weights import decode_groups, fewest_launches_within
-    from bf.runtime.streamed_weights import smallest_within
+    from bf.runtime.compiled_weights import decode_groups
     from bf.runtime.torch_graph import graph_time_ms
 
     lib = load(args.lib)
@@ -57,12 +56,8 @@ def main() -> None:
            "config": args.config, "fused_layers": len(fused),
            "weights": "random codes of the benchmarks' 1.99-bit mix (sd15_unet_step.random_packed), channels-last", "rows": []}  # fmt: skip
     for mb in keeps:
-        budget = mb * 2**20 // 2  # fp16 elements
         for by in ("smallest", "launches"):
-            if by == "launches":
-                kept = fewest_launches_within(packed, budget)
-            else:
-                kept = smallest_within({n: w.numel for n, w in packed.items()}, budget)
+            kept = kept_by(packed, mb, by)
             groups = [[packed[n] for n in members.values()] for members in decode_groups([n for n in packed if n not in kept]).values()]
             if not groups:
                 raise SystemExit(f"error: --keep {mb} keeps every layer not fused decoded: nothing is left to time")
@@ -82,9 +77,7 @@ def main() -> None:
                     lib.decode_cuda_batch(batch, views)
 
             ms = graph_time_ms(decode_all, reps=5, replays=7)
-            row = {"keep_mb": mb, "by": by, "kept_layers": len(kept), "kept_bytes": sum(2 * packed[n].numel for n in kept),
-                   "launches": len(groups), "kernels": sum(len({w.spec.grid for w in g}) for g in groups),
-                   "decoded_bytes": sum(2 * w.numel for g in groups for w in g), "decode_ms": ms}  # fmt: skip
+            row = counts(packed, kept, mb, by) | {"decode_ms": ms}
             res["rows"].append(row)
             print(f"kept {mb} MB by {by}: {row['launches']} launches, {row['kernels']} kernels, {row['decoded_bytes'] / 1e9:.3f} GB: "
                   f"{ms:.3f} ms", flush=True)  # fmt: skip

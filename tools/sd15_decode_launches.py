@@ -62,14 +62,19 @@ def keeps_and_fused(keep: str, result: Path, config: str) -> tuple[list[int], se
     return keeps, set(configs[config]["fused"])
 
 
-def counts(packed: dict, keep_mb: int, by: str) -> dict:
-    """The step's decode of ``packed`` (the layers not fused) with ``keep_mb`` MB of them kept decoded, chosen ``by``."""
-    from bf.runtime.compiled_weights import decode_groups, decode_kernels, fewest_launches_within
+def kept_by(packed: dict, keep_mb: int, by: str) -> set:
+    """The layers of ``packed`` (the layers not fused) kept decoded within ``keep_mb`` MB of FP16, chosen ``by``."""
+    from bf.runtime.compiled_weights import fewest_launches_within
     from bf.runtime.streamed_weights import smallest_within
 
     budget = keep_mb * 2**20 // 2  # fp16 elements
-    sizes = {n: w.numel for n, w in packed.items()}
-    kept = fewest_launches_within(packed, budget) if by == "launches" else smallest_within(sizes, budget)
+    return fewest_launches_within(packed, budget) if by == "launches" else smallest_within({n: w.numel for n, w in packed.items()}, budget)
+
+
+def counts(packed: dict, kept: set, keep_mb: int, by: str) -> dict:
+    """The step's decode of ``packed`` (the layers not fused) with ``kept`` (``kept_by(packed, keep_mb, by)``) decoded."""
+    from bf.runtime.compiled_weights import decode_groups, decode_kernels
+
     rest = {n: w for n, w in packed.items() if n not in kept}
     return {"keep_mb": keep_mb, "by": by, "kept_layers": len(kept), "kept_bytes": sum(2 * packed[n].numel for n in kept),
             "launches": len(decode_groups(list(rest))), "kernels": decode_kernels(rest),
@@ -97,7 +102,7 @@ def main() -> None:
 
     empty = torch.empty(0)  # counting needs the layers' shapes and packings, not their codes
     packed = {n: PackedWeight(empty, empty, DequantSpec(tuple(s), Grid(bits[n]))) for n, s in shapes.items() if n not in fused}
-    rows = [counts(packed, mb, by) for mb in keeps for by in ("smallest", "launches")]
+    rows = [counts(packed, kept_by(packed, mb, by), mb, by) for mb in keeps for by in ("smallest", "launches")]
     total = sum(2 * w.numel for w in packed.values())
     print(f"{len(fused)} layers fused, {len(packed)} decoded in the step or kept ({total / 1e9:.3f} GB)")
     print(f"{'kept':>8s} {'by':>9s} {'layers':>7s} {'MB':>7s} {'launches':>9s} {'kernels':>8s} {'decoded GB':>11s}")
