@@ -25,15 +25,13 @@ sys.path.insert(0, str(REPO / "tools"))
 
 
 def main() -> None:
+    from sd15_decode_launches import add_run_arguments, keeps_and_fused  # (tools/)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("result", type=Path, help="a JSON of benchmarks/sd15_compiled_step.py")
-    ap.add_argument("--config", required=True, help="the configuration whose fused layers to leave out (its 'fused' names)")
-    ap.add_argument("--keep", default="150,200", help="MB kept decoded, comma-separated")
+    add_run_arguments(ap, keep="150,200")
     ap.add_argument("--lib", type=Path, default=None, help="the decode library (default: found as bf.native says)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "sd15_step_decode_launches.json")
     args = ap.parse_args()
-    from sd15_decode_launches import keeps_and_fused
-
     keeps, fused = keeps_and_fused(args.keep, args.result, args.config)
 
     import torch

@@ -43,6 +43,13 @@ def sd15_layers() -> tuple[dict, dict]:
     return shapes, bits
 
 
+def add_run_arguments(ap: argparse.ArgumentParser, keep: str) -> None:
+    """The arguments naming a benchmark run's fused layers and the budgets to keep decoded (``keep``: the default)."""
+    ap.add_argument("result", type=Path, help="a JSON of benchmarks/sd15_compiled_step.py")
+    ap.add_argument("--config", required=True, help="the configuration whose fused layers to leave out (its 'fused' names)")
+    ap.add_argument("--keep", default=keep, help="MB kept decoded, comma-separated")
+
+
 def keeps_and_fused(keep: str, result: Path, config: str) -> tuple[list[int], set[str]]:
     """--keep's MB and the fused layers of configuration ``config`` in ``result`` (sd15_compiled_step.py's JSON), checked;
     a one-line SystemExit where either is wrong."""
@@ -83,9 +90,7 @@ def counts(packed: dict, kept: set, keep_mb: int, by: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("result", type=Path, help="a JSON of benchmarks/sd15_compiled_step.py")
-    ap.add_argument("--config", required=True, help="the configuration whose fused layers to leave out (its 'fused' names)")
-    ap.add_argument("--keep", default="0,120,150,200", help="MB kept decoded, comma-separated")
+    add_run_arguments(ap, keep="0,120,150,200")
     ap.add_argument("--out", type=Path, default=None, help="write the counts here (JSON)")
     args = ap.parse_args()
     keeps, fused = keeps_and_fused(args.keep, args.result, args.config)
