@@ -145,3 +145,70 @@ def test_the_step_timeline_pairs_each_fused_layer_with_the_fp16_kernel_of_the_sa
     assert [(r["layer"], r["fp16_us"], r["fused_us"]) for r in paired["rows"]] == [(0, 24.0, 19.0), (2, 45.0, 46.0)]
     assert paired["diff_us"] == pytest.approx(-4.0) and paired["fused_us"] == pytest.approx(65.0)
     assert module.fused_layers(fp16, lowbit[:-1]) is None  # a layer short: no pairing
+
+
+def _load(name: str, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_rounds_cancel_a_gpu_that_drifts_and_give_the_ratio_an_interval():
+    """interleaved_timing on a made-up GPU that slows 0.1% with every timing, over 6% in the run: timed each in turn, B
+    looks 3% slower than its true 4% over A; timed in interleaved rounds, the paired median is 1.04 within 0.1% and its
+    interval holds it. A baseline's ratio to itself is exactly 1; unpaired rounds are refused."""
+    module = _load("_interleaved_timing", REPO / "benchmarks" / "interleaved_timing.py")
+    true_ms, calls = {"a": 10.0, "b": 10.4}, [0]
+
+    def drifting(step, iters, warmup):
+        calls[0] += 1
+        return step() * (1 + 0.001 * calls[0])
+
+    steps = {name: (lambda ms=ms: ms) for name, ms in true_ms.items()}
+    turns = {name: [drifting(step, 20, 3) for _ in range(30)] for name, step in steps.items()}
+    assert sum(turns["b"]) / sum(turns["a"]) > 1.07  # each in turn: the drift counts as B's
+    seen = []
+    per_round = module.interleaved_rounds(steps, 30, 20, timer=lambda step, i, w: (seen.append(step()), drifting(step, i, w))[1])
+    orders = {tuple(seen[i : i + 2]) for i in range(0, 60, 2)}  # each round a shuffled order
+    assert len(per_round["a"]) == len(per_round["b"]) == 30 and orders == {(10.0, 10.4), (10.4, 10.0)}
+    summary = module.interleaved_summary(per_round, ["a", "b"])
+    ratio = summary["vs_best_baseline"]["b"]
+    assert summary["best_baseline"] == "a" and abs(ratio["median"] - 1.04) < 0.00104
+    assert ratio["ci95"][0] <= 1.04 <= ratio["ci95"][1] and ratio["ci95"][1] - ratio["ci95"][0] < 0.003
+    assert summary["vs_best_baseline"]["a"] == {"median": 1.0, "ci95": [1.0, 1.0], "rounds": 30}
+    with pytest.raises(ValueError, match="paired rounds"):
+        module.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="2 or more rounds"):
+        module.interleaved_rounds(steps, 1, 20, timer=drifting)
+
+
+def test_the_compiled_step_summary_takes_the_fastest_within_memory_and_prefers_interleaved_rounds():
+    """sd15_compiled_step.summarize on made-up figures: the fastest 1.99-bit configuration within 0.3x the fastest FP16's
+    memory is reported (a faster one over the budget is not); with interleaved rounds the headline comes from them,
+    the step ratio with its interval and a target read at its upper end."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        module = _load("_sd15_compiled_step", REPO / "benchmarks" / "sd15_compiled_step.py")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    gb = 10**9
+    configs = {"fp16_graph_cl": {"median_ms": 10.2, "peak_mem_bytes": 1.85 * gb},
+               "fp16_compile_graph_cl": {"median_ms": 6.3, "peak_mem_bytes": 1.84 * gb},
+               "lowbit_fast": {"median_ms": 6.5, "peak_mem_bytes": 0.6 * gb},
+               "lowbit_small": {"median_ms": 6.7, "peak_mem_bytes": 0.5 * gb}}  # fmt: skip
+    res = {"configs": configs, "best_fp16_config": "fp16_compile_graph_cl", "best_fp16_step_ms": 6.3, "fp16_peak_mem_bytes": 1.84 * gb}
+    module.summarize(res)
+    assert (res["timing"], res["lowbit_config"], res["step_ms"]) == ("sequential", "lowbit_small", 6.7)
+    assert res["ratios"]["step_vs_best_fp16"] == pytest.approx(6.7 / 6.3) and res["targets"]["step_at_most_1.05x_best_fp16"] is False
+    rounds = {"fp16_compile_graph_cl": [6.4, 6.3, 6.2], "fp16_graph_cl": [10.2] * 3, "lowbit_small": [6.6, 6.5, 6.55]}
+    interleaved = _load("_interleaved_timing", REPO / "benchmarks" / "interleaved_timing.py")
+    res["interleaved"] = interleaved.interleaved_summary(rounds, ["fp16_compile_graph_cl", "fp16_graph_cl"])
+    module.summarize(res)
+    ratios = [6.6 / 6.4, 6.5 / 6.3, 6.55 / 6.2]  # the last over 1.05
+    assert (res["timing"], res["lowbit_config"], res["best_fp16_step_ms"]) == ("interleaved", "lowbit_small", 6.3)
+    assert res["ratios"]["step_vs_best_fp16"] == pytest.approx(sorted(ratios)[1])
+    assert res["ratios"]["step_vs_best_fp16_ci95"] == pytest.approx([min(ratios), max(ratios)], abs=1e-12)
+    assert res["targets"] == {"step_at_most_1.05x_best_fp16": True, "peak_mem_at_most_0.3x_best_fp16": True,
+                              "step_at_most_1.05x_best_fp16_at_ci95_upper": False}  # fmt: skip
+    assert [c["config"] for c in res["curve"]] == ["lowbit_small"]  # the figures compared come from the same rounds
